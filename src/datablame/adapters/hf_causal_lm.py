@@ -1,0 +1,302 @@
+"""Hugging Face causal LMs (optionally with a PEFT LoRA adapter) as a gradient source.
+
+Per-example gradients are computed with `torch.func` (`vmap` over `grad`) on right-padded
+batches. Right padding plus causal attention means a real token never sees a pad token, so
+no attention mask is needed inside `vmap` (HF's mask builders branch on data, which `vmap`
+cannot trace), and pads are excluded from the loss with label -100. Models that cannot run
+under `vmap` fall back to one backward pass per row, with a warning.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from datablame.errors import UserError
+from datablame.template import FormattedText
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+LOSS_SCOPES = ("response", "text")
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device '{device}' asked for, but CUDA is not available here")
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        raise UserError(f"unknown device '{device}' (use auto, cpu or cuda)")
+    return torch.device(device)
+
+
+@dataclass
+class EncodedBatch:
+    input_ids: torch.Tensor  # (B, L) right-padded
+    labels: torch.Tensor  # (B, L) -100 where not scored
+    truncated: list[bool]
+
+
+class CausalLMAdapter:
+    """Loads `BASE_DIR` (+ `ADAPTER_DIR`) and answers: which parameters, and their gradients.
+
+    params:
+      "auto"  - the LoRA matrices when an adapter is given, else all parameters
+      "all"   - every parameter of the (merged view of the) model
+      other   - comma-separated regular expressions matched against parameter names
+    loss_on:
+      "response" - mean token loss over the response field only
+      "text"     - mean token loss over the whole formatted text (the seed's choice)
+    """
+
+    def __init__(
+        self,
+        model_dir: str | os.PathLike,
+        adapter_dir: str | os.PathLike | None = None,
+        *,
+        params: str = "auto",
+        dtype: str = "fp32",
+        device: str = "auto",
+        max_length: int = 512,
+        loss_on: str = "response",
+    ):
+        if dtype not in DTYPES:
+            raise UserError(f"unknown dtype '{dtype}' (use {', '.join(DTYPES)})")
+        if loss_on not in LOSS_SCOPES:
+            raise UserError(f"unknown loss scope '{loss_on}' (use {', '.join(LOSS_SCOPES)})")
+        if max_length < 2:
+            raise UserError("max length must be at least 2 tokens")
+        self.model_dir = Path(model_dir)
+        self.adapter_dir = Path(adapter_dir) if adapter_dir else None
+        self.dtype_name = dtype
+        self.device = resolve_device(device)
+        self.max_length = max_length
+        self.loss_on = loss_on
+        self.params_spec = params
+        self.model, self.tokenizer = self._load()
+        self.param_names = self._select_params(params)
+        self._vmap_ok: bool | None = None
+
+    # -- loading ---------------------------------------------------------------------------
+    def _load(self):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if not self.model_dir.is_dir():
+            raise UserError(f"model directory not found: {self.model_dir}")
+        if not (self.model_dir / "config.json").exists():
+            raise UserError(f"{self.model_dir} has no config.json: not a Hugging Face model dir")
+        if self.adapter_dir is not None:
+            if not self.adapter_dir.is_dir():
+                raise UserError(f"adapter directory not found: {self.adapter_dir}")
+            if not (self.adapter_dir / "adapter_config.json").exists():
+                raise UserError(f"{self.adapter_dir} has no adapter_config.json: not a PEFT adapter")
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(self.model_dir, trust_remote_code=False)
+        except Exception as exc:
+            raise UserError(f"could not load a tokenizer from {self.model_dir}: {exc}") from None
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                self.model_dir,
+                dtype=DTYPES[self.dtype_name],
+                attn_implementation="eager",  # sdpa/flash kernels do not run under vmap
+                trust_remote_code=False,
+            )
+        except Exception as exc:
+            raise UserError(f"could not load a causal LM from {self.model_dir}: {exc}") from None
+        if self.adapter_dir is not None:
+            from peft import PeftModel
+
+            try:
+                model = PeftModel.from_pretrained(model, self.adapter_dir, is_trainable=False)
+            except Exception as exc:
+                raise UserError(f"could not load the adapter {self.adapter_dir}: {exc}") from None
+        model.to(self.device)
+        model.eval()  # no dropout: gradients must be deterministic
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return model, tokenizer
+
+    def _select_params(self, spec: str) -> list[str]:
+        names = [n for n, _ in self.model.named_parameters()]
+        if spec == "auto":
+            spec = "lora" if self.adapter_dir is not None else "all"
+        if spec == "all":
+            chosen = names
+        elif spec == "lora":
+            chosen = [n for n in names if "lora_" in n]
+        else:
+            try:
+                patterns = [re.compile(p.strip()) for p in spec.split(",") if p.strip()]
+            except re.error as exc:
+                raise UserError(f"bad parameter pattern in '{spec}': {exc}") from None
+            chosen = [n for n in names if any(p.search(n) for p in patterns)]
+        if not chosen:
+            raise UserError(f"no model parameter matches '{spec}'")
+        return chosen
+
+    @property
+    def num_params(self) -> int:
+        params = dict(self.model.named_parameters())
+        return sum(params[n].numel() for n in self.param_names)
+
+    def identity(self) -> dict:
+        """What a gradient depends on: recorded with every stored feature."""
+        return {
+            "model_dir": str(self.model_dir.resolve()),
+            "adapter_dir": str(self.adapter_dir.resolve()) if self.adapter_dir else None,
+            "params": self.params_spec,
+            "num_params": self.num_params,
+            "loss_on": self.loss_on,
+            "max_length": self.max_length,
+            "dtype": self.dtype_name,
+        }
+
+    # -- tokenization ----------------------------------------------------------------------
+    def encode(self, examples: Sequence[FormattedText]) -> EncodedBatch:
+        """Tokenize, right-pad, and label only the tokens whose loss is traced."""
+        tok = self.tokenizer
+        enc = tok(
+            [e.text for e in examples],
+            add_special_tokens=True,
+            truncation=False,
+            return_offsets_mapping=True,
+        )
+        rows, labels, truncated = [], [], []
+        for ids, offsets, ex in zip(enc["input_ids"], enc["offset_mapping"], examples,
+                                    strict=True):
+            truncated.append(len(ids) > self.max_length)
+            ids = ids[: self.max_length]
+            offsets = offsets[: self.max_length]
+            lab = list(ids)
+            if self.loss_on == "response":
+                # A token belongs to the response when it ends after the response starts;
+                # special tokens (offset (0, 0)) before it are prompt.
+                lab = [
+                    t if (end > ex.response_start) else -100
+                    for t, (_, end) in zip(ids, offsets, strict=True)
+                ]
+            rows.append(ids)
+            labels.append(lab)
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        label_t = torch.full((len(rows), width), -100, dtype=torch.long)
+        for i, (r, lab) in enumerate(zip(rows, labels, strict=True)):
+            input_ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+            label_t[i, : len(lab)] = torch.tensor(lab, dtype=torch.long)
+        return EncodedBatch(input_ids=input_ids, labels=label_t, truncated=truncated)
+
+    # -- loss and gradients ----------------------------------------------------------------
+    def _trainable(self) -> dict[str, torch.Tensor]:
+        params = dict(self.model.named_parameters())
+        return {n: params[n].detach() for n in self.param_names}
+
+    def _example_loss(self, params, input_ids: torch.Tensor, labels: torch.Tensor):
+        """Mean next-token loss of one (unbatched) example; labels -100 are ignored."""
+        from torch.func import functional_call
+
+        ids = input_ids.unsqueeze(0)
+        # An all-ones mask: right padding + causal attention already hide pads from real
+        # tokens, and passing a mask stops HF from inspecting ids for pads (data-dependent).
+        out = functional_call(self.model, params, (ids,),
+                              {"attention_mask": torch.ones_like(ids), "use_cache": False})
+        logits = out.logits[0, :-1].float()
+        targets = labels[1:]
+        mask = targets != -100
+        nll = torch.nn.functional.cross_entropy(
+            logits, targets.clamp(min=0), reduction="none"
+        )
+        return (nll * mask).sum() / mask.sum().clamp(min=1)
+
+    def losses(self, examples: Sequence[FormattedText]) -> np.ndarray:
+        """Per-example loss (no gradient), e.g. to check a model learned a row."""
+        batch = self.encode(examples)
+        out = []
+        with torch.no_grad():
+            for ids, lab in zip(batch.input_ids, batch.labels, strict=True):
+                out.append(float(self._example_loss(self._trainable(), ids.to(self.device),
+                                                    lab.to(self.device))))
+        return np.asarray(out)
+
+    def gradients(
+        self,
+        examples: Sequence[FormattedText],
+        batch_size: int = 8,
+        progress=None,
+        strategy: str = "auto",
+    ) -> np.ndarray:
+        """Flattened per-example loss gradients over the selected parameters, (n, d) float32.
+
+        strategy: "vmap" (batched), "loop" (one backward per row), or "auto" (vmap, falling
+        back to the loop if the model cannot run under vmap).
+        """
+        if not examples:
+            return np.zeros((0, self.num_params), dtype=np.float32)
+        out = np.empty((len(examples), self.num_params), dtype=np.float32)
+        n_truncated = 0
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start : start + batch_size]
+            batch = self.encode(chunk)
+            n_truncated += sum(batch.truncated)
+            out[start : start + len(chunk)] = self._batch_gradients(batch, strategy)
+            if progress is not None:
+                progress(len(chunk))
+        if n_truncated:
+            warnings.warn(
+                f"{n_truncated} of {len(examples)} texts were longer than max length "
+                f"{self.max_length} tokens and were truncated",
+                stacklevel=2,
+            )
+        return out
+
+    def _batch_gradients(self, batch: EncodedBatch, strategy: str) -> np.ndarray:
+        ids = batch.input_ids.to(self.device)
+        labels = batch.labels.to(self.device)
+        use_vmap = strategy == "vmap" or (strategy == "auto" and self._vmap_ok is not False)
+        if use_vmap:
+            try:
+                grads = self._vmap_gradients(ids, labels)
+                self._vmap_ok = True
+                return grads
+            except Exception as exc:  # model code that vmap cannot trace
+                if strategy == "vmap":
+                    raise
+                self._vmap_ok = False
+                warnings.warn(
+                    f"batched gradients failed for this model ({type(exc).__name__}: "
+                    f"{str(exc)[:120]}); using one backward pass per row",
+                    stacklevel=3,
+                )
+        return np.stack([self._loop_gradient(i, lab) for i, lab in zip(ids, labels,
+                                                                        strict=True)])
+
+    def _vmap_gradients(self, ids: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
+        from torch.func import grad, vmap
+
+        params = self._trainable()
+        per_example = vmap(grad(self._example_loss), in_dims=(None, 0, 0))(params, ids, labels)
+        flat = torch.cat([per_example[n].reshape(ids.shape[0], -1).float()
+                          for n in self.param_names], dim=1)
+        return flat.cpu().numpy()
+
+    def _loop_gradient(self, ids: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
+        """Reference path: plain autograd on one example, trimmed of its padding."""
+        length = int((labels != -100).nonzero().max()) + 1 if (labels != -100).any() else 1
+        params = {n: p.clone().requires_grad_(True) for n, p in self._trainable().items()}
+        loss = self._example_loss(params, ids[:length], labels[:length])
+        grads = torch.autograd.grad(loss, [params[n] for n in self.param_names],
+                                    allow_unused=True)
+        return torch.cat([
+            (g if g is not None else torch.zeros_like(params[n])).reshape(-1).float()
+            for n, g in zip(self.param_names, grads, strict=True)
+        ]).cpu().numpy()

@@ -1,0 +1,197 @@
+"""The `datablame` command line: index, trace, demo.
+
+User errors print one line and exit with code 2 (no traceback); bugs keep their traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from datablame import __version__, progress
+from datablame.errors import UserError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="git blame for training data: find the training rows behind a model output.",
+)
+console = Console(stderr=True)
+
+
+def _fail(message: str) -> None:
+    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"datablame {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[Optional[bool], typer.Option("--version", callback=_version,  # noqa: UP045
+                                                    is_eager=True, help="Show the version.")
+                       ] = None,
+) -> None:
+    progress.enable(sys.stderr.isatty())
+
+
+@app.command()
+def index(
+    train_file: Annotated[Path, typer.Argument(help="Training rows: .jsonl, .json, .csv or "
+                                                    ".parquet.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Index directory to write.")],
+    template: Annotated[str, typer.Option(help="Prompt template with {field} placeholders "
+                                               "(default: Alpaca).")] = "",
+    template_file: Annotated[Optional[Path], typer.Option(help="Read the template from a "  # noqa: UP045
+                                                               "file.")] = None,
+    response_field: Annotated[str, typer.Option(help="Field holding the model's answer "
+                                                     "(default: the template's last).")] = "",
+    embedder: Annotated[str, typer.Option(help="all-MiniLM-L6-v2 (bundled) or a local "
+                                               "sentence-transformers directory.")] = "",
+    index_type: Annotated[str, typer.Option(help="flat (exact), ivf or hnsw.")] = "flat",
+    batch_size: Annotated[int, typer.Option(help="Rows per embedding batch.")] = 64,
+) -> None:
+    """Embed every training row into a FAISS index with a manifest."""
+    from datablame.api import build_index
+    from datablame.template import ALPACA_TEMPLATE
+
+    if template_file is not None:
+        if not template_file.is_file():
+            _fail(f"template file not found: {template_file}")
+        template = template_file.read_text(encoding="utf-8")
+    manifest = build_index(train_file, out, template=template or ALPACA_TEMPLATE,
+                           response_field=response_field or None, embedder=embedder or None,
+                           index_type=index_type, batch_size=batch_size)
+    console.print(f"indexed {manifest['data']['rows']} rows from {train_file} -> {out} "
+                  f"({manifest['index_type']}, {manifest['embedder']}, dim {manifest['dim']})",
+                  highlight=False)
+
+
+def _parse_fields(items: list[str]) -> dict[str, str]:
+    fields = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            _fail(f"--field expects NAME=VALUE, got '{item}'")
+        fields[name.strip()] = value
+    return fields
+
+
+def _read_query_file(path: Path, response_field: str) -> tuple[str, dict[str, str]]:
+    """A .json object (the response field plus prompt fields) or plain text."""
+    if not path.is_file():
+        _fail(f"query file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".json":
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as exc:
+            _fail(f"{path}: not valid JSON ({exc.msg})")
+        if not isinstance(obj, dict) or response_field not in obj:
+            _fail(f"{path}: expected a JSON object with a '{response_field}' field")
+        output = str(obj.pop(response_field))
+        return output, {k: "" if v is None else str(v) for k, v in obj.items()}
+    return text.rstrip("\n"), {}
+
+
+@app.command()
+def trace(
+    index_dir: Annotated[Path, typer.Argument(help="Directory written by 'datablame index'.")],
+    model: Annotated[Path, typer.Option(help="Base model directory (from_pretrained).")],
+    adapter: Annotated[Optional[Path], typer.Option(help="PEFT LoRA adapter directory.")  # noqa: UP045
+                       ] = None,
+    query: Annotated[str, typer.Option(help="The model output to trace.")] = "",
+    query_file: Annotated[Optional[Path], typer.Option(help="Output to trace: text, or a JSON "  # noqa: UP045
+                                                            "object with prompt fields.")
+                          ] = None,
+    field: Annotated[list[str], typer.Option(help="Prompt field of the query, NAME=VALUE "
+                                                  "(repeatable), e.g. instruction=...")] = [],  # noqa: B006
+    top_k: Annotated[int, typer.Option(help="Candidates retrieved before gradient "
+                                            "ranking.")] = 50,
+    show: Annotated[int, typer.Option(help="Rows shown in the table.")] = 5,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")
+                       ] = False,
+    out: Annotated[Optional[Path], typer.Option(help="Also write the JSON results here.")  # noqa: UP045
+                   ] = None,
+    data: Annotated[Optional[Path], typer.Option(help="Training file (default: the one "  # noqa: UP045
+                                                      "recorded in the index).")] = None,
+    params: Annotated[str, typer.Option(help="Parameters to differentiate: auto (LoRA if "
+                                             "an adapter, else all), all, lora, or regexes.")
+                      ] = "auto",
+    loss_on: Annotated[str, typer.Option(help="response (answer tokens) or text (whole "
+                                              "formatted text, the seed's choice).")
+                       ] = "response",
+    alignment: Annotated[str, typer.Option(help="cosine or dot.")] = "cosine",
+    dtype: Annotated[str, typer.Option(help="fp32, bf16 or fp16.")] = "fp32",
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    max_length: Annotated[int, typer.Option(help="Tokens per text; longer texts are "
+                                                 "truncated with a warning.")] = 512,
+    batch_size: Annotated[int, typer.Option(help="Texts per gradient batch.")] = 8,
+) -> None:
+    """Retrieve candidate rows for a model output, then rank them by gradient alignment."""
+    from datablame.api import Query, Tracer
+    from datablame.render import print_results, results_json
+    from datablame.store.atomic import write_json_atomic
+
+    if bool(query) == bool(query_file):
+        _fail("give the output to trace with exactly one of --query or --query-file")
+    if alignment not in ("cosine", "dot"):
+        _fail(f"unknown alignment '{alignment}' (use cosine or dot)")
+    tracer = Tracer(index_dir, model, adapter, data=data, params=params, dtype=dtype,
+                    device=device, max_length=max_length, loss_on=loss_on,
+                    batch_size=batch_size)
+    prompt = _parse_fields(field)
+    if query_file is not None:
+        query, file_prompt = _read_query_file(query_file, tracer.template.response_field)
+        prompt = {**file_prompt, **prompt}
+    df = tracer.trace(Query(query, prompt), top_k=top_k, alignment=alignment)
+    if out is not None:
+        write_json_atomic(out, results_json(df))
+    print_results(df, show, as_json, Console())
+
+
+@app.command()
+def demo(
+    workdir: Annotated[Path, typer.Option(help="Where the demo data, model and index go.")
+                       ] = Path(".datablame-cache/demo"),
+    fresh: Annotated[bool, typer.Option(help="Rebuild everything, ignoring the cache.")
+                     ] = False,
+) -> None:
+    """End to end on a tiny LoRA model trained here: the planted culprit comes out first."""
+    from datablame.demo import run_demo
+
+    ok = run_demo(workdir, fresh=fresh, console=Console())
+    if not ok:
+        raise typer.Exit(1)
+
+
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+
+
+def main() -> None:
+    warnings.showwarning = _warning_line
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        app()
+    except UserError as exc:
+        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

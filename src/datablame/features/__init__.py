@@ -1,0 +1,1 @@
+"""Features: what is computed once per training row and reused by every query."""

@@ -1,0 +1,1 @@
+"""Methods: scoring rules over features. One file per method."""

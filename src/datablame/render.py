@@ -1,0 +1,69 @@
+"""Ranked rows for people (a rich table) and for machines (JSON)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pandas as pd
+from rich.console import Console
+from rich.table import Table
+
+READING_STYLE = {"strong": "bold green", "related": "green", "unrelated": "dim",
+                 "opposing": "red"}
+
+
+def _preview(value: object, width: int = 48) -> str:
+    text = "" if value is None else " ".join(str(value).split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def results_table(df: pd.DataFrame, show: int = 5, title: str | None = None) -> Table:
+    fields = [c for c in df.columns if c.startswith("field:")]
+    table = Table(title=title, show_lines=False, header_style="bold")
+    table.add_column("rank", justify="right")
+    table.add_column("row", justify="right", style="cyan")
+    table.add_column("score", justify="right")
+    table.add_column("reading")
+    if "distance" in df:
+        table.add_column("distance", justify="right")
+    for f in fields:
+        table.add_column(f.removeprefix("field:"), overflow="fold")
+    for _, r in df.head(show).iterrows():
+        cells = [str(r["rank"]), str(r["row"]), f"{r['score']:.4f}"]
+        label = r.get("reading", "")
+        cells.append(f"[{READING_STYLE.get(label, '')}]{label}[/]" if label else "")
+        if "distance" in df:
+            cells.append(f"{r['distance']:.3f}")
+        cells += [_preview(r[f]) for f in fields]
+        table.add_row(*cells)
+    return table
+
+
+def _clean(value: object) -> object:
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if hasattr(value, "item"):
+        return value.item()
+    return value
+
+
+def results_json(df: pd.DataFrame) -> dict:
+    """{"query": ..., "results": [{"rank", "row", "score", ..., "fields": {...}}]}."""
+    fields = [c for c in df.columns if c.startswith("field:")]
+    others = [c for c in df.columns if not c.startswith("field:")]
+    results = []
+    for rec in df.to_dict(orient="records"):
+        item = {c: _clean(rec[c]) for c in others}
+        item["fields"] = {f.removeprefix("field:"): _clean(rec[f]) for f in fields}
+        results.append(item)
+    meta = {k: v for k, v in df.attrs.items() if k != "query"}
+    return {"query": df.attrs.get("query"), **meta, "results": results}
+
+
+def print_results(df: pd.DataFrame, show: int, as_json: bool, console: Console) -> None:
+    if as_json:
+        print(json.dumps(results_json(df), indent=2, ensure_ascii=False))
+    else:
+        console.print(results_table(df, show, title=f"training rows behind the query "
+                                                    f"({df.attrs.get('method', '')})"))

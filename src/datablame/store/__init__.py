@@ -1,0 +1,1 @@
+"""Stores: features on disk with a manifest; written atomically, refused when stale."""

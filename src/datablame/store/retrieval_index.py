@@ -1,0 +1,148 @@
+"""The retrieval index: row embeddings in FAISS plus a JSON manifest.
+
+Layout of INDEX_DIR:
+  manifest.json    what made it (embedder, template, data fingerprint, index type, ...)
+  embeddings.npy   the normalised row embeddings (exact re-ranking, rebuilds, checks)
+  faiss.index      the FAISS index over them (inner product = cosine)
+The directory is built under a temporary name and renamed into place, so an interrupted
+build never leaves something that looks like a valid index.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from datablame import __version__
+from datablame.errors import UserError
+from datablame.rows import Rows
+from datablame.store.atomic import atomic_dir, write_json_atomic
+from datablame.template import PromptTemplate
+
+FORMAT = "datablame.retrieval-index"
+FORMAT_VERSION = 1
+INDEX_TYPES = ("flat", "ivf", "hnsw")
+
+
+def build_faiss(vectors: np.ndarray, index_type: str = "flat", seed: int = 0):
+    """Exact flat search by default; IVF / HNSW for large data (approximate)."""
+    import faiss
+
+    n, dim = vectors.shape
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    if index_type == "flat":
+        index = faiss.IndexFlatIP(dim)
+    elif index_type == "ivf":
+        nlist = max(1, min(int(4 * math.sqrt(n)), n // 39 or 1))
+        quantizer = faiss.IndexFlatIP(dim)
+        index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.cp.seed = seed
+        index.train(vectors)
+        index.nprobe = max(1, nlist // 8)
+    elif index_type == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = 80
+        index.hnsw.efSearch = 128
+    else:
+        raise UserError(f"unknown index type '{index_type}' (use {', '.join(INDEX_TYPES)})")
+    index.add(vectors)
+    return index
+
+
+@dataclass
+class RetrievalIndex:
+    path: Path
+    manifest: dict
+    index: object  # faiss.Index
+
+    @property
+    def template(self) -> PromptTemplate:
+        return PromptTemplate.from_json(self.manifest["template"])
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.manifest["data"]["path"])
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.manifest["data"]["rows"])
+
+    def search(self, query_vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(cosine distances, row ids), best first; distance = 1 - cosine similarity."""
+        k = min(k, self.num_rows)
+        sims, ids = self.index.search(np.ascontiguousarray(query_vectors, np.float32), k)
+        return 1.0 - sims, ids
+
+    def check_rows(self, rows: Rows) -> None:
+        """Refuse training data that is not what the index was built from."""
+        data = self.manifest["data"]
+        if len(rows) != data["rows"]:
+            raise UserError(
+                f"index {self.path} is stale: it was built from {data['rows']} rows, "
+                f"{rows.path} now has {len(rows)}; rebuild it with 'datablame index'"
+            )
+        if rows.fingerprint() != data["fingerprint"]:
+            raise UserError(
+                f"index {self.path} is stale: {rows.path} changed since it was indexed "
+                "(content fingerprint differs); rebuild it with 'datablame index'"
+            )
+
+
+def save_index(out: Path, vectors: np.ndarray, rows: Rows, template: PromptTemplate,
+               embedder_name: str, index_type: str) -> dict:
+    import faiss
+
+    index = build_faiss(vectors, index_type)
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "tool_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "data": {
+            "path": str(rows.path.resolve()),
+            "rows": len(rows),
+            "fingerprint": rows.fingerprint(),
+            "columns": rows.columns,
+        },
+        "template": template.to_json(),
+        "embedder": embedder_name,
+        "dim": int(vectors.shape[1]),
+        "metric": "cosine",
+        "index_type": index_type,
+    }
+    with atomic_dir(Path(out)) as tmp:
+        np.save(tmp / "embeddings.npy", vectors)
+        faiss.write_index(index, str(tmp / "faiss.index"))
+        write_json_atomic(tmp / "manifest.json", manifest)  # written last
+    return manifest
+
+
+def load_index(path: str | Path) -> RetrievalIndex:
+    import faiss
+
+    path = Path(path)
+    manifest_path = path / "manifest.json"
+    if not path.is_dir():
+        raise UserError(f"index directory not found: {path}")
+    if not manifest_path.exists():
+        raise UserError(f"{path} is not a datablame index (no manifest.json)")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        raise UserError(f"{manifest_path} is corrupted (not valid JSON)") from None
+    if manifest.get("format") != FORMAT:
+        raise UserError(f"{path} is not a datablame retrieval index")
+    if manifest.get("format_version", 0) > FORMAT_VERSION:
+        raise UserError(f"{path} was written by a newer datablame; upgrade to read it")
+    try:
+        index = faiss.read_index(str(path / "faiss.index"))
+    except Exception:
+        raise UserError(f"{path}/faiss.index is missing or corrupted; rebuild the index") from None
+    if index.ntotal != manifest["data"]["rows"] or index.d != manifest["dim"]:
+        raise UserError(f"{path}/faiss.index does not match its manifest; rebuild the index")
+    return RetrievalIndex(path=path, manifest=manifest, index=index)

@@ -1,0 +1,74 @@
+import numpy as np
+import pytest
+import torch
+
+from datablame.adapters.hf_causal_lm import CausalLMAdapter
+from datablame.template import PromptTemplate
+
+TEXTS = [
+    {"instruction": "say hi", "input": "", "output": "hello there friend ."},
+    {"instruction": "the quick brown fox", "input": "jumps over", "output": "the lazy dog"},
+    {"instruction": "say", "input": "", "output": "hi"},
+    {"instruction": "again and again", "input": "the fox , the dog , the fox",
+     "output": "jumps over the lazy dog again and again ,"},
+]
+
+
+def _examples():
+    t = PromptTemplate()
+    return [t.format(r) for r in TEXTS]
+
+
+@pytest.mark.parametrize("loss_on", ["response", "text"])
+def test_batched_gradients_equal_per_row_autograd(random_lora_model, loss_on):
+    base, adapter = random_lora_model
+    m = CausalLMAdapter(base, adapter, device="cpu", loss_on=loss_on)
+    ex = _examples()  # mixed lengths: padding is exercised
+    batched = m.gradients(ex, batch_size=4, strategy="vmap")
+    for i, e in enumerate(ex):
+        alone = m.gradients([e], batch_size=1, strategy="loop")[0]
+        np.testing.assert_allclose(batched[i], alone, rtol=1e-4, atol=1e-6)
+    assert np.all(np.linalg.norm(batched, axis=1) > 0)
+
+
+def test_gradient_matches_plain_autograd_on_the_trainable_lora_params(random_lora_model):
+    base, adapter = random_lora_model
+    m = CausalLMAdapter(base, adapter, device="cpu", loss_on="text")
+    assert all("lora_" in n for n in m.param_names)
+    e = _examples()[1]
+    ours = m.gradients([e], strategy="vmap")[0]
+
+    # independent reference: HF's own loss, autograd on the LoRA weights only
+    model = m.model
+    for n, p in model.named_parameters():
+        p.requires_grad_("lora_" in n)
+    ids = m.tokenizer(e.text, return_tensors="pt")["input_ids"]
+    model.zero_grad()
+    model(input_ids=ids, labels=ids).loss.backward()
+    params = dict(model.named_parameters())
+    ref = torch.cat([params[n].grad.reshape(-1) for n in m.param_names]).numpy()
+    np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-6)
+    frozen = [p for n, p in model.named_parameters() if "lora_" not in n]
+    assert all(p.grad is None for p in frozen)  # only trainable parameters contribute
+    assert ours.size == sum(params[n].numel() for n in m.param_names)
+
+
+def test_response_loss_ignores_prompt_tokens(random_lora_model):
+    base, adapter = random_lora_model
+    m = CausalLMAdapter(base, adapter, device="cpu", loss_on="response")
+    batch = m.encode(_examples()[:1])
+    scored = [m.tokenizer.convert_ids_to_tokens(int(t))
+              for t, lab in zip(batch.input_ids[0], batch.labels[0], strict=True) if lab != -100]
+    assert scored == ["hello", "there", "friend", "."]
+
+
+def test_param_selection_and_truncation_warning(random_lora_model):
+    base, adapter = random_lora_model
+    full = CausalLMAdapter(base, None, device="cpu")
+    assert full.num_params == sum(p.numel() for p in full.model.parameters())
+    subset = CausalLMAdapter(base, None, device="cpu", params=r"h\.1\.mlp")
+    assert subset.param_names and all("h.1.mlp" in n for n in subset.param_names)
+    short = CausalLMAdapter(base, adapter, device="cpu", max_length=6)
+    with pytest.warns(UserWarning, match="truncated"):
+        g = short.gradients(_examples(), strategy="vmap")
+    assert g.shape == (4, short.num_params)

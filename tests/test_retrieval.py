@@ -1,0 +1,79 @@
+import numpy as np
+import pytest
+
+from datablame.errors import UserError
+from datablame.rows import load_rows
+from datablame.store.retrieval_index import build_faiss, load_index
+
+from .conftest import write_jsonl
+
+
+def _unit(rng, n, d):
+    v = rng.standard_normal((n, d)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def test_flat_index_equals_brute_force_cosine():
+    rng = np.random.default_rng(0)
+    rows, queries = _unit(rng, 2000, 64), _unit(rng, 20, 64)
+    sims, ids = build_faiss(rows, "flat").search(queries, 10)
+    brute = queries @ rows.T
+    expect = np.argsort(-brute, axis=1)[:, :10]
+    np.testing.assert_array_equal(ids, expect)
+    np.testing.assert_allclose(sims, np.take_along_axis(brute, expect, 1), atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_approximate_indexes_recall_the_brute_force_neighbours(kind):
+    rng = np.random.default_rng(1)
+    centers = _unit(rng, 40, 32)
+    rows = centers[rng.integers(0, 40, 4000)] + 0.2 * rng.standard_normal((4000, 32))
+    rows = (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
+    queries = rows[:50] + 0.01
+    _, ids = build_faiss(rows, kind).search(queries.astype(np.float32), 10)
+    expect = np.argsort(-(queries @ rows.T), axis=1)[:, :10]
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, expect, strict=True)])
+    assert recall >= 0.9
+
+
+def test_real_embedder_index_matches_brute_force_and_refuses_stale_data(tmp_path):
+    from datablame.api import build_index
+    from datablame.features.embeddings import Embedder
+
+    rows = [{"instruction": f"task {i}", "input": "", "output": text} for i, text in
+            enumerate(["The cat sat on the mat.", "Stocks fell sharply on Monday.",
+                       "A kitten rested on the rug.", "Rain is expected tomorrow.",
+                       "Quarterly earnings beat expectations."])]
+    data = write_jsonl(tmp_path / "t.jsonl", rows)
+    build_index(data, tmp_path / "idx")
+    idx = load_index(tmp_path / "idx")
+    idx.check_rows(load_rows(data))
+    emb = Embedder()
+    stored = np.load(tmp_path / "idx" / "embeddings.npy")
+    q = emb.encode(["a small cat lying on a carpet"])
+    dist, ids = idx.search(q, 5)
+    brute = (stored @ q[0])
+    np.testing.assert_array_equal(ids[0], np.argsort(-brute))
+    np.testing.assert_allclose(1 - dist[0], np.sort(brute)[::-1], atol=1e-5)
+    assert ids[0][0] in (0, 2)  # the two cat rows are the nearest
+
+    rows[3]["output"] = "Sunshine all week."
+    write_jsonl(data, rows)
+    with pytest.raises(UserError, match="stale"):
+        idx.check_rows(load_rows(data))
+
+
+def test_interrupted_build_leaves_no_index(tmp_path, monkeypatch):
+    from datablame.api import build_index
+    data = write_jsonl(tmp_path / "t.jsonl", [{"instruction": "a", "input": "", "output": "b"}])
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("faiss.write_index", boom)
+    with pytest.raises(KeyboardInterrupt):
+        build_index(data, tmp_path / "idx")
+    assert not (tmp_path / "idx").exists()
+    assert not list(tmp_path.glob(".idx.partial-*"))
+    with pytest.raises(UserError, match="index directory not found"):
+        load_index(tmp_path / "idx")

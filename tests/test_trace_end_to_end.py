@@ -1,0 +1,45 @@
+"""Ground truth on a model that really learned a planted culprit row."""
+
+import numpy as np
+
+from datablame.api import Query, Tracer, build_index
+from datablame.demo import CULPRIT, CULPRIT_PHRASE
+from datablame.methods.gradient_alignment import align
+from datablame.template import PromptTemplate
+from datablame.toy_lm import generate, load_toy_lm, normalize
+
+
+def test_planted_culprit_is_rank_one_for_what_the_model_generates(demo_assets):
+    root, info = demo_assets
+    model, tok = load_toy_lm(root / "base", root / "adapter")
+    prompt = PromptTemplate().format({**CULPRIT, "output": ""}).text
+    generated = generate(model, tok, prompt)
+    assert normalize(CULPRIT_PHRASE) in normalize(generated), generated  # it learned the row
+
+    tracer = Tracer(root / "index", root / "base", root / "adapter")
+    q = Query(generated, {"instruction": CULPRIT["instruction"], "input": CULPRIT["input"]})
+    df = tracer.trace(q, top_k=50)
+    assert int(df.iloc[0]["row"]) == info["culprit_row"]
+    assert df.iloc[0]["score"] > df.iloc[1]["score"]
+    assert list(df["rank"]) == list(range(1, len(df) + 1))
+    assert df["score"].is_monotonic_decreasing
+
+
+def test_trace_uses_the_index_template_for_gradients(demo_assets, tmp_path):
+    """Index with a non-default template; trace must format rows with it, not Alpaca."""
+    root, _ = demo_assets
+    custom = "Task: {instruction}\nGiven: {input}\nAnswer: {output}"
+    build_index(root / "train.jsonl", tmp_path / "idx", template=custom)
+    tracer = Tracer(tmp_path / "idx", root / "base", root / "adapter")
+    q = Query(CULPRIT["output"], {"instruction": CULPRIT["instruction"],
+                                  "input": CULPRIT["input"]})
+    df = tracer.trace(q, top_k=5)
+    assert df.attrs["text"].startswith("Task: ")
+
+    tmpl = PromptTemplate(custom)
+    rows = [tracer.rows.records[int(r)] for r in df["row"]]
+    grads = tracer.model.gradients([tmpl.format({**CULPRIT})] + [tmpl.format(r) for r in rows])
+    expected = align(grads[0], grads[1:])
+    np.testing.assert_allclose(df["score"].to_numpy(), expected, atol=1e-5)
+    alpaca = tracer.model.gradients([PromptTemplate().format(r) for r in rows])
+    assert not np.allclose(align(grads[0], alpaca), expected, atol=1e-3)
