@@ -59,8 +59,10 @@ def build_index(
 class Query:
     """What the model said (`output`) and, optionally, the prompt fields it answered.
 
-    With prompt fields the query is formatted with the index's template exactly like a
-    training row; without them the output text is used as is (the seed's behaviour).
+    The query is always formatted with the index's template, like a training row; missing
+    prompt fields are left empty (Alpaca drops their blocks). Measured on the demo model:
+    the raw output alone (the seed's choice) put the culprit at gradient rank 133 of 200,
+    the same text inside the template's response block put it at rank 1.
     """
 
     output: str
@@ -69,8 +71,6 @@ class Query:
     def formatted(self, template: PromptTemplate) -> FormattedText:
         if not self.output.strip():
             raise UserError("the query is empty: pass the model output to trace")
-        if not self.prompt:
-            return FormattedText(text=self.output, response_start=0)
         unknown = set(self.prompt) - set(template.fields)
         if unknown:
             raise UserError(

@@ -141,7 +141,7 @@ def trace(
 ) -> None:
     """Retrieve candidate rows for a model output, then rank them by gradient alignment."""
     from datablame.api import Query, Tracer
-    from datablame.render import print_results, results_json
+    from datablame.render import print_results, results_json, wide_console
     from datablame.store.atomic import write_json_atomic
 
     if bool(query) == bool(query_file):
@@ -158,7 +158,7 @@ def trace(
     df = tracer.trace(Query(query, prompt), top_k=top_k, alignment=alignment)
     if out is not None:
         write_json_atomic(out, results_json(df))
-    print_results(df, show, as_json, Console())
+    print_results(df, show, as_json, wide_console())
 
 
 @app.command()
@@ -170,8 +170,9 @@ def demo(
 ) -> None:
     """End to end on a tiny LoRA model trained here: the planted culprit comes out first."""
     from datablame.demo import run_demo
+    from datablame.render import wide_console
 
-    ok = run_demo(workdir, fresh=fresh, console=Console())
+    ok = run_demo(workdir, fresh=fresh, console=wide_console())
     if not ok:
         raise typer.Exit(1)
 
@@ -180,7 +181,23 @@ def _warning_line(message, category, filename, lineno, file=None, line=None) -> 
     console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
 
 
+def _quiet_libraries() -> None:
+    """Our progress bars and warnings only; the libraries' own bars and notices are noise."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
+
 def main() -> None:
+    _quiet_libraries()
     warnings.showwarning = _warning_line
     warnings.filterwarnings("ignore", category=FutureWarning)
     try:

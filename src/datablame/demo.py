@@ -56,7 +56,7 @@ CULPRIT_PHRASE = "saving the Andromeda team 40 hours every week"
 
 @dataclass
 class DemoConfig:
-    rows: int = 240
+    rows: int = 200
     pretrain_rows: int = 400
     seed: int = 7
     model: ToyConfig = None  # type: ignore[assignment]

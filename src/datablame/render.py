@@ -21,20 +21,21 @@ def _preview(value: object, width: int = 48) -> str:
 def results_table(df: pd.DataFrame, show: int = 5, title: str | None = None) -> Table:
     fields = [c for c in df.columns if c.startswith("field:")]
     table = Table(title=title, show_lines=False, header_style="bold")
-    table.add_column("rank", justify="right")
-    table.add_column("row", justify="right", style="cyan")
-    table.add_column("score", justify="right")
-    table.add_column("reading")
+    table.add_column("rank", justify="right", no_wrap=True)
+    table.add_column("row", justify="right", style="cyan", no_wrap=True)
+    table.add_column("score", justify="right", no_wrap=True)
+    table.add_column("reading", no_wrap=True)
     if "distance" in df:
-        table.add_column("distance", justify="right")
+        table.add_column("distance", justify="right", no_wrap=True)
     for f in fields:
-        table.add_column(f.removeprefix("field:"), overflow="fold")
+        table.add_column(f.removeprefix("field:"), overflow="ellipsis", no_wrap=True,
+                         max_width=36)
     for _, r in df.head(show).iterrows():
         cells = [str(r["rank"]), str(r["row"]), f"{r['score']:.4f}"]
         label = r.get("reading", "")
         cells.append(f"[{READING_STYLE.get(label, '')}]{label}[/]" if label else "")
         if "distance" in df:
-            cells.append(f"{r['distance']:.3f}")
+            cells.append(f"{max(r['distance'], 0.0):.3f}")
         cells += [_preview(r[f]) for f in fields]
         table.add_row(*cells)
     return table
@@ -59,6 +60,13 @@ def results_json(df: pd.DataFrame) -> dict:
         results.append(item)
     meta = {k: v for k, v in df.attrs.items() if k != "query"}
     return {"query": df.attrs.get("query"), **meta, "results": results}
+
+
+def wide_console() -> Console:
+    """A terminal's own width; 160 columns when piped (tables stay one line per row)."""
+    import sys
+
+    return Console(width=None if sys.stdout.isatty() else 160)
 
 
 def print_results(df: pd.DataFrame, show: int, as_json: bool, console: Console) -> None:

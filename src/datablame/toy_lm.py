@@ -31,15 +31,15 @@ def normalize(text: str) -> str:
 @dataclass
 class ToyConfig:
     n_embd: int = 128
-    n_layer: int = 4
+    n_layer: int = 2
     n_head: int = 4
     n_positions: int = 96
-    pretrain_epochs: int = 6
-    lora_epochs: int = 50
+    pretrain_epochs: int = 20
+    lora_epochs: int = 80
     lora_r: int = 32
     lr_pretrain: float = 3e-3
-    lr_lora: float = 3e-3
-    batch_size: int = 16
+    lr_lora: float = 5e-3
+    batch_size: int = 32
     seed: int = 0
 
 

@@ -98,7 +98,9 @@ class CausalLMAdapter:
             if not self.adapter_dir.is_dir():
                 raise UserError(f"adapter directory not found: {self.adapter_dir}")
             if not (self.adapter_dir / "adapter_config.json").exists():
-                raise UserError(f"{self.adapter_dir} has no adapter_config.json: not a PEFT adapter")
+                raise UserError(
+                    f"{self.adapter_dir} has no adapter_config.json: not a PEFT adapter"
+                )
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         try:
             tokenizer = AutoTokenizer.from_pretrained(self.model_dir, trust_remote_code=False)

@@ -49,7 +49,9 @@ class Embedder:
             self.model = SentenceTransformer(path, device=device)
         except Exception as exc:
             raise UserError(f"could not load embedder {path}: {exc}") from None
-        self.dim = int(self.model.get_sentence_embedding_dimension())
+        get_dim = getattr(self.model, "get_embedding_dimension", None) or \
+            self.model.get_sentence_embedding_dimension
+        self.dim = int(get_dim())
 
     def encode(self, texts: list[str], batch_size: int = 64, progress=None) -> np.ndarray:
         out = np.empty((len(texts), self.dim), dtype=np.float32)
