@@ -43,3 +43,22 @@ def test_trace_uses_the_index_template_for_gradients(demo_assets, tmp_path):
     np.testing.assert_allclose(df["score"].to_numpy(), expected, atol=1e-5)
     alpaca = tracer.model.gradients([PromptTemplate().format(r) for r in rows])
     assert not np.allclose(align(grads[0], alpaca), expected, atol=1e-3)
+
+
+def test_all_rows_gradient_index_puts_the_culprit_first(demo_assets, tmp_path):
+    import shutil
+
+    from datablame.api import GradientOptions
+
+    root, info = demo_assets
+    idx = tmp_path / "idx"
+    shutil.copytree(root / "index", idx)
+    build_index(root / "train.jsonl", idx,  # keeps the existing retrieval index
+                gradients=GradientOptions(root / "base", root / "adapter", proj_dim=512,
+                                          shard_rows=64))
+    tracer = Tracer(idx, root / "base", root / "adapter")
+    out = "Rewrote the payroll system in Haskell, saving the Andromeda team 40 hours every week."
+    df = tracer.trace_all_rows(Query(out, {"instruction": CULPRIT["instruction"],
+                                           "input": CULPRIT["input"]}), top_k=10)
+    assert int(df.iloc[0]["row"]) == info["culprit_row"]
+    assert len(df) == 10 and df["score"].is_monotonic_decreasing

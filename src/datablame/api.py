@@ -34,25 +34,70 @@ def build_index(
     index_type: str = "flat",
     batch_size: int = 64,
     device: str = "cpu",
+    gradients: GradientOptions | None = None,
 ) -> dict:
-    """Embed every training row (formatted with `template`) into a FAISS index at `out`.
+    """Embed every training row (formatted with `template`) into a FAISS index at `out`;
+    with `gradients`, also store every row's projected loss gradient (see `GradientOptions`).
 
-    Returns the manifest written beside the index.
+    An existing index built from the same rows, template and embedder is kept as is, so
+    adding (or resuming) a gradient store does not re-embed. Returns the index manifest.
     """
-    from datablame.features.embeddings import Embedder
+    from datablame.features.embeddings import Embedder, resolve_embedder
     from datablame.rows import load_rows
-    from datablame.store.retrieval_index import INDEX_TYPES, save_index
+    from datablame.store.retrieval_index import INDEX_TYPES, load_index, save_index
 
     if index_type not in INDEX_TYPES:
         raise UserError(f"unknown index type '{index_type}' (use {', '.join(INDEX_TYPES)})")
     tmpl = PromptTemplate(template, response_field)
     rows = load_rows(train_file)
     rows.require_fields(tmpl.fields)
-    texts = [tmpl.format(r).text for r in rows.records]
-    enc = Embedder(embedder, device=device)
-    with progress.task("embedding rows", len(texts)) as advance:
-        vectors = enc.encode(texts, batch_size=batch_size, progress=advance)
-    return save_index(Path(out), vectors, rows, tmpl, enc.name, index_type)
+    out = Path(out)
+    manifest = None
+    if (out / "manifest.json").exists():
+        try:
+            old = load_index(out).manifest
+        except UserError:
+            old = None
+        if old and old["data"]["fingerprint"] == rows.fingerprint() and \
+                old["template"] == tmpl.to_json() and old["index_type"] == index_type and \
+                old["embedder"] == resolve_embedder(embedder)[0]:
+            manifest = old
+    if manifest is None:
+        texts = [tmpl.format(r).text for r in rows.records]
+        enc = Embedder(embedder, device=device)
+        with progress.task("embedding rows", len(texts)) as advance:
+            vectors = enc.encode(texts, batch_size=batch_size, progress=advance)
+        manifest = save_index(out, vectors, rows, tmpl, enc.name, index_type)
+    if gradients is not None:
+        from datablame.adapters.hf_causal_lm import CausalLMAdapter
+        from datablame.store.gradient_store import build_gradient_store
+
+        g = gradients
+        model = CausalLMAdapter(g.model, g.adapter, params=g.params, dtype=g.dtype,
+                                device=g.device, max_length=g.max_length, loss_on=g.loss_on)
+        with progress.task("row gradients", len(rows)) as advance:
+            build_gradient_store(out, rows, tmpl, model, proj_dim=g.proj_dim, seed=g.seed,
+                                 shard_rows=g.shard_rows, batch_size=g.batch_size,
+                                 store_dtype=g.store_dtype, progress=advance)
+    return manifest
+
+
+@dataclass
+class GradientOptions:
+    """What the gradient store is built from (must match the model used at trace time)."""
+
+    model: str | os.PathLike
+    adapter: str | os.PathLike | None = None
+    params: str = "auto"
+    dtype: str = "fp32"
+    device: str = "auto"
+    max_length: int = 512
+    loss_on: str = "response"
+    proj_dim: int = 2048
+    seed: int = 0
+    shard_rows: int = 4096
+    batch_size: int = 8
+    store_dtype: str = "fp16"
 
 
 @dataclass
@@ -127,7 +172,7 @@ class Tracer:
     def trace(self, query: Query | str, top_k: int = 50, alignment: str = "cosine"
               ) -> pd.DataFrame:
         """Stage 1: retrieve `top_k` candidates; stage 2: rank them by gradient alignment."""
-        from datablame.methods.gradient_alignment import align, reading
+        from datablame.methods.gradient_alignment import align
 
         if isinstance(query, str):
             query = Query(query)
@@ -140,20 +185,50 @@ class Tracer:
             grads = self.model.gradients(texts, batch_size=self.batch_size, progress=advance)
         scores = align(grads[0], grads[1:], alignment)
         order = np.argsort(-scores, kind="stable")
-        df = pd.DataFrame({
-            "rank": np.arange(1, len(order) + 1),
-            "row": cand_ids[order].astype(int),
-            "score": scores[order],
-            "reading": [reading(s) if alignment == "cosine" else "" for s in scores[order]],
-            "distance": distances[order].astype(float),
-            "retrieval_rank": order + 1,
-        })
-        fields = pd.DataFrame([self.rows.records[int(i)] for i in df["row"]])
-        df = pd.concat([df, fields.add_prefix("field:")], axis=1)
-        df.attrs.update(query=query.output, prompt=query.prompt, text=q_text.text,
-                        method=f"grad-{alignment}", loss_on=self.model.loss_on,
-                        params=self.model.params_spec, num_params=self.model.num_params)
+        df = _ranked_frame(self.rows, cand_ids[order], scores[order], alignment,
+                           {"distance": distances[order].astype(float),
+                            "retrieval_rank": order + 1})
+        self._describe(df, query, q_text, f"grad-{alignment}")
         return df
+
+    def trace_all_rows(self, query: Query | str, top_k: int = 50, alignment: str = "cosine",
+                       verify: bool = True) -> pd.DataFrame:
+        """Score *every* row with the stored projected gradients: one backward pass."""
+        from datablame.store.gradient_store import GradientStore
+
+        if isinstance(query, str):
+            query = Query(query)
+        if top_k < 1:
+            raise UserError("top-k must be at least 1")
+        store = GradientStore.load(self.index.path, verify=verify)
+        store.check_compatible(self.model, self.template, self.rows)
+        q_text = query.formatted(self.template)
+        q_vec = store.projector.project(self.model.gradients([q_text]))[0]
+        row_ids, scores = store.top_k(q_vec, min(top_k, len(self.rows)), alignment)
+        df = _ranked_frame(self.rows, row_ids, scores, alignment, {})
+        self._describe(df, query, q_text, f"grad-{alignment} (all rows, K="
+                                          f"{store.manifest['proj_dim']})")
+        return df
+
+    def _describe(self, df: pd.DataFrame, query: Query, q_text: FormattedText, method: str
+                  ) -> None:
+        df.attrs.update(query=query.output, prompt=query.prompt, text=q_text.text,
+                        method=method, loss_on=self.model.loss_on,
+                        params=self.model.params_spec, num_params=self.model.num_params)
+
+
+def _ranked_frame(rows, row_ids, scores, alignment: str, extra: dict) -> pd.DataFrame:
+    from datablame.methods.gradient_alignment import reading
+
+    df = pd.DataFrame({
+        "rank": np.arange(1, len(row_ids) + 1),
+        "row": np.asarray(row_ids, dtype=int),
+        "score": np.asarray(scores, dtype=float),
+        "reading": [reading(s) if alignment == "cosine" else "" for s in scores],
+        **extra,
+    })
+    fields = pd.DataFrame([rows.records[int(i)] for i in df["row"]])
+    return pd.concat([df, fields.add_prefix("field:")], axis=1)
 
 
 def trace(

@@ -61,18 +61,47 @@ def index(
                                                "sentence-transformers directory.")] = "",
     index_type: Annotated[str, typer.Option(help="flat (exact), ivf or hnsw.")] = "flat",
     batch_size: Annotated[int, typer.Option(help="Rows per embedding batch.")] = 64,
+    gradients: Annotated[bool, typer.Option("--gradients", help="Also store every row's "
+                                            "projected gradient (needs --model).")] = False,
+    model: Annotated[Optional[Path], typer.Option(help="Base model directory, for "  # noqa: UP045
+                                                       "--gradients.")] = None,
+    adapter: Annotated[Optional[Path], typer.Option(help="PEFT LoRA adapter directory.")  # noqa: UP045
+                       ] = None,
+    proj_dim: Annotated[int, typer.Option(help="Projected gradient dimension K.")] = 2048,
+    seed: Annotated[int, typer.Option(help="Projection seed.")] = 0,
+    params: Annotated[str, typer.Option(help="auto, all, lora, or regexes.")] = "auto",
+    loss_on: Annotated[str, typer.Option(help="response or text.")] = "response",
+    dtype: Annotated[str, typer.Option(help="fp32, bf16 or fp16.")] = "fp32",
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    max_length: Annotated[int, typer.Option(help="Tokens per text.")] = 512,
+    grad_batch_size: Annotated[int, typer.Option(help="Rows per gradient batch.")] = 8,
+    shard_rows: Annotated[int, typer.Option(help="Rows per gradient shard.")] = 4096,
+    store_dtype: Annotated[str, typer.Option(help="fp16 or fp32 on disk.")] = "fp16",
 ) -> None:
-    """Embed every training row into a FAISS index with a manifest."""
-    from datablame.api import build_index
+    """Embed every training row into a FAISS index; with --gradients, a gradient store too.
+
+    Rerunning an interrupted --gradients build continues where it stopped.
+    """
+    from datablame.api import GradientOptions, build_index
     from datablame.template import ALPACA_TEMPLATE
 
     if template_file is not None:
         if not template_file.is_file():
             _fail(f"template file not found: {template_file}")
         template = template_file.read_text(encoding="utf-8")
+    grad_opts = None
+    if gradients:
+        if model is None:
+            _fail("--gradients needs --model (and --adapter for a LoRA model)")
+        grad_opts = GradientOptions(model, adapter, params=params, dtype=dtype, device=device,
+                                    max_length=max_length, loss_on=loss_on, proj_dim=proj_dim,
+                                    seed=seed, shard_rows=shard_rows,
+                                    batch_size=grad_batch_size, store_dtype=store_dtype)
+    elif model is not None or adapter is not None:
+        _fail("--model/--adapter are only used with --gradients")
     manifest = build_index(train_file, out, template=template or ALPACA_TEMPLATE,
                            response_field=response_field or None, embedder=embedder or None,
-                           index_type=index_type, batch_size=batch_size)
+                           index_type=index_type, batch_size=batch_size, gradients=grad_opts)
     console.print(f"indexed {manifest['data']['rows']} rows from {train_file} -> {out} "
                   f"({manifest['index_type']}, {manifest['embedder']}, dim {manifest['dim']})",
                   highlight=False)
@@ -138,6 +167,11 @@ def trace(
     max_length: Annotated[int, typer.Option(help="Tokens per text; longer texts are "
                                                  "truncated with a warning.")] = 512,
     batch_size: Annotated[int, typer.Option(help="Texts per gradient batch.")] = 8,
+    all_rows: Annotated[bool, typer.Option("--all-rows", help="Score every row from the "
+                                           "gradient store instead of retrieved candidates.")
+                        ] = False,
+    verify: Annotated[bool, typer.Option(help="Checksum the gradient shards before use.")
+                      ] = True,
 ) -> None:
     """Retrieve candidate rows for a model output, then rank them by gradient alignment."""
     from datablame.api import Query, Tracer
@@ -155,7 +189,11 @@ def trace(
     if query_file is not None:
         query, file_prompt = _read_query_file(query_file, tracer.template.response_field)
         prompt = {**file_prompt, **prompt}
-    df = tracer.trace(Query(query, prompt), top_k=top_k, alignment=alignment)
+    if all_rows:
+        df = tracer.trace_all_rows(Query(query, prompt), top_k=top_k, alignment=alignment,
+                                   verify=verify)
+    else:
+        df = tracer.trace(Query(query, prompt), top_k=top_k, alignment=alignment)
     if out is not None:
         write_json_atomic(out, results_json(df))
     print_results(df, show, as_json, wide_console())

@@ -1,0 +1,224 @@
+"""The gradient store: every training row's projected loss gradient, in shards on disk.
+
+Layout of INDEX_DIR/gradients/:
+  manifest.json        model identity, parameter set, loss scope, projection (seed, K),
+                       template, data fingerprint, shard list with row ranges and sha256
+  shard-00000.npy ...  (rows, K) float16 or float32, memory-mapped at query time
+  norms.npy            (n,) float32 norms of the stored vectors (for cosine)
+
+Building happens in INDEX_DIR/gradients.partial/: each shard is written to a temporary
+name and renamed, so a shard that exists is complete. `plan.json` records what is being
+built; a rerun with the same plan keeps the finished shards and continues (shards are
+computed in fixed row ranges and fixed batches, so a resumed build is byte-identical to
+an uninterrupted one). The directory is renamed to `gradients/` only when complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import json
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from datablame import __version__
+from datablame.errors import UserError
+from datablame.features.projection import RandomProjector
+from datablame.rows import Rows
+from datablame.store.atomic import write_json_atomic
+from datablame.template import PromptTemplate
+
+FORMAT = "datablame.gradient-store"
+STORE_DTYPES = {"fp16": np.float16, "fp32": np.float32}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("wb") as fh:
+        np.save(fh, array)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _identity(adapter, template: PromptTemplate, rows: Rows, proj_dim: int, seed: int) -> dict:
+    """Everything a stored gradient depends on; a mismatch means the store is unusable."""
+    ident = adapter.identity()
+    return {
+        "model_dir": ident["model_dir"],
+        "adapter_dir": ident["adapter_dir"],
+        "params": ident["params"],
+        "num_params": ident["num_params"],
+        "loss_on": ident["loss_on"],
+        "max_length": ident["max_length"],
+        "template": template.to_json(),
+        "data_fingerprint": rows.fingerprint(),
+        "rows": len(rows),
+        "proj_dim": proj_dim,
+        "proj_seed": seed,
+    }
+
+
+def build_gradient_store(
+    index_dir: Path,
+    rows: Rows,
+    template: PromptTemplate,
+    adapter,
+    *,
+    proj_dim: int = 2048,
+    seed: int = 0,
+    shard_rows: int = 4096,
+    batch_size: int = 8,
+    store_dtype: str = "fp16",
+    progress: Callable[[int], None] | None = None,
+    stop_after_shards: int | None = None,
+) -> dict:
+    """Compute, project and store every row's gradient; resumes an interrupted build."""
+    if store_dtype not in STORE_DTYPES:
+        raise UserError(f"unknown store dtype '{store_dtype}' (use fp16 or fp32)")
+    final = Path(index_dir) / "gradients"
+    partial = Path(index_dir) / "gradients.partial"
+    plan = {**_identity(adapter, template, rows, proj_dim, seed), "shard_rows": shard_rows,
+            "batch_size": batch_size, "store_dtype": store_dtype}
+    if partial.exists():
+        old = partial / "plan.json"
+        if not old.exists() or json.loads(old.read_text()) != plan:
+            shutil.rmtree(partial)  # a different build was interrupted: start over
+    partial.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(partial / "plan.json", plan)
+
+    projector = RandomProjector(adapter.num_params, proj_dim, seed)
+    n_shards = (len(rows) + shard_rows - 1) // shard_rows
+    built = 0
+    for s in range(n_shards):
+        path = partial / f"shard-{s:05d}.npy"
+        lo, hi = s * shard_rows, min(len(rows), (s + 1) * shard_rows)
+        if path.exists():
+            if progress:
+                progress(hi - lo)
+            continue
+        texts = [template.format(rows.records[i]) for i in range(lo, hi)]
+        out = np.empty((hi - lo, proj_dim), dtype=np.float32)
+        for b in range(0, len(texts), batch_size):
+            grads = adapter.gradients(texts[b : b + batch_size], batch_size=batch_size)
+            out[b : b + len(grads)] = projector.project(grads)
+            if progress:
+                progress(len(grads))
+        _save_npy_atomic(path, out.astype(STORE_DTYPES[store_dtype]))
+        built += 1
+        if stop_after_shards is not None and built >= stop_after_shards and s + 1 < n_shards:
+            raise KeyboardInterrupt("stopped on request (test hook)")
+
+    shards, norms = [], []
+    for s in range(n_shards):
+        path = partial / f"shard-{s:05d}.npy"
+        arr = np.load(path, mmap_mode="r")
+        norms.append(np.linalg.norm(np.asarray(arr, dtype=np.float32), axis=1))
+        shards.append({"file": path.name, "rows": [s * shard_rows, s * shard_rows + len(arr)],
+                       "bytes": path.stat().st_size, "sha256": _sha256(path)})
+    _save_npy_atomic(partial / "norms.npy", np.concatenate(norms).astype(np.float32))
+    manifest = {"format": FORMAT, "format_version": 1, "tool_version": __version__,
+                **plan, "projection": projector.to_json(), "shards": shards}
+    write_json_atomic(partial / "manifest.json", manifest)
+    (partial / "plan.json").unlink()
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(partial, final)
+    return manifest
+
+
+@dataclass
+class GradientStore:
+    path: Path
+    manifest: dict
+
+    @classmethod
+    def load(cls, index_dir: Path, verify: bool = True) -> GradientStore:
+        path = Path(index_dir) / "gradients"
+        if not (path / "manifest.json").exists():
+            hint = " (an interrupted build can be resumed)" if \
+                (Path(index_dir) / "gradients.partial").exists() else ""
+            raise UserError(
+                f"{index_dir} has no gradient store{hint}: run 'datablame index ... "
+                "--model ... --gradients'"
+            )
+        manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
+        store = cls(path, manifest)
+        store.check_files(verify)
+        return store
+
+    def check_files(self, verify: bool) -> None:
+        """Truncation is caught by size always; corruption by sha256 when `verify`."""
+        for shard in self.manifest["shards"]:
+            f = self.path / shard["file"]
+            if not f.exists():
+                raise UserError(f"gradient store {self.path}: {shard['file']} is missing")
+            if f.stat().st_size != shard["bytes"]:
+                raise UserError(f"gradient store {self.path}: {shard['file']} is truncated "
+                                "or altered (size differs); rebuild it")
+            if verify and _sha256(f) != shard["sha256"]:
+                raise UserError(f"gradient store {self.path}: {shard['file']} is corrupted "
+                                "(checksum differs); rebuild it")
+
+    def check_compatible(self, adapter, template: PromptTemplate, rows: Rows) -> None:
+        """Refuse a store made for another model, adapter, parameter set, template or data."""
+        want = _identity(adapter, template, rows, self.manifest["proj_dim"],
+                         self.manifest["proj_seed"])
+        labels = {"model_dir": "model", "adapter_dir": "adapter", "params": "parameter set",
+                  "num_params": "parameter set", "loss_on": "loss scope",
+                  "max_length": "max length", "template": "template",
+                  "data_fingerprint": "training data", "rows": "training data"}
+        for key, label in labels.items():
+            if self.manifest.get(key) != want[key]:
+                raise UserError(
+                    f"gradient store {self.path} was built for a different {label} "
+                    f"({key}: {self.manifest.get(key)!r} vs {want[key]!r}); rebuild it"
+                )
+
+    @property
+    def projector(self) -> RandomProjector:
+        p = self.manifest["projection"]
+        return RandomProjector(p["dim_in"], p["dim_out"], p["seed"], p["block"])
+
+    def top_k(self, query: np.ndarray, k: int, kind: str = "cosine"
+              ) -> tuple[np.ndarray, np.ndarray]:
+        """Exact scores of every stored row; returns (row ids, scores) of the best k.
+
+        Streams shard by shard from memory-mapped files: memory holds one shard's scores
+        and a k-sized heap, whatever the number of rows.
+        """
+        q = np.asarray(query, dtype=np.float32).ravel()
+        norms = np.load(self.path / "norms.npy", mmap_mode="r")
+        qn = float(np.linalg.norm(q)) or 1.0
+        heap: list[tuple[float, int]] = []
+        for shard in self.manifest["shards"]:
+            lo, hi = shard["rows"]
+            block = np.load(self.path / shard["file"], mmap_mode="r")
+            scores = np.asarray(block, dtype=np.float32) @ q
+            if kind == "cosine":
+                n = np.asarray(norms[lo:hi])
+                scores = np.where(n > 0, scores / (np.where(n > 0, n, 1) * qn), 0.0)
+            take = min(k, len(scores))
+            idx = np.argpartition(-scores, take - 1)[:take]
+            for i in idx:
+                item = (float(scores[i]), -(lo + int(i)))
+                if len(heap) < k:
+                    heapq.heappush(heap, item)
+                elif item > heap[0]:
+                    heapq.heapreplace(heap, item)
+        best = sorted(heap, reverse=True)
+        return (np.array([-r for _, r in best], dtype=np.int64),
+                np.array([s for s, _ in best], dtype=np.float64))

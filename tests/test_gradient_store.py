@@ -1,0 +1,126 @@
+"""Gradient store: deterministic projection, resumable byte-identical builds, refusals."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from datablame.adapters.hf_causal_lm import CausalLMAdapter
+from datablame.errors import UserError
+from datablame.features.projection import RandomProjector
+from datablame.rows import load_rows
+from datablame.store.gradient_store import GradientStore, build_gradient_store
+from datablame.template import PromptTemplate
+
+from .conftest import write_jsonl
+
+ROWS = [{"instruction": f"say {w}", "input": "" if i % 2 else "the fox",
+         "output": f"{w} there friend ." if i % 3 else f"the lazy dog {w}"}
+        for i, w in enumerate(["hi", "hello", "again", "over", "jumps", "quick", "brown",
+                               "lazy", "dog", "fox", "and", "the", "there"])]
+
+
+def test_projection_is_deterministic_across_processes():
+    code = ("import numpy as np; from datablame.features.projection import RandomProjector;"
+            "g = np.arange(40000, dtype=np.float32).reshape(4, 10000) % 7 - 3;"
+            "print(RandomProjector(10000, 64, seed=3, block=4096).project(g).tobytes().hex())")
+    runs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           check=True).stdout for _ in range(2)}
+    assert len(runs) == 1
+    g = np.arange(40000, dtype=np.float32).reshape(4, 10000) % 7 - 3
+    here = RandomProjector(10000, 64, seed=3, block=4096).project(g).tobytes().hex()
+    assert runs == {here + "\n"}
+    other = RandomProjector(10000, 64, seed=4, block=4096).project(g).tobytes().hex()
+    assert other != here
+
+
+def test_projection_preserves_inner_products_within_jl_bound():
+    rng = np.random.default_rng(0)
+    d, k = 20000, 1024
+    a = rng.standard_normal((50, d)).astype(np.float32)
+    b = a + 0.5 * rng.standard_normal((50, d)).astype(np.float32)  # correlated pairs
+    proj = RandomProjector(d, k, seed=0)
+    pa, pb = proj.project(a), proj.project(b)
+    exact = np.sum(a * b, axis=1)
+    approx = np.sum(pa * pb, axis=1)
+    # std of the estimate: sqrt((|a|^2|b|^2 + <a,b>^2) / k); allow 4 sigma
+    sigma = np.sqrt((np.sum(a * a, 1) * np.sum(b * b, 1) + exact**2) / k)
+    assert np.all(np.abs(approx - exact) < 4 * sigma)
+    cos_exact = exact / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    cos_proj = approx / np.linalg.norm(pa, axis=1) / np.linalg.norm(pb, axis=1)
+    assert np.max(np.abs(cos_exact - cos_proj)) < 0.1
+
+
+@pytest.fixture()
+def setup(tmp_path, random_lora_model):
+    base, adapter = random_lora_model
+    rows = load_rows(write_jsonl(tmp_path / "t.jsonl", ROWS))
+    model = CausalLMAdapter(base, adapter, device="cpu")
+    return tmp_path, rows, PromptTemplate(), model
+
+
+def _files(d):
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
+
+
+def test_resumed_build_equals_uninterrupted_byte_for_byte(setup):
+    tmp, rows, tmpl, model = setup
+    kw = dict(proj_dim=32, shard_rows=4, batch_size=3)
+    build_gradient_store(tmp / "a", rows, tmpl, model, **kw)
+    with pytest.raises(KeyboardInterrupt):
+        build_gradient_store(tmp / "b", rows, tmpl, model, stop_after_shards=2, **kw)
+    assert not (tmp / "b" / "gradients").exists()  # never looks complete
+    with pytest.raises(UserError, match="interrupted build can be resumed"):
+        GradientStore.load(tmp / "b")
+    partial = sorted(p.name for p in (tmp / "b" / "gradients.partial").glob("shard-*"))
+    assert partial == ["shard-00000.npy", "shard-00001.npy"]
+    build_gradient_store(tmp / "b", rows, tmpl, model, **kw)
+    assert _files(tmp / "a" / "gradients") == _files(tmp / "b" / "gradients")
+
+
+def test_store_scores_match_exact_projected_cosine(setup):
+    tmp, rows, tmpl, model = setup
+    build_gradient_store(tmp, rows, tmpl, model, proj_dim=64, shard_rows=5,
+                         store_dtype="fp32")
+    store = GradientStore.load(tmp)
+    grads = model.gradients([tmpl.format(r) for r in rows.records])
+    proj = store.projector.project(grads)
+    q = proj[3]
+    ids, scores = store.top_k(q, k=len(rows))
+    exact = proj @ q / np.linalg.norm(proj, axis=1) / np.linalg.norm(q)
+    np.testing.assert_array_equal(ids, np.argsort(-exact, kind="stable"))
+    np.testing.assert_allclose(scores, np.sort(exact)[::-1], rtol=1e-5)
+    assert ids[0] == 3
+
+
+def test_truncated_or_corrupted_shard_is_refused(setup):
+    tmp, rows, tmpl, model = setup
+    build_gradient_store(tmp, rows, tmpl, model, proj_dim=16, shard_rows=4)
+    shard = tmp / "gradients" / "shard-00001.npy"
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(UserError, match="corrupted"):
+        GradientStore.load(tmp)
+    shard.write_bytes(bytes(data[:-8]))
+    with pytest.raises(UserError, match="truncated"):
+        GradientStore.load(tmp, verify=False)
+
+
+def test_store_for_another_model_template_or_data_is_refused(setup, random_lora_model):
+    tmp, rows, tmpl, model = setup
+    build_gradient_store(tmp, rows, tmpl, model, proj_dim=16, shard_rows=8)
+    store = GradientStore.load(tmp)
+    store.check_compatible(model, tmpl, rows)
+    base, _ = random_lora_model
+    with pytest.raises(UserError, match="different adapter"):
+        store.check_compatible(CausalLMAdapter(base, None, device="cpu"), tmpl, rows)
+    with pytest.raises(UserError, match="different template"):
+        store.check_compatible(model, PromptTemplate("{instruction} {input} => {output}"), rows)
+    with pytest.raises(UserError, match="different loss scope"):
+        store.check_compatible(CausalLMAdapter(base, model.adapter_dir, device="cpu",
+                                               loss_on="text"), tmpl, rows)
+    other = load_rows(write_jsonl(tmp / "o.jsonl", ROWS[:-1] + [{**ROWS[-1], "output": "x"}]))
+    with pytest.raises(UserError, match="different training data"):
+        store.check_compatible(model, tmpl, other)
