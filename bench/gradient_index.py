@@ -21,30 +21,53 @@ import numpy as np
 from datablame.features.projection import RandomProjector
 
 
-def featurization(root: Path, n_rows: int) -> dict:
+def _cos(g: np.ndarray) -> np.ndarray:
+    return g / np.linalg.norm(g, axis=1, keepdims=True)
+
+
+def featurization(root: Path, n_rows: int, long_words: int) -> tuple[list[dict], np.ndarray]:
+    """Each strategy on the same rows: the demo rows as they are, and long rows whose
+    response joins several rows' outputs (a more realistic sequence length)."""
     from datablame.adapters.hf_causal_lm import CausalLMAdapter
     from datablame.demo import DemoConfig, build_assets
     from datablame.rows import load_rows
     from datablame.template import PromptTemplate
 
     build_assets(root, DemoConfig())
-    rows = load_rows(root / "train.jsonl").records[:n_rows]
+    records = load_rows(root / "train.jsonl").records
     tmpl = PromptTemplate()
-    texts = [tmpl.format(r) for r in rows]
-    model = CausalLMAdapter(root / "base", root / "adapter", device="cpu", max_length=128)
-    model.gradients(texts[:8], strategy="vmap")  # warm-up
-    t = time.perf_counter()
-    batched = model.gradients(texts, batch_size=16, strategy="vmap")
-    t_batched = time.perf_counter() - t
-    t = time.perf_counter()
-    loop = model.gradients(texts, batch_size=16, strategy="loop")
-    t_loop = time.perf_counter() - t
-    cos = lambda g: g / np.linalg.norm(g, axis=1, keepdims=True)  # noqa: E731
-    q = cos(batched)[:20]
-    diff = float(np.max(np.abs(q @ cos(batched).T - cos(loop)[:20] @ cos(loop).T)))
-    return {"rows": len(texts), "params": model.num_params,
-            "batched_rows_per_s": len(texts) / t_batched, "loop_rows_per_s": len(texts) / t_loop,
-            "speedup": t_loop / t_batched, "max_abs_cosine_diff": diff, "grads": batched}
+    short = [tmpl.format(r) for r in records[:n_rows]]
+    long = []
+    for i in range(n_rows // 2):
+        outs, j = [], i
+        while sum(len(o.split()) for o in outs) < long_words:
+            outs.append(records[j % len(records)]["output"])
+            j += 7
+        long.append(tmpl.format({**records[i], "output": " ".join(outs)}))
+    model = CausalLMAdapter(root / "base", root / "adapter", device="cpu", max_length=512)
+    results, keep = [], None
+    for label, texts in (("demo rows", short), ("long rows", long)):
+        tokens = float(np.mean([len(model.tokenizer(t.text)["input_ids"]) for t in texts]))
+        grads, times = {}, {}
+        for strategy, bs in (("hooks", 32), ("vmap", 16), ("loop", 16)):
+            model.gradients(texts[:4], batch_size=4, strategy=strategy)  # warm-up
+            t = time.perf_counter()
+            grads[strategy] = model.gradients(texts, batch_size=bs, strategy=strategy)
+            times[strategy] = time.perf_counter() - t
+        ref = _cos(grads["loop"])
+        for strategy in ("hooks", "vmap", "loop"):
+            c = _cos(grads[strategy])
+            results.append({
+                "rows": label, "n": len(texts), "mean_tokens": tokens,
+                "params": model.num_params, "strategy": strategy,
+                "rows_per_s": len(texts) / times[strategy],
+                "speedup_vs_loop": times["loop"] / times[strategy],
+                "max_abs_cosine_diff_vs_loop": float(np.max(np.abs(c[:20] @ c.T -
+                                                                   ref[:20] @ ref.T))),
+            })
+        if keep is None:
+            keep = grads["hooks"]
+    return results, keep
 
 
 def fidelity(grads: np.ndarray, ks=(256, 512, 1024, 2048, 4096)) -> list[dict]:
@@ -106,19 +129,22 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=200)
     ap.add_argument("--sizes", default="10000,100000")
     ap.add_argument("--proj-dim", type=int, default=2048)
+    ap.add_argument("--long-words", type=int, default=60)
     ap.add_argument("--workdir", default=".datablame-cache/demo")
     ap.add_argument("--out", default="bench/results/gradient_index.json")
     args = ap.parse_args()
 
-    feat = featurization(Path(args.workdir), args.rows)
-    fid = fidelity(feat.pop("grads"))
+    feat, grads = featurization(Path(args.workdir), args.rows, args.long_words)
+    fid = fidelity(grads)
     lat = latency([int(s) for s in args.sizes.split(",")], args.proj_dim)
 
-    print("\nfeaturization (same rows, same model)")
-    print(f"  rows={feat['rows']} params={feat['params']:,}  batched "
-          f"{feat['batched_rows_per_s']:.1f} rows/s  loop {feat['loop_rows_per_s']:.1f} "
-          f"rows/s  speedup {feat['speedup']:.1f}x  "
-          f"max|dcos| {feat['max_abs_cosine_diff']:.2e}")
+    print("\nfeaturization (same rows, same model, LoRA params)")
+    print(f"  {'rows':10s} {'tokens':>6s} {'strategy':8s} {'rows/s':>8s} {'x loop':>7s} "
+          f"{'max|dcos|':>10s}")
+    for r in feat:
+        print(f"  {r['rows']:10s} {r['mean_tokens']:6.0f} {r['strategy']:8s} "
+              f"{r['rows_per_s']:8.1f} {r['speedup_vs_loop']:7.1f} "
+              f"{r['max_abs_cosine_diff_vs_loop']:10.2e}")
     print("\nprojection fidelity (top-10 overlap with exact cosine)")
     for r in fid:
         print(f"  K={r['K']:5d}  overlap {r['top10_overlap']:.3f}  "

@@ -19,12 +19,13 @@ def _examples():
     return [t.format(r) for r in TEXTS]
 
 
+@pytest.mark.parametrize("strategy", ["vmap", "hooks"])
 @pytest.mark.parametrize("loss_on", ["response", "text"])
-def test_batched_gradients_equal_per_row_autograd(random_lora_model, loss_on):
+def test_batched_gradients_equal_per_row_autograd(random_lora_model, loss_on, strategy):
     base, adapter = random_lora_model
     m = CausalLMAdapter(base, adapter, device="cpu", loss_on=loss_on)
     ex = _examples()  # mixed lengths: padding is exercised
-    batched = m.gradients(ex, batch_size=4, strategy="vmap")
+    batched = m.gradients(ex, batch_size=4, strategy=strategy)
     for i, e in enumerate(ex):
         alone = m.gradients([e], batch_size=1, strategy="loop")[0]
         np.testing.assert_allclose(batched[i], alone, rtol=1e-4, atol=1e-6)
@@ -60,6 +61,20 @@ def test_response_loss_ignores_prompt_tokens(random_lora_model):
     scored = [m.tokenizer.convert_ids_to_tokens(int(t))
               for t, lab in zip(batch.input_ids[0], batch.labels[0], strict=True) if lab != -100]
     assert scored == ["hello", "there", "friend", "."]
+
+
+def test_hooks_cover_linear_params_and_full_models_use_vmap(random_lora_model):
+    base, adapter = random_lora_model
+    assert CausalLMAdapter(base, adapter, device="cpu")._hooks_ok  # LoRA: nn.Linear
+    full = CausalLMAdapter(base, None, device="cpu")
+    assert not full._hooks_ok  # embeddings and norms are not linear layers
+    ex = _examples()[:2]
+    np.testing.assert_allclose(full.gradients(ex, strategy="auto"),
+                               full.gradients(ex, strategy="loop"), rtol=1e-4, atol=1e-6)
+    mlp = CausalLMAdapter(base, None, device="cpu", params=r"mlp\.c_fc")
+    assert mlp._hooks_ok  # GPT-2 Conv1D weight and bias
+    np.testing.assert_allclose(mlp.gradients(ex, strategy="hooks"),
+                               mlp.gradients(ex, strategy="loop"), rtol=1e-4, atol=1e-6)
 
 
 def test_param_selection_and_truncation_warning(random_lora_model):

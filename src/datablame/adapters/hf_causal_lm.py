@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from datablame.adapters import linear_hooks
 from datablame.errors import UserError
 from datablame.template import FormattedText
 
@@ -83,8 +84,14 @@ class CausalLMAdapter:
         self.loss_on = loss_on
         self.params_spec = params
         self.model, self.tokenizer = self._load()
+        config = getattr(self.model, "config", None)
+        limit = getattr(config, "max_position_embeddings", None) or \
+            getattr(config, "n_positions", None)
+        if isinstance(limit, int) and limit < self.max_length:
+            self.max_length = limit  # longer inputs would index past the position table
         self.param_names = self._select_params(params)
         self._vmap_ok: bool | None = None
+        self._hooks_ok = linear_hooks.eligible(self.model, self.param_names)
 
     # -- loading ---------------------------------------------------------------------------
     def _load(self):
@@ -239,8 +246,10 @@ class CausalLMAdapter:
     ) -> np.ndarray:
         """Flattened per-example loss gradients over the selected parameters, (n, d) float32.
 
-        strategy: "vmap" (batched), "loop" (one backward per row), or "auto" (vmap, falling
-        back to the loop if the model cannot run under vmap).
+        strategy: "hooks" (one batched backward; linear-layer parameters such as LoRA only),
+        "vmap" (torch.func, any parameter), "loop" (one backward per row, the reference), or
+        "auto": hooks when every selected parameter is a linear layer's, else vmap, falling
+        back to the loop if the model cannot run under vmap.
         """
         if not examples:
             return np.zeros((0, self.num_params), dtype=np.float32)
@@ -264,6 +273,8 @@ class CausalLMAdapter:
     def _batch_gradients(self, batch: EncodedBatch, strategy: str) -> np.ndarray:
         ids = batch.input_ids.to(self.device)
         labels = batch.labels.to(self.device)
+        if strategy == "hooks" or (strategy == "auto" and self._hooks_ok):
+            return self._hook_gradients(ids, labels)
         use_vmap = strategy == "vmap" or (strategy == "auto" and self._vmap_ok is not False)
         if use_vmap:
             try:
@@ -281,6 +292,23 @@ class CausalLMAdapter:
                 )
         return np.stack([self._loop_gradient(i, lab) for i, lab in zip(ids, labels,
                                                                         strict=True)])
+
+    def _batch_losses(self, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """(B,) mean token loss per example from one ordinary batched forward pass."""
+        out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+        logits = out.logits[:, :-1].float()
+        targets = labels[:, 1:]
+        mask = targets != -100
+        nll = torch.nn.functional.cross_entropy(
+            logits.transpose(1, 2), targets.clamp(min=0), reduction="none"
+        )
+        return (nll * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+    def _hook_gradients(self, ids: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
+        grads = linear_hooks.per_example_grads(
+            self.model, self.param_names, lambda: self._batch_losses(ids, labels)
+        )
+        return grads.cpu().numpy()
 
     def _vmap_gradients(self, ids: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
         from torch.func import grad, vmap

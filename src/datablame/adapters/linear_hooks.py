@@ -1,0 +1,88 @@
+"""Per-example gradients of linear layers from one ordinary batched backward pass.
+
+For y = x W^T + b, the gradient of example i's loss is sum_t g[i,t]^T x[i,t] (g = dL/dy),
+so capturing each layer's input x and output gradient g with hooks gives every example's
+weight gradient with one einsum, without `vmap` and without one backward per row. This
+covers LoRA matrices (nn.Linear inside PEFT) and plain / GPT-2 Conv1D projections; any other
+parameter (embeddings, norms) is not eligible and the caller falls back to `vmap`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+
+def _owner_of(model: torch.nn.Module, name: str):
+    """(module, 'weight'|'bias', kind) when `name` is a linear layer's parameter, else None."""
+    mod_name, _, attr = name.rpartition(".")
+    if attr not in ("weight", "bias"):
+        return None
+    module = model.get_submodule(mod_name)
+    if isinstance(module, torch.nn.Linear):
+        return module, attr, "linear"
+    if type(module).__name__ == "Conv1D":  # transformers' GPT-2 style (in, out) weight
+        return module, attr, "conv1d"
+    return None
+
+
+def eligible(model: torch.nn.Module, param_names: list[str]) -> bool:
+    return all(_owner_of(model, n) is not None for n in param_names)
+
+
+def per_example_grads(
+    model: torch.nn.Module,
+    param_names: list[str],
+    per_example_loss: Callable[[], torch.Tensor],
+) -> torch.Tensor:
+    """(B, d) flattened per-example gradients over `param_names`, in that order.
+
+    `per_example_loss()` runs the forward pass and returns a (B,) tensor of losses.
+    """
+    owners = {n: _owner_of(model, n) for n in param_names}
+    modules = {id(o[0]): o[0] for o in owners.values()}
+    inputs: dict[int, torch.Tensor] = {}
+    outputs: dict[int, torch.Tensor] = {}
+    calls: dict[int, int] = {}
+    handles = []
+
+    def fwd(mod, args, _out):
+        calls[id(mod)] = calls.get(id(mod), 0) + 1
+        inputs[id(mod)] = args[0].detach()
+
+    def bwd(mod, _gin, gout):
+        outputs[id(mod)] = gout[0].detach()
+
+    params = dict(model.named_parameters())
+    previous = {n: params[n].requires_grad for n in param_names}
+    try:
+        for mod in modules.values():
+            handles.append(mod.register_forward_hook(fwd))
+            handles.append(mod.register_full_backward_hook(bwd))
+        for n in param_names:
+            params[n].requires_grad_(True)
+        losses = per_example_loss()
+        if any(c != 1 for c in calls.values()) or len(calls) != len(modules):
+            raise RuntimeError("a layer ran more or less than once per forward pass")
+        grads_of = [params[n] for n in param_names]
+        torch.autograd.grad(losses.sum(), grads_of, allow_unused=True)
+    finally:
+        for h in handles:
+            h.remove()
+        for n, flag in previous.items():
+            params[n].requires_grad_(flag)
+
+    flat = []
+    for n in param_names:
+        module, attr, kind = owners[n]
+        x, g = inputs[id(module)], outputs[id(module)]
+        x = x.reshape(x.shape[0], -1, x.shape[-1]).float()
+        g = g.reshape(g.shape[0], -1, g.shape[-1]).float()
+        if attr == "bias":
+            flat.append(g.sum(1))
+        elif kind == "linear":  # weight (out, in)
+            flat.append(torch.einsum("bto,bti->boi", g, x).reshape(x.shape[0], -1))
+        else:  # conv1d weight (in, out)
+            flat.append(torch.einsum("bti,bto->bio", x, g).reshape(x.shape[0], -1))
+    return torch.cat(flat, dim=1)
