@@ -1,0 +1,184 @@
+"""Ground truth for the torch influence estimators and verification by retraining."""
+
+import numpy as np
+import pytest
+import torch
+
+from datablame.adapters.torch_module import TorchModelAdapter
+from datablame.methods.registry import METHODS, get_method
+from datablame.train import TorchTrainer
+from datablame.verify import SubsetRetraining, lds, leave_one_out, mislabel_auc, remove_top_k
+
+
+def _regression(n=60, d=4, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    y = (x @ rng.standard_normal(d) + 0.3 * rng.standard_normal(n)).astype(np.float32)
+    return x, y.reshape(-1, 1)
+
+
+def _ridge_trainer(d, l2):
+    return TorchTrainer(lambda: torch.nn.Linear(d, 1), loss="mse", l2=l2, optimizer="lbfgs",
+                        epochs=30)
+
+
+def test_if_exact_equals_closed_form_ridge_influence_and_tracks_exact_loo():
+    x, y = _regression()
+    n, d, l2 = len(x), x.shape[1], 0.05
+    trainer = _ridge_trainer(d, l2)
+    model = trainer.fit(x, y)
+    xq, yq = x[:5] + 0.1, y[:5]
+    ours = get_method("if-exact", damping=0.0).fit(trainer.adapter(model), x, y).scores(xq, yq)
+
+    # closed form: J = 1/n sum (x~ theta - y)^2 + l2/2 |theta|^2 with x~ = [x, 1]
+    xt = np.hstack([x, np.ones((n, 1))]).astype(np.float64)
+    theta = np.linalg.solve(2 / n * xt.T @ xt + l2 * np.eye(d + 1), 2 / n * xt.T @ y[:, 0])
+    w = model.weight.detach().numpy().ravel()
+    np.testing.assert_allclose(np.r_[w, model.bias.item()], theta, atol=1e-4)
+    hess = 2 / n * xt.T @ xt + l2 * np.eye(d + 1)
+    xqt = np.hstack([xq, np.ones((5, 1))])
+    g_train = 2 * (xt @ theta - y[:, 0])[:, None] * xt
+    g_query = 2 * (xqt @ theta - yq[:, 0])[:, None] * xqt
+    closed = g_query @ np.linalg.solve(hess, g_train.T) / n
+    np.testing.assert_allclose(ours, closed, rtol=1e-4, atol=1e-7)
+
+    # and the first-order estimate tracks the exact leave-one-out change (closed form)
+    exact = np.zeros_like(closed)
+    for i in range(n):
+        keep = np.arange(n) != i
+        th = np.linalg.solve(2 / n * xt[keep].T @ xt[keep] + l2 * np.eye(d + 1),
+                             2 / n * xt[keep].T @ y[keep, 0])
+        exact[:, i] = (xqt @ th - yq[:, 0]) ** 2 - (xqt @ theta - yq[:, 0]) ** 2
+    for q in range(5):
+        assert np.corrcoef(ours[q], exact[q])[0, 1] > 0.98
+
+
+def test_trainer_leave_one_out_matches_closed_form():
+    x, y = _regression(n=30)
+    trainer = _ridge_trainer(x.shape[1], 0.05)
+    xq, yq = x[:2], y[:2]
+
+    def retrain(rows, seed):
+        return trainer.query_losses(x, y, xq, yq, rows=rows, seed=seed)
+
+    out = leave_one_out(retrain, len(x), rows=[3])
+    n, d = len(x), x.shape[1]
+    xt = np.hstack([x, np.ones((n, 1))]).astype(np.float64)
+
+    def fit(rows):
+        # the trainer keeps the mean over the rows it is given
+        return np.linalg.solve(2 / len(rows) * xt[rows].T @ xt[rows] + 0.05 * np.eye(d + 1),
+                               2 / len(rows) * xt[rows].T @ y[rows, 0])
+
+    xqt = np.hstack([xq, np.ones((2, 1))])
+    full, drop = fit(np.arange(n)), fit(np.delete(np.arange(n), 3))
+    expect = (xqt @ drop - yq[:, 0]) ** 2 - (xqt @ full - yq[:, 0]) ** 2
+    np.testing.assert_allclose(out["delta"][3], expect, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def logistic():
+    from sklearn.datasets import load_breast_cancer
+
+    data = load_breast_cancer()
+    rng = np.random.default_rng(0)
+    idx = rng.permutation(len(data.target))[:160]
+    x = data.data[idx]
+    x = ((x - x.mean(0)) / x.std(0)).astype(np.float32)[:, :8]
+    y = data.target[idx].astype(np.int64)
+    trainer = TorchTrainer(lambda: torch.nn.Linear(8, 2), loss="ce", l2=0.01, epochs=30)
+    model = trainer.fit(x[:120], y[:120])
+    return trainer, model, x[:120], y[:120], x[120:], y[120:]
+
+
+@pytest.mark.parametrize("name,params,tol", [
+    ("if-cg", {}, 1e-4),
+    ("if-lissa", {"depth": 3000, "batch_size": 120}, 2e-2),
+    ("if-arnoldi", {"rank": 17}, 1e-4),
+])
+def test_iterative_inverse_hessians_converge_to_exact(logistic, name, params, tol):
+    trainer, model, x, y, xq, yq = logistic
+    adapter = trainer.adapter(model)
+    exact = get_method("if-exact", damping=0.01).fit(adapter, x, y).scores(xq, yq)
+    approx = get_method(name, damping=0.01, **params).fit(adapter, x, y).scores(xq, yq)
+    rel = np.abs(approx - exact).max() / np.abs(exact).max()
+    assert rel < tol, rel
+
+
+def test_every_method_finds_the_row_a_query_repeats(logistic):
+    """Query = the worst-fit training row itself: every method must rank that row first,
+    with a positive score (it helped its own answer)."""
+    trainer, model, x, y, _, _ = logistic
+    adapter = trainer.adapter(model)
+    r = int(np.argmax(adapter.losses(x, y)))
+    xq, yq = x[r:r + 1], y[r:r + 1]
+    for name in METHODS:
+        if name == "tracin":
+            _, ckpts = trainer.fit(x, y, checkpoint_every=5)
+            method = get_method(name, checkpoints=[(trainer.adapter(m), lr) for m, lr in ckpts])
+        elif name == "trak":
+            models = [trainer.adapter(trainer.fit(x, y, seed=s)) for s in range(2)]
+            method = get_method(name, models=models)
+        else:
+            method = get_method(name)
+        s = method.fit(adapter, x, y).scores(xq, yq)[0]
+        assert int(np.argmax(s)) == r, name
+        assert s[r] > 0, name  # sign convention: it helped
+
+
+def test_removing_top_k_hurts_more_than_random_k(logistic):
+    trainer, model, x, y, xq, yq = logistic
+    adapter = trainer.adapter(model)
+    scores = get_method("if-exact").fit(adapter, x, y).scores(xq, yq)
+    q = int(np.argmax(adapter.losses(xq, yq)))  # a query the model finds hard-ish
+
+    def retrain(rows, seed):
+        return trainer.query_losses(x, y, xq, yq, rows=rows, seed=seed)
+
+    res = remove_top_k(retrain, len(x), scores[q], q, k=10, seeds=(0,))
+    assert res["top_k_mean"] > res["random_k_mean"]
+    assert res["top_k_mean"] > 0  # removing its supporters raises its loss
+
+
+def test_lds_is_high_for_influence_and_resumes_from_cache(logistic, tmp_path):
+    trainer, model, x, y, xq, yq = logistic
+    adapter = trainer.adapter(model)
+
+    calls = []
+
+    def retrain(rows, seed):
+        calls.append(1)
+        return trainer.query_losses(x, y, xq, yq, rows=rows, seed=seed)
+
+    sub = SubsetRetraining(retrain, len(x), n_subsets=20, cache=tmp_path / "lds.json")
+    exact = lds(get_method("if-exact").fit(adapter, x, y).scores(xq, yq), sub)
+    assert exact["lds"] > 0.5 and exact["ci95"][0] <= exact["lds"] <= exact["ci95"][1]
+    n_calls = len(calls)
+    again = SubsetRetraining(retrain, len(x), n_subsets=20, cache=tmp_path / "lds.json")
+    rand = lds(np.random.default_rng(0).standard_normal((len(xq), len(x))), again)
+    assert len(calls) == n_calls  # every retraining came from the cache
+    assert rand["lds"] < exact["lds"] - 0.3
+
+
+def test_self_influence_finds_flipped_labels(logistic):
+    trainer, _, x, y, _, _ = logistic
+    rng = np.random.default_rng(1)
+    flipped = np.zeros(len(y), dtype=bool)
+    flipped[rng.choice(len(y), 12, replace=False)] = True
+    y_noisy = np.where(flipped, 1 - y, y)
+    model = trainer.fit(x, y_noisy)
+    si = get_method("if-exact").fit(trainer.adapter(model), x, y_noisy).self_influence()
+    assert mislabel_auc(si, flipped) > 0.9
+
+
+def test_query_target_defaults_to_the_model_prediction(logistic):
+    from datablame.tabular import attribute
+
+    trainer, model, x, y, xq, _ = logistic
+    df = attribute(model, x, y, xq[:2], loss="ce", l2=0.01, top_k=3)
+    assert list(df["rank"]) == [1, 2, 3, 1, 2, 3]
+    pred = TorchModelAdapter(model, "ce").predict_targets(xq[:2]).numpy()
+    assert set(df[df["query"] == 0]["target"]) <= {0, 1}
+    manual = get_method("if-exact").fit(TorchModelAdapter(model, "ce", 0.01), x, y)
+    best = np.argsort(-manual.scores(xq[:2], pred)[0])[:3]
+    assert list(df[df["query"] == 0]["row"]) == list(best)
