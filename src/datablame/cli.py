@@ -200,6 +200,91 @@ def trace(
 
 
 @app.command()
+def tabular(
+    train_file: Annotated[Path, typer.Argument(help="Training rows: .csv or .parquet.")],
+    target: Annotated[str, typer.Option(help="Target column of the training rows.")],
+    model: Annotated[Path, typer.Option(help="Model file (torch: .safetensors + .json).")],
+    query: Annotated[Path, typer.Option(help="Query rows (.csv / .parquet).")],
+    method: Annotated[str, typer.Option(help="Scoring method (see README).")] = "if-exact",
+    top_k: Annotated[int, typer.Option(help="Rows shown per query.")] = 5,
+    true_label: Annotated[bool, typer.Option("--true-label", help="Explain the query's "
+                                             "target column instead of the model's own "
+                                             "prediction.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    out: Annotated[Optional[Path], typer.Option(help="Write the full (n_query x n_train) "  # noqa: UP045
+                                                     "score matrix as .npy.")] = None,
+) -> None:
+    """Rank the training rows behind each query row of a tabular model."""
+    from datablame.tabular import run_tabular
+
+    df, scores = run_tabular(train_file, target, model, query, method=method, top_k=top_k,
+                             true_label=true_label)
+    if out is not None:
+        import numpy as np
+
+        np.save(out, scores)
+    _print_tabular(df, as_json)
+
+
+def _print_tabular(df, as_json: bool) -> None:
+    from rich.table import Table
+
+    from datablame.render import wide_console
+
+    if as_json:
+        print(df.to_json(orient="records", indent=2))
+        return
+    console = wide_console()
+    for q, part in df.groupby("query", sort=True):
+        table = Table(title=f"query row {q} ({df.attrs.get('method', '')})",
+                      header_style="bold")
+        cols = [c for c in part.columns if c != "query"]
+        for c in cols:
+            table.add_column(str(c), justify="right", no_wrap=True)
+        for _, r in part.iterrows():
+            table.add_row(*[f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c])
+                            for c in cols])
+        console.print(table)
+
+
+@app.command()
+def verify(
+    train_file: Annotated[Path, typer.Argument(help="Training rows: .csv or .parquet.")],
+    target: Annotated[str, typer.Option(help="Target column.")],
+    model: Annotated[Path, typer.Option(help="Model file (torch: .safetensors + .json with "
+                                             "its training settings).")],
+    query: Annotated[Path, typer.Option(help="Query rows; their target column is used.")],
+    method: Annotated[str, typer.Option(help="Method whose scores are checked.")
+                      ] = "if-exact",
+    lds_subsets: Annotated[int, typer.Option(help="Random 50% subsets for LDS (0: skip).")
+                           ] = 50,
+    remove_top_k: Annotated[int, typer.Option(help="k for remove-top-k vs random-k (0: "
+                                                   "skip).")] = 10,
+    loo: Annotated[str, typer.Option(help="Comma-separated rows for leave-one-out.")] = "",
+    out: Annotated[Path, typer.Option(help="JSON results file.")] = Path("verify.json"),
+    cache: Annotated[Optional[Path], typer.Option(help="Keep retrainings here so an "  # noqa: UP045
+                                                       "interrupted run resumes.")] = None,
+) -> None:
+    """Check a method's scores against retraining: LDS, remove-top-k, leave-one-out."""
+    from datablame.tabular import run_verify
+
+    result = run_verify(train_file, target, model, query, method=method,
+                        lds_subsets=lds_subsets, remove_k=remove_top_k,
+                        loo_rows=[int(r) for r in loo.split(",") if r.strip()],
+                        out=out, cache=cache)
+    if "lds" in result:
+        r = result["lds"]
+        console.print(f"LDS ({method}, {r['subsets']} subsets): {r['lds']:.3f} "
+                      f"[95% CI {r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]", highlight=False)
+    if "remove_top_k" in result:
+        r = result["remove_top_k"]
+        console.print(f"remove top-{r['k']} vs random-{r['k']} (query {r['query']}): loss change "
+                      f"{r['top_k_mean']:+.4f} ± {r['top_k_std']:.4f} vs "
+                      f"{r['random_k_mean']:+.4f} ± {r['random_k_std']:.4f}", highlight=False)
+    console.print(f"results written to {out}", highlight=False)
+
+
+@app.command()
 def demo(
     workdir: Annotated[Path, typer.Option(help="Where the demo data, model and index go.")
                        ] = Path(".datablame-cache/demo"),

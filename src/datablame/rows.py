@@ -141,3 +141,42 @@ def _is_json_document(path: Path) -> bool:
         if not isinstance(rec, dict):
             raise UserError(f"{path}: row {i} is not a JSON object")
     return True
+
+
+def load_table(path: str | os.PathLike, target: str | None = None,
+               feature_columns: list[str] | None = None):
+    """A tabular file (CSV / Parquet) -> (features DataFrame, target Series or None)."""
+    import pandas as pd
+
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"file not found: {path}")
+    suffix = path.suffix.lower()
+    if path.stat().st_size == 0:
+        raise UserError(f"{path}: the file is empty")
+    try:
+        if suffix == ".csv":
+            df = pd.read_csv(path)
+        elif suffix in (".parquet", ".pq"):
+            df = pd.read_parquet(path)
+        else:
+            raise UserError(f"{path}: unsupported table type '{suffix}' (use .csv or .parquet)")
+    except UserError:
+        raise
+    except Exception as exc:
+        raise UserError(f"{path}: could not be read ({str(exc).splitlines()[0]})") from None
+    if df.empty:
+        raise UserError(f"{path}: the file has no rows")
+    y = None
+    if target is not None:
+        if target not in df.columns:
+            raise UserError(f"{path}: target column '{target}' is missing (columns: "
+                            f"{', '.join(map(str, df.columns))})")
+        y = df[target]
+        df = df.drop(columns=[target])
+    if feature_columns is not None:
+        missing = [c for c in feature_columns if c not in df.columns]
+        if missing:
+            raise UserError(f"{path}: feature column(s) {', '.join(missing)} are missing")
+        df = df[feature_columns]
+    return df, y

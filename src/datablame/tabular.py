@@ -55,14 +55,144 @@ def attribute(model: torch.nn.Module, x_train, y_train, x_query, y_query=None, *
                           method=method, l2=l2, **method_params)
     features = x_train if isinstance(x_train, pd.DataFrame) else pd.DataFrame(
         np.asarray(x_train), columns=[f"x{j}" for j in range(np.asarray(x_train).shape[1])])
-    target = np.asarray(y_train.to_numpy() if hasattr(y_train, "to_numpy") else y_train)
+    target = y_train.to_numpy() if hasattr(y_train, "to_numpy") else np.asarray(y_train)
+    return _frame(scores, features, target, top_k, method)
+
+
+def load_model_file(path):
+    """Dispatch on the file type; returns (family, model, config)."""
+    from pathlib import Path
+
+    from datablame.model_files import load_torch_model
+
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        model, config = load_torch_model(path)
+        return "torch", model, config
+    raise UserError(f"{path}: unknown model format '{path.suffix}' (torch: .safetensors + "
+                    ".json config)")
+
+
+def _numeric(df: pd.DataFrame, name: str) -> np.ndarray:
+    bad = [c for c in df.columns if not pd.api.types.is_numeric_dtype(df[c])]
+    if bad:
+        raise UserError(f"{name}: column(s) {', '.join(map(str, bad))} are not numeric; a "
+                        "torch model takes numbers only (encode them first)")
+    arr = df.to_numpy(dtype=np.float32)
+    if not np.isfinite(arr).all():
+        r, c = np.argwhere(~np.isfinite(arr))[0]
+        raise UserError(f"{name}: row {r}, column '{df.columns[c]}' is NaN/inf; a torch model "
+                        "cannot take it")
+    return arr
+
+
+def prepare_torch_inputs(model, config, x_train: pd.DataFrame, y_train, x_query: pd.DataFrame):
+    """Check the tables against the model; return float features and typed targets."""
+    width = int(config["layers"][0])
+    if x_train.shape[1] != width:
+        raise UserError(f"the model takes {width} features, the training table has "
+                        f"{x_train.shape[1]} ({', '.join(map(str, x_train.columns))})")
+    if list(x_query.columns) != list(x_train.columns):
+        raise UserError("query columns do not match the training feature columns: "
+                        f"{list(x_query.columns)} vs {list(x_train.columns)}")
+    xt, xq = _numeric(x_train, "training rows"), _numeric(x_query, "query rows")
+    if y_train.isna().any():
+        raise UserError(f"target is missing at row {int(np.flatnonzero(y_train.isna())[0])}")
+    yt = y_train.to_numpy()
+    if config.get("loss", "ce") == "ce":
+        outputs = int(config["layers"][-1])
+        if not np.issubdtype(yt.dtype, np.integer) or yt.min() < 0 or yt.max() >= max(outputs,
+                                                                                     2):
+            raise UserError(f"classification targets must be integers 0..{max(outputs, 2) - 1}")
+        yt = yt.astype(np.int64)
+    else:
+        yt = yt.astype(np.float32).reshape(-1, 1)
+    return xt, yt, xq
+
+
+def _load_all(train_file, target, model_file, query_file):
+    from datablame.rows import load_table
+
+    family, model, config = load_model_file(model_file)
+    x_train, y_train = load_table(train_file, target)
+    x_query, y_query = load_table(query_file)
+    if target in x_query.columns:
+        y_query = x_query[target]
+        x_query = x_query.drop(columns=[target])
+    xt, yt, xq = prepare_torch_inputs(model, config, x_train, y_train, x_query)
+    return model, config, x_train, xt, yt, xq, y_query
+
+
+def run_tabular(train_file, target, model_file, query_file, *, method: str = DEFAULT_METHOD,
+                top_k: int = 5, true_label: bool = False):
+    """The CLI's `tabular` command: (ranked rows DataFrame, full score matrix)."""
+    model, config, x_train, xt, yt, xq, y_query = _load_all(train_file, target, model_file,
+                                                            query_file)
+    yq = None
+    if true_label:
+        if y_query is None:
+            raise UserError(f"--true-label needs the target column '{target}' in the "
+                            "query rows")
+        yq = y_query.to_numpy().astype(yt.dtype).reshape(-1, *yt.shape[1:])
+    loss = config.get("loss", "ce")
+    l2 = float(config.get("train", {}).get("l2", 0.0))
+    scores = score_matrix(model, xt, yt, xq, yq, loss=loss, method=method, l2=l2)
+    return _frame(scores, x_train, yt, top_k, method), scores
+
+
+def _frame(scores: np.ndarray, x_train: pd.DataFrame, y_train, top_k: int, method: str):
+    target = np.asarray(y_train).reshape(len(x_train), -1)[:, 0]
     frames = []
     k = min(top_k, scores.shape[1])
     for q, row_scores in enumerate(scores):
         top = np.argsort(-row_scores, kind="stable")[:k]
         frame = pd.DataFrame({"query": q, "rank": np.arange(1, k + 1), "row": top,
                               "score": row_scores[top], "target": target[top]})
-        frames.append(pd.concat([frame, features.iloc[top].reset_index(drop=True)], axis=1))
+        frames.append(pd.concat([frame, x_train.iloc[top].reset_index(drop=True)], axis=1))
     df = pd.concat(frames, ignore_index=True)
-    df.attrs.update(method=method, loss=loss if isinstance(loss, str) else "custom")
+    df.attrs["method"] = method
     return df
+
+
+def run_verify(train_file, target, model_file, query_file, *, method: str, lds_subsets: int,
+               remove_k: int, loo_rows: list[int], out, cache=None) -> dict:
+    """The CLI's `verify` command: retrain with the model's own settings and compare."""
+    from pathlib import Path
+
+    from datablame import verify
+    from datablame.model_files import trainer_from_config
+
+    model, config, _, xt, yt, xq, y_query = _load_all(train_file, target, model_file,
+                                                      query_file)
+    if y_query is None:
+        raise UserError(f"verify needs the target column '{target}' in the query rows")
+    yq = y_query.to_numpy().astype(yt.dtype).reshape(-1, *yt.shape[1:])
+    trainer = trainer_from_config(config)
+    adapter = trainer.adapter(model)
+    scores = get_method(method).fit(adapter, xt, yt).scores(xq, yq)
+
+    def retrain(rows, seed):
+        return trainer.query_losses(xt, yt, xq, yq, rows=rows, seed=seed)
+
+    result: dict = {"method": method, "n_train": len(xt), "n_query": len(xq),
+                    "query_loss": adapter.losses(xq, yq).tolist()}
+    cache_dir = Path(cache) if cache else None
+    if cache_dir:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    if lds_subsets > 0:
+        subsets = verify.SubsetRetraining(
+            retrain, len(xt), n_subsets=lds_subsets,
+            cache=cache_dir / f"subsets-{lds_subsets}.json" if cache_dir else None)
+        result["lds"] = verify.lds(scores, subsets)
+    if remove_k > 0:
+        q = int(np.argmax(result["query_loss"]))
+        result["remove_top_k"] = verify.remove_top_k(retrain, len(xt), scores[q], q, remove_k)
+    if loo_rows:
+        bad = [r for r in loo_rows if not 0 <= r < len(xt)]
+        if bad:
+            raise UserError(f"leave-one-out rows out of range: {bad}")
+        loo = verify.leave_one_out(retrain, len(xt), loo_rows)
+        loo["predicted"] = {str(r): scores[:, r].tolist() for r in loo_rows}
+        result["leave_one_out"] = loo
+    verify.save(result, out)
+    return result
