@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datablame.errors import UserError
 from datablame.methods.base import Method
+from datablame.methods.boostin import BoostIn
 from datablame.methods.datainf import DataInf
 from datablame.methods.grad_similarity import GradCos, GradDot
 from datablame.methods.influence import (
@@ -12,6 +13,12 @@ from datablame.methods.influence import (
     ExactInfluence,
     LissaInfluence,
 )
+from datablame.methods.knn_shapley import KnnShapley
+from datablame.methods.leaf_influence import LeafInfluence
+from datablame.methods.leaf_sim import LeafSim
+from datablame.methods.linear_exact import LinearExact
+from datablame.methods.shap_neighbors import ShapNeighbors
+from datablame.methods.simplex import Simplex
 from datablame.methods.tracin import TracIn
 from datablame.methods.trak import Trak
 
@@ -25,6 +32,23 @@ METHODS: dict[str, type[Method]] = {
     "trak": Trak,
     "tracin": TracIn,
     "datainf": DataInf,
+    "leaf-sim": LeafSim,
+    "boostin": BoostIn,
+    "leaf-influence": LeafInfluence,
+    "simplex": Simplex,
+    "knn-shapley": KnnShapley,
+    "shap-neighbors": ShapNeighbors,
+    "linear-exact": LinearExact,
+}
+
+# Which methods apply to which model family (the CLI and docs use this).
+FAMILY_METHODS = {
+    "torch": ["if-exact", "if-cg", "if-lissa", "if-arnoldi", "grad-dot", "grad-cos", "trak",
+              "tracin", "datainf", "simplex", "knn-shapley"],
+    "boosted-trees": ["boostin", "leaf-influence", "leaf-sim", "simplex", "knn-shapley",
+                      "shap-neighbors"],
+    "forest": ["leaf-sim", "simplex", "knn-shapley", "shap-neighbors"],
+    "linear": ["linear-exact", "knn-shapley", "shap-neighbors"],
 }
 
 
