@@ -1,0 +1,221 @@
+"""Tree ensembles: library round trips and ground truth for the tree methods."""
+
+import warnings
+
+import numpy as np
+import pytest
+from sklearn import ensemble as ens
+from sklearn.datasets import load_breast_cancer, load_diabetes, load_wine
+
+from datablame.adapters.trees import TreeEnsembleAdapter
+from datablame.methods.registry import get_method
+
+warnings.filterwarnings("ignore", category=UserWarning)
+
+
+def _data(kind):
+    loader = {"binary": load_breast_cancer, "multiclass": load_wine,
+              "regression": load_diabetes}[kind]
+    x, y = loader(return_X_y=True)
+    perm = np.random.default_rng(0).permutation(len(y))
+    return x[perm], y[perm]
+
+
+def _models(kind):
+    import catboost as cb
+    import lightgbm as lgb
+    import xgboost as xgb
+
+    clf = kind != "regression"
+    cb_loss = {"binary": "Logloss", "multiclass": "MultiClass", "regression": "RMSE"}[kind]
+    return {
+        "xgboost": (xgb.XGBClassifier if clf else xgb.XGBRegressor)(n_estimators=15,
+                                                                    max_depth=3),
+        "lightgbm": (lgb.LGBMClassifier if clf else lgb.LGBMRegressor)(
+            n_estimators=15, num_leaves=7, verbose=-1),
+        "catboost": (cb.CatBoostClassifier if clf else cb.CatBoostRegressor)(
+            iterations=15, depth=3, verbose=0, loss_function=cb_loss, allow_writing_files=False),
+        "sklearn-gb": (ens.GradientBoostingClassifier if clf else
+                       ens.GradientBoostingRegressor)(n_estimators=15, max_depth=2),
+        "sklearn-hgb": (ens.HistGradientBoostingClassifier if clf else
+                        ens.HistGradientBoostingRegressor)(max_iter=15),
+        "sklearn-rf": (ens.RandomForestClassifier if clf else ens.RandomForestRegressor)(
+            n_estimators=8, max_depth=4, random_state=0),
+        "sklearn-et": (ens.ExtraTreesClassifier if clf else ens.ExtraTreesRegressor)(
+            n_estimators=8, max_depth=4, random_state=0),
+    }
+
+
+@pytest.mark.parametrize("kind", ["binary", "multiclass", "regression"])
+def test_every_library_round_trips_its_own_predictions(kind):
+    """bias + sum of the leaf values at datablame's leaf ids == the library's raw output,
+    on rows the bias was not fitted on, with missing values where the library takes them."""
+    x, y = _data(kind)
+    x = x.copy()
+    x[::9, 0] = np.nan
+    cut = 120 if kind == "multiclass" else 300
+    for name, model in _models(kind).items():
+        xf = np.nan_to_num(x) if name in ("sklearn-gb", "sklearn-rf", "sklearn-et") else x
+        model.fit(xf[:cut], y[:cut])
+        ad = TreeEnsembleAdapter.from_model(model, xf[:cut], y[:cut])
+        leaves = ad.leaves(xf[cut:])
+        rebuilt = ad.raw_from_leaves(leaves)
+        np.testing.assert_allclose(rebuilt, ad.library_raw(xf[cut:]), rtol=1e-6, atol=1e-5,
+                                   err_msg=name)
+
+
+def test_categorical_splits_and_sample_weights_round_trip():
+    import lightgbm as lgb
+    import pandas as pd
+    import xgboost as xgb
+
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame({"a": rng.standard_normal(300),
+                       "c": pd.Categorical(rng.choice(["x", "y", "z", "w"], 300))})
+    y = ((df["a"] > 0) ^ df["c"].isin(["x", "z"])).astype(int)
+    w = rng.uniform(0.5, 2, 300)
+    for model in (lgb.LGBMClassifier(n_estimators=10, verbose=-1, min_child_samples=5),
+                  xgb.XGBClassifier(n_estimators=10, enable_categorical=True,
+                                    tree_method="hist")):
+        model.fit(df, y, sample_weight=w)
+        ad = TreeEnsembleAdapter.from_model(model, df, y)
+        np.testing.assert_allclose(ad.raw_from_leaves(ad.leaves(df)), ad.library_raw(df),
+                                   atol=1e-5)
+
+
+def test_leaf_influence_matches_hand_computed_leaf_change_single_tree():
+    """One squared-error tree: leaf value = lr * mean residual of its rows. Removing row i
+    with the structure fixed changes it by lr * (mean_S - r_i) / (|S| - 1); the first-order
+    derivative is lr * (mean_S - r_i) / |S|."""
+    x, y = _data("regression")
+    x, y = x[:200], y[:200]
+    model = ens.GradientBoostingRegressor(n_estimators=1, max_depth=2, learning_rate=0.5)
+    model.fit(x, y)
+    ad = TreeEnsembleAdapter.from_model(model, x, y)
+    method = get_method("leaf-influence").fit(ad, x, y)
+    leaves = ad.leaves(x)[:, 0, 0]
+    f0 = ad.bias[0]
+    resid = y - f0
+    dv = method.derivatives[0][0]  # (leaf, row): d leaf value / d weight of row
+    for i in (0, 5, 17):
+        s = leaves == leaves[i]
+        hand_derivative = 0.5 * (resid[i] - resid[s].mean()) / s.sum()
+        assert dv[leaves[i], i] == pytest.approx(hand_derivative, rel=1e-9)
+        refit = 0.5 * resid[s & (np.arange(200) != i)].mean()
+        actual_change = refit - 0.5 * resid[s].mean()
+        assert -dv[leaves[i], i] == pytest.approx(actual_change, rel=1.5 / s.sum())
+        others = np.unique(leaves[~s])
+        assert np.all(dv[others, i] == 0)  # structure fixed: other leaves do not move
+
+
+def _retrain_loss(model_factory, x, y, xq, yq, rows):
+    m = model_factory().fit(x[rows], y[rows])
+    ad = TreeEnsembleAdapter.from_model(m, x[rows], y[rows])
+    return ad.losses(ad.library_raw(xq), yq)
+
+
+@pytest.mark.parametrize("method", ["boostin", "leaf-influence"])
+def test_removing_top_k_raises_the_query_loss_more_than_random(method):
+    import lightgbm as lgb
+
+    x, y = _data("binary")
+    x, y, xq, yq = x[:300], y[:300], x[300:340], y[300:340]
+
+    def factory():
+        return lgb.LGBMClassifier(n_estimators=30, num_leaves=7, learning_rate=0.2,
+                                  verbose=-1, deterministic=True, force_row_wise=True)
+
+    model = factory().fit(x, y)
+    ad = TreeEnsembleAdapter.from_model(model, x, y)
+    scores = get_method(method).fit(ad, x, y).scores(xq, yq)
+    base = ad.losses(ad.library_raw(xq), yq)
+    rng = np.random.default_rng(0)
+    top_delta, rand_delta = [], []
+    for q in np.argsort(-base)[:5]:  # the five hardest queries
+        keep_top = np.setdiff1d(np.arange(300), np.argsort(-scores[q])[:15])
+        keep_rand = np.setdiff1d(np.arange(300), rng.choice(300, 15, replace=False))
+        top_delta.append(_retrain_loss(factory, x, y, xq, yq, keep_top)[q] - base[q])
+        rand_delta.append(_retrain_loss(factory, x, y, xq, yq, keep_rand)[q] - base[q])
+    assert np.mean(top_delta) > np.mean(rand_delta) + 0.05
+    assert np.mean(top_delta) > 0
+
+
+def test_leaf_sim_is_the_shared_leaf_fraction_and_finds_a_duplicate():
+    x, y = _data("binary")
+    model = ens.RandomForestClassifier(n_estimators=20, max_depth=5, random_state=0)
+    model.fit(x[:300], y[:300])
+    ad = TreeEnsembleAdapter.from_model(model, x[:300], y[:300])
+    s = get_method("leaf-sim").fit(ad, x[:300], y[:300]).scores(x[[7]])[0]
+    assert s[7] == 1.0 and s.max() == 1.0
+    leaves = ad.leaves(x[:300]).reshape(300, -1)
+    np.testing.assert_allclose(s, (leaves == leaves[7]).mean(1))
+
+
+def test_knn_shapley_matches_brute_force_shapley():
+    """Exact Shapley of the KNN utility, by enumerating permutations on a tiny set."""
+    from itertools import permutations
+
+    from datablame.methods.knn_shapley import knn_shapley_values
+
+    rng = np.random.default_rng(0)
+    n, k = 6, 2
+    dist = rng.uniform(size=n)
+    match = rng.integers(0, 2, n).astype(bool)
+    order = np.argsort(dist)
+
+    def utility(subset):
+        if not subset:
+            return 0.0
+        near = sorted(subset, key=lambda i: dist[i])[:k]
+        return sum(match[i] for i in near) / k
+
+    brute = np.zeros(n)
+    perms = list(permutations(range(n)))
+    for p in perms:
+        seen = []
+        for i in p:
+            before = utility(seen)
+            seen.append(i)
+            brute[i] += utility(seen) - before
+    brute /= len(perms)
+    np.testing.assert_allclose(knn_shapley_values(order, match, k), brute, atol=1e-12)
+
+
+def test_linear_exact_equals_actual_leave_one_out_for_ridge():
+    from sklearn.linear_model import Ridge
+
+    x, y = _data("regression")
+    x, y, xq, yq = x[:80], y[:80], x[80:85], y[80:85]
+    model = Ridge(alpha=0.3).fit(x, y)
+    scores = get_method("linear-exact").fit(type("A", (), {"model": model})(), x, y) \
+        .scores(xq, yq)
+    base = (model.predict(xq) - yq) ** 2
+    for i in range(0, 80, 7):
+        keep = np.arange(80) != i
+        again = Ridge(alpha=0.3).fit(x[keep], y[keep])
+        actual = (again.predict(xq) - yq) ** 2 - base
+        np.testing.assert_allclose(scores[:, i], actual, rtol=1e-6, atol=1e-6)
+
+
+def test_simplex_reconstructs_a_training_row_exactly():
+    x, y = _data("binary")
+    model = ens.GradientBoostingClassifier(n_estimators=20, max_depth=3, random_state=0)
+    model.fit(x[:200], y[:200])
+    ad = TreeEnsembleAdapter.from_model(model, x[:200], y[:200])
+    method = get_method("simplex", corpus_size=50).fit(ad, x[:200], y[:200])
+    w = method.scores(x[[11]])[0]
+    assert w.min() >= 0 and w.sum() == pytest.approx(1.0, abs=1e-6)
+    leaves = ad.leaves(x[:200]).reshape(200, -1)
+    twins = np.flatnonzero((leaves == leaves[11]).all(1))
+    assert w[twins].sum() == pytest.approx(1.0, abs=1e-3)  # rows with identical leaves
+    assert method.reconstruction_error[0] < 1e-3
+
+
+def test_shap_neighbors_finds_the_row_itself():
+    import lightgbm as lgb
+
+    x, y = _data("binary")
+    model = lgb.LGBMClassifier(n_estimators=20, verbose=-1).fit(x[:200], y[:200])
+    ad = TreeEnsembleAdapter.from_model(model, x[:200], y[:200])
+    s = get_method("shap-neighbors").fit(ad, x[:200], y[:200]).scores(x[[3]])[0]
+    assert int(np.argmax(s)) == 3 and s[3] == pytest.approx(0.0, abs=1e-9)
