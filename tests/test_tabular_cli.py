@@ -76,7 +76,7 @@ def test_bad_tabular_input_is_one_line(tables, monkeypatch, capsys, change, need
     elif change == "extra_col":
         train["zip"] = 1.0
     elif change == "bad_format":
-        model = t / "model.pkl"
+        model = t / "model.h5"
         model.write_bytes(b"x")
     train.to_csv(t / "bad.csv", index=False)
     code, _, err = run_cli(monkeypatch, capsys, "tabular", t / "bad.csv", "--target",
@@ -94,3 +94,83 @@ def test_model_file_round_trips(tmp_path):
     again, _ = load_torch_model(tmp_path / "m.safetensors")
     x = torch.randn(4, 3)
     torch.testing.assert_close(again(x), model(x))
+
+
+@pytest.fixture()
+def tree_files(tmp_path):
+    import lightgbm as lgb
+    from sklearn.datasets import load_breast_cancer
+
+    data = load_breast_cancer(as_frame=True)
+    df = data.frame.sample(frac=1.0, random_state=0).reset_index(drop=True)
+    df.columns = [c.replace(" ", "_") for c in df.columns]
+    df.iloc[:300].to_csv(tmp_path / "train.csv", index=False)
+    df.iloc[300:310].to_csv(tmp_path / "query.csv", index=False)
+    x = df.drop(columns=["target"])
+    model = lgb.LGBMClassifier(n_estimators=20, num_leaves=7, verbose=-1)
+    model.fit(x.iloc[:300], df["target"].iloc[:300])
+    model.booster_.save_model(str(tmp_path / "model.txt"))
+    return tmp_path
+
+
+def test_tabular_on_a_lightgbm_file(tree_files, monkeypatch, capsys):
+    t = tree_files
+    code, out, err = run_cli(monkeypatch, capsys, "tabular", t / "train.csv", "--target",
+                             "target", "--model", t / "model.txt", "--query", t / "query.csv",
+                             "--top-k", "3", "--json")
+    assert code in (0, None), err
+    rows = json.loads(out)
+    assert len(rows) == 30 and rows[0]["rank"] == 1
+
+
+def test_verify_on_a_lightgbm_file(tree_files, monkeypatch, capsys):
+    t = tree_files
+    code, _, err = run_cli(monkeypatch, capsys, "verify", t / "train.csv", "--target", "target",
+                           "--model", t / "model.txt", "--query", t / "query.csv",
+                           "--lds-subsets", "8", "--remove-top-k", "10", "--out", t / "v.json")
+    assert code in (0, None), err
+    res = json.loads((t / "v.json").read_text())
+    assert res["method"] == "boostin" and res["lds"]["subsets"] == 8
+
+
+def test_pickle_needs_explicit_trust(tree_files, monkeypatch, capsys):
+    import joblib
+    from sklearn.ensemble import RandomForestClassifier
+
+    t = tree_files
+    train = pd.read_csv(t / "train.csv")
+    rf = RandomForestClassifier(n_estimators=5, random_state=0)
+    rf.fit(train.drop(columns=["target"]), train["target"])
+    joblib.dump(rf, t / "rf.pkl")
+    args = ["tabular", t / "train.csv", "--target", "target", "--model", t / "rf.pkl",
+            "--query", t / "query.csv", "--json"]
+    code, _, err = run_cli(monkeypatch, capsys, *args)
+    _assert_one_line_error(code, err, "--trust-pickle")
+    code, out, err = run_cli(monkeypatch, capsys, *args, "--trust-pickle")
+    assert code in (0, None), err
+    assert json.loads(out)[0]["rank"] == 1
+
+
+@pytest.mark.parametrize("change,needle", [
+    ("columns", "feature columns do not match the model"),
+    ("nan_gb", "cannot take missing values"),
+])
+def test_bad_tree_input(tree_files, monkeypatch, capsys, change, needle):
+    import skops.io as sio
+    from sklearn.ensemble import GradientBoostingClassifier
+
+    t = tree_files
+    train = pd.read_csv(t / "train.csv")
+    model_path = t / "model.txt"
+    if change == "columns":
+        train = train.rename(columns={"mean_radius": "radius_mean"})
+    else:
+        gb = GradientBoostingClassifier(n_estimators=5).fit(train.drop(columns=["target"]),
+                                                            train["target"])
+        model_path = t / "gb.skops"
+        sio.dump(gb, model_path)
+        train.loc[4, "mean_area"] = np.nan
+    train.to_csv(t / "bad.csv", index=False)
+    code, _, err = run_cli(monkeypatch, capsys, "tabular", t / "bad.csv", "--target", "target",
+                           "--model", model_path, "--query", t / "query.csv")
+    _assert_one_line_error(code, err, needle)

@@ -203,9 +203,15 @@ def trace(
 def tabular(
     train_file: Annotated[Path, typer.Argument(help="Training rows: .csv or .parquet.")],
     target: Annotated[str, typer.Option(help="Target column of the training rows.")],
-    model: Annotated[Path, typer.Option(help="Model file (torch: .safetensors + .json).")],
+    model: Annotated[Path, typer.Option(help="Model file: torch .safetensors (+ .json), "
+                                             "XGBoost .json/.ubj, LightGBM .txt, CatBoost "
+                                             ".cbm, scikit-learn .skops.")],
     query: Annotated[Path, typer.Option(help="Query rows (.csv / .parquet).")],
-    method: Annotated[str, typer.Option(help="Scoring method (see README).")] = "if-exact",
+    method: Annotated[str, typer.Option(help="Scoring method; auto = the measured default "
+                                             "for the model family (see README).")
+                      ] = "auto",
+    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow a .pkl/.joblib "
+                                               "model (unpickling runs its code).")] = False,
     top_k: Annotated[int, typer.Option(help="Rows shown per query.")] = 5,
     true_label: Annotated[bool, typer.Option("--true-label", help="Explain the query's "
                                              "target column instead of the model's own "
@@ -218,7 +224,7 @@ def tabular(
     from datablame.tabular import run_tabular
 
     df, scores = run_tabular(train_file, target, model, query, method=method, top_k=top_k,
-                             true_label=true_label)
+                             true_label=true_label, trust_pickle=trust_pickle)
     if out is not None:
         import numpy as np
 
@@ -251,11 +257,12 @@ def _print_tabular(df, as_json: bool) -> None:
 def verify(
     train_file: Annotated[Path, typer.Argument(help="Training rows: .csv or .parquet.")],
     target: Annotated[str, typer.Option(help="Target column.")],
-    model: Annotated[Path, typer.Option(help="Model file (torch: .safetensors + .json with "
-                                             "its training settings).")],
+    model: Annotated[Path, typer.Option(help="Model file (as for 'tabular'; torch needs its "
+                                             "training settings in the .json).")],
     query: Annotated[Path, typer.Option(help="Query rows; their target column is used.")],
-    method: Annotated[str, typer.Option(help="Method whose scores are checked.")
-                      ] = "if-exact",
+    method: Annotated[str, typer.Option(help="Method whose scores are checked.")] = "auto",
+    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow a .pkl/.joblib "
+                                               "model.")] = False,
     lds_subsets: Annotated[int, typer.Option(help="Random 50% subsets for LDS (0: skip).")
                            ] = 50,
     remove_top_k: Annotated[int, typer.Option(help="k for remove-top-k vs random-k (0: "
@@ -271,10 +278,10 @@ def verify(
     result = run_verify(train_file, target, model, query, method=method,
                         lds_subsets=lds_subsets, remove_k=remove_top_k,
                         loo_rows=[int(r) for r in loo.split(",") if r.strip()],
-                        out=out, cache=cache)
+                        out=out, cache=cache, trust_pickle=trust_pickle)
     if "lds" in result:
         r = result["lds"]
-        console.print(f"LDS ({method}, {r['subsets']} subsets): {r['lds']:.3f} "
+        console.print(f"LDS ({result['method']}, {r['subsets']} subsets): {r['lds']:.3f} "
                       f"[95% CI {r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]", highlight=False)
     if "remove_top_k" in result:
         r = result["remove_top_k"]

@@ -59,18 +59,35 @@ def attribute(model: torch.nn.Module, x_train, y_train, x_query, y_query=None, *
     return _frame(scores, features, target, top_k, method)
 
 
-def load_model_file(path):
-    """Dispatch on the file type; returns (family, model, config)."""
+def load_model_file(path, trust_pickle: bool = False):
+    """Dispatch on the file type; returns (family, model, config): family is "torch",
+    "trees" (boosted or forest) or "linear"."""
     from pathlib import Path
 
     from datablame.model_files import load_torch_model
+    from datablame.tree_models import load_tree_or_linear
 
     path = Path(path)
     if path.suffix == ".safetensors":
         model, config = load_torch_model(path)
         return "torch", model, config
-    raise UserError(f"{path}: unknown model format '{path.suffix}' (torch: .safetensors + "
-                    ".json config)")
+    model = load_tree_or_linear(path, trust_pickle)
+    module = type(model).__module__
+    if module.startswith("sklearn.linear_model"):
+        return "linear", model, None
+    if module.startswith(("sklearn.ensemble", "xgboost", "lightgbm", "catboost")):
+        return "trees", model, None
+    raise UserError(f"{path}: a {type(model).__name__} is not a supported model")
+
+
+DEFAULTS = {"torch": "if-exact", "trees": "boostin", "linear": "linear-exact"}
+
+
+def _default_method(family: str, adapter) -> str:
+    """The measured default per family (bench/); forests are not boosted: leaf-sim."""
+    if family == "trees" and not adapter.boosted:
+        return "leaf-sim"
+    return DEFAULTS[family]
 
 
 def _numeric(df: pd.DataFrame, name: str) -> np.ndarray:
@@ -92,9 +109,6 @@ def prepare_torch_inputs(model, config, x_train: pd.DataFrame, y_train, x_query:
     if x_train.shape[1] != width:
         raise UserError(f"the model takes {width} features, the training table has "
                         f"{x_train.shape[1]} ({', '.join(map(str, x_train.columns))})")
-    if list(x_query.columns) != list(x_train.columns):
-        raise UserError("query columns do not match the training feature columns: "
-                        f"{list(x_query.columns)} vs {list(x_train.columns)}")
     xt, xq = _numeric(x_train, "training rows"), _numeric(x_query, "query rows")
     if y_train.isna().any():
         raise UserError(f"target is missing at row {int(np.flatnonzero(y_train.isna())[0])}")
@@ -110,33 +124,84 @@ def prepare_torch_inputs(model, config, x_train: pd.DataFrame, y_train, x_query:
     return xt, yt, xq
 
 
-def _load_all(train_file, target, model_file, query_file):
+def _load_all(train_file, target, model_file, query_file, trust_pickle=False):
     from datablame.rows import load_table
 
-    family, model, config = load_model_file(model_file)
+    family, model, config = load_model_file(model_file, trust_pickle)
     x_train, y_train = load_table(train_file, target)
     x_query, y_query = load_table(query_file)
     if target in x_query.columns:
         y_query = x_query[target]
         x_query = x_query.drop(columns=[target])
-    xt, yt, xq = prepare_torch_inputs(model, config, x_train, y_train, x_query)
-    return model, config, x_train, xt, yt, xq, y_query
+    if family == "torch":
+        xt, yt, xq = prepare_torch_inputs(model, config, x_train, y_train, x_query)
+        adapter = TorchModelAdapter(model, config.get("loss", "ce"),
+                                    float(config.get("train", {}).get("l2", 0.0)))
+    else:
+        xt, yt, xq = _prepare_sklearn_like(model, family, x_train, y_train, x_query)
+        adapter = _tree_or_linear_adapter(model, family, xt, yt)
+    if list(x_query.columns) != list(x_train.columns):
+        raise UserError("query columns do not match the training feature columns: "
+                        f"{list(x_query.columns)} vs {list(x_train.columns)}")
+    return family, model, config, adapter, x_train, xt, yt, xq, y_query
 
 
-def run_tabular(train_file, target, model_file, query_file, *, method: str = DEFAULT_METHOD,
-                top_k: int = 5, true_label: bool = False):
+def _prepare_sklearn_like(model, family, x_train, y_train, x_query):
+    from datablame.tree_models import feature_names, n_features
+
+    names, width = feature_names(model), n_features(model)
+    if names is not None and list(names) != list(map(str, x_train.columns)):
+        raise UserError(f"feature columns do not match the model: the model was trained on "
+                        f"{names}, the table has {list(map(str, x_train.columns))}")
+    if width is not None and width != x_train.shape[1]:
+        raise UserError(f"the model takes {width} features, the training table has "
+                        f"{x_train.shape[1]} ({', '.join(map(str, x_train.columns))})")
+    if y_train.isna().any():
+        raise UserError(f"target is missing at row {int(np.flatnonzero(y_train.isna())[0])}")
+    takes_nan = type(model).__module__.startswith(("xgboost", "lightgbm", "catboost")) or \
+        type(model).__name__.startswith(("HistGradientBoosting", "RandomForest", "ExtraTrees",
+                                          "DecisionTree"))
+    for name, frame in (("training rows", x_train), ("query rows", x_query)):
+        numeric = frame.select_dtypes(include="number")
+        if not takes_nan and numeric.isna().to_numpy().any():
+            r, c = np.argwhere(numeric.isna().to_numpy())[0]
+            raise UserError(f"{name}: row {r}, column '{numeric.columns[c]}' is NaN, and a "
+                            f"{type(model).__name__} cannot take missing values")
+    features_t = x_train if family == "trees" else x_train.to_numpy(dtype=np.float64)
+    features_q = x_query if family == "trees" else x_query.to_numpy(dtype=np.float64)
+    return features_t, y_train.to_numpy(), features_q
+
+
+def _tree_or_linear_adapter(model, family, x, y):
+    from datablame.adapters.trees import TreeEnsembleAdapter
+
+    if family == "trees":
+        return TreeEnsembleAdapter.from_model(model, x, y)
+    return type("LinearAdapter", (), {"model": model})()
+
+
+def run_tabular(train_file, target, model_file, query_file, *, method: str = "auto",
+                top_k: int = 5, true_label: bool = False, trust_pickle: bool = False):
     """The CLI's `tabular` command: (ranked rows DataFrame, full score matrix)."""
-    model, config, x_train, xt, yt, xq, y_query = _load_all(train_file, target, model_file,
-                                                            query_file)
-    yq = None
+    family, model, config, adapter, x_train, xt, yt, xq, y_query = _load_all(
+        train_file, target, model_file, query_file, trust_pickle)
+    method = _default_method(family, adapter) if method == "auto" else method
     if true_label:
         if y_query is None:
             raise UserError(f"--true-label needs the target column '{target}' in the "
                             "query rows")
-        yq = y_query.to_numpy().astype(yt.dtype).reshape(-1, *yt.shape[1:])
-    loss = config.get("loss", "ce")
-    l2 = float(config.get("train", {}).get("l2", 0.0))
-    scores = score_matrix(model, xt, yt, xq, yq, loss=loss, method=method, l2=l2)
+        yq = y_query.to_numpy()
+        if family == "torch":
+            yq = yq.astype(yt.dtype).reshape(-1, *yt.shape[1:])
+    elif family == "linear":
+        yq = model.predict(xq)
+    else:
+        yq = adapter.predict_targets(xq)
+        if family == "torch" and yt.ndim == 1:
+            yq = yq.long().numpy()
+        elif family == "torch":
+            yq = yq.numpy()
+    scores = get_method(method).fit(adapter, xt, yt).scores(xq, yq)
     return _frame(scores, x_train, yt, top_k, method), scores
 
 
@@ -155,43 +220,71 @@ def _frame(scores: np.ndarray, x_train: pd.DataFrame, y_train, top_k: int, metho
 
 
 def run_verify(train_file, target, model_file, query_file, *, method: str, lds_subsets: int,
-               remove_k: int, loo_rows: list[int], out, cache=None) -> dict:
+               remove_k: int, loo_rows: list[int], out, cache=None,
+               trust_pickle: bool = False) -> dict:
     """The CLI's `verify` command: retrain with the model's own settings and compare."""
     from pathlib import Path
 
     from datablame import verify
-    from datablame.model_files import trainer_from_config
 
-    model, config, _, xt, yt, xq, y_query = _load_all(train_file, target, model_file,
-                                                      query_file)
+    family, model, config, adapter, _, xt, yt, xq, y_query = _load_all(
+        train_file, target, model_file, query_file, trust_pickle)
+    method = _default_method(family, adapter) if method == "auto" else method
     if y_query is None:
         raise UserError(f"verify needs the target column '{target}' in the query rows")
-    yq = y_query.to_numpy().astype(yt.dtype).reshape(-1, *yt.shape[1:])
-    trainer = trainer_from_config(config)
-    adapter = trainer.adapter(model)
+    yq = y_query.to_numpy()
+    if family == "torch":
+        from datablame.model_files import trainer_from_config
+
+        yq = yq.astype(yt.dtype).reshape(-1, *yt.shape[1:])
+        trainer = trainer_from_config(config)
+
+        def retrain(rows, seed):
+            return trainer.query_losses(xt, yt, xq, yq, rows=rows, seed=seed)
+
+        base_loss = adapter.losses(xq, yq)
+    else:
+        from datablame.tree_models import retrainer
+
+        fit = retrainer(model)
+
+        def take(a, rows):
+            return a.iloc[rows] if hasattr(a, "iloc") else a[rows]
+
+        def loss_of(m, rows):
+            if family == "linear":
+                pred = m.predict_proba(xq)[:, 1] if hasattr(m, "predict_proba") else \
+                    m.predict(xq)
+                if hasattr(m, "predict_proba"):
+                    p = np.clip(np.where(yq == m.classes_[1], pred, 1 - pred), 1e-12, 1)
+                    return -np.log(p)
+                return (pred - yq) ** 2
+            ad = _tree_or_linear_adapter(m, family, take(xt, rows), take(yt, rows))
+            return ad.losses(ad.library_raw(xq), yq)
+
+        def retrain(rows, seed):
+            return loss_of(fit(take(xt, rows), take(yt, rows)), rows)
+
+        base_loss = loss_of(model, np.arange(len(yt)))
     scores = get_method(method).fit(adapter, xt, yt).scores(xq, yq)
-
-    def retrain(rows, seed):
-        return trainer.query_losses(xt, yt, xq, yq, rows=rows, seed=seed)
-
-    result: dict = {"method": method, "n_train": len(xt), "n_query": len(xq),
-                    "query_loss": adapter.losses(xq, yq).tolist()}
+    result: dict = {"method": method, "n_train": len(yt), "n_query": len(yq),
+                    "query_loss": np.asarray(base_loss).tolist()}
     cache_dir = Path(cache) if cache else None
     if cache_dir:
         cache_dir.mkdir(parents=True, exist_ok=True)
     if lds_subsets > 0:
         subsets = verify.SubsetRetraining(
-            retrain, len(xt), n_subsets=lds_subsets,
+            retrain, len(yt), n_subsets=lds_subsets,
             cache=cache_dir / f"subsets-{lds_subsets}.json" if cache_dir else None)
         result["lds"] = verify.lds(scores, subsets)
     if remove_k > 0:
         q = int(np.argmax(result["query_loss"]))
-        result["remove_top_k"] = verify.remove_top_k(retrain, len(xt), scores[q], q, remove_k)
+        result["remove_top_k"] = verify.remove_top_k(retrain, len(yt), scores[q], q, remove_k)
     if loo_rows:
-        bad = [r for r in loo_rows if not 0 <= r < len(xt)]
+        bad = [r for r in loo_rows if not 0 <= r < len(yt)]
         if bad:
             raise UserError(f"leave-one-out rows out of range: {bad}")
-        loo = verify.leave_one_out(retrain, len(xt), loo_rows)
+        loo = verify.leave_one_out(retrain, len(yt), loo_rows)
         loo["predicted"] = {str(r): scores[:, r].tolist() for r in loo_rows}
         result["leave_one_out"] = loo
     verify.save(result, out)

@@ -375,26 +375,25 @@ def _from_sklearn(model) -> TreeEnsembleAdapter:
 
 
 def _sk_gb_leaves(ad, x):
-    leaves = ad.model.apply(_to_array(x))
+    leaves = ad.model.apply(x)
     return leaves.reshape(leaves.shape[0], leaves.shape[1], -1).astype(np.int64)
 
 
 def _sk_gb_raw(ad, x):
-    raw = ad.model.decision_function(_to_array(x)) if ad.objective != "regression" else \
-        ad.model.predict(_to_array(x))
+    raw = ad.model.decision_function(x) if ad.objective != "regression" else \
+        ad.model.predict(x)
     return np.asarray(raw, dtype=np.float64).reshape(len(raw), -1)
 
 
 def _sk_rf_leaves(ad, x):
-    leaves = ad.model.apply(_to_array(x)).astype(np.int64)
+    leaves = ad.model.apply(x).astype(np.int64)
     return np.repeat(leaves[:, :, None], ad.n_outputs, axis=2)
 
 
 def _sk_rf_raw(ad, x):
-    arr = _to_array(x)
-    out = ad.model.predict_proba(arr) if hasattr(ad.model, "predict_proba") else \
-        ad.model.predict(arr)
-    return np.asarray(out, dtype=np.float64).reshape(len(arr), -1)
+    out = ad.model.predict_proba(x) if hasattr(ad.model, "predict_proba") else \
+        ad.model.predict(x)
+    return np.asarray(out, dtype=np.float64).reshape(len(out), -1)
 
 
 def _sk_hgb_leaves(ad, x):
@@ -419,9 +418,8 @@ def _sk_hgb_leaves(ad, x):
 
 
 def _sk_hgb_raw(ad, x):
-    arr = _to_array(x)
-    raw = ad.model._raw_predict(arr)
-    return np.asarray(raw, dtype=np.float64).reshape(len(arr), -1)
+    raw = ad.model._raw_predict(x)
+    return np.asarray(raw, dtype=np.float64).reshape(len(raw), -1)
 
 
 _LEAVES = {"xgboost": _xgb_leaves, "lightgbm": _lgb_leaves, "catboost": _cb_leaves,
