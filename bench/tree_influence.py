@@ -106,7 +106,7 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/tree_influence.json")
     args = ap.parse_args()
     print("LDS vs retraining (LightGBM 100 trees, 15 leaves), time for 50 queries x 500 rows")
-    rows = [r for task in args.tasks.split(",") for r in run_task(task, args.subsets)]
+    rows = [r for task in args.tasks.split(",") if task for r in run_task(task, args.subsets)]
     result = {"lds": rows}
     if args.scale:
         print("\nscale")

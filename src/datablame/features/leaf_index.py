@@ -14,19 +14,21 @@ class LeafIndex:
     def __init__(self, leaves: np.ndarray):
         """leaves: (n, C) leaf id of each row in each tree column."""
         self.n, self.columns = leaves.shape
-        self.order = np.argsort(leaves, axis=0, kind="stable")  # (n, C)
-        self.sorted = np.take_along_axis(leaves, self.order, axis=0)
+        by_column = np.ascontiguousarray(leaves.T)  # (C, n): one tree's rows are contiguous
+        self.order = np.argsort(by_column, axis=1, kind="stable")
+        self.sorted = np.take_along_axis(by_column, self.order, axis=1)
 
     def rows(self, column: int, leaf: int) -> np.ndarray:
-        col = self.sorted[:, column]
+        col = self.sorted[column]
         lo, hi = np.searchsorted(col, leaf, "left"), np.searchsorted(col, leaf, "right")
-        return self.order[lo:hi, column]
+        return self.order[column, lo:hi]
 
     def accumulate(self, query_leaves: np.ndarray, weights=None,
                    per_column: np.ndarray | None = None) -> np.ndarray:
         """sum over columns c of [leaf_c(row) == query_leaves[c]] * w, for every row.
 
-        w = weights[row, c] (an (n, C) array) times per_column[c], or 1 when not given.
+        w = weights[c][row] (a (C, n) array: one tree's weights contiguous) times
+        per_column[c], or 1 when not given.
         """
         idx, w = [], []
         for c in range(self.columns):
@@ -34,7 +36,7 @@ class LeafIndex:
             if not len(rows):
                 continue
             idx.append(rows)
-            part = weights[rows, c] if weights is not None else np.ones(len(rows))
+            part = weights[c][rows] if weights is not None else np.ones(len(rows))
             w.append(part * (per_column[c] if per_column is not None else 1.0))
         if not idx:
             return np.zeros(self.n)

@@ -66,6 +66,7 @@ class BoostIn(Method):
                 w = table[lt] / lr if lr > 0 else table[lt]  # unscaled Newton value
                 dv[:, t, k] = lr * (g[:, t, k] + w * h[:, t, k]) / (hess[lt] + l2)
         self.dv = dv.reshape(n, -1)
+        self.dv_by_tree = np.ascontiguousarray(self.dv.T)
         self.index = LeafIndex(self.leaves)
         return self
 
@@ -75,7 +76,7 @@ class BoostIn(Method):
         gq = gq.reshape(len(gq), -1)
         out = np.empty((len(q_leaves), self.n_train))
         for q in range(len(q_leaves)):
-            out[q] = self.index.accumulate(q_leaves[q], self.dv, gq[q])
+            out[q] = self.index.accumulate(q_leaves[q], self.dv_by_tree, gq[q])
         return out
 
     def self_influence(self) -> np.ndarray:

@@ -35,6 +35,7 @@ class LeafSim(Method):
                 _, inverse, counts = np.unique(self.train_leaves[:, c], return_inverse=True,
                                                return_counts=True)
                 self.inv_size[:, c] = 1.0 / counts[inverse]
+            self.inv_size = np.ascontiguousarray(self.inv_size.T)
         return self
 
     def scores(self, x_query, y_query=None) -> np.ndarray:

@@ -58,9 +58,11 @@ class Simplex(Method):
             leaves = ad.leaves(x).reshape(len(x), -1)
             return leaves  # encoded lazily: compared as one-hot
         model = ad.model
-        body = torch.nn.Sequential(*list(model.children())[:-1]) if isinstance(
-            model, torch.nn.Sequential) and len(list(model.children())) > 1 else model
+        layers = list(model.children()) if isinstance(model, torch.nn.Sequential) else []
+        if len(layers) < 2:  # a linear model: its latent space is its input
+            return np.asarray(x, dtype=np.float64)
         with torch.no_grad():
+            body = torch.nn.Sequential(*layers[:-1])
             return body(torch.as_tensor(np.asarray(x), dtype=torch.float32)).double().numpy()
 
     def fit(self, adapter, x_train, y_train):
