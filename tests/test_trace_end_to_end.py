@@ -62,3 +62,15 @@ def test_all_rows_gradient_index_puts_the_culprit_first(demo_assets, tmp_path):
                                            "input": CULPRIT["input"]}), top_k=10)
     assert int(df.iloc[0]["row"]) == info["culprit_row"]
     assert len(df) == 10 and df["score"].is_monotonic_decreasing
+
+
+def test_influence_methods_on_lora_parameters_find_the_culprit(demo_assets):
+    root, info = demo_assets
+    tracer = Tracer(root / "index", root / "base", root / "adapter")
+    q = Query(CULPRIT["output"], {"instruction": CULPRIT["instruction"],
+                                  "input": CULPRIT["input"]})
+    for method, extra in (("grad-dot", {}), ("datainf", {}), ("trak", {"proj_dim": 512}),
+                          ("tracin", {"checkpoints": [(root / "adapter", 1.0)]})):
+        df = tracer.trace_method(q, method=method, top_k=40, **extra)
+        assert int(df.iloc[0]["row"]) == info["culprit_row"], method
+        assert df.iloc[0]["score"] > 0, method

@@ -210,6 +210,52 @@ class Tracer:
                                           f"{store.manifest['proj_dim']})")
         return df
 
+    def trace_method(self, query: Query | str, method: str = "datainf", top_k: int = 50,
+                     all_rows: bool = False, checkpoints: list | None = None,
+                     **params) -> pd.DataFrame:
+        """Rank candidates (or, with `all_rows`, every row) with any gradient method that
+        runs on LoRA parameters: grad-dot, grad-cos, datainf, trak, tracin.
+
+        tracin takes `checkpoints=[(adapter_dir, learning_rate), ...]` saved during
+        fine-tuning (same base model). Exact gradients are held in memory: for large data
+        use `trace_all_rows` (the projected gradient store) or retrieval candidates.
+        """
+        from datablame.adapters.hf_causal_lm import CausalLMAdapter
+        from datablame.adapters.text_rows import TextRowsAdapter
+        from datablame.methods.registry import get_method
+
+        if isinstance(query, str):
+            query = Query(query)
+        allowed = ("grad-dot", "grad-cos", "datainf", "trak", "tracin")
+        if method not in allowed:
+            raise UserError(f"method '{method}' does not run on a language model here "
+                            f"(use {', '.join(allowed)})")
+        q_text = query.formatted(self.template)
+        if all_rows:
+            cand_ids = np.arange(len(self.rows))
+            distances = np.full(len(cand_ids), np.nan)
+        else:
+            cand_ids, distances = self.retrieve(query, top_k)
+        texts = [self.row_text(int(i)) for i in cand_ids]
+        adapter = TextRowsAdapter(self.model, self.batch_size)
+        if method == "tracin":
+            if not checkpoints:
+                raise UserError("tracin needs checkpoints: [(adapter_dir, learning_rate), ...]")
+            m = self.model
+            params["checkpoints"] = [
+                (TextRowsAdapter(CausalLMAdapter(m.model_dir, d, params=m.params_spec,
+                                                 dtype=m.dtype_name, device=str(m.device),
+                                                 max_length=m.max_length, loss_on=m.loss_on),
+                                 self.batch_size), float(lr)) for d, lr in checkpoints]
+        with progress.task(f"{method} gradients", len(texts) + 1):
+            est = get_method(method, **params).fit(adapter, texts, None)
+            scores = est.scores([q_text], None)[0]
+        order = np.argsort(-scores, kind="stable")[: top_k if all_rows else len(scores)]
+        df = _ranked_frame(self.rows, cand_ids[order], scores[order], "dot",
+                           {"distance": distances[order].astype(float)})
+        self._describe(df, query, q_text, method)
+        return df
+
     def _describe(self, df: pd.DataFrame, query: Query, q_text: FormattedText, method: str
                   ) -> None:
         df.attrs.update(query=query.output, prompt=query.prompt, text=q_text.text,

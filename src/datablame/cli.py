@@ -172,6 +172,13 @@ def trace(
                         ] = False,
     verify: Annotated[bool, typer.Option(help="Checksum the gradient shards before use.")
                       ] = True,
+    method: Annotated[str, typer.Option(help="grad (cosine/dot alignment, default), or "
+                                             "datainf, trak, tracin on exact LoRA gradients "
+                                             "of the candidates (all rows with --all-rows).")
+                      ] = "grad",
+    checkpoint: Annotated[list[str], typer.Option(help="For tracin: ADAPTER_DIR:LR of a "
+                                                       "checkpoint (repeatable).")
+                          ] = [],  # noqa: B006
 ) -> None:
     """Retrieve candidate rows for a model output, then rank them by gradient alignment."""
     from datablame.api import Query, Tracer
@@ -189,7 +196,19 @@ def trace(
     if query_file is not None:
         query, file_prompt = _read_query_file(query_file, tracer.template.response_field)
         prompt = {**file_prompt, **prompt}
-    if all_rows:
+    if method != "grad":
+        ckpts = []
+        for item in checkpoint:
+            path, sep, lr = item.rpartition(":")
+            try:
+                ckpts.append((path, float(lr)))
+            except ValueError:
+                _fail(f"--checkpoint expects ADAPTER_DIR:LR, got '{item}'")
+            if not sep:
+                _fail(f"--checkpoint expects ADAPTER_DIR:LR, got '{item}'")
+        df = tracer.trace_method(Query(query, prompt), method=method, top_k=top_k,
+                                 all_rows=all_rows, checkpoints=ckpts or None)
+    elif all_rows:
         df = tracer.trace_all_rows(Query(query, prompt), top_k=top_k, alignment=alignment,
                                    verify=verify)
     else:

@@ -15,6 +15,8 @@ removing row i would raise the query's loss (the row helped). Four ways to apply
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -77,7 +79,7 @@ class ExactInfluence(_InverseHessianMethod):
 class ConjugateGradientInfluence(_InverseHessianMethod):
     name = "if-cg"
 
-    def __init__(self, damping: float = 0.001, max_iter: int = 200, tol: float = 1e-8):
+    def __init__(self, damping: float = 0.01, max_iter: int = 200, tol: float = 1e-8):
         super().__init__(damping)
         self.max_iter, self.tol = max_iter, tol
 
@@ -88,13 +90,20 @@ class ConjugateGradientInfluence(_InverseHessianMethod):
 
     def _solve(self, v):
         """Batched CG: every right-hand side iterates together (one vmapped HVP a step)."""
+        self._warned = getattr(self, "_warned", False)
         x = torch.zeros_like(v)
         r = v.clone()
         p = r.clone()
         rs = (r * r).sum(1, keepdim=True)
         for _ in range(self.max_iter):
             hp = self._hvp(p)
-            alpha = rs / (p * hp).sum(1, keepdim=True).clamp(min=1e-30)
+            curvature = (p * hp).sum(1, keepdim=True)
+            if bool((curvature <= 0).any()) and not self._warned:
+                self._warned = True
+                warnings.warn("if-cg met negative curvature: the Hessian plus damping is not "
+                              "positive definite here; raise damping or use if-exact",
+                              stacklevel=3)
+            alpha = rs / curvature.clamp(min=1e-30)
             x = x + alpha * p
             r = r - alpha * hp
             rs_new = (r * r).sum(1, keepdim=True)
@@ -110,7 +119,7 @@ class LissaInfluence(_InverseHessianMethod):
 
     name = "if-lissa"
 
-    def __init__(self, damping: float = 0.001, scale: float | None = None, depth: int = 1000,
+    def __init__(self, damping: float = 0.01, scale: float | None = None, depth: int = 1000,
                  batch_size: int = 128, seed: int = 0):
         super().__init__(damping)
         self.scale, self.depth, self.batch_size, self.seed = scale, depth, batch_size, seed
@@ -145,7 +154,7 @@ class ArnoldiInfluence(_InverseHessianMethod):
 
     name = "if-arnoldi"
 
-    def __init__(self, damping: float = 0.001, rank: int = 50, seed: int = 0):
+    def __init__(self, damping: float = 0.01, rank: int = 50, seed: int = 0):
         super().__init__(damping)
         self.rank, self.seed = rank, seed
 

@@ -44,6 +44,12 @@ class Trak(Method):
         self.proj_dim, self.ridge, self.models, self.seed = proj_dim, ridge, models, seed
 
     def _features(self, adapter, x, y):
+        if not hasattr(adapter, "theta"):  # a language model: the loss is the output function
+            g = adapter.gradients(x, y).double()
+            if adapter.num_params > self.proj_dim:
+                g = torch.as_tensor(RandomProjector(adapter.num_params, self.proj_dim,
+                                                    self.seed).project(g)).double()
+            return g, torch.zeros(len(g), dtype=torch.float64)
         x, y = as_tensor(x), as_tensor(y, floating=False)
 
         def one(theta, xi, yi):

@@ -1,0 +1,39 @@
+"""Formatted text rows of a causal LM as inputs to the generic influence methods.
+
+The torch methods (grad-dot, grad-cos, datainf, trak, tracin) only ask an adapter for
+per-example loss gradients (and, for DataInf, the parameter blocks). This wraps the HF
+causal-LM adapter so they run on LoRA parameters of a language model: `x` is a list of
+`FormattedText` (rows formatted with the index template), `y` is unused (the text is its
+own target).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from datablame.adapters.hf_causal_lm import CausalLMAdapter
+
+
+@dataclass
+class TextRowsAdapter:
+    lm: CausalLMAdapter
+    batch_size: int = 8
+
+    @property
+    def num_params(self) -> int:
+        return self.lm.num_params
+
+    @property
+    def sizes(self) -> list[int]:
+        params = dict(self.lm.model.named_parameters())
+        return [params[n].numel() for n in self.lm.param_names]
+
+    def gradients(self, x, y=None) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(
+            self.lm.gradients(list(x), batch_size=self.batch_size)))
+
+    def losses(self, x, y=None) -> np.ndarray:
+        return self.lm.losses(list(x))
