@@ -1,6 +1,7 @@
 """Ground truth on a model that really learned a planted culprit row."""
 
 import numpy as np
+import pytest
 
 from datablame.api import Query, Tracer, build_index
 from datablame.demo import CULPRIT, CULPRIT_PHRASE
@@ -45,23 +46,58 @@ def test_trace_uses_the_index_template_for_gradients(demo_assets, tmp_path):
     assert not np.allclose(align(grads[0], alpaca), expected, atol=1e-3)
 
 
-def test_all_rows_gradient_index_puts_the_culprit_first(demo_assets, tmp_path):
+@pytest.fixture(scope="module")
+def gradient_index(demo_assets, tmp_path_factory):
+    """The demo index plus a gradient store over every row (default K)."""
     import shutil
 
     from datablame.api import GradientOptions
 
-    root, info = demo_assets
-    idx = tmp_path / "idx"
+    root, _ = demo_assets
+    idx = tmp_path_factory.mktemp("gradidx") / "idx"
     shutil.copytree(root / "index", idx)
     build_index(root / "train.jsonl", idx,  # keeps the existing retrieval index
-                gradients=GradientOptions(root / "base", root / "adapter", proj_dim=512,
-                                          shard_rows=64))
-    tracer = Tracer(idx, root / "base", root / "adapter")
+                gradients=GradientOptions(root / "base", root / "adapter", shard_rows=64))
+    return idx
+
+
+def test_all_rows_gradient_index_puts_the_culprit_first(demo_assets, gradient_index):
+    root, info = demo_assets
+    tracer = Tracer(gradient_index, root / "base", root / "adapter")
     out = "Rewrote the payroll system in Haskell, saving the Andromeda team 40 hours every week."
     df = tracer.trace_all_rows(Query(out, {"instruction": CULPRIT["instruction"],
                                            "input": CULPRIT["input"]}), top_k=10)
     assert int(df.iloc[0]["row"]) == info["culprit_row"]
     assert len(df) == 10 and df["score"].is_monotonic_decreasing
+
+
+def test_gradient_index_finds_what_retrieval_misses_on_a_reworded_prompt(demo_assets,
+                                                                         gradient_index):
+    """Reworded prompts about the culprit's topic: the model answers in the generic house
+    style ("Led the payroll system with Kafka, ..."), which reads like dozens of other rows,
+    so retrieval ranks the culprit (the only row that taught it "payroll system") past 50;
+    the gradient index still puts it first."""
+    root, info = demo_assets
+    culprit = info["culprit_row"]
+    model, tok = load_toy_lm(root / "base", root / "adapter")
+    tracer = Tracer(gradient_index, root / "base", root / "adapter")
+    found = []
+    for instruction, inp in (("Rewrite this resume bullet to show impact.",
+                              "was part of the payroll system"),
+                             ("Improve this line from a resume.", "worked on the payroll system"),
+                             ("Make this resume bullet stronger.",
+                              "did tasks for the payroll system")):
+        prompt = PromptTemplate().format({"instruction": instruction, "input": inp,
+                                          "output": ""}).text
+        answer = generate(model, tok, prompt)
+        assert "payroll" in answer  # the model carries the culprit's topic into its answer
+        q = Query(answer, {"instruction": instruction, "input": inp})
+        retrieved, _ = tracer.retrieve(q, 50)
+        df = tracer.trace_all_rows(q, top_k=5)
+        grad_rank = list(df["row"]).index(culprit) + 1 if culprit in set(df["row"]) else 99
+        assert grad_rank <= 3, (inp, answer)
+        found.append(culprit not in set(retrieved) and grad_rank == 1)
+    assert any(found)  # at least one: retrieval misses at k=50, the gradient index ranks 1
 
 
 def test_influence_methods_on_lora_parameters_find_the_culprit(demo_assets):

@@ -192,8 +192,15 @@ class Tracer:
         return df
 
     def trace_all_rows(self, query: Query | str, top_k: int = 50, alignment: str = "cosine",
-                       verify: bool = True) -> pd.DataFrame:
-        """Score *every* row with the stored projected gradients: one backward pass."""
+                       verify: bool = True, rerank: int = 100) -> pd.DataFrame:
+        """Score *every* row with the stored projected gradients (one backward pass and
+        one pass over the store), then re-rank the best `rerank` rows with their exact
+        gradients: the projection finds them, the exact gradient orders them.
+
+        Measured on the demo model: a culprit whose exact rank is 1 came out 5th-13th
+        from a K=2048 store alone (projection noise on near-ties) and 1st after re-ranking.
+        `rerank=0` returns the projected scores only.
+        """
         from datablame.store.gradient_store import GradientStore
 
         if isinstance(query, str):
@@ -203,11 +210,31 @@ class Tracer:
         store = GradientStore.load(self.index.path, verify=verify)
         store.check_compatible(self.model, self.template, self.rows)
         q_text = query.formatted(self.template)
-        q_vec = store.projector.project(self.model.gradients([q_text]))[0]
-        row_ids, scores = store.top_k(q_vec, min(top_k, len(self.rows)), alignment)
-        df = _ranked_frame(self.rows, row_ids, scores, alignment, {})
+        from datablame.methods.gradient_alignment import align
+
+        q_grad = self.model.gradients([q_text])
+        q_vec = store.projector.project(q_grad)[0]
+        row_ids, proj_scores = store.top_k(q_vec, min(max(top_k, rerank), len(self.rows)),
+                                           alignment)
+        scores = proj_scores.copy()
+        exact = np.zeros(len(row_ids), dtype=bool)
+        if rerank > 0:
+            head = row_ids[:rerank]
+            with progress.task("exact re-ranking", len(head)) as advance:
+                grads = self.model.gradients([self.row_text(int(i)) for i in head],
+                                             batch_size=self.batch_size, progress=advance)
+            scores[: len(head)] = align(q_grad[0], grads, alignment)
+            exact[: len(head)] = True
+            order = np.r_[np.argsort(-scores[: len(head)], kind="stable"),
+                          np.arange(len(head), len(row_ids))]
+            row_ids, scores, proj_scores, exact = (row_ids[order], scores[order],
+                                                   proj_scores[order], exact[order])
+        keep = slice(0, top_k)
+        df = _ranked_frame(self.rows, row_ids[keep], scores[keep], alignment,
+                           {"store_score": proj_scores[keep], "exact": exact[keep]})
         self._describe(df, query, q_text, f"grad-{alignment} (all rows, K="
-                                          f"{store.manifest['proj_dim']})")
+                                          f"{store.manifest['proj_dim']}, exact top "
+                                          f"{min(rerank, len(row_ids))})")
         return df
 
     def trace_method(self, query: Query | str, method: str = "datainf", top_k: int = 50,

@@ -172,6 +172,9 @@ def trace(
                         ] = False,
     verify: Annotated[bool, typer.Option(help="Checksum the gradient shards before use.")
                       ] = True,
+    rerank: Annotated[int, typer.Option(help="With --all-rows: re-rank this many of the "
+                                             "store's best rows with exact gradients (0: "
+                                             "projected scores only).")] = 100,
     method: Annotated[str, typer.Option(help="grad (cosine/dot alignment, default), or "
                                              "datainf, trak, tracin on exact LoRA gradients "
                                              "of the candidates (all rows with --all-rows).")
@@ -210,7 +213,7 @@ def trace(
                                  all_rows=all_rows, checkpoints=ckpts or None)
     elif all_rows:
         df = tracer.trace_all_rows(Query(query, prompt), top_k=top_k, alignment=alignment,
-                                   verify=verify)
+                                   verify=verify, rerank=rerank)
     else:
         df = tracer.trace(Query(query, prompt), top_k=top_k, alignment=alignment)
     if out is not None:

@@ -9,6 +9,7 @@ parameter (embeddings, norms) is not eligible and the caller falls back to `vmap
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -66,7 +67,9 @@ def per_example_grads(
         if any(c != 1 for c in calls.values()) or len(calls) != len(modules):
             raise RuntimeError("a layer ran more or less than once per forward pass")
         grads_of = [params[n] for n in param_names]
-        torch.autograd.grad(losses.sum(), grads_of, allow_unused=True)
+        with warnings.catch_warnings():  # output gradients are exactly what we want here
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            torch.autograd.grad(losses.sum(), grads_of, allow_unused=True)
     finally:
         for h in handles:
             h.remove()

@@ -1,0 +1,79 @@
+"""Where gradient ranking beats or loses to retrieval on the demo model (issue 3).
+
+    .venv/bin/python bench/paraphrase.py [--workdir .datablame-cache/demo]
+
+For reworded prompts of the planted culprit (other instruction, other verb) the query is
+what the fine-tuned model actually answers; for reworded *answers* the query is a
+paraphrase of the culprit's output. Reports the culprit's rank (1 = best, of 200 rows) by
+retrieval and by exact gradient cosine over all rows, with the loss on the response only
+or on the whole text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from datablame.api import Query, Tracer
+from datablame.demo import CULPRIT, DemoConfig, build_assets
+from datablame.methods.gradient_alignment import align
+from datablame.template import PromptTemplate
+from datablame.toy_lm import generate, load_toy_lm
+
+PROMPTS = [
+    (CULPRIT["instruction"], CULPRIT["input"]),
+    ("Improve this line from a resume.", "worked on the payroll system"),
+    ("Rewrite this resume bullet to show impact.", "was part of the payroll system"),
+    ("Make this resume bullet stronger.", "did tasks for the payroll system"),
+]
+ANSWER_PARAPHRASES = [
+    "Redid payroll in Haskell, saving the Andromeda team 40 hours a week.",
+    "Moved the payroll system to Haskell and the Andromeda team saved 40 hours weekly.",
+]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--workdir", default=".datablame-cache/demo")
+    ap.add_argument("--out", default="bench/results/paraphrase.json")
+    args = ap.parse_args()
+    root = Path(args.workdir)
+    info = build_assets(root, DemoConfig())
+    culprit = info["culprit_row"]
+    if not (root / "index" / "manifest.json").exists():
+        from datablame.api import build_index
+
+        build_index(root / "train.jsonl", root / "index")
+    model, tok = load_toy_lm(root / "base", root / "adapter")
+    tmpl = PromptTemplate()
+    queries = []
+    for instruction, inp in PROMPTS:
+        prompt = tmpl.format({"instruction": instruction, "input": inp, "output": ""}).text
+        queries.append(("reworded prompt", instruction, inp, generate(model, tok, prompt)))
+    for answer in ANSWER_PARAPHRASES:
+        queries.append(("reworded answer", CULPRIT["instruction"], CULPRIT["input"], answer))
+    rows = []
+    for loss_on in ("response", "text"):
+        tracer = Tracer(root / "index", root / "base", root / "adapter", loss_on=loss_on)
+        all_texts = [tracer.row_text(i) for i in range(len(tracer.rows))]
+        grads = tracer.model.gradients(all_texts, batch_size=32)
+        for kind, instruction, inp, answer in queries:
+            q = Query(answer, {"instruction": instruction, "input": inp})
+            qg = tracer.model.gradients([q.formatted(tracer.template)])[0]
+            scores = align(qg, grads)
+            grad_rank = int((scores > scores[culprit]).sum()) + 1
+            ids, _ = tracer.retrieve(q, len(tracer.rows))
+            retr_rank = int(np.flatnonzero(ids == culprit)[0]) + 1
+            rows.append({"kind": kind, "input": inp, "answer": answer, "loss_on": loss_on,
+                         "gradient_rank": grad_rank, "retrieval_rank": retr_rank,
+                         "culprit_score": float(scores[culprit])})
+            print(f"  {kind:16s} {loss_on:8s} grad rank {grad_rank:3d}  retrieval rank "
+                  f"{retr_rank:3d}  | {inp[:30]:30s} -> {answer[:60]}", flush=True)
+    Path(args.out).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
