@@ -150,10 +150,3 @@ def _lgb_params_from_text(text: str) -> dict:
                        "seed", "deterministic"):
                 params[key] = value.split(" ")[0]
     return params
-
-
-def loss_after_retraining(model, x, y, xq, yq) -> np.ndarray:
-    from datablame.adapters.trees import TreeEnsembleAdapter
-
-    ad = TreeEnsembleAdapter.from_model(model, x, y)
-    return ad.losses(ad.library_raw(xq), yq)
