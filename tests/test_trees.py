@@ -219,3 +219,24 @@ def test_shap_neighbors_finds_the_row_itself():
     ad = TreeEnsembleAdapter.from_model(model, x[:200], y[:200])
     s = get_method("shap-neighbors").fit(ad, x[:200], y[:200]).scores(x[[3]])[0]
     assert int(np.argmax(s)) == 3 and s[3] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_python_attribute_takes_tree_and_linear_models():
+    import pandas as pd
+    from sklearn.linear_model import Ridge
+
+    from datablame.tabular import attribute, score_matrix
+
+    x, y = _data("binary")
+    cols = [f"f{i}" for i in range(x.shape[1])]
+    xt, xq = pd.DataFrame(x[:200], columns=cols), pd.DataFrame(x[200:203], columns=cols)
+    gb = ens.GradientBoostingClassifier(n_estimators=10, max_depth=2).fit(xt, y[:200])
+    df = attribute(gb, xt, y[:200], xq, top_k=4)
+    assert list(df["rank"]) == [1, 2, 3, 4] * 3 and "f0" in df.columns
+    ad = TreeEnsembleAdapter.from_model(gb, xt, y[:200])
+    direct = get_method("boostin").fit(ad, xt, y[:200]).scores(xq, ad.predict_targets(xq))
+    np.testing.assert_allclose(score_matrix(gb, xt, y[:200], xq), direct)
+    xr, yr = _data("regression")
+    ridge = Ridge(alpha=1.0).fit(xr[:80], yr[:80])
+    s = score_matrix(ridge, xr[:80], yr[:80], xr[80:82], yr[80:82])
+    assert s.shape == (2, 80)

@@ -18,9 +18,6 @@ from datablame.adapters.torch_module import TorchModelAdapter
 from datablame.errors import UserError
 from datablame.methods.registry import get_method
 
-# Chosen by bench/tabular_influence.py (LDS against retraining): see README.
-DEFAULT_METHOD = "if-exact"
-
 
 def _check_rows(x, name: str) -> None:
     arr = x.to_numpy() if hasattr(x, "to_numpy") else np.asarray(x)
@@ -32,23 +29,50 @@ def _check_rows(x, name: str) -> None:
                         "cannot take it")
 
 
-def score_matrix(model: torch.nn.Module, x_train, y_train, x_query, y_query=None, *,
-                 loss="ce", method: str = DEFAULT_METHOD, l2: float = 0.0,
-                 **method_params) -> np.ndarray:
-    """(n_query, n_train) scores; positive = the row helped produce the query's target."""
-    _check_rows(x_train, "training rows")
-    _check_rows(x_query, "query rows")
+def _family_of(model) -> str:
+    if isinstance(model, torch.nn.Module):
+        return "torch"
+    module = type(model).__module__
+    if module.startswith("sklearn.linear_model"):
+        return "linear"
+    if module.startswith(("sklearn.ensemble", "xgboost", "lightgbm", "catboost")):
+        return "trees"
+    raise UserError(f"unsupported model {type(model).__name__}: a torch module, a tree "
+                    "ensemble (XGBoost, LightGBM, CatBoost, scikit-learn) or a scikit-learn "
+                    "linear model")
+
+
+def score_matrix(model, x_train, y_train, x_query, y_query=None, *, loss="ce",
+                 method: str = "auto", l2: float = 0.0, **method_params) -> np.ndarray:
+    """(n_query, n_train) scores; positive = the row helped produce the query's target.
+
+    `model`: a torch module (with `loss` and the `l2` it was trained with), a tree
+    ensemble, or a scikit-learn linear model. `method="auto"` picks the measured default
+    for the family (if-exact, boostin / leaf-sim for forests, linear-exact).
+    """
+    family = _family_of(model)
+    if family == "torch":
+        _check_rows(x_train, "training rows")
+        _check_rows(x_query, "query rows")
     if len(x_train) != len(y_train):
         raise UserError(f"{len(x_train)} training rows but {len(y_train)} targets")
-    adapter = TorchModelAdapter(model, loss, l2)
+    if family == "torch":
+        adapter = TorchModelAdapter(model, loss, l2)
+    else:
+        y_arr = y_train.to_numpy() if hasattr(y_train, "to_numpy") else np.asarray(y_train)
+        adapter = _tree_or_linear_adapter(model, family, x_train, y_arr)
+        y_train = y_arr
+    if method == "auto":
+        method = _default_method(family, adapter)
     if y_query is None:
-        y_query = adapter.predict_targets(x_query)
+        y_query = model.predict(x_query) if family == "linear" else \
+            adapter.predict_targets(x_query)
     est = get_method(method, **method_params).fit(adapter, x_train, y_train)
     return est.scores(x_query, y_query)
 
 
-def attribute(model: torch.nn.Module, x_train, y_train, x_query, y_query=None, *,
-              loss="ce", method: str = DEFAULT_METHOD, l2: float = 0.0, top_k: int = 10,
+def attribute(model, x_train, y_train, x_query, y_query=None, *, loss="ce",
+              method: str = "auto", l2: float = 0.0, top_k: int = 10,
               **method_params) -> pd.DataFrame:
     """Top-k training rows per query: query, rank, row, score, then the row's features."""
     scores = score_matrix(model, x_train, y_train, x_query, y_query, loss=loss,
@@ -80,6 +104,8 @@ def load_model_file(path, trust_pickle: bool = False):
     raise UserError(f"{path}: a {type(model).__name__} is not a supported model")
 
 
+# Chosen by measurement against retraining (bench/tabular_influence.py,
+# bench/tree_influence.py): see the README's method table.
 DEFAULTS = {"torch": "if-exact", "trees": "boostin", "linear": "linear-exact"}
 
 
