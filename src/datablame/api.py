@@ -207,8 +207,12 @@ class Tracer:
             query = Query(query)
         if top_k < 1:
             raise UserError("top-k must be at least 1")
-        store = GradientStore.load(self.index.path, verify=verify)
-        store.check_compatible(self.model, self.template, self.rows)
+        store = getattr(self, "_store", None)
+        if store is None or (verify and not self._store_verified):
+            # checksums read every shard once: do it once per Tracer, not once per query
+            store = GradientStore.load(self.index.path, verify=verify)
+            store.check_compatible(self.model, self.template, self.rows)
+            self._store, self._store_verified = store, verify
         q_text = query.formatted(self.template)
         from datablame.methods.gradient_alignment import align
 
