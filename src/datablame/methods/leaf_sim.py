@@ -39,11 +39,12 @@ class LeafSim(Method):
         return self
 
     def scores(self, x_query, y_query=None) -> np.ndarray:
-        q_leaves = self.adapter.leaves(x_query).reshape(len(x_query), -1)
+        q_raw = self.adapter.leaves(x_query)  # (m, T, K), asked of the library once
+        q_leaves = q_raw.reshape(len(x_query), -1)
         out = np.empty((len(q_leaves), self.n_train))
         tree_w = None
         if self.weighting == "tree-weight":
-            vals = np.abs(self.adapter.leaf_values(self.adapter.leaves(x_query)))
+            vals = np.abs(self.adapter.leaf_values(q_raw))
             tree_w = vals.reshape(len(q_leaves), -1)
         columns = q_leaves.shape[1]
         for q, leaves in enumerate(q_leaves):
