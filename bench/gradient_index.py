@@ -2,9 +2,11 @@
 
     .venv/bin/python bench/gradient_index.py [--rows 200] [--sizes 10000,100000,1000000]
 
-1. featurization: batched (vmap) vs per-row loop on the same demo rows, rows/s and the max
-   |cosine difference| of the unprojected gradients;
-2. projection fidelity: top-10 overlap of projected vs exact cosine rankings, vs K;
+1. featurization: batched (hooks, vmap) vs per-row loop on the same demo rows, rows/s and
+   the max |cosine difference| of the unprojected gradients; then a whole index build's
+   rate (gradients + projection to K) with the sparse and the dense projection;
+2. projection fidelity: top-10 overlap of projected vs exact cosine rankings, vs K, for
+   both projection kinds;
 3. query latency over synthetic memory-mapped stores vs the time to read them once.
 """
 
@@ -18,14 +20,15 @@ from pathlib import Path
 
 import numpy as np
 
-from datablame.features.projection import RandomProjector
+from datablame.features.projection import PROJECTIONS, make_projector
 
 
 def _cos(g: np.ndarray) -> np.ndarray:
     return g / np.linalg.norm(g, axis=1, keepdims=True)
 
 
-def featurization(root: Path, n_rows: int, long_words: int) -> tuple[list[dict], np.ndarray]:
+def featurization(root: Path, n_rows: int, long_words: int, proj_dim: int
+                  ) -> tuple[list[dict], list[dict], np.ndarray]:
     """Each strategy on the same rows: the demo rows as they are, and long rows whose
     response joins several rows' outputs (a more realistic sequence length)."""
     from datablame.adapters.hf_causal_lm import CausalLMAdapter
@@ -45,7 +48,7 @@ def featurization(root: Path, n_rows: int, long_words: int) -> tuple[list[dict],
             j += 7
         long.append(tmpl.format({**records[i], "output": " ".join(outs)}))
     model = CausalLMAdapter(root / "base", root / "adapter", device="cpu", max_length=512)
-    results, keep = [], None
+    results, build, keep = [], [], None
     for label, texts in (("demo rows", short), ("long rows", long)):
         tokens = float(np.mean([len(model.tokenizer(t.text)["input_ids"]) for t in texts]))
         grads, times = {}, {}
@@ -54,6 +57,20 @@ def featurization(root: Path, n_rows: int, long_words: int) -> tuple[list[dict],
             t = time.perf_counter()
             grads[strategy] = model.gradients(texts, batch_size=bs, strategy=strategy)
             times[strategy] = time.perf_counter() - t
+        proj_s = {}
+        for kind in PROJECTIONS:
+            proj = make_projector(kind, model.num_params, proj_dim, seed=0)
+            proj.project(grads["hooks"][:2])  # generate (and cache) the map once
+            t = time.perf_counter()
+            for b in range(0, len(texts), 32):
+                proj.project(grads["hooks"][b : b + 32])
+            proj_s[kind] = time.perf_counter() - t
+        for strategy, kind in (("hooks", "countsketch"), ("hooks", "rademacher"),
+                               ("loop", "countsketch"), ("loop", "rademacher")):
+            build.append({"rows": label, "n": len(texts), "strategy": strategy,
+                          "projection": kind, "K": proj_dim,
+                          "grad_s": times[strategy], "proj_s": proj_s[kind],
+                          "rows_per_s": len(texts) / (times[strategy] + proj_s[kind])})
         ref = _cos(grads["loop"])
         for strategy in ("hooks", "vmap", "loop"):
             c = _cos(grads[strategy])
@@ -67,24 +84,25 @@ def featurization(root: Path, n_rows: int, long_words: int) -> tuple[list[dict],
             })
         if keep is None:
             keep = grads["hooks"]
-    return results, keep
+    return results, build, keep
 
 
 def fidelity(grads: np.ndarray, ks=(256, 512, 1024, 2048, 4096)) -> list[dict]:
     unit = grads / np.linalg.norm(grads, axis=1, keepdims=True)
     exact = unit @ unit.T
     out = []
-    for k in ks:
-        p = RandomProjector(grads.shape[1], k, seed=0).project(grads)
-        p /= np.linalg.norm(p, axis=1, keepdims=True)
-        approx = p @ p.T
-        overlaps = []
-        for i in range(len(grads)):
-            e = set(np.argsort(-np.delete(exact[i], i))[:10])
-            a = set(np.argsort(-np.delete(approx[i], i))[:10])
-            overlaps.append(len(e & a) / 10)
-        out.append({"K": k, "top10_overlap": float(np.mean(overlaps)),
-                    "max_abs_cosine_err": float(np.max(np.abs(approx - exact)))})
+    for kind in PROJECTIONS:
+        for k in ks:
+            p = make_projector(kind, grads.shape[1], k, seed=0).project(grads)
+            p /= np.linalg.norm(p, axis=1, keepdims=True)
+            approx = p @ p.T
+            overlaps = []
+            for i in range(len(grads)):
+                e = set(np.argsort(-np.delete(exact[i], i))[:10])
+                a = set(np.argsort(-np.delete(approx[i], i))[:10])
+                overlaps.append(len(e & a) / 10)
+            out.append({"projection": kind, "K": k, "top10_overlap": float(np.mean(overlaps)),
+                        "max_abs_cosine_err": float(np.max(np.abs(approx - exact)))})
     return out
 
 
@@ -134,7 +152,8 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/gradient_index.json")
     args = ap.parse_args()
 
-    feat, grads = featurization(Path(args.workdir), args.rows, args.long_words)
+    feat, build, grads = featurization(Path(args.workdir), args.rows, args.long_words,
+                                       args.proj_dim)
     fid = fidelity(grads)
     lat = latency([int(s) for s in args.sizes.split(",")], args.proj_dim)
 
@@ -145,17 +164,23 @@ def main() -> None:
         print(f"  {r['rows']:10s} {r['mean_tokens']:6.0f} {r['strategy']:8s} "
               f"{r['rows_per_s']:8.1f} {r['speedup_vs_loop']:7.1f} "
               f"{r['max_abs_cosine_diff_vs_loop']:10.2e}")
+    print(f"\nindex build: gradients + projection to K={args.proj_dim} (same rows)")
+    print(f"  {'rows':10s} {'strategy':8s} {'projection':12s} {'grad s':>7s} {'proj s':>7s} "
+          f"{'rows/s':>8s}")
+    for r in build:
+        print(f"  {r['rows']:10s} {r['strategy']:8s} {r['projection']:12s} {r['grad_s']:7.2f} "
+              f"{r['proj_s']:7.2f} {r['rows_per_s']:8.1f}")
     print("\nprojection fidelity (top-10 overlap with exact cosine)")
     for r in fid:
-        print(f"  K={r['K']:5d}  overlap {r['top10_overlap']:.3f}  "
+        print(f"  {r['projection']:12s} K={r['K']:5d}  overlap {r['top10_overlap']:.3f}  "
               f"max|dcos| {r['max_abs_cosine_err']:.3f}")
     print("\nquery latency (fp16 memory-mapped shards)")
     for r in lat:
         print(f"  rows={r['rows']:8d} K={r['K']}  {r['store_MB']:8.0f} MB  query "
               f"{r['query_s']:.3f}s  read-once {r['read_once_s']:.3f}s  ratio {r['ratio']:.2f}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"featurization": feat, "fidelity": fid,
-                                          "latency": lat}, indent=2))
+    Path(args.out).write_text(json.dumps({"featurization": feat, "index_build": build,
+                                          "fidelity": fid, "latency": lat}, indent=2))
     print(f"\nwrote {args.out}")
 
 

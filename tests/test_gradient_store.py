@@ -8,7 +8,7 @@ import pytest
 
 from datablame.adapters.hf_causal_lm import CausalLMAdapter
 from datablame.errors import UserError
-from datablame.features.projection import RandomProjector
+from datablame.features.projection import PROJECTIONS, make_projector
 from datablame.rows import load_rows
 from datablame.store.gradient_store import GradientStore, build_gradient_store
 from datablame.template import PromptTemplate
@@ -21,26 +21,29 @@ ROWS = [{"instruction": f"say {w}", "input": "" if i % 2 else "the fox",
                                "lazy", "dog", "fox", "and", "the", "there"])]
 
 
-def test_projection_is_deterministic_across_processes():
-    code = ("import numpy as np; from datablame.features.projection import RandomProjector;"
+@pytest.mark.parametrize("kind", PROJECTIONS)
+def test_projection_is_deterministic_across_processes(kind):
+    code = ("import numpy as np; from datablame.features.projection import make_projector;"
             "g = np.arange(40000, dtype=np.float32).reshape(4, 10000) % 7 - 3;"
-            "print(RandomProjector(10000, 64, seed=3, block=4096).project(g).tobytes().hex())")
+            f"print(make_projector('{kind}', 10000, 64, seed=3, block=4096)"
+            ".project(g).tobytes().hex())")
     runs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                            check=True).stdout for _ in range(2)}
     assert len(runs) == 1
     g = np.arange(40000, dtype=np.float32).reshape(4, 10000) % 7 - 3
-    here = RandomProjector(10000, 64, seed=3, block=4096).project(g).tobytes().hex()
+    here = make_projector(kind, 10000, 64, seed=3, block=4096).project(g).tobytes().hex()
     assert runs == {here + "\n"}
-    other = RandomProjector(10000, 64, seed=4, block=4096).project(g).tobytes().hex()
+    other = make_projector(kind, 10000, 64, seed=4, block=4096).project(g).tobytes().hex()
     assert other != here
 
 
-def test_projection_preserves_inner_products_within_jl_bound():
+@pytest.mark.parametrize("kind", PROJECTIONS)
+def test_projection_preserves_inner_products_within_jl_bound(kind):
     rng = np.random.default_rng(0)
     d, k = 20000, 1024
     a = rng.standard_normal((50, d)).astype(np.float32)
     b = a + 0.5 * rng.standard_normal((50, d)).astype(np.float32)  # correlated pairs
-    proj = RandomProjector(d, k, seed=0)
+    proj = make_projector(kind, d, k, seed=0)
     pa, pb = proj.project(a), proj.project(b)
     exact = np.sum(a * b, axis=1)
     approx = np.sum(pa * pb, axis=1)

@@ -78,7 +78,8 @@ def build_index(
         with progress.task("row gradients", len(rows)) as advance:
             build_gradient_store(out, rows, tmpl, model, proj_dim=g.proj_dim, seed=g.seed,
                                  shard_rows=g.shard_rows, batch_size=g.batch_size,
-                                 store_dtype=g.store_dtype, progress=advance)
+                                 store_dtype=g.store_dtype, projection=g.projection,
+                                 progress=advance)
     return manifest
 
 
@@ -96,8 +97,9 @@ class GradientOptions:
     proj_dim: int = 2048
     seed: int = 0
     shard_rows: int = 4096
-    batch_size: int = 8
+    batch_size: int = 0  # 0: as many rows as fit ~1 GB of gradients, at most 32
     store_dtype: str = "fp16"
+    projection: str = "countsketch"  # same top-10 fidelity as dense, O(d) not O(dK) per row
 
 
 @dataclass

@@ -69,12 +69,15 @@ def index(
                        ] = None,
     proj_dim: Annotated[int, typer.Option(help="Projected gradient dimension K.")] = 2048,
     seed: Annotated[int, typer.Option(help="Projection seed.")] = 0,
+    projection: Annotated[str, typer.Option(help="countsketch (sparse, fast) or rademacher "
+                                                 "(dense).")] = "countsketch",
     params: Annotated[str, typer.Option(help="auto, all, lora, or regexes.")] = "auto",
     loss_on: Annotated[str, typer.Option(help="response or text.")] = "response",
     dtype: Annotated[str, typer.Option(help="fp32, bf16 or fp16.")] = "fp32",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     max_length: Annotated[int, typer.Option(help="Tokens per text.")] = 512,
-    grad_batch_size: Annotated[int, typer.Option(help="Rows per gradient batch.")] = 8,
+    grad_batch_size: Annotated[int, typer.Option(help="Rows per gradient batch (0: as many "
+                                                      "as fit ~1 GB).")] = 0,
     shard_rows: Annotated[int, typer.Option(help="Rows per gradient shard.")] = 4096,
     store_dtype: Annotated[str, typer.Option(help="fp16 or fp32 on disk.")] = "fp16",
 ) -> None:
@@ -96,7 +99,8 @@ def index(
         grad_opts = GradientOptions(model, adapter, params=params, dtype=dtype, device=device,
                                     max_length=max_length, loss_on=loss_on, proj_dim=proj_dim,
                                     seed=seed, shard_rows=shard_rows,
-                                    batch_size=grad_batch_size, store_dtype=store_dtype)
+                                    batch_size=grad_batch_size, store_dtype=store_dtype,
+                                    projection=projection)
     elif model is not None or adapter is not None:
         _fail("--model/--adapter are only used with --gradients")
     manifest = build_index(train_file, out, template=template or ALPACA_TEMPLATE,

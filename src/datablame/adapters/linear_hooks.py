@@ -9,7 +9,6 @@ parameter (embeddings, norms) is not eligible and the caller falls back to `vmap
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 
 import torch
@@ -48,38 +47,39 @@ def per_example_grads(
     calls: dict[int, int] = {}
     handles = []
 
-    def fwd(mod, args, _out):
+    def fwd(mod, args, out):
         calls[id(mod)] = calls.get(id(mod), 0) + 1
         inputs[id(mod)] = args[0].detach()
-
-    def bwd(mod, _gin, gout):
-        outputs[id(mod)] = gout[0].detach()
+        outputs[id(mod)] = out
 
     params = dict(model.named_parameters())
     previous = {n: params[n].requires_grad for n in param_names}
     try:
         for mod in modules.values():
             handles.append(mod.register_forward_hook(fwd))
-            handles.append(mod.register_full_backward_hook(bwd))
-        for n in param_names:
+        for n in param_names:  # puts the layers' outputs in the autograd graph
             params[n].requires_grad_(True)
         losses = per_example_loss()
         if any(c != 1 for c in calls.values()) or len(calls) != len(modules):
             raise RuntimeError("a layer ran more or less than once per forward pass")
-        grads_of = [params[n] for n in param_names]
-        with warnings.catch_warnings():  # output gradients are exactly what we want here
-            warnings.filterwarnings("ignore", message="Full backward hook is firing")
-            torch.autograd.grad(losses.sum(), grads_of, allow_unused=True)
+        # Differentiate with respect to the layers' *outputs*, not their weights: autograd
+        # then skips the summed weight gradients, which per-example gradients never use.
+        keys = list(modules)
+        out_grads = torch.autograd.grad(losses.sum(), [outputs[k] for k in keys],
+                                        allow_unused=True)
     finally:
         for h in handles:
             h.remove()
         for n, flag in previous.items():
             params[n].requires_grad_(flag)
+    grad_of = {}
+    for k, g in zip(keys, out_grads, strict=True):
+        grad_of[k] = torch.zeros_like(outputs[k]) if g is None else g.detach()
 
     flat = []
     for n in param_names:
         module, attr, kind = owners[n]
-        x, g = inputs[id(module)], outputs[id(module)]
+        x, g = inputs[id(module)], grad_of[id(module)]
         x = x.reshape(x.shape[0], -1, x.shape[-1]).float()
         g = g.reshape(g.shape[0], -1, g.shape[-1]).float()
         if attr == "bias":

@@ -27,8 +27,9 @@ from pathlib import Path
 import numpy as np
 
 from datablame import __version__
+from datablame.adapters.hf_causal_lm import length_order
 from datablame.errors import UserError
-from datablame.features.projection import RandomProjector
+from datablame.features.projection import PROJECTIONS, make_projector, projector_from_json
 from datablame.rows import Rows
 from datablame.store.atomic import write_json_atomic
 from datablame.template import PromptTemplate
@@ -54,7 +55,8 @@ def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def _identity(adapter, template: PromptTemplate, rows: Rows, proj_dim: int, seed: int) -> dict:
+def _identity(adapter, template: PromptTemplate, rows: Rows, proj_dim: int, seed: int,
+              projection: str) -> dict:
     """Everything a stored gradient depends on; a mismatch means the store is unusable."""
     ident = adapter.identity()
     return {
@@ -69,6 +71,7 @@ def _identity(adapter, template: PromptTemplate, rows: Rows, proj_dim: int, seed
         "rows": len(rows),
         "proj_dim": proj_dim,
         "proj_seed": seed,
+        "proj_kind": projection,
     }
 
 
@@ -81,18 +84,27 @@ def build_gradient_store(
     proj_dim: int = 2048,
     seed: int = 0,
     shard_rows: int = 4096,
-    batch_size: int = 8,
+    batch_size: int = 0,
     store_dtype: str = "fp16",
+    projection: str = "countsketch",
     progress: Callable[[int], None] | None = None,
     stop_after_shards: int | None = None,
 ) -> dict:
-    """Compute, project and store every row's gradient; resumes an interrupted build."""
+    """Compute, project and store every row's gradient; resumes an interrupted build.
+
+    batch_size 0 picks the largest batch (up to 32) whose per-example gradients fit in
+    ~1 GB: batching is what makes featurization fast, memory is what bounds it.
+    """
+    if batch_size <= 0:
+        batch_size = int(min(32, max(1, (1 << 28) // max(1, adapter.num_params))))
     if store_dtype not in STORE_DTYPES:
         raise UserError(f"unknown store dtype '{store_dtype}' (use fp16 or fp32)")
+    if projection not in PROJECTIONS:
+        raise UserError(f"unknown projection '{projection}' (use {', '.join(PROJECTIONS)})")
     final = Path(index_dir) / "gradients"
     partial = Path(index_dir) / "gradients.partial"
-    plan = {**_identity(adapter, template, rows, proj_dim, seed), "shard_rows": shard_rows,
-            "batch_size": batch_size, "store_dtype": store_dtype}
+    plan = {**_identity(adapter, template, rows, proj_dim, seed, projection),
+            "shard_rows": shard_rows, "batch_size": batch_size, "store_dtype": store_dtype}
     if partial.exists():
         old = partial / "plan.json"
         if not old.exists() or json.loads(old.read_text()) != plan:
@@ -100,7 +112,7 @@ def build_gradient_store(
     partial.mkdir(parents=True, exist_ok=True)
     write_json_atomic(partial / "plan.json", plan)
 
-    projector = RandomProjector(adapter.num_params, proj_dim, seed)
+    projector = make_projector(projection, adapter.num_params, proj_dim, seed)
     n_shards = (len(rows) + shard_rows - 1) // shard_rows
     built = 0
     for s in range(n_shards):
@@ -112,11 +124,13 @@ def build_gradient_store(
             continue
         texts = [template.format(rows.records[i]) for i in range(lo, hi)]
         out = np.empty((hi - lo, proj_dim), dtype=np.float32)
+        order = length_order(texts)
         for b in range(0, len(texts), batch_size):
-            grads = adapter.gradients(texts[b : b + batch_size], batch_size=batch_size)
-            out[b : b + len(grads)] = projector.project(grads)
+            take = order[b : b + batch_size]
+            grads = adapter.gradients([texts[i] for i in take], batch_size=batch_size)
+            out[take] = projector.project(grads)
             if progress:
-                progress(len(grads))
+                progress(len(take))
         _save_npy_atomic(path, out.astype(STORE_DTYPES[store_dtype]))
         built += 1
         if stop_after_shards is not None and built >= stop_after_shards and s + 1 < n_shards:
@@ -176,7 +190,7 @@ class GradientStore:
     def check_compatible(self, adapter, template: PromptTemplate, rows: Rows) -> None:
         """Refuse a store made for another model, adapter, parameter set, template or data."""
         want = _identity(adapter, template, rows, self.manifest["proj_dim"],
-                         self.manifest["proj_seed"])
+                         self.manifest["proj_seed"], self.projector.kind)
         labels = {"model_dir": "model", "adapter_dir": "adapter", "params": "parameter set",
                   "num_params": "parameter set", "loss_on": "loss scope",
                   "max_length": "max length", "template": "template",
@@ -189,9 +203,8 @@ class GradientStore:
                 )
 
     @property
-    def projector(self) -> RandomProjector:
-        p = self.manifest["projection"]
-        return RandomProjector(p["dim_in"], p["dim_out"], p["seed"], p["block"])
+    def projector(self):
+        return projector_from_json(self.manifest["projection"])
 
     def top_k(self, query: np.ndarray, k: int, kind: str = "cosine"
               ) -> tuple[np.ndarray, np.ndarray]:
