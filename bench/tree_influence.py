@@ -41,8 +41,8 @@ def factory(n_estimators=100):
                               n_jobs=2)
 
 
-def run_task(task: str, n_subsets: int) -> list[dict]:
-    x, y, xq, yq = load(task)
+def run_task(task: str, n_subsets: int, split_seed: int = 0) -> list[dict]:
+    x, y, xq, yq = load(task, seed=split_seed)
     ad = TreeEnsembleAdapter.from_model(factory().fit(x, y), x, y)
 
     def retrain(rows, seed):
@@ -51,17 +51,18 @@ def run_task(task: str, n_subsets: int) -> list[dict]:
         return sub.losses(sub.library_raw(xq), yq)
 
     subsets = SubsetRetraining(retrain, len(x), n_subsets=n_subsets,
-                               cache=f"bench/results/.lds-trees-{task}-{n_subsets}.json")
+                               cache=f"bench/results/.lds-trees-{task}-{n_subsets}"
+                                     + (f"-split{split_seed}" if split_seed else "") + ".json")
     subsets.run()
     rows = []
-    for name in ("boostin", "leaf-influence", "leaf-sim", "simplex", "knn-shapley",
+    for name in ("leaf-share", "boostin", "leaf-influence", "leaf-sim", "simplex", "knn-shapley",
                  "shap-neighbors"):
         t = time.perf_counter()
         scores = get_method(name).fit(ad, x, y).scores(xq, yq)
         elapsed = time.perf_counter() - t
         res = lds(scores, subsets)
-        rows.append({"task": task, "method": name, "lds": res["lds"], "ci95": res["ci95"],
-                     "seconds": elapsed})
+        rows.append({"task": task, "split_seed": split_seed, "method": name,
+                     "lds": res["lds"], "ci95": res["ci95"], "seconds": elapsed})
         print(f"  {task:14s} {name:15s} LDS {res['lds']:.3f} [{res['ci95'][0]:.2f}, "
               f"{res['ci95'][1]:.2f}]  {elapsed:7.2f}s", flush=True)
     return rows
@@ -75,7 +76,7 @@ def scale() -> list[dict]:
         y = (x[:, 0] + x[:, 1] * x[:, 2] + 0.5 * rng.standard_normal(n) > 0).astype(int)
         model = factory(trees).fit(x, y)
         ad = TreeEnsembleAdapter.from_model(model, x, y)
-        for name in ("leaf-sim", "boostin"):
+        for name in ("leaf-sim", "boostin", "leaf-share"):
             t = time.perf_counter()
             method = get_method(name).fit(ad, x, y)
             fit_s = time.perf_counter() - t
@@ -103,16 +104,22 @@ def main() -> None:
     ap.add_argument("--subsets", type=int, default=100)
     ap.add_argument("--tasks", default="breast_cancer,digits")
     ap.add_argument("--scale", action="store_true")
+    ap.add_argument("--split-seed", type=int, default=0,
+                    help="another train/query split (held-out check of chosen defaults)")
     ap.add_argument("--out", default="bench/results/tree_influence.json")
     args = ap.parse_args()
     print("LDS vs retraining (LightGBM 100 trees, 15 leaves), time for 50 queries x 500 rows")
-    rows = [r for task in args.tasks.split(",") if task for r in run_task(task, args.subsets)]
+    rows = [r for task in args.tasks.split(",") if task
+            for r in run_task(task, args.subsets, args.split_seed)]
     result = {"lds": rows}
     if args.scale:
         print("\nscale")
         result["scale"] = scale()
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"\nwrote {args.out}")
+    out = Path(args.out)
+    if args.split_seed:
+        out = out.with_name(f"{out.stem}-split{args.split_seed}{out.suffix}")
+    out.write_text(json.dumps(result, indent=2))
+    print(f"\nwrote {out}")
 
 
 if __name__ == "__main__":

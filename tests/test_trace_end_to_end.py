@@ -68,7 +68,27 @@ def test_all_rows_gradient_index_puts_the_culprit_first(demo_assets, gradient_in
     df = tracer.trace_all_rows(Query(out, {"instruction": CULPRIT["instruction"],
                                            "input": CULPRIT["input"]}), top_k=10)
     assert int(df.iloc[0]["row"]) == info["culprit_row"]
-    assert len(df) == 10 and df["score"].is_monotonic_decreasing
+    assert len(df) == 10 and df["fused"].is_monotonic_decreasing
+    assert df.iloc[0]["gradient_rank"] == 1 and df.iloc[0]["retrieval_rank"] == 1
+    alone = tracer.trace_all_rows(Query(out, {"instruction": CULPRIT["instruction"],
+                                              "input": CULPRIT["input"]}), top_k=10,
+                                  rank_by="gradient")
+    assert int(alone.iloc[0]["row"]) == info["culprit_row"]
+    assert alone["score"].is_monotonic_decreasing and "fused" not in alone
+
+
+def test_fused_ranking_keeps_what_either_signal_finds(demo_assets, gradient_index):
+    """A reworded *answer* (not what the model says) opposes the memorised culprit's
+    gradient (gradient rank near last), while retrieval finds it at once: the fused
+    ranking keeps it near the top, as it keeps reworded-prompt culprits (next test)."""
+    root, info = demo_assets
+    tracer = Tracer(gradient_index, root / "base", root / "adapter")
+    q = Query("Moved the payroll system to Haskell and the Andromeda team saved 40 hours "
+              "weekly.", {"instruction": CULPRIT["instruction"], "input": CULPRIT["input"]})
+    alone = tracer.trace_all_rows(q, top_k=len(tracer.rows), rank_by="gradient")
+    assert list(alone["row"]).index(info["culprit_row"]) + 1 > 50
+    fused = tracer.trace_all_rows(q, top_k=5)
+    assert info["culprit_row"] in set(fused["row"][:3])
 
 
 def test_gradient_index_finds_what_retrieval_misses_on_a_reworded_prompt(demo_assets,
@@ -93,9 +113,11 @@ def test_gradient_index_finds_what_retrieval_misses_on_a_reworded_prompt(demo_as
         assert "payroll" in answer  # the model carries the culprit's topic into its answer
         q = Query(answer, {"instruction": instruction, "input": inp})
         retrieved, _ = tracer.retrieve(q, 50)
-        df = tracer.trace_all_rows(q, top_k=5)
+        df = tracer.trace_all_rows(q, top_k=5, rank_by="gradient")
         grad_rank = list(df["row"]).index(culprit) + 1 if culprit in set(df["row"]) else 99
         assert grad_rank <= 3, (inp, answer)
+        fused = tracer.trace_all_rows(q, top_k=5)
+        assert culprit in set(fused["row"][:3]), (inp, answer)
         found.append(culprit not in set(retrieved) and grad_rank == 1)
     assert any(found)  # at least one: retrieval misses at k=50, the gradient index ranks 1
 

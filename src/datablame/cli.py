@@ -71,7 +71,8 @@ def index(
     seed: Annotated[int, typer.Option(help="Projection seed.")] = 0,
     projection: Annotated[str, typer.Option(help="countsketch (sparse, fast) or rademacher "
                                                  "(dense).")] = "countsketch",
-    params: Annotated[str, typer.Option(help="auto, all, lora, or regexes.")] = "auto",
+    params: Annotated[str, typer.Option(help="auto (LoRA B if --adapter, else all), lora-b, "
+                                             "lora, all, or regexes.")] = "auto",
     loss_on: Annotated[str, typer.Option(help="response or text.")] = "response",
     dtype: Annotated[str, typer.Option(help="fp32, bf16 or fp16.")] = "fp32",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
@@ -159,9 +160,9 @@ def trace(
                    ] = None,
     data: Annotated[Optional[Path], typer.Option(help="Training file (default: the one "  # noqa: UP045
                                                       "recorded in the index).")] = None,
-    params: Annotated[str, typer.Option(help="Parameters to differentiate: auto (LoRA if "
-                                             "an adapter, else all), all, lora, or regexes.")
-                      ] = "auto",
+    params: Annotated[str, typer.Option(help="Parameters to differentiate: auto (LoRA B if "
+                                             "an adapter, else all), lora-b, lora, all, or "
+                                             "regexes.")] = "auto",
     loss_on: Annotated[str, typer.Option(help="response (answer tokens) or text (whole "
                                               "formatted text, the seed's choice).")
                        ] = "response",
@@ -179,6 +180,9 @@ def trace(
     rerank: Annotated[int, typer.Option(help="With --all-rows: re-rank this many of the "
                                              "store's best rows with exact gradients (0: "
                                              "projected scores only).")] = 100,
+    rank_by: Annotated[str, typer.Option(help="With --all-rows: fused (gradient rank + "
+                                              "retrieval rank, measured best) or gradient."
+                                              )] = "fused",
     method: Annotated[str, typer.Option(help="grad (cosine/dot alignment, default), or "
                                              "datainf, trak, tracin on exact LoRA gradients "
                                              "of the candidates (all rows with --all-rows).")
@@ -217,7 +221,7 @@ def trace(
                                  all_rows=all_rows, checkpoints=ckpts or None)
     elif all_rows:
         df = tracer.trace_all_rows(Query(query, prompt), top_k=top_k, alignment=alignment,
-                                   verify=verify, rerank=rerank)
+                                   verify=verify, rerank=rerank, rank_by=rank_by)
     else:
         df = tracer.trace(Query(query, prompt), top_k=top_k, alignment=alignment)
     if out is not None:

@@ -27,6 +27,9 @@ def results_table(df: pd.DataFrame, show: int = 5, title: str | None = None) -> 
     table.add_column("reading", no_wrap=True)
     if "distance" in df:
         table.add_column("distance", justify="right", no_wrap=True)
+    ranks = [c for c in ("gradient_rank", "retrieval_rank") if c in df and "fused" in df]
+    for c in ranks:
+        table.add_column(c.split("_")[0][:4] + " rank", justify="right", no_wrap=True)
     for f in fields:
         table.add_column(f.removeprefix("field:"), overflow="ellipsis", no_wrap=True,
                          max_width=36)
@@ -35,7 +38,9 @@ def results_table(df: pd.DataFrame, show: int = 5, title: str | None = None) -> 
         label = r.get("reading", "")
         cells.append(f"[{READING_STYLE.get(label, '')}]{label}[/]" if label else "")
         if "distance" in df:
-            cells.append(f"{max(r['distance'], 0.0):.3f}")
+            d = r["distance"]
+            cells.append("-" if d != d else f"{max(d, 0.0):.3f}")  # NaN: not retrieved
+        cells += [str(r[c]) for c in ranks]
         cells += [_preview(r[f]) for f in fields]
         table.add_row(*cells)
     return table

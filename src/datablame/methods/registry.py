@@ -15,6 +15,7 @@ from datablame.methods.influence import (
 )
 from datablame.methods.knn_shapley import KnnShapley
 from datablame.methods.leaf_influence import LeafInfluence
+from datablame.methods.leaf_share import LeafShare
 from datablame.methods.leaf_sim import LeafSim
 from datablame.methods.linear_exact import LinearExact
 from datablame.methods.shap_neighbors import ShapNeighbors
@@ -34,6 +35,7 @@ METHODS: dict[str, type[Method]] = {
     "datainf": DataInf,
     "leaf-sim": LeafSim,
     "boostin": BoostIn,
+    "leaf-share": LeafShare,
     "leaf-influence": LeafInfluence,
     "simplex": Simplex,
     "knn-shapley": KnnShapley,
@@ -45,8 +47,8 @@ METHODS: dict[str, type[Method]] = {
 FAMILY_METHODS = {
     "torch": ["if-exact", "if-cg", "if-lissa", "if-arnoldi", "grad-dot", "grad-cos", "trak",
               "tracin", "datainf", "simplex", "knn-shapley"],
-    "boosted-trees": ["boostin", "leaf-influence", "leaf-sim", "simplex", "knn-shapley",
-                      "shap-neighbors"],
+    "boosted-trees": ["leaf-share", "boostin", "leaf-influence", "leaf-sim", "simplex",
+                      "knn-shapley", "shap-neighbors"],
     "forest": ["leaf-sim", "simplex", "knn-shapley", "shap-neighbors"],
     "linear": ["linear-exact", "knn-shapley", "shap-neighbors"],
 }

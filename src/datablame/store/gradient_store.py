@@ -235,3 +235,25 @@ class GradientStore:
         best = sorted(heap, reverse=True)
         return (np.array([-r for _, r in best], dtype=np.int64),
                 np.array([s for s, _ in best], dtype=np.float64))
+
+    def score_rows(self, query: np.ndarray, row_ids: np.ndarray, kind: str = "cosine"
+                   ) -> np.ndarray:
+        """Stored scores of the given rows only (reads just their shards' rows)."""
+        q = np.asarray(query, dtype=np.float32).ravel()
+        norms = np.load(self.path / "norms.npy", mmap_mode="r")
+        qn = float(np.linalg.norm(q)) or 1.0
+        ids = np.asarray(row_ids, dtype=np.int64)
+        out = np.zeros(len(ids))
+        for shard in self.manifest["shards"]:
+            lo, hi = shard["rows"]
+            inside = np.flatnonzero((ids >= lo) & (ids < hi))
+            if not len(inside):
+                continue
+            block = np.load(self.path / shard["file"], mmap_mode="r")
+            vecs = np.asarray(block[ids[inside] - lo], dtype=np.float32)
+            scores = vecs @ q
+            if kind == "cosine":
+                n = np.asarray(norms[ids[inside]])
+                scores = np.where(n > 0, scores / (np.where(n > 0, n, 1) * qn), 0.0)
+            out[inside] = scores
+        return out

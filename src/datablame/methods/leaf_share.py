@@ -1,0 +1,78 @@
+"""leaf-share: each training row's share of the leaves it has in common with the query.
+
+A Newton leaf value is a sum of per-row shares, v = sum_i -lr * g_i / (H + l2) (g_i, H =
+the row's loss gradient and the leaf's hessian sum in that boosting round). Taking row i's
+share out of every leaf it shares with the query moves the query's final raw score by
+sum_t [leaf_t(q) == leaf_t(i)] lr * g_t(i) / (H_t + l2), and its loss, to first order, by
+that times the query's loss gradient g(q) at the *final* model:
+
+    score(q, i) = g(q) . sum_t [leaf_t(q) == leaf_t(i)] lr * g_t(i) / (H_t + l2)
+
+Positive = removing the row raises the query's loss (it helped).
+
+Why this and not BoostIn or the full leaf-influence, measured against retraining on 50%
+subsets (bench/tree_influence.py, LightGBM 100 trees; breast_cancer / digits LDS):
+- BoostIn weighs each round by the query's gradient *at that round* (TracIn); the quantity
+  retraining changes is the final loss, so the final gradient is the right weight: 0.28 /
+  0.35 -> 0.34 / 0.49 with BoostIn's Newton derivative, 0.36 / 0.51 with shares;
+- the exact fixed-structure derivative of the leaf value also counts the row's hessian in
+  the denominator (g_i + v h_i instead of g_i); for removals as large as LDS's, that term
+  is shared by every row of the leaf and measured worse (0.34 / 0.49 vs 0.36 / 0.51);
+- following a row's effect through every later round (leaf-influence) is exact for a
+  fixed structure but trees re-grow when data change: 0.23 / 0.43.
+Cost: BoostIn's (one vectorised leaf match per query).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from datablame.errors import UserError
+from datablame.features.leaf_index import LeafIndex
+from datablame.methods.base import Method
+from datablame.methods.boostin import leaf_sums, round_stats
+
+
+class LeafShare(Method):
+    name = "leaf-share"
+
+    def fit(self, adapter, x_train, y_train):
+        if not adapter.boosted:
+            raise UserError(f"{self.name} needs a gradient-boosted model; for random forests "
+                            "use leaf-sim, simplex or knn-shapley")
+        super().fit(adapter, x_train, y_train)
+        leaves, g, h, _ = round_stats(adapter, x_train, y_train)
+        n, t_count, k_count = leaves.shape
+        lr, l2 = adapter.learning_rate, adapter.l2
+        share = np.zeros((n, t_count, k_count))
+        for t in range(t_count):
+            for k in range(k_count):
+                lt = leaves[:, t, k]
+                hess = leaf_sums(lt, h[:, t, k], len(adapter.values[t][k]))
+                denom = hess[lt] + l2
+                share[:, t, k] = np.where(denom > 0, lr * g[:, t, k] / np.where(
+                    denom > 0, denom, 1.0), 0.0)
+        self.k_count = k_count
+        self.share = share.reshape(n, -1)
+        self.share_by_tree = np.ascontiguousarray(self.share.T)
+        self.index = LeafIndex(leaves.reshape(n, -1))
+        return self
+
+    def _final_gradient(self, x, y) -> tuple[np.ndarray, np.ndarray]:
+        leaves = self.adapter.leaves(x)
+        g, _, _ = self.adapter.grad_hess(self.adapter.raw_from_leaves(leaves), y)
+        return leaves.reshape(len(leaves), -1), g  # g: (m, K)
+
+    def scores(self, x_query, y_query) -> np.ndarray:
+        q_leaves, gq = self._final_gradient(x_query, y_query)
+        rounds = q_leaves.shape[1] // self.k_count
+        out = np.empty((len(q_leaves), self.n_train))
+        for q in range(len(q_leaves)):
+            out[q] = self.index.accumulate(q_leaves[q], self.share_by_tree,
+                                           np.tile(gq[q], rounds))
+        return out
+
+    def self_influence(self) -> np.ndarray:
+        _, g = self._final_gradient(self.x_train, self.y_train)
+        rounds = self.share.shape[1] // self.k_count
+        return (self.share * np.tile(g, (1, rounds))).sum(1)
