@@ -5,8 +5,9 @@
 For reworded prompts of the planted culprit (other instruction, other verb) the query is
 what the fine-tuned model actually answers; for reworded *answers* the query is a
 paraphrase of the culprit's output. Reports the culprit's rank (1 = best, of 200 rows) by
-retrieval and by exact gradient cosine over all rows, with the loss on the response only
-or on the whole text.
+retrieval, by exact gradient cosine over all rows (default parameters: the LoRA B matrices),
+with the loss on the response only or on the whole text, and by the fused ranking that
+`trace --all-rows` uses by default.
 """
 
 from __future__ import annotations
@@ -67,11 +68,19 @@ def main() -> None:
             grad_rank = int((scores > scores[culprit]).sum()) + 1
             ids, _ = tracer.retrieve(q, len(tracer.rows))
             retr_rank = int(np.flatnonzero(ids == culprit)[0]) + 1
+            g_ranks = np.empty(len(scores), dtype=int)
+            g_ranks[np.argsort(-scores, kind="stable")] = np.arange(1, len(scores) + 1)
+            r_ranks = np.empty(len(scores), dtype=int)
+            r_ranks[ids] = np.arange(1, len(ids) + 1)
+            fused = 1 / (1 + g_ranks) + 1 / (1 + r_ranks)  # the --all-rows default
+            fused_rank = int((fused > fused[culprit]).sum()) + 1
             rows.append({"kind": kind, "input": inp, "answer": answer, "loss_on": loss_on,
                          "gradient_rank": grad_rank, "retrieval_rank": retr_rank,
+                         "fused_rank": fused_rank,
                          "culprit_score": float(scores[culprit])})
             print(f"  {kind:16s} {loss_on:8s} grad rank {grad_rank:3d}  retrieval rank "
-                  f"{retr_rank:3d}  | {inp[:30]:30s} -> {answer[:60]}", flush=True)
+                  f"{retr_rank:3d}  fused rank {fused_rank:3d} | {inp[:30]:30s} -> "
+                  f"{answer[:50]}", flush=True)
     Path(args.out).write_text(json.dumps(rows, indent=2))
 
 

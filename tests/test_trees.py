@@ -108,13 +108,37 @@ def test_leaf_influence_matches_hand_computed_leaf_change_single_tree():
         assert np.all(dv[others, i] == 0)  # structure fixed: other leaves do not move
 
 
+@pytest.mark.parametrize("library", ["lightgbm", "xgboost"])
+def test_leaf_shares_add_up_to_the_libraries_leaf_values(library):
+    """leaf-share splits each Newton leaf value into per-row shares: in every tree, the
+    shares of a leaf's rows must add up to the value the library stored for that leaf."""
+    import lightgbm as lgb
+    import xgboost as xgb
+
+    x, y = _data("binary")
+    x, y = x[:300], y[:300]
+    model = (lgb.LGBMClassifier(n_estimators=20, num_leaves=7, verbose=-1,
+                                min_child_samples=5) if library == "lightgbm" else
+             xgb.XGBClassifier(n_estimators=20, max_depth=3, min_child_weight=0))
+    model.fit(x, y)
+    ad = TreeEnsembleAdapter.from_model(model, x, y)
+    method = get_method("leaf-share").fit(ad, x, y)
+    leaves = ad.leaves(x)
+    for t in range(leaves.shape[1]):
+        lt = leaves[:, t, 0]
+        share_sums = np.bincount(lt, weights=method.share[:, t], minlength=len(ad.values[t][0]))
+        used = np.unique(lt)
+        np.testing.assert_allclose(-share_sums[used], ad.values[t][0][used], rtol=1e-4,
+                                   atol=1e-7)
+
+
 def _retrain_loss(model_factory, x, y, xq, yq, rows):
     m = model_factory().fit(x[rows], y[rows])
     ad = TreeEnsembleAdapter.from_model(m, x[rows], y[rows])
     return ad.losses(ad.library_raw(xq), yq)
 
 
-@pytest.mark.parametrize("method", ["boostin", "leaf-influence"])
+@pytest.mark.parametrize("method", ["leaf-share", "boostin", "leaf-influence"])
 def test_removing_top_k_raises_the_query_loss_more_than_random(method):
     import lightgbm as lgb
 
@@ -234,7 +258,8 @@ def test_python_attribute_takes_tree_and_linear_models():
     df = attribute(gb, xt, y[:200], xq, top_k=4)
     assert list(df["rank"]) == [1, 2, 3, 4] * 3 and "f0" in df.columns
     ad = TreeEnsembleAdapter.from_model(gb, xt, y[:200])
-    direct = get_method("boostin").fit(ad, xt, y[:200]).scores(xq, ad.predict_targets(xq))
+    direct = get_method("leaf-share").fit(ad, xt, y[:200]).scores(xq,
+                                                                  ad.predict_targets(xq))
     np.testing.assert_allclose(score_matrix(gb, xt, y[:200], xq), direct)
     xr, yr = _data("regression")
     ridge = Ridge(alpha=1.0).fit(xr[:80], yr[:80])

@@ -48,7 +48,7 @@ def score_matrix(model, x_train, y_train, x_query, y_query=None, *, loss="ce",
 
     `model`: a torch module (with `loss` and the `l2` it was trained with), a tree
     ensemble, or a scikit-learn linear model. `method="auto"` picks the measured default
-    for the family (if-exact, boostin / leaf-sim for forests, linear-exact).
+    for the family (if-exact, leaf-share / leaf-sim for forests, linear-exact).
     """
     family = _family_of(model)
     if family == "torch":
@@ -106,7 +106,7 @@ def load_model_file(path, trust_pickle: bool = False):
 
 # Chosen by measurement against retraining (bench/tabular_influence.py,
 # bench/tree_influence.py): see the README's method table.
-DEFAULTS = {"torch": "if-exact", "trees": "boostin", "linear": "linear-exact"}
+DEFAULTS = {"torch": "if-exact", "trees": "leaf-share", "linear": "linear-exact"}
 
 
 def _default_method(family: str, adapter) -> str:
