@@ -21,18 +21,21 @@ def _preview(value: object, width: int = 48) -> str:
 def results_table(df: pd.DataFrame, show: int = 5, title: str | None = None) -> Table:
     fields = [c for c in df.columns if c.startswith("field:")]
     table = Table(title=title, show_lines=False, header_style="bold")
-    table.add_column("rank", justify="right", no_wrap=True)
-    table.add_column("row", justify="right", style="cyan", no_wrap=True)
-    table.add_column("score", justify="right", no_wrap=True)
-    table.add_column("reading", no_wrap=True)
+    # numbers never shrink; the row's text columns give way when the terminal is narrow
+    table.add_column("rank", justify="right", no_wrap=True, min_width=4)
+    table.add_column("row", justify="right", style="cyan", no_wrap=True, min_width=5)
+    table.add_column("score", justify="right", no_wrap=True, min_width=7)
+    table.add_column("reading", no_wrap=True, min_width=9)
     if "distance" in df:
-        table.add_column("distance", justify="right", no_wrap=True)
+        table.add_column("distance", justify="right", no_wrap=True, min_width=8)
     ranks = [c for c in ("gradient_rank", "retrieval_rank") if c in df and "fused" in df]
     for c in ranks:
-        table.add_column(c.split("_")[0][:4] + " rank", justify="right", no_wrap=True)
+        table.add_column(c.split("_")[0][:4] + " rank", justify="right", no_wrap=True,
+                         min_width=9)
+    width = 36 if not ranks else 24
     for f in fields:
         table.add_column(f.removeprefix("field:"), overflow="ellipsis", no_wrap=True,
-                         max_width=36)
+                         max_width=width)
     for _, r in df.head(show).iterrows():
         cells = [str(r["rank"]), str(r["row"]), f"{r['score']:.4f}"]
         label = r.get("reading", "")
