@@ -9,7 +9,7 @@ objective, learning rate and L2 penalty. Leaf ids come from the libraries themse
 every library, so a parser that drifts from a library's semantics fails loudly.
 
 Supported: XGBoost, LightGBM, CatBoost, scikit-learn GradientBoosting*,
-HistGradientBoosting* (numeric splits; categorical bitsets are refused) and
+HistGradientBoosting* (numeric and categorical splits, walked like its own predictor) and
 RandomForest* / ExtraTrees* (leaves only: not boosted).
 """
 
@@ -348,12 +348,6 @@ def _from_sklearn(model) -> TreeEnsembleAdapter:
                           ens.HistGradientBoostingRegressor)):
         if model.loss not in ("log_loss", "squared_error"):
             raise UserError(f"HistGradientBoosting loss '{model.loss}' is not supported")
-        for row in model._predictors:
-            for pred in row:
-                if pred.nodes["is_categorical"].any():
-                    raise UserError("HistGradientBoosting categorical splits are not "
-                                    "supported yet; one-hot encode, or use LightGBM/XGBoost "
-                                    "/CatBoost for native categoricals")
         values = [[pred.nodes["value"].astype(np.float64) for pred in row]
                   for row in model._predictors]
         bias = np.asarray(model._baseline_prediction, dtype=np.float64).reshape(-1)
@@ -396,11 +390,24 @@ def _sk_rf_raw(ad, x):
     return np.asarray(out, dtype=np.float64).reshape(len(out), -1)
 
 
+def _bit(bitsets: np.ndarray, rows: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """Is category `codes[i]` in bitset `rows[i]` (8 x uint32 = 256 categories)?"""
+    ok = (codes >= 0) & (codes < 256)
+    c = np.where(ok, codes, 0)
+    return ok & ((bitsets[rows, c // 32] >> (c % 32).astype(np.uint32)) & 1).astype(bool)
+
+
 def _sk_hgb_leaves(ad, x):
-    arr = _to_array(x).astype(np.float64)
+    """scikit-learn gives no leaf ids for HistGradientBoosting: walk its predictor nodes
+    the way its own Cython predictor does (same preprocessing, same rules for missing
+    values, categorical bitsets and unknown categories), vectorised over rows; the result
+    is checked against the library's raw prediction (tests)."""
+    model = ad.model
+    arr = np.asarray(model._preprocess_X(x, reset=False), dtype=np.float64)
+    known, f_idx_map = model._bin_mapper.make_known_categories_bitsets()
     out = np.empty((len(arr), ad.n_trees, ad.n_outputs), dtype=np.int64)
     rows = np.arange(len(arr))
-    for t, row in enumerate(ad.model._predictors):
+    for t, row in enumerate(model._predictors):
         for k, pred in enumerate(row):
             nodes = pred.nodes
             node = np.zeros(len(arr), dtype=np.int64)
@@ -409,9 +416,20 @@ def _sk_hgb_leaves(ad, x):
                 if not active.any():
                     break
                 nd = node[active]
-                xv = arr[rows[active], nodes["feature_idx"][nd]]
-                left = np.where(np.isnan(xv), nodes["missing_go_to_left"][nd].astype(bool),
-                                xv <= nodes["num_threshold"][nd])
+                feat = nodes["feature_idx"][nd]
+                xv = arr[rows[active], feat]
+                missing_left = nodes["missing_go_to_left"][nd].astype(bool)
+                left = xv <= nodes["num_threshold"][nd]
+                cat = nodes["is_categorical"][nd].astype(bool)
+                if cat.any():
+                    code = np.where(np.isnan(xv[cat]), -1, xv[cat]).astype(np.int64)
+                    in_left = _bit(pred.raw_left_cat_bitsets, nodes["bitset_idx"][nd][cat], code)
+                    in_known = _bit(known, f_idx_map[feat[cat]], code)
+                    # known categories not sent left go right; negative or unknown ones
+                    # follow the missing-value direction
+                    left[cat] = np.where(in_left, True,
+                                         np.where(in_known, False, missing_left[cat]))
+                left = np.where(np.isnan(xv), missing_left, left)
                 node[active] = np.where(left, nodes["left"][nd], nodes["right"][nd])
             out[:, t, k] = node
     return out
