@@ -130,7 +130,7 @@ def test_verify_on_a_lightgbm_file(tree_files, monkeypatch, capsys):
                            "--lds-subsets", "8", "--remove-top-k", "10", "--out", t / "v.json")
     assert code in (0, None), err
     res = json.loads((t / "v.json").read_text())
-    assert res["method"] == "boostin" and res["lds"]["subsets"] == 8
+    assert res["method"] == "leaf-share" and res["lds"]["subsets"] == 8
 
 
 def test_pickle_needs_explicit_trust(tree_files, monkeypatch, capsys):
