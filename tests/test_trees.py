@@ -236,6 +236,36 @@ def test_knn_shapley_matches_brute_force_shapley():
             brute[i] += utility(seen) - before
     brute /= len(perms)
     np.testing.assert_allclose(knn_shapley_values(order, match, k), brute, atol=1e-12)
+    # regression: the same closed form is exact for any real-valued agreement
+    agree = rng.normal(size=n)
+
+    def real_utility(subset):
+        near = sorted(subset, key=lambda i: dist[i])[:k]
+        return sum(agree[i] for i in near) / k
+
+    brute = np.zeros(n)
+    for p in perms:
+        seen = []
+        for i in p:
+            before = real_utility(seen)
+            seen.append(i)
+            brute[i] += real_utility(seen) - before
+    brute /= len(perms)
+    np.testing.assert_allclose(knn_shapley_values(order, agree, k), brute, atol=1e-12)
+
+
+def test_knn_shapley_on_a_regression_model_rewards_close_labels():
+    """A query identical to training row 7 (features and target): that row is its nearest
+    neighbour and agrees fully, so it gets the largest value; the row with the most
+    distant label gets little or negative value."""
+    x, y = _data("regression")
+    x, y = x[:200], y[:200]
+    gb = ens.GradientBoostingRegressor(n_estimators=20, max_depth=2).fit(x, y)
+    ad = TreeEnsembleAdapter.from_model(gb, x, y)
+    scores = get_method("knn-shapley", k=5).fit(ad, x, y).scores(x[7:8], y[7:8])
+    assert int(np.argmax(scores[0])) == 7
+    far = int(np.argmax(np.abs(y - y[7])))
+    assert scores[0, far] < 0 or scores[0, far] < scores[0, 7] / 10
 
 
 def test_linear_exact_equals_actual_leave_one_out_for_ridge():

@@ -6,21 +6,29 @@ With the training rows sorted by distance to the query (nearest first, a_1..a_n)
     s(a_j) = s(a_{j+1}) + ([y(a_j) == y_q] - [y(a_{j+1}) == y_q]) / K * min(K, j) / j
 Positive = the row raises the KNN's chance of answering y_q (it helped).
 
+The utility is linear in the K nearest rows' "agreement" with the query (classification:
+[y == y_q]), which is what makes the closed form exact. Regression uses the same form with
+agreement 1 - (y - y_q)^2 / Var(y): a neighbour helps when its label is closer to the
+query's target than a typical training label is (Jia et al.'s regression utility, the
+squared error of the neighbours' *mean*, is quadratic in the neighbours and has no such
+recursion; it is not what this computes).
+
 Space: "leaves" (distance = 1 - fraction of shared leaves, the tree model's own view of
 similarity) for tree models, or "features" (standardised Euclidean distance on raw
-features) for any model. Classification only.
+features) for any model.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from datablame.errors import UserError
 from datablame.methods.base import Method
 
 
 def knn_shapley_values(order: np.ndarray, match: np.ndarray, k: int) -> np.ndarray:
-    """order: rows nearest first; match: [y(row) == y_q] per row (by row id)."""
+    """order: rows nearest first; match: each row's agreement with the query (by row id),
+    [y(row) == y_q] for classification; any real value is exact for the linear utility
+    U(S) = sum over the K nearest rows of S of match / K."""
     n = len(order)
     m = match[order].astype(np.float64)
     s = np.empty(n)
@@ -37,19 +45,41 @@ def knn_shapley_values(order: np.ndarray, match: np.ndarray, k: int) -> np.ndarr
 class KnnShapley(Method):
     name = "knn-shapley"
 
-    def __init__(self, k: int = 10, space: str = "auto"):
+    def __init__(self, k: int = 10, space: str = "auto", task: str = "auto"):
         if space not in ("auto", "leaves", "features"):
             raise ValueError("space must be auto, leaves or features")
-        self.k, self.space = k, space
+        if task not in ("auto", "classification", "regression"):
+            raise ValueError("task must be auto, classification or regression")
+        self.k, self.space, self.task = k, space, task
+
+    def _is_regression(self, adapter, y: np.ndarray) -> bool:
+        """The model says what it is when it can; otherwise non-integer targets regress."""
+        if self.task != "auto":
+            return self.task == "regression"
+        objective = getattr(adapter, "objective", None)
+        if objective is not None:
+            return objective == "regression"
+        loss = getattr(adapter, "loss", None)
+        if isinstance(loss, str):
+            return loss in ("mse", "squared_error")
+        model = getattr(adapter, "model", None)
+        if model is not None and hasattr(model, "fit"):
+            from sklearn.base import is_classifier, is_regressor
+
+            if is_regressor(model) or is_classifier(model):
+                return is_regressor(model)
+        return y.dtype.kind == "f" and not np.all(np.equal(np.mod(y, 1), 0))
 
     def fit(self, adapter, x_train, y_train):
         super().fit(adapter, x_train, y_train)
-        if getattr(adapter, "objective", "binary") == "regression":
-            raise UserError("knn-shapley is defined for classification targets")
+        self.regression = self._is_regression(adapter, np.asarray(y_train).reshape(-1))
         self._space = self.space
         if self._space == "auto":
             self._space = "leaves" if hasattr(adapter, "leaves") else "features"
         self.y = np.asarray(y_train).reshape(-1)
+        if self.regression:
+            self.y = self.y.astype(np.float64)
+            self.var = float(self.y.var()) or 1.0
         if self._space == "leaves":
             self.train_repr = adapter.leaves(x_train).reshape(self.n_train, -1)
         else:
@@ -73,5 +103,7 @@ class KnnShapley(Method):
         out = np.empty_like(dist)
         for q in range(len(dist)):
             order = np.argsort(dist[q], kind="stable")
-            out[q] = knn_shapley_values(order, self.y == yq[q], self.k)
+            agree = 1 - (self.y - float(yq[q])) ** 2 / self.var if self.regression else \
+                self.y == yq[q]
+            out[q] = knn_shapley_values(order, agree, self.k)
         return out
