@@ -16,6 +16,7 @@ import argparse
 import json
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -108,6 +109,35 @@ def fidelity(grads: np.ndarray, ks=(256, 512, 1024, 2048, 4096)) -> list[dict]:
     return out
 
 
+def _rss_anon_mb() -> float:
+    """Anonymous (heap) resident memory: what a query allocates, not the page cache."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _peak_rss_during(fn) -> tuple[float, float]:
+    """(seconds, peak anonymous RSS growth in MB) of fn(), sampled every 2 ms."""
+    import threading
+
+    base, peak, done = _rss_anon_mb(), [0.0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_anon_mb() - base)
+            done.wait(0.002)
+
+    th = threading.Thread(target=sample)
+    th.start()
+    t = time.perf_counter()
+    fn()
+    elapsed = time.perf_counter() - t
+    done.set()
+    th.join()
+    return elapsed, max(peak[0], _rss_anon_mb() - base)
+
+
 def latency(sizes: list[int], k: int, shard_rows: int = 16384) -> list[dict]:
     from datablame.store.gradient_store import GradientStore
 
@@ -135,12 +165,11 @@ def latency(sizes: list[int], k: int, shard_rows: int = 16384) -> list[dict]:
             for sh in shards:  # read the store once from page cache
                 total += int(np.asarray(np.load(path / sh["file"], mmap_mode="r")).sum() != 0)
             t_read = time.perf_counter() - t
-            t = time.perf_counter()
-            store.top_k(q, 50)
-            t_query = time.perf_counter() - t
+            t_query, peak_mb = _peak_rss_during(partial(store.top_k, q, 50))
             out.append({"rows": n, "K": k, "store_MB": sum(s["bytes"] for s in shards) / 2**20,
                         "query_s": t_query, "read_once_s": t_read,
-                        "ratio": t_query / t_read})
+                        "ratio": t_query / t_read, "peak_heap_growth_MB": peak_mb,
+                        "shard_fp32_MB": shard_rows * k * 4 / 2**20})
     return out
 
 
@@ -179,7 +208,9 @@ def main() -> None:
     print("\nquery latency (fp16 memory-mapped shards)")
     for r in lat:
         print(f"  rows={r['rows']:8d} K={r['K']}  {r['store_MB']:8.0f} MB  query "
-              f"{r['query_s']:.3f}s  read-once {r['read_once_s']:.3f}s  ratio {r['ratio']:.2f}")
+              f"{r['query_s']:.3f}s  read-once {r['read_once_s']:.3f}s  ratio {r['ratio']:.2f}  "
+              f"heap +{r['peak_heap_growth_MB']:.0f} MB (one fp32 shard "
+              f"{r['shard_fp32_MB']:.0f} MB)")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"featurization": feat, "index_build": build,
                                           "fidelity": fid, "latency": lat}, indent=2))
