@@ -184,3 +184,28 @@ def test_query_target_defaults_to_the_model_prediction(logistic):
     manual = get_method("if-exact").fit(TorchModelAdapter(model, "ce", 0.01), x, y)
     best = np.argsort(-manual.scores(xq[:2], pred)[0])[:3]
     assert list(df[df["query"] == 0]["row"]) == list(best)
+
+
+@pytest.mark.parametrize("loss,outputs,bias", [("ce", 4, True), ("ce", 1, True),
+                                                ("ce", 3, False), ("mse", 2, True)])
+def test_linear_models_closed_form_hessian_equals_autograd(loss, outputs, bias):
+    """The closed-form Hessian of a linear model must equal the one built from autograd
+    Hessian-vector products, in datablame's parameter order."""
+    from torch.func import vmap
+
+    rng = np.random.default_rng(0)
+    x = torch.tensor(rng.standard_normal((120, 6)), dtype=torch.float32)
+    if loss == "ce":
+        y = torch.tensor(rng.integers(0, max(outputs, 2), 120))
+    else:
+        y = torch.tensor(rng.standard_normal((120, outputs)), dtype=torch.float32)
+    torch.manual_seed(0)
+    ad = TorchModelAdapter(torch.nn.Linear(6, outputs, bias=bias), loss=loss, l2=0.05)
+    fast = ad.hessian(x, y)
+    hvp = vmap(ad.hvp_fn(x, y))
+    slow = hvp(torch.eye(ad.num_params))
+    np.testing.assert_allclose(fast.numpy(), slow.numpy(), atol=1e-5)
+    # a model that is not linear in its parameters takes the autograd path
+    mlp = TorchModelAdapter(torch.nn.Sequential(torch.nn.Linear(6, 3), torch.nn.Tanh(),
+                                                torch.nn.Linear(3, 2)), loss="ce")
+    assert mlp._linear_layer() is None

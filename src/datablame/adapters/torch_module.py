@@ -130,6 +130,49 @@ class TorchModelAdapter:
         if self.num_params > 20000:
             raise UserError(f"the exact Hessian needs a {self.num_params}^2 matrix; use "
                             "if-cg, if-lissa or if-arnoldi for a model this size")
+        linear = self._linear_layer()
+        if linear is not None:
+            return self._linear_hessian(linear, as_tensor(x))
         hvp = vmap(self.hvp_fn(x, y))
         eye = torch.eye(self.num_params)
         return torch.cat([hvp(eye[i:i + 256]) for i in range(0, self.num_params, 256)])
+
+    def _linear_layer(self) -> torch.nn.Linear | None:
+        """The layer, when the model is one nn.Linear under our own (mse / ce) loss."""
+        m = self.model
+        if isinstance(m, torch.nn.Sequential) and len(m) == 1:
+            m = m[0]
+        if not isinstance(m, torch.nn.Linear) or self.params != "all" or \
+                self.loss_fn not in (_ce, _mse):
+            return None
+        return m
+
+    def _linear_hessian(self, layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        """Closed form for a model linear in its parameters: the Hessian of the mean loss is
+        (1/n) sum_i A_i (x) x~_i x~_i^T, with A_i the loss's Hessian in the outputs
+        (softmax: diag(p) - p p^T; one logit: p(1 - p); squared error: 2 I) and
+        x~ = [x, 1]. One (K^2 x n) @ (n x D^2) product instead of d Hessian-vector products.
+        """
+        n = x.shape[0]
+        with torch.no_grad():
+            z = layer(x)
+            k = z.shape[1]
+            if self.loss_fn is _mse:
+                a = 2 * torch.eye(k).expand(n, k, k)
+            elif k == 1:
+                p = torch.sigmoid(z)
+                a = (p * (1 - p)).reshape(n, 1, 1)
+            else:
+                p = torch.softmax(z, dim=1)
+                a = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+            xt = torch.cat([x, torch.ones(n, 1)], dim=1) if layer.bias is not None else x
+            d = xt.shape[1]
+            outer = (xt[:, :, None] * xt[:, None, :]).reshape(n, d * d)
+            full = (a.reshape(n, k * k).T @ outer / n).reshape(k, k, d, d)
+            full = full.permute(0, 2, 1, 3).reshape(k * d, k * d)  # index k * d + feature
+        d_in = layer.in_features
+        order = {"weight": [kk * d + j for kk in range(k) for j in range(d_in)],
+                 "bias": [kk * d + d_in for kk in range(k)]}
+        names = [n.rpartition(".")[2] for n in self.names]
+        idx = torch.tensor([i for nm in names for i in order[nm]])
+        return full[idx][:, idx] + self.l2 * torch.eye(self.num_params)
