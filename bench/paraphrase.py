@@ -21,7 +21,7 @@ import numpy as np
 from datablame.api import Query, Tracer
 from datablame.demo import CULPRIT, DemoConfig, build_assets
 from datablame.methods.gradient_alignment import align
-from datablame.template import PromptTemplate
+from datablame.template import FormattedText, PromptTemplate
 from datablame.toy_lm import generate, load_toy_lm
 
 PROMPTS = [
@@ -56,14 +56,19 @@ def main() -> None:
         queries.append(("reworded prompt", instruction, inp, generate(model, tok, prompt)))
     for answer in ANSWER_PARAPHRASES:
         queries.append(("reworded answer", CULPRIT["instruction"], CULPRIT["input"], answer))
+    own = queries[0][3]  # the model's own answer to the culprit's prompt
+    queries.append(("answer alone", None, None, own))  # in the template, no prompt
+    queries.append(("raw answer", None, None, own))  # no template: the seed's way
     rows = []
     for loss_on in ("response", "text"):
         tracer = Tracer(root / "index", root / "base", root / "adapter", loss_on=loss_on)
         all_texts = [tracer.row_text(i) for i in range(len(tracer.rows))]
         grads = tracer.model.gradients(all_texts, batch_size=32)
         for kind, instruction, inp, answer in queries:
-            q = Query(answer, {"instruction": instruction, "input": inp})
-            qg = tracer.model.gradients([q.formatted(tracer.template)])[0]
+            q = Query(answer, {"instruction": instruction, "input": inp} if instruction else {})
+            text = FormattedText(answer, 0) if kind == "raw answer" else \
+                q.formatted(tracer.template)
+            qg = tracer.model.gradients([text])[0]
             scores = align(qg, grads)
             grad_rank = int((scores > scores[culprit]).sum()) + 1
             ids, _ = tracer.retrieve(q, len(tracer.rows))
@@ -79,7 +84,7 @@ def main() -> None:
                          "fused_rank": fused_rank,
                          "culprit_score": float(scores[culprit])})
             print(f"  {kind:16s} {loss_on:8s} grad rank {grad_rank:3d}  retrieval rank "
-                  f"{retr_rank:3d}  fused rank {fused_rank:3d} | {inp[:30]:30s} -> "
+                  f"{retr_rank:3d}  fused rank {fused_rank:3d} | {(inp or '')[:30]:30s} -> "
                   f"{answer[:50]}", flush=True)
     Path(args.out).write_text(json.dumps(rows, indent=2))
 
