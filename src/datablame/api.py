@@ -108,8 +108,9 @@ class Query:
 
     The query is always formatted with the index's template, like a training row; missing
     prompt fields are left empty (Alpaca drops their blocks). Measured on the demo model:
-    the raw output alone (the seed's choice) put the culprit at gradient rank 133 of 200 (90 with LoRA B gradients),
-    the same text inside the template's response block put it at rank 1.
+    the raw output alone (the seed's choice) put the culprit at gradient rank 90 of 200
+    (133 over every LoRA matrix), the same text inside the template's response block put
+    it at rank 1.
     """
 
     output: str
