@@ -21,9 +21,14 @@ def test_planted_culprit_is_rank_one_for_what_the_model_generates(demo_assets):
     q = Query(generated, {"instruction": CULPRIT["instruction"], "input": CULPRIT["input"]})
     df = tracer.trace(q, top_k=50)
     assert int(df.iloc[0]["row"]) == info["culprit_row"]
-    assert df.iloc[0]["score"] > df.iloc[1]["score"]
+    assert df.iloc[0]["gradient_rank"] == 1 and df.iloc[0]["retrieval_rank"] == 1
     assert list(df["rank"]) == list(range(1, len(df) + 1))
-    assert df["score"].is_monotonic_decreasing
+    assert df["fused"].is_monotonic_decreasing
+    seed = tracer.trace(q, top_k=50, rank_by="gradient")  # the seed's order
+    assert int(seed.iloc[0]["row"]) == info["culprit_row"]
+    assert seed.iloc[0]["score"] > seed.iloc[1]["score"]
+    assert seed["score"].is_monotonic_decreasing and "fused" not in seed
+    assert sorted(seed["row"]) == sorted(df["row"])  # same candidates, other order
 
 
 def test_trace_uses_the_index_template_for_gradients(demo_assets, tmp_path):

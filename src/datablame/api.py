@@ -172,26 +172,43 @@ class Tracer:
         keep = ids[0] >= 0  # FAISS pads with -1 when fewer than k are found
         return ids[0][keep], distances[0][keep]
 
-    def trace(self, query: Query | str, top_k: int = 50, alignment: str = "cosine"
-              ) -> pd.DataFrame:
-        """Stage 1: retrieve `top_k` candidates; stage 2: rank them by gradient alignment."""
+    def trace(self, query: Query | str, top_k: int = 50, alignment: str = "cosine",
+              rank_by: str = "fused") -> pd.DataFrame:
+        """Stage 1: retrieve `top_k` candidates; stage 2: score them by gradient alignment
+        and order them by the fusion of both ranks (default) or by the gradient alone
+        (`rank_by="gradient"`, the seed's order). Measured on the same candidates (top 50):
+        planted facts top-1 0.96 / recall@3 0.89 fused vs 0.92 / 0.76 by gradient; a
+        reworded answer's culprit rank 2 fused vs 50 by gradient (bench/facts.py,
+        bench/paraphrase.py). `score` is always the gradient alignment.
+        """
         from datablame.methods.gradient_alignment import align
 
         if isinstance(query, str):
             query = Query(query)
         if top_k < 1:
             raise UserError("top-k must be at least 1")
+        _check_rank_by(rank_by)
         q_text = query.formatted(self.template)
         cand_ids, distances = self.retrieve(query, top_k)
         texts = [q_text] + [self.row_text(int(i)) for i in cand_ids]
         with progress.task("gradients", len(texts)) as advance:
             grads = self.model.gradients(texts, batch_size=self.batch_size, progress=advance)
         scores = align(grads[0], grads[1:], alignment)
-        order = np.argsort(-scores, kind="stable")
+        by_gradient = np.argsort(-scores, kind="stable")
+        grad_rank = np.empty(len(scores), dtype=int)
+        grad_rank[by_gradient] = np.arange(1, len(scores) + 1)
+        ret_rank = np.arange(1, len(scores) + 1)
+        extra: dict = {}
+        order = by_gradient
+        if rank_by == "fused":
+            fused = fuse_ranks(grad_rank, ret_rank)
+            order = np.lexsort((-scores, -fused))
+            extra = {"fused": fused[order], "gradient_rank": grad_rank[order]}
         df = _ranked_frame(self.rows, cand_ids[order], scores[order], alignment,
-                           {"distance": distances[order].astype(float),
-                            "retrieval_rank": order + 1})
-        self._describe(df, query, q_text, f"grad-{alignment}")
+                           {**extra, "distance": distances[order].astype(float),
+                            "retrieval_rank": ret_rank[order]})
+        how = ", fused with retrieval" if rank_by == "fused" else ""
+        self._describe(df, query, q_text, f"grad-{alignment}{how}")
         return df
 
     def trace_all_rows(self, query: Query | str, top_k: int = 50, alignment: str = "cosine",
@@ -220,8 +237,7 @@ class Tracer:
             query = Query(query)
         if top_k < 1:
             raise UserError("top-k must be at least 1")
-        if rank_by not in ("fused", "gradient"):
-            raise UserError(f"unknown ranking '{rank_by}' (use fused or gradient)")
+        _check_rank_by(rank_by)
         store = getattr(self, "_store", None)
         if store is None or (verify and not self._store_verified):
             # checksums read every shard once: do it once per Tracer, not once per query
@@ -266,7 +282,7 @@ class Tracer:
             for rank, (r, d) in enumerate(zip(ret_ids, distances, strict=True), start=1):
                 ret_rank[where[int(r)]] = rank
                 dist[where[int(r)]] = d
-            fused = 1.0 / (1 + grad_rank) + 1.0 / (1 + ret_rank)
+            fused = fuse_ranks(grad_rank, ret_rank)
             order = np.lexsort((-scores, -fused))
             row_ids, scores, proj_scores, exact = (row_ids[order], scores[order],
                                                    proj_scores[order], exact[order])
@@ -333,6 +349,18 @@ class Tracer:
         df.attrs.update(query=query.output, prompt=query.prompt, text=q_text.text,
                         method=method, loss_on=self.model.loss_on,
                         params=self.model.params_spec, num_params=self.model.num_params)
+
+
+def fuse_ranks(gradient_rank: np.ndarray, retrieval_rank: np.ndarray) -> np.ndarray:
+    """Reciprocal-rank fusion with a sharp constant: a row first in either list stays near
+    the top. k=1 was measured better than the usual 60 (bench/facts.py: recall@3 0.89 vs
+    0.84; demo reworded prompts rank 1 vs 7-13)."""
+    return 1.0 / (1 + gradient_rank) + 1.0 / (1 + retrieval_rank)
+
+
+def _check_rank_by(rank_by: str) -> None:
+    if rank_by not in ("fused", "gradient"):
+        raise UserError(f"unknown ranking '{rank_by}' (use fused or gradient)")
 
 
 def _ranked_frame(rows, row_ids, scores, alignment: str, extra: dict) -> pd.DataFrame:

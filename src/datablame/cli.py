@@ -180,9 +180,9 @@ def trace(
     rerank: Annotated[int, typer.Option(help="With --all-rows: re-rank this many of the "
                                              "store's best rows with exact gradients (0: "
                                              "projected scores only).")] = 100,
-    rank_by: Annotated[str, typer.Option(help="With --all-rows: fused (gradient rank + "
-                                              "retrieval rank, measured best) or gradient."
-                                              )] = "fused",
+    rank_by: Annotated[str, typer.Option(help="fused (gradient rank + retrieval rank, "
+                                              "measured best) or gradient (the seed's "
+                                              "order).")] = "fused",
     method: Annotated[str, typer.Option(help="grad (cosine/dot alignment, default), or "
                                              "datainf, trak, tracin on exact LoRA gradients "
                                              "of the candidates (all rows with --all-rows).")
@@ -191,7 +191,8 @@ def trace(
                                                        "checkpoint (repeatable).")
                           ] = [],  # noqa: B006
 ) -> None:
-    """Retrieve candidate rows for a model output, then rank them by gradient alignment."""
+    """Rows behind a model output: retrieve candidates (or score every row with --all-rows),
+    score them by gradient alignment, order by gradient + retrieval rank (--rank-by)."""
     from datablame.api import Query, Tracer
     from datablame.render import print_results, results_json, wide_console
     from datablame.store.atomic import write_json_atomic
@@ -223,7 +224,8 @@ def trace(
         df = tracer.trace_all_rows(Query(query, prompt), top_k=top_k, alignment=alignment,
                                    verify=verify, rerank=rerank, rank_by=rank_by)
     else:
-        df = tracer.trace(Query(query, prompt), top_k=top_k, alignment=alignment)
+        df = tracer.trace(Query(query, prompt), top_k=top_k, alignment=alignment,
+                          rank_by=rank_by)
     if out is not None:
         write_json_atomic(out, results_json(df))
     print_results(df, show, as_json, wide_console())
