@@ -220,6 +220,13 @@ def main() -> None:
                 for k in (1, 60):  # reciprocal-rank fusion (k=1 is the trace default)
                     record(f"fused(k={k}) {tag}", f,
                            1 / (k + ranks_of(ret)) + 1 / (k + ranks_of(cos)))
+                if loss_on == "response":  # --focus on the fact's value in the answer
+                    focused = Query(f["answer"], query.prompt, focus=f["value"])
+                    fcos = align(tracer.model.gradients([focused.formatted(tracer.template)])[0],
+                                 g)
+                    record(f"grad-cos focus=value {tag}", f, fcos)
+                    record(f"fused(k=1) focus=value {tag}", f,
+                           1 / (1 + ranks_of(ret)) + 1 / (1 + ranks_of(fcos)))
 
     table = []
     print(f"\n{'method':42s} {'top1':>6s} {'recall@3':>9s} {'mrr':>6s} {'decoy>src':>10s}")

@@ -87,3 +87,25 @@ def test_param_selection_and_truncation_warning(random_lora_model):
     with pytest.warns(UserWarning, match="truncated"):
         g = short.gradients(_examples(), strategy="vmap")
     assert g.shape == (4, short.num_params)
+
+
+def test_focus_traces_only_the_focused_span(random_lora_model):
+    """--focus: the loss covers exactly the focused span's tokens; focusing the whole output
+    is the plain response gradient; a focus that is not in the output is refused."""
+    from datablame.api import Query
+    from datablame.errors import UserError
+
+    base, adapter = random_lora_model
+    m = CausalLMAdapter(base, adapter, device="cpu")
+    tmpl = PromptTemplate()
+    q = Query("jumps over the lazy dog again", {"instruction": "say", "input": "the fox"})
+    focused = Query(q.output, q.prompt, focus="lazy dog").formatted(tmpl)
+    batch = m.encode([focused])
+    labelled = batch.labels[0][batch.labels[0] != -100].tolist()
+    assert labelled == m.tokenizer("lazy dog", add_special_tokens=False)["input_ids"]
+    whole = Query(q.output, q.prompt, focus=q.output).formatted(tmpl)
+    np.testing.assert_allclose(m.gradients([whole])[0], m.gradients([q.formatted(tmpl)])[0],
+                               rtol=1e-5, atol=1e-7)
+    assert not np.allclose(m.gradients([focused])[0], m.gradients([whole])[0])
+    with pytest.raises(UserError, match="not part of the traced output"):
+        Query(q.output, q.prompt, focus="cat").formatted(tmpl)

@@ -180,6 +180,9 @@ def trace(
     rerank: Annotated[int, typer.Option(help="With --all-rows: re-rank this many of the "
                                              "store's best rows with exact gradients (0: "
                                              "projected scores only).")] = 100,
+    focus: Annotated[str, typer.Option(help="Trace only this span of the output (e.g. a "
+                                            "name it made up): the loss covers its tokens."
+                                            )] = "",
     rank_by: Annotated[str, typer.Option(help="fused (gradient rank + retrieval rank, "
                                               "measured best) or gradient (the seed's "
                                               "order).")] = "fused",
@@ -218,13 +221,14 @@ def trace(
                 _fail(f"--checkpoint expects ADAPTER_DIR:LR, got '{item}'")
             if not sep:
                 _fail(f"--checkpoint expects ADAPTER_DIR:LR, got '{item}'")
-        df = tracer.trace_method(Query(query, prompt), method=method, top_k=top_k,
+        df = tracer.trace_method(Query(query, prompt, focus or None), method=method, top_k=top_k,
                                  all_rows=all_rows, checkpoints=ckpts or None)
     elif all_rows:
-        df = tracer.trace_all_rows(Query(query, prompt), top_k=top_k, alignment=alignment,
-                                   verify=verify, rerank=rerank, rank_by=rank_by)
+        df = tracer.trace_all_rows(Query(query, prompt, focus or None), top_k=top_k,
+                                   alignment=alignment, verify=verify, rerank=rerank,
+                                   rank_by=rank_by)
     else:
-        df = tracer.trace(Query(query, prompt), top_k=top_k, alignment=alignment,
+        df = tracer.trace(Query(query, prompt, focus or None), top_k=top_k, alignment=alignment,
                           rank_by=rank_by)
     if out is not None:
         write_json_atomic(out, results_json(df))

@@ -23,6 +23,7 @@ class FormattedText:
 
     text: str
     response_start: int  # character offset of the response field in `text`
+    response_end: int | None = None  # end of the traced span (None: the end of the text)
 
 
 class PromptTemplate:

@@ -200,12 +200,14 @@ class CausalLMAdapter:
             ids = ids[: self.max_length]
             offsets = offsets[: self.max_length]
             lab = list(ids)
-            if self.loss_on == "response":
-                # A token belongs to the response when it ends after the response starts;
-                # special tokens (offset (0, 0)) before it are prompt.
+            if self.loss_on == "response" or ex.response_end is not None:
+                # A token belongs to the response when it ends after the response starts
+                # (and, for a focused span, starts before the span ends); special tokens
+                # (offset (0, 0)) before it are prompt.
+                stop = len(ex.text) if ex.response_end is None else ex.response_end
                 lab = [
-                    t if (end > ex.response_start) else -100
-                    for t, (_, end) in zip(ids, offsets, strict=True)
+                    t if (end > ex.response_start and begin < stop) else -100
+                    for t, (begin, end) in zip(ids, offsets, strict=True)
                 ]
             rows.append(ids)
             labels.append(lab)
