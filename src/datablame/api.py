@@ -48,6 +48,16 @@ def build_index(
 
     if index_type not in INDEX_TYPES:
         raise UserError(f"unknown index type '{index_type}' (use {', '.join(INDEX_TYPES)})")
+    if gradients is not None:  # refuse bad options before minutes of embedding
+        from datablame.features.projection import PROJECTIONS
+        from datablame.store.gradient_store import STORE_DTYPES
+
+        if gradients.projection not in PROJECTIONS:
+            raise UserError(f"unknown projection '{gradients.projection}' (use "
+                            f"{', '.join(PROJECTIONS)})")
+        if gradients.store_dtype not in STORE_DTYPES:
+            raise UserError(f"unknown store dtype '{gradients.store_dtype}' (use fp16 or "
+                            "fp32)")
     tmpl = PromptTemplate(template, response_field)
     rows = load_rows(train_file)
     rows.require_fields(tmpl.fields)
