@@ -121,6 +121,7 @@ def test_tabular_on_a_lightgbm_file(tree_files, monkeypatch, capsys):
     assert code in (0, None), err
     rows = json.loads(out)
     assert len(rows) == 30 and rows[0]["rank"] == 1
+    assert "trees; removing it: query loss" in rows[0]["reason"]  # leaf-share's why
 
 
 def test_verify_on_a_lightgbm_file(tree_files, monkeypatch, capsys):

@@ -328,3 +328,32 @@ def test_python_attribute_takes_tree_and_linear_models():
     ridge = Ridge(alpha=1.0).fit(xr[:80], yr[:80])
     s = score_matrix(ridge, xr[:80], yr[:80], xr[80:82], yr[80:82])
     assert s.shape == (2, 80)
+
+
+def test_every_tree_method_gives_a_reason_per_ranked_row():
+    """The reason must be true: leaf-sim's 'same leaf in a/T trees' is its own score, and
+    every boosted-tree method explains each ranked row in one line."""
+    import re
+
+    import lightgbm as lgb
+
+    from datablame.methods.registry import FAMILY_METHODS
+
+    x, y = _data("binary")
+    x, y, xq = x[:150], y[:150], x[150:153]
+    model = lgb.LGBMClassifier(n_estimators=12, num_leaves=5, verbose=-1,
+                               min_child_samples=5).fit(x, y)
+    ad = TreeEnsembleAdapter.from_model(model, x, y)
+    yq = ad.predict_targets(xq)
+    for name in FAMILY_METHODS["boosted-trees"]:
+        est = get_method(name).fit(ad, x, y)
+        scores = est.scores(xq, yq)
+        top = np.argsort(-scores, axis=1)[:, :4]
+        why = est.reasons(xq, yq, top, scores)
+        assert [len(w) for w in why] == [4, 4, 4], name
+        assert all(isinstance(r, str) and r for w in why for r in w), name
+        if name == "leaf-sim":
+            for q in range(3):
+                for r, text in zip(top[q], why[q], strict=True):
+                    shared, total = map(int, re.search(r"(\d+)/(\d+) trees", text).groups())
+                    assert shared / total == pytest.approx(scores[q, r])

@@ -269,6 +269,8 @@ def tabular(
 
 
 def _print_tabular(df, as_json: bool) -> None:
+    """One table per query: rank, row, score, target and the method's reason always; then
+    as many feature columns as the terminal fits (--json has them all)."""
     from rich.table import Table
 
     from datablame.render import wide_console
@@ -277,15 +279,25 @@ def _print_tabular(df, as_json: bool) -> None:
         print(df.to_json(orient="records", indent=2))
         return
     console = wide_console()
+    fixed = [c for c in ("rank", "row", "score", "target", "reason") if c in df.columns]
+    features = [c for c in df.columns if c not in fixed and c != "query"]
+    reason_width = int(df["reason"].str.len().max()) if "reason" in df else 0
+    room = console.width - 8 * len(fixed) - reason_width - 4
+    shown = features[: max(0, room // 13)]
     for q, part in df.groupby("query", sort=True):
+        hidden = len(features) - len(shown)
         table = Table(title=f"query row {q} ({df.attrs.get('method', '')})",
-                      header_style="bold")
-        cols = [c for c in part.columns if c != "query"]
-        for c in cols:
-            table.add_column(str(c), justify="right", no_wrap=True)
+                      header_style="bold",
+                      caption=f"{hidden} more feature columns: --json or --out" if hidden
+                      else None)
+        for c in fixed + shown:
+            table.add_column(str(c), justify="left" if c == "reason" else "right",
+                             no_wrap=True, min_width=reason_width if c == "reason" else
+                             min(len(str(c)), 12) if c in shown else len(str(c)),
+                             max_width=12 if c in shown else None)
         for _, r in part.iterrows():
             table.add_row(*[f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c])
-                            for c in cols])
+                            for c in fixed + shown])
         console.print(table)
 
 

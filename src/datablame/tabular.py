@@ -50,6 +50,13 @@ def score_matrix(model, x_train, y_train, x_query, y_query=None, *, loss="ce",
     ensemble, or a scikit-learn linear model. `method="auto"` picks the measured default
     for the family (if-exact, leaf-share / leaf-sim for forests, linear-exact).
     """
+    return _fit_and_score(model, x_train, y_train, x_query, y_query, loss=loss,
+                          method=method, l2=l2, **method_params)[1]
+
+
+def _fit_and_score(model, x_train, y_train, x_query, y_query=None, *, loss="ce",
+                   method: str = "auto", l2: float = 0.0, **method_params):
+    """(fitted method, scores, query targets) for `score_matrix` and `attribute`."""
     family = _family_of(model)
     if family == "torch":
         _check_rows(x_train, "training rows")
@@ -68,19 +75,21 @@ def score_matrix(model, x_train, y_train, x_query, y_query=None, *, loss="ce",
         y_query = model.predict(x_query) if family == "linear" else \
             adapter.predict_targets(x_query)
     est = get_method(method, **method_params).fit(adapter, x_train, y_train)
-    return est.scores(x_query, y_query)
+    return est, est.scores(x_query, y_query), y_query
 
 
 def attribute(model, x_train, y_train, x_query, y_query=None, *, loss="ce",
               method: str = "auto", l2: float = 0.0, top_k: int = 10,
               **method_params) -> pd.DataFrame:
-    """Top-k training rows per query: query, rank, row, score, then the row's features."""
-    scores = score_matrix(model, x_train, y_train, x_query, y_query, loss=loss,
-                          method=method, l2=l2, **method_params)
+    """Top-k training rows per query: query, rank, row, score, target, the method's reason
+    (e.g. "same leaf in 37/100 trees; removing it: query loss +0.012"), then the row's
+    features."""
+    est, scores, y_query = _fit_and_score(model, x_train, y_train, x_query, y_query,
+                                          loss=loss, method=method, l2=l2, **method_params)
     features = x_train if isinstance(x_train, pd.DataFrame) else pd.DataFrame(
         np.asarray(x_train), columns=[f"x{j}" for j in range(np.asarray(x_train).shape[1])])
     target = y_train.to_numpy() if hasattr(y_train, "to_numpy") else np.asarray(y_train)
-    return _frame(scores, features, target, top_k, method)
+    return _frame(scores, features, target, top_k, est, x_query, y_query)
 
 
 def load_model_file(path, trust_pickle: bool = False):
@@ -227,21 +236,26 @@ def run_tabular(train_file, target, model_file, query_file, *, method: str = "au
             yq = yq.long().numpy()
         elif family == "torch":
             yq = yq.numpy()
-    scores = get_method(method).fit(adapter, xt, yt).scores(xq, yq)
-    return _frame(scores, x_train, yt, top_k, method), scores
+    est = get_method(method).fit(adapter, xt, yt)
+    scores = est.scores(xq, yq)
+    return _frame(scores, x_train, yt, top_k, est, xq, yq), scores
 
 
-def _frame(scores: np.ndarray, x_train: pd.DataFrame, y_train, top_k: int, method: str):
+def _frame(scores: np.ndarray, x_train: pd.DataFrame, y_train, top_k: int, est, x_query,
+           y_query):
+    """query, rank, row, score, target, the method's reason, then the row's features."""
     target = np.asarray(y_train).reshape(len(x_train), -1)[:, 0]
-    frames = []
     k = min(top_k, scores.shape[1])
-    for q, row_scores in enumerate(scores):
-        top = np.argsort(-row_scores, kind="stable")[:k]
+    tops = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    reasons = est.reasons(x_query, y_query, tops, scores)
+    frames = []
+    for q, top in enumerate(tops):
         frame = pd.DataFrame({"query": q, "rank": np.arange(1, k + 1), "row": top,
-                              "score": row_scores[top], "target": target[top]})
+                              "score": scores[q, top], "target": target[top],
+                              "reason": reasons[q]})
         frames.append(pd.concat([frame, x_train.iloc[top].reset_index(drop=True)], axis=1))
     df = pd.concat(frames, ignore_index=True)
-    df.attrs["method"] = method
+    df.attrs["method"] = est.name
     return df
 
 

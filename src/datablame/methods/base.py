@@ -19,6 +19,9 @@ import torch
 class Method:
     name = "method"
     needs_checkpoints = False
+    # "loss": scores are the estimated change of the query's loss if the row is removed;
+    # "similarity": unitless. Sets the default wording of `reasons`.
+    units = "similarity"
 
     def fit(self, adapter, x_train, y_train) -> Method:
         self.adapter = adapter
@@ -29,6 +32,18 @@ class Method:
     def scores(self, x_query, y_query) -> np.ndarray:
         raise NotImplementedError
 
+    def reasons(self, x_query, y_query, top: np.ndarray, scores: np.ndarray
+                ) -> list[list[str]]:
+        """A short why for each ranked row: top[q] are query q's row ids, best first.
+
+        Called after `scores`; methods with more to say (shared leaves, neighbour rank,
+        reconstruction weight) override it.
+        """
+        if self.units == "loss":
+            return [[f"removing it: query loss {scores[q, r]:+.3g}" for r in top[q]]
+                    for q in range(len(top))]
+        return [[f"{self.name} {scores[q, r]:.3g}" for r in top[q]] for q in range(len(top))]
+
     def self_influence(self) -> np.ndarray:
         """How much each row supports itself; large = memorised / suspicious."""
         raise NotImplementedError(f"{self.name} has no self-influence")
@@ -36,3 +51,12 @@ class Method:
 
 def to_numpy(t: torch.Tensor) -> np.ndarray:
     return t.detach().double().cpu().numpy()
+
+
+def shared_leaf_reasons(adapter, train_leaves: np.ndarray, x_query, top: np.ndarray,
+                        prefix: str = "") -> list[list[str]]:
+    """'same leaf in 37/100 trees': why a tree method links a training row to the query."""
+    q_leaves = adapter.leaves(x_query).reshape(len(top), -1)
+    total = q_leaves.shape[1]
+    return [[f"{prefix}same leaf in {int((train_leaves[r] == q_leaves[q]).sum())}/{total} "
+             "trees" for r in top[q]] for q in range(len(top))]

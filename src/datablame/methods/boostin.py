@@ -22,7 +22,7 @@ import numpy as np
 
 from datablame.errors import UserError
 from datablame.features.leaf_index import LeafIndex
-from datablame.methods.base import Method
+from datablame.methods.base import Method, shared_leaf_reasons
 
 
 def staged_raw(adapter, leaves: np.ndarray) -> np.ndarray:
@@ -82,3 +82,6 @@ class BoostIn(Method):
     def self_influence(self) -> np.ndarray:
         _, g, _, _ = round_stats(self.adapter, self.x_train, self.y_train)
         return (self.dv * g.reshape(self.n_train, -1)).sum(1)
+
+    def reasons(self, x_query, y_query, top, scores):
+        return shared_leaf_reasons(self.adapter, self.leaves, x_query, top)

@@ -19,6 +19,7 @@ from datablame.methods.base import Method, to_numpy
 
 class DataInf(Method):
     name = "datainf"
+    units = "loss"
 
     def __init__(self, lambda_scale: float = 0.1):
         self.lambda_scale = lambda_scale

@@ -107,3 +107,18 @@ class KnnShapley(Method):
                 self.y == yq[q]
             out[q] = knn_shapley_values(order, agree, self.k)
         return out
+
+    def reasons(self, x_query, y_query, top, scores):
+        dist = self._distances(x_query)
+        yq = np.asarray(y_query).reshape(-1)
+        out = []
+        for q in range(len(top)):
+            nearer = [int((dist[q] < dist[q, r]).sum()) + 1 for r in top[q]]
+            if self.regression:
+                label = [f"label {self.y[r]:.3g} vs {float(yq[q]):.3g}" for r in top[q]]
+            else:
+                label = ["same label" if self.y[r] == yq[q] else f"label {self.y[r]}"
+                         for r in top[q]]
+            out.append([f"neighbour #{k} ({self._space}), {lab}"
+                        for k, lab in zip(nearer, label, strict=True)])
+        return out

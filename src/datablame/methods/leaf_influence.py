@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from datablame.errors import UserError
-from datablame.methods.base import Method
+from datablame.methods.base import Method, shared_leaf_reasons
 from datablame.methods.boostin import leaf_sums, round_stats
 
 MAX_ROWS = 20000
@@ -29,6 +29,7 @@ MAX_ROWS = 20000
 
 class LeafInfluence(Method):
     name = "leaf-influence"
+    units = "loss"
 
     def fit(self, adapter, x_train, y_train):
         if not adapter.boosted:
@@ -86,3 +87,9 @@ class LeafInfluence(Method):
         g, _, _ = self.adapter.grad_hess(raw, self.y_train)
         diag = np.einsum("kjj->jk", self.final_jac)
         return -(g * diag).sum(1)
+
+    def reasons(self, x_query, y_query, top, scores):
+        train_leaves = self.adapter.leaves(self.x_train).reshape(self.n_train, -1)
+        shared = shared_leaf_reasons(self.adapter, train_leaves, x_query, top)
+        return [[f"{why}; removing it: query loss {scores[q, r]:+.3g}"
+                 for why, r in zip(shared[q], top[q], strict=True)] for q in range(len(top))]

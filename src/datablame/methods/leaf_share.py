@@ -29,12 +29,13 @@ import numpy as np
 
 from datablame.errors import UserError
 from datablame.features.leaf_index import LeafIndex
-from datablame.methods.base import Method
+from datablame.methods.base import Method, shared_leaf_reasons
 from datablame.methods.boostin import leaf_sums, round_stats
 
 
 class LeafShare(Method):
     name = "leaf-share"
+    units = "loss"
 
     def fit(self, adapter, x_train, y_train):
         if not adapter.boosted:
@@ -55,7 +56,8 @@ class LeafShare(Method):
         self.k_count = k_count
         self.share = share.reshape(n, -1)
         self.share_by_tree = np.ascontiguousarray(self.share.T)
-        self.index = LeafIndex(leaves.reshape(n, -1))
+        self.index_leaves = leaves.reshape(n, -1)
+        self.index = LeafIndex(self.index_leaves)
         return self
 
     def _final_gradient(self, x, y) -> tuple[np.ndarray, np.ndarray]:
@@ -76,3 +78,8 @@ class LeafShare(Method):
         _, g = self._final_gradient(self.x_train, self.y_train)
         rounds = self.share.shape[1] // self.k_count
         return (self.share * np.tile(g, (1, rounds))).sum(1)
+
+    def reasons(self, x_query, y_query, top, scores):
+        shared = shared_leaf_reasons(self.adapter, self.index_leaves, x_query, top)
+        return [[f"{why}; removing it: query loss {scores[q, r]:+.3g}"
+                 for why, r in zip(shared[q], top[q], strict=True)] for q in range(len(top))]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from datablame.features.leaf_index import LeafIndex
-from datablame.methods.base import Method
+from datablame.methods.base import Method, shared_leaf_reasons
 
 WEIGHTINGS = ("none", "leaf-size", "tree-weight")
 
@@ -54,3 +54,6 @@ class LeafSim(Method):
             else:
                 out[q] = self.index.accumulate(leaves, self.inv_size) / columns
         return out
+
+    def reasons(self, x_query, y_query, top, scores):
+        return shared_leaf_reasons(self.adapter, self.train_leaves, x_query, top)

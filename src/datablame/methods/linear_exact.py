@@ -25,6 +25,7 @@ def _design(model, x) -> np.ndarray:
 
 class LinearExact(Method):
     name = "linear-exact"
+    units = "loss"
 
     def fit(self, adapter, x_train, y_train):
         from sklearn.linear_model import LinearRegression, LogisticRegression, Ridge

@@ -43,3 +43,7 @@ class ShapNeighbors(Method):
         sq = (q * q).sum(1)[:, None] + (self.train_shap ** 2).sum(1)[None] - \
             2 * q @ self.train_shap.T
         return -np.sqrt(np.maximum(sq, 0))
+
+    def reasons(self, x_query, y_query, top, scores):
+        return [[f"SHAP explanation distance {-scores[q, r]:.3g}" for r in top[q]]
+                for q in range(len(top))]

@@ -98,3 +98,8 @@ class Simplex(Method):
             out[q, corpus_ids] = w
             self.reconstruction_error[q] = float(np.linalg.norm(tvec - w @ corpus))
         return out
+
+    def reasons(self, x_query, y_query, top, scores):
+        return [[f"weight {scores[q, r]:.2f} in the query's reconstruction (error "
+                 f"{self.reconstruction_error[q]:.3g})" for r in top[q]]
+                for q in range(len(top))]
