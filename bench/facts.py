@@ -217,9 +217,12 @@ def main() -> None:
                 seed = np.full(n, -np.inf)
                 seed[top] = cos[top]
                 record(f"retrieve20+grad-cos {tag}", f, seed)
-                for k in (1, 60):  # reciprocal-rank fusion (k=1 is the trace default)
+                for k in (1, 60):  # reciprocal-rank fusion of signed gradient rank
                     record(f"fused(k={k}) {tag}", f,
                            1 / (k + ranks_of(ret)) + 1 / (k + ranks_of(cos)))
+                record(f"|grad-cos| {tag}", f, np.abs(cos))  # strength, either sign
+                record(f"fused(k=1, |grad|) {tag}", f,
+                       1 / (1 + ranks_of(ret)) + 1 / (1 + ranks_of(np.abs(cos))))
                 if loss_on == "response":  # --focus on the fact's value in the answer
                     focused = Query(f["answer"], query.prompt, focus=f["value"])
                     fcos = align(tracer.model.gradients([focused.formatted(tracer.template)])[0],
@@ -227,6 +230,13 @@ def main() -> None:
                     record(f"grad-cos focus=value {tag}", f, fcos)
                     record(f"fused(k=1) focus=value {tag}", f,
                            1 / (1 + ranks_of(ret)) + 1 / (1 + ranks_of(fcos)))
+                    record(f"fused(k=1, |grad|) focus=value {tag}", f,
+                           1 / (1 + ranks_of(ret)) + 1 / (1 + ranks_of(np.abs(fcos))))
+                    top = np.argsort(-ret)[:50]  # the retrieval path: fusion in its top 50
+                    inside = np.full(n, -np.inf)
+                    inside[top] = 1 / (1 + ranks_of(ret[top])) + \
+                        1 / (1 + ranks_of(np.abs(cos[top])))
+                    record(f"retrieve50 + fused(|grad|) {tag}", f, inside)
 
     table = []
     print(f"\n{'method':42s} {'top1':>6s} {'recall@3':>9s} {'mrr':>6s} {'decoy>src':>10s}")

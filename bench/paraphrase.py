@@ -77,14 +77,19 @@ def main() -> None:
             g_ranks[np.argsort(-scores, kind="stable")] = np.arange(1, len(scores) + 1)
             r_ranks = np.empty(len(scores), dtype=int)
             r_ranks[ids] = np.arange(1, len(ids) + 1)
-            fused = 1 / (1 + g_ranks) + 1 / (1 + r_ranks)  # the --all-rows default
+            fused = 1 / (1 + g_ranks) + 1 / (1 + r_ranks)  # signed gradient rank
             fused_rank = int((fused > fused[culprit]).sum()) + 1
+            a_ranks = np.empty(len(scores), dtype=int)  # rank of |cosine|: either sign
+            a_ranks[np.argsort(-np.abs(scores), kind="stable")] = np.arange(1, len(scores) + 1)
+            fused_abs = 1 / (1 + a_ranks) + 1 / (1 + r_ranks)
+            fused_abs_rank = int((fused_abs > fused_abs[culprit]).sum()) + 1
             rows.append({"kind": kind, "input": inp, "answer": answer, "loss_on": loss_on,
                          "gradient_rank": grad_rank, "retrieval_rank": retr_rank,
-                         "fused_rank": fused_rank,
+                         "fused_rank": fused_rank, "fused_abs_rank": fused_abs_rank,
                          "culprit_score": float(scores[culprit])})
             print(f"  {kind:16s} {loss_on:8s} grad rank {grad_rank:3d}  retrieval rank "
-                  f"{retr_rank:3d}  fused rank {fused_rank:3d} | {(inp or '')[:30]:30s} -> "
+                  f"{retr_rank:3d}  fused {fused_rank:3d}  fused|g| {fused_abs_rank:3d} | "
+                  f"{(inp or '')[:30]:30s} -> "
                   f"{answer[:50]}", flush=True)
     Path(args.out).write_text(json.dumps(rows, indent=2))
 

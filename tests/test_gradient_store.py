@@ -127,3 +127,27 @@ def test_store_for_another_model_template_or_data_is_refused(setup, random_lora_
     other = load_rows(write_jsonl(tmp / "o.jsonl", ROWS[:-1] + [{**ROWS[-1], "output": "x"}]))
     with pytest.raises(UserError, match="different training data"):
         store.check_compatible(model, tmpl, other)
+
+
+@pytest.mark.parametrize("absolute", [False, True])
+def test_store_top_k_equals_brute_force_over_shards(tmp_path, absolute):
+    """Streaming top-k over several shards = brute force; with `absolute`, by |cosine|
+    (what the fused ranking uses), returning the signed scores."""
+    rng = np.random.default_rng(0)
+    vecs = rng.standard_normal((1000, 16)).astype(np.float32)
+    shards = []
+    for s, lo in enumerate(range(0, 1000, 300)):
+        block = vecs[lo:lo + 300]
+        np.save(tmp_path / f"shard-{s:05d}.npy", block)
+        shards.append({"file": f"shard-{s:05d}.npy", "rows": [lo, lo + len(block)],
+                       "bytes": (tmp_path / f"shard-{s:05d}.npy").stat().st_size,
+                       "sha256": ""})
+    np.save(tmp_path / "norms.npy", np.linalg.norm(vecs, axis=1))
+    store = GradientStore(tmp_path, {"shards": shards, "proj_dim": 16})
+    q = rng.standard_normal(16).astype(np.float32)
+    cos = vecs @ q / np.linalg.norm(vecs, axis=1) / np.linalg.norm(q)
+    ids, scores = store.top_k(q, 25, absolute=absolute)
+    want = np.argsort(-(np.abs(cos) if absolute else cos))[:25]
+    assert list(ids) == list(want)
+    np.testing.assert_allclose(scores, cos[want], rtol=1e-5)
+    assert absolute == bool((scores < 0).any())

@@ -130,8 +130,8 @@ class Query:
     def formatted(self, template: PromptTemplate) -> FormattedText:
         """The query as the model saw it; with `focus`, the gradient's loss covers only the
         focused span's tokens (in its context), not the whole answer. Measured on the
-        planted facts (bench/facts.py, focus = the fact's value): recall@3 0.80 vs 0.76
-        by gradient, 0.92 vs 0.89 fused."""
+        planted facts (bench/facts.py, focus = the fact's value): recall@3 0.81 vs 0.76
+        by gradient, 0.93 vs 0.92 fused."""
         if not self.output.strip():
             raise UserError("the query is empty: pass the model output to trace")
         unknown = set(self.prompt) - set(template.fields)
@@ -197,11 +197,10 @@ class Tracer:
     def trace(self, query: Query | str, top_k: int = 50, alignment: str = "cosine",
               rank_by: str = "fused") -> pd.DataFrame:
         """Stage 1: retrieve `top_k` candidates; stage 2: score them by gradient alignment
-        and order them by the fusion of both ranks (default) or by the gradient alone
-        (`rank_by="gradient"`, the seed's order). Measured on the same candidates (top 50):
-        planted facts top-1 0.96 / recall@3 0.89 fused vs 0.92 / 0.76 by gradient; a
-        reworded answer's culprit rank 2 fused vs 50 by gradient (bench/facts.py,
-        bench/paraphrase.py). `score` is always the gradient alignment.
+        and order them by the fusion of both ranks (default, see `fuse_ranks`) or by the
+        gradient alone (`rank_by="gradient"`, the seed's order). Measured on the same top-50
+        candidates (bench/facts.py): planted facts top-1 1.00 / recall@3 0.92 fused vs
+        0.92 / 0.77 by gradient. `score` is always the signed gradient alignment.
         """
         from datablame.methods.gradient_alignment import align
 
@@ -216,13 +215,12 @@ class Tracer:
         with progress.task("gradients", len(texts)) as advance:
             grads = self.model.gradients(texts, batch_size=self.batch_size, progress=advance)
         scores = align(grads[0], grads[1:], alignment)
-        by_gradient = np.argsort(-scores, kind="stable")
-        grad_rank = np.empty(len(scores), dtype=int)
-        grad_rank[by_gradient] = np.arange(1, len(scores) + 1)
+        order = np.argsort(-scores, kind="stable")
         ret_rank = np.arange(1, len(scores) + 1)
         extra: dict = {}
-        order = by_gradient
         if rank_by == "fused":
+            grad_rank = np.empty(len(scores), dtype=int)  # by strength, either sign
+            grad_rank[np.argsort(-np.abs(scores), kind="stable")] = np.arange(1, len(scores) + 1)
             fused = fuse_ranks(grad_rank, ret_rank)
             order = np.lexsort((-scores, -fused))
             extra = {"fused": fused[order], "gradient_rank": grad_rank[order]}
@@ -241,14 +239,14 @@ class Tracer:
         gradients (the projection finds them, the exact gradient orders them), and by
         default fuse that ranking with embedding retrieval over all rows.
 
-        rank_by="fused" orders rows by reciprocal-rank fusion, 1/(1 + gradient rank) +
-        1/(1 + retrieval rank), over the best `pool` rows of each list. Measured
-        (bench/facts.py): gradients alone miss rows whose wording the query rephrases
-        (reworded answers: rank 200 of 200) and retrieval misses rows whose wording the
-        *prompt* rephrases (ranks 57-104); fused, the demo culprit is rank 1-2 in all six
-        cases and the planted facts reach top-1 0.96 / recall@3 0.89 (gradient 0.92 / 0.76,
-        retrieval 1.00 / 1.00). rank_by="gradient" is the gradient ranking alone. The
-        `score` column is always the gradient alignment; `fused` is the ordering key.
+        rank_by="fused" orders rows by `fuse_ranks` over the best `pool` rows of each list
+        (the gradient list by |score|). Measured (bench/facts.py, bench/paraphrase.py):
+        signed gradients miss rows whose wording the query rephrases (reworded answers:
+        rank 200 of 200) and retrieval misses rows whose wording the *prompt* rephrases
+        (ranks 57-104); fused, the demo culprit is rank 1-2 in all six cases and the planted
+        facts reach top-1 1.00 / recall@3 0.92 (signed gradient 0.92 / 0.76, retrieval
+        1.00 / 1.00). rank_by="gradient" is the signed gradient ranking alone. The `score`
+        column is always the signed gradient alignment; `fused` is the ordering key.
         A projected store alone put a culprit of exact rank 1 at rank 5-13 (near-ties);
         `rerank=0` skips the exact pass.
         """
@@ -272,7 +270,8 @@ class Tracer:
 
         q_grad = self.model.gradients([q_text])
         q_vec = store.projector.project(q_grad)[0]
-        row_ids, proj_scores = store.top_k(q_vec, depth, alignment)
+        fused_mode = rank_by == "fused"
+        row_ids, proj_scores = store.top_k(q_vec, depth, alignment, absolute=fused_mode)
         scores = proj_scores.copy()
         exact = np.zeros(len(row_ids), dtype=bool)
         if rerank > 0:
@@ -282,8 +281,8 @@ class Tracer:
                                              batch_size=self.batch_size, progress=advance)
             scores[: len(head)] = align(q_grad[0], grads, alignment)
             exact[: len(head)] = True
-            order = np.r_[np.argsort(-scores[: len(head)], kind="stable"),
-                          np.arange(len(head), len(row_ids))]
+            key = np.abs(scores[: len(head)]) if fused_mode else scores[: len(head)]
+            order = np.r_[np.argsort(-key, kind="stable"), np.arange(len(head), len(row_ids))]
             row_ids, scores, proj_scores, exact = (row_ids[order], scores[order],
                                                    proj_scores[order], exact[order])
         grad_rank = np.arange(1, len(row_ids) + 1)
@@ -375,9 +374,16 @@ class Tracer:
 
 
 def fuse_ranks(gradient_rank: np.ndarray, retrieval_rank: np.ndarray) -> np.ndarray:
-    """Reciprocal-rank fusion with a sharp constant: a row first in either list stays near
-    the top. k=1 was measured better than the usual 60 (bench/facts.py: recall@3 0.89 vs
-    0.84; demo reworded prompts rank 1 vs 7-13)."""
+    """1/(1 + gradient rank) + 1/(1 + retrieval rank): reciprocal-rank fusion with a sharp
+    constant, so a row first in either list stays near the top (k=1 measured better than
+    the usual 60: facts recall@3 0.89 vs 0.84, demo reworded prompts rank 1 vs 7-13).
+
+    The gradient rank is by |cosine|, strength in either direction: a memorised source
+    can *oppose* a query that rewords it (its own answer to a reworded question put a
+    verbatim source at cosine rank 113 of 120), and ranking by strength fixed that
+    (bench/facts.py: top-1 1.00 vs 0.96, recall@3 0.92 vs 0.89; demo ranks 1-3 in every
+    case). The `reading` column still says which way a row pushes.
+    """
     return 1.0 / (1 + gradient_rank) + 1.0 / (1 + retrieval_rank)
 
 

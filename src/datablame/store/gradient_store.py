@@ -206,9 +206,10 @@ class GradientStore:
     def projector(self):
         return projector_from_json(self.manifest["projection"])
 
-    def top_k(self, query: np.ndarray, k: int, kind: str = "cosine"
+    def top_k(self, query: np.ndarray, k: int, kind: str = "cosine", absolute: bool = False
               ) -> tuple[np.ndarray, np.ndarray]:
-        """Exact scores of every stored row; returns (row ids, scores) of the best k.
+        """Exact scores of every stored row; returns (row ids, scores) of the best k, by
+        score or, with `absolute`, by |score| (strongly aligned or strongly opposed).
 
         Streams shard by shard from memory-mapped files: memory holds one shard's scores
         and a k-sized heap, whatever the number of rows.
@@ -224,17 +225,18 @@ class GradientStore:
             if kind == "cosine":
                 n = np.asarray(norms[lo:hi])
                 scores = np.where(n > 0, scores / (np.where(n > 0, n, 1) * qn), 0.0)
+            key = np.abs(scores) if absolute else scores
             take = min(k, len(scores))
-            idx = np.argpartition(-scores, take - 1)[:take]
+            idx = np.argpartition(-key, take - 1)[:take]
             for i in idx:
-                item = (float(scores[i]), -(lo + int(i)))
+                item = (float(key[i]), -(lo + int(i)), float(scores[i]))
                 if len(heap) < k:
                     heapq.heappush(heap, item)
                 elif item > heap[0]:
                     heapq.heapreplace(heap, item)
         best = sorted(heap, reverse=True)
-        return (np.array([-r for _, r in best], dtype=np.int64),
-                np.array([s for s, _ in best], dtype=np.float64))
+        return (np.array([-r for _, r, _ in best], dtype=np.int64),
+                np.array([s for _, _, s in best], dtype=np.float64))
 
     def score_rows(self, query: np.ndarray, row_ids: np.ndarray, kind: str = "cosine"
                    ) -> np.ndarray:
