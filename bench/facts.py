@@ -18,7 +18,12 @@ answer. For each scoring choice we report, over the 36 queries:
 Choices: embedding retrieval (all-MiniLM-L6-v2); gradients over every LoRA matrix or the
 LoRA B matrices only, with the loss on the response or the whole text; cosine / dot; a
 TRAK-style inverse-Gram correction of the projected gradients; the seed's retrieve-20-then-
-rerank; reciprocal-rank fusion 1/(k + gradient rank) + 1/(k + retrieval rank).
+rerank; reciprocal-rank fusion 1/(k + gradient rank) + 1/(k + retrieval rank), with the
+gradient ranked by signed cosine or by |cosine| (the trace default); --focus on the fact's
+value; the fusion inside the retrieval path's top 50.
+
+    .venv/bin/python bench/facts.py --workdir .datablame-cache/facts-s1 --seed 1 \
+        --lora-epochs 150 --out bench/results/facts-seed1.json   # a second model
 """
 
 from __future__ import annotations
@@ -108,7 +113,7 @@ def pretrain_rows(seed: int, n: int) -> list[dict]:
     return out
 
 
-def build(workdir: Path, seed: int) -> tuple[list[dict], list[dict]]:
+def build(workdir: Path, seed: int, lora_epochs: int = 100) -> tuple[list[dict], list[dict]]:
     from datablame.template import PromptTemplate
     from datablame.toy_lm import ToyConfig, build_toy_lm
 
@@ -125,7 +130,7 @@ def build(workdir: Path, seed: int) -> tuple[list[dict], list[dict]]:
     fine = [tmpl.format(r).text for r in rows]
     t = time.time()
     stats = build_toy_lm(pre, fine, workdir / "base", workdir / "adapter",
-                         ToyConfig(lora_epochs=100))
+                         ToyConfig(lora_epochs=lora_epochs, seed=seed))
     stamp.write_text(json.dumps({"facts": facts, "train_s": time.time() - t, **stats}))
     return rows, facts
 
@@ -150,6 +155,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--workdir", default=".datablame-cache/facts")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--lora-epochs", type=int, default=100)
     ap.add_argument("--out", default="bench/results/facts.json")
     args = ap.parse_args()
     from datablame.api import Query, Tracer, build_index
@@ -159,7 +165,7 @@ def main() -> None:
     from datablame.toy_lm import generate, load_toy_lm, normalize
 
     root = Path(args.workdir)
-    rows, facts = build(root, args.seed)
+    rows, facts = build(root, args.seed, args.lora_epochs)
     if not (root / "index" / "manifest.json").exists():
         build_index(root / "train.jsonl", root / "index")
     lm, tok = load_toy_lm(root / "base", root / "adapter")
