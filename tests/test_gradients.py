@@ -20,10 +20,14 @@ def _examples():
 
 
 @pytest.mark.parametrize("strategy", ["vmap", "hooks"])
-@pytest.mark.parametrize("loss_on", ["response", "text"])
-def test_batched_gradients_equal_per_row_autograd(random_lora_model, loss_on, strategy):
+@pytest.mark.parametrize("loss_on,params", [("response", "auto"), ("text", "auto"),
+                                            ("response", "lora"),
+                                            ("text", r"c_attn\.base_layer")])
+def test_batched_gradients_equal_per_row_autograd(random_lora_model, loss_on, params,
+                                                  strategy):
+    """LoRA B (default), every LoRA matrix, and a frozen base Conv1D weight picked by regex."""
     base, adapter = random_lora_model
-    m = CausalLMAdapter(base, adapter, device="cpu", loss_on=loss_on)
+    m = CausalLMAdapter(base, adapter, device="cpu", loss_on=loss_on, params=params)
     ex = _examples()  # mixed lengths: padding is exercised
     batched = m.gradients(ex, batch_size=4, strategy=strategy)
     for i, e in enumerate(ex):
