@@ -141,28 +141,36 @@ def test_leaf_influence_matches_hand_computed_leaf_change_single_tree():
         assert np.all(dv[others, i] == 0)  # structure fixed: other leaves do not move
 
 
-@pytest.mark.parametrize("library", ["lightgbm", "xgboost"])
-def test_leaf_shares_add_up_to_the_libraries_leaf_values(library):
+@pytest.mark.parametrize("kind", ["binary", "multiclass"])
+@pytest.mark.parametrize("library", ["lightgbm", "xgboost", "sklearn-gb", "sklearn-hgb"])
+def test_leaf_shares_add_up_to_the_libraries_leaf_values(library, kind):
     """leaf-share splits each Newton leaf value into per-row shares: in every tree, the
-    shares of a leaf's rows must add up to the value the library stored for that leaf."""
+    shares of a leaf's rows must add up to the value the library stored for that leaf.
+    This pins down each library's Newton step: learning rate, L2, starting score (LightGBM
+    folds it into the first trees) and multiclass hessian scale (K/(K-1), XGBoost 2)."""
     import lightgbm as lgb
     import xgboost as xgb
 
-    x, y = _data("binary")
+    x, y = _data(kind)
     x, y = x[:300], y[:300]
-    model = (lgb.LGBMClassifier(n_estimators=20, num_leaves=7, verbose=-1,
-                                min_child_samples=5) if library == "lightgbm" else
-             xgb.XGBClassifier(n_estimators=20, max_depth=3, min_child_weight=0))
+    model = {"lightgbm": lambda: lgb.LGBMClassifier(n_estimators=12, num_leaves=7, verbose=-1,
+                                                    min_child_samples=5),
+             "xgboost": lambda: xgb.XGBClassifier(n_estimators=12, max_depth=3,
+                                                  min_child_weight=0),
+             "sklearn-gb": lambda: ens.GradientBoostingClassifier(n_estimators=12, max_depth=2),
+             "sklearn-hgb": lambda: ens.HistGradientBoostingClassifier(max_iter=12)}[library]()
     model.fit(x, y)
     ad = TreeEnsembleAdapter.from_model(model, x, y)
     method = get_method("leaf-share").fit(ad, x, y)
     leaves = ad.leaves(x)
+    share = method.share.reshape(leaves.shape)
     for t in range(leaves.shape[1]):
-        lt = leaves[:, t, 0]
-        share_sums = np.bincount(lt, weights=method.share[:, t], minlength=len(ad.values[t][0]))
-        used = np.unique(lt)
-        np.testing.assert_allclose(-share_sums[used], ad.values[t][0][used], rtol=1e-4,
-                                   atol=1e-7)
+        for k in range(leaves.shape[2]):
+            lt = leaves[:, t, k]
+            sums = np.bincount(lt, weights=share[:, t, k], minlength=len(ad.values[t][k]))
+            used = np.unique(lt)
+            np.testing.assert_allclose(-sums[used], ad.values[t][k][used], rtol=1e-4,
+                                       atol=1e-6, err_msg=f"tree {t} class {k}")
 
 
 def _retrain_loss(model_factory, x, y, xq, yq, rows):

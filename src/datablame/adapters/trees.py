@@ -37,6 +37,10 @@ class TreeEnsembleAdapter:
     values: list[list[np.ndarray]]  # values[t][k][leaf id] -> leaf value
     bias: np.ndarray  # (K,)
     _boost_from_average: bool = False
+    # Multiclass boosters scale the softmax hessian p(1-p) in their Newton steps:
+    # LightGBM and scikit-learn GradientBoosting by K/(K-1), XGBoost by 2. Using the same
+    # scale makes our leaf statistics sum to the library's own leaf values (tested).
+    hessian_scale: float = 1.0
 
     # -- library dispatch --------------------------------------------------------------------
     @classmethod
@@ -57,6 +61,10 @@ class TreeEnsembleAdapter:
         else:
             raise UserError(f"unsupported tree model {type(model).__name__} (XGBoost, "
                             "LightGBM, CatBoost or scikit-learn ensembles)")
+        if ad.objective == "multiclass" and ad.boosted:
+            k = ad.n_outputs
+            ad.hessian_scale = {"lightgbm": k / (k - 1), "sklearn-gb": k / (k - 1),
+                                "xgboost": 2.0}.get(ad.family, 1.0)
         if ad.boosted and ad.family != "sklearn-hgb":
             ad.bias = _empirical_bias(ad, x_reference)
         if ad.family == "lightgbm" and y_reference is not None and ad._boost_from_average:
@@ -109,7 +117,7 @@ class TreeEnsembleAdapter:
         if self.objective == "multiclass":
             p = self.probabilities(raw)
             onehot = np.eye(self.n_outputs)[y.astype(int)]
-            h = p * (1 - p)  # diagonal of the softmax Hessian
+            h = self.hessian_scale * p * (1 - p)  # (scaled) diagonal of the softmax Hessian
             return p - onehot, h, h * (1 - 2 * p)
         r = raw - y.reshape(-1, 1)
         return r, np.ones_like(r), np.zeros_like(r)
@@ -264,8 +272,12 @@ def _unfold_lightgbm_init(ad: TreeEnsembleAdapter, y: np.ndarray) -> None:
         init = np.log(p / (1 - p))
     elif ad.objective == "regression":
         init = float(y.mean())
-    else:
-        return  # multiclass: LightGBM does not boost from the average
+    else:  # multiclass: log of each class's share (LightGBM's MulticlassSoftmax)
+        for k in range(ad.n_outputs):
+            init_k = float(np.log(max(1e-15, float(np.mean(y == k)))))
+            ad.values[0][k] = ad.values[0][k] - init_k
+            ad.bias = ad.bias + init_k * (np.arange(ad.n_outputs) == k)
+        return
     ad.values[0][0] = ad.values[0][0] - init
     ad.bias = ad.bias + init
 
