@@ -225,41 +225,27 @@ def test_knn_shapley_matches_brute_force_shapley():
     rng = np.random.default_rng(0)
     n, k = 6, 2
     dist = rng.uniform(size=n)
-    match = rng.integers(0, 2, n).astype(bool)
     order = np.argsort(dist)
 
-    def utility(subset):
-        if not subset:
-            return 0.0
-        near = sorted(subset, key=lambda i: dist[i])[:k]
-        return sum(match[i] for i in near) / k
+    def brute_force(agree):
+        """Average marginal gain of each row over all orders, utility = mean agreement of
+        the k nearest rows present."""
+        def utility(subset):
+            return sum(agree[i] for i in sorted(subset, key=lambda i: dist[i])[:k]) / k
 
-    brute = np.zeros(n)
-    perms = list(permutations(range(n)))
-    for p in perms:
-        seen = []
-        for i in p:
-            before = utility(seen)
-            seen.append(i)
-            brute[i] += utility(seen) - before
-    brute /= len(perms)
-    np.testing.assert_allclose(knn_shapley_values(order, match, k), brute, atol=1e-12)
-    # regression: the same closed form is exact for any real-valued agreement
-    agree = rng.normal(size=n)
+        out = np.zeros(n)
+        perms = list(permutations(range(n)))
+        for p in perms:
+            for j, i in enumerate(p):
+                out[i] += utility(p[: j + 1]) - utility(p[:j])
+        return out / len(perms)
 
-    def real_utility(subset):
-        near = sorted(subset, key=lambda i: dist[i])[:k]
-        return sum(agree[i] for i in near) / k
-
-    brute = np.zeros(n)
-    for p in perms:
-        seen = []
-        for i in p:
-            before = real_utility(seen)
-            seen.append(i)
-            brute[i] += real_utility(seen) - before
-    brute /= len(perms)
-    np.testing.assert_allclose(knn_shapley_values(order, agree, k), brute, atol=1e-12)
+    match = rng.integers(0, 2, n).astype(bool)  # classification: [y == y_q]
+    np.testing.assert_allclose(knn_shapley_values(order, match, k),
+                               brute_force(match.astype(float)), atol=1e-12)
+    agree = rng.normal(size=n)  # regression: exact for any real-valued agreement
+    np.testing.assert_allclose(knn_shapley_values(order, agree, k), brute_force(agree),
+                               atol=1e-12)
 
 
 def test_knn_shapley_on_a_regression_model_rewards_close_labels():

@@ -45,27 +45,32 @@ def leaf_sums(leaves_tk: np.ndarray, values: np.ndarray, size: int) -> np.ndarra
     return np.bincount(leaves_tk, weights=values, minlength=size)
 
 
+def newton_stats(method: Method, adapter, x, y):
+    """For a boosted model's training rows: leaves, g, h (n, T, K) and each row's leaf
+    denominator H + l2 (the hessian sum of the leaf it falls in, plus the L2 penalty)."""
+    if not adapter.boosted:
+        raise UserError(f"{method.name} needs a gradient-boosted model; for random forests "
+                        "use leaf-sim, simplex or knn-shapley")
+    leaves, g, h, _ = round_stats(adapter, x, y)
+    denom = np.empty(leaves.shape)
+    for t in range(leaves.shape[1]):
+        for k in range(leaves.shape[2]):
+            lt = leaves[:, t, k]
+            denom[:, t, k] = leaf_sums(lt, h[:, t, k], len(adapter.values[t][k]))[lt]
+    return leaves, g, h, denom + adapter.l2
+
+
 class BoostIn(Method):
     name = "boostin"
 
     def fit(self, adapter, x_train, y_train):
-        if not adapter.boosted:
-            raise UserError(f"{self.name} needs a gradient-boosted model; for random forests "
-                            "use leaf-sim, simplex or knn-shapley")
+        leaves, g, h, denom = newton_stats(self, adapter, x_train, y_train)
         super().fit(adapter, x_train, y_train)
-        leaves, g, h, _ = round_stats(adapter, x_train, y_train)
-        n, t_count, k_count = leaves.shape
-        lr, l2 = adapter.learning_rate, adapter.l2
+        n = len(leaves)
+        lr = adapter.learning_rate
+        w = adapter.leaf_values(leaves) / (lr if lr > 0 else 1.0)  # unscaled Newton values
         self.leaves = leaves.reshape(n, -1)
-        dv = np.zeros((n, t_count, k_count))
-        for t in range(t_count):
-            for k in range(k_count):
-                table = adapter.values[t][k]
-                lt = leaves[:, t, k]
-                hess = leaf_sums(lt, h[:, t, k], len(table))
-                w = table[lt] / lr if lr > 0 else table[lt]  # unscaled Newton value
-                dv[:, t, k] = lr * (g[:, t, k] + w * h[:, t, k]) / (hess[lt] + l2)
-        self.dv = dv.reshape(n, -1)
+        self.dv = (lr * (g + w * h) / denom).reshape(n, -1)
         self.dv_by_tree = np.ascontiguousarray(self.dv.T)
         self.index = LeafIndex(self.leaves)
         return self

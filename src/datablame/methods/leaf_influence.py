@@ -40,6 +40,7 @@ class LeafInfluence(Method):
                             f"(max {MAX_ROWS}): use boostin")
         super().fit(adapter, x_train, y_train)
         leaves, g, h, third = round_stats(adapter, x_train, y_train)
+        self.train_leaves = leaves.reshape(n, -1)  # for `reasons`
         _, rounds, k_count = leaves.shape
         lr, l2 = adapter.learning_rate, adapter.l2
         jac = np.zeros((k_count, n, n))  # jac[k, j, i] = dF_k(x_j)/dw_i before the round
@@ -89,7 +90,6 @@ class LeafInfluence(Method):
         return -(g * diag).sum(1)
 
     def reasons(self, x_query, y_query, top, scores):
-        train_leaves = self.adapter.leaves(self.x_train).reshape(self.n_train, -1)
-        shared = shared_leaf_reasons(self.adapter, train_leaves, x_query, top)
+        shared = shared_leaf_reasons(self.adapter, self.train_leaves, x_query, top)
         return [[f"{why}; removing it: query loss {scores[q, r]:+.3g}"
                  for why, r in zip(shared[q], top[q], strict=True)] for q in range(len(top))]

@@ -27,10 +27,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from datablame.errors import UserError
 from datablame.features.leaf_index import LeafIndex
 from datablame.methods.base import Method, shared_leaf_reasons
-from datablame.methods.boostin import leaf_sums, round_stats
+from datablame.methods.boostin import newton_stats
 
 
 class LeafShare(Method):
@@ -38,21 +37,11 @@ class LeafShare(Method):
     units = "loss"
 
     def fit(self, adapter, x_train, y_train):
-        if not adapter.boosted:
-            raise UserError(f"{self.name} needs a gradient-boosted model; for random forests "
-                            "use leaf-sim, simplex or knn-shapley")
+        leaves, g, _, denom = newton_stats(self, adapter, x_train, y_train)
         super().fit(adapter, x_train, y_train)
-        leaves, g, h, _ = round_stats(adapter, x_train, y_train)
-        n, t_count, k_count = leaves.shape
-        lr, l2 = adapter.learning_rate, adapter.l2
-        share = np.zeros((n, t_count, k_count))
-        for t in range(t_count):
-            for k in range(k_count):
-                lt = leaves[:, t, k]
-                hess = leaf_sums(lt, h[:, t, k], len(adapter.values[t][k]))
-                denom = hess[lt] + l2
-                share[:, t, k] = np.where(denom > 0, lr * g[:, t, k] / np.where(
-                    denom > 0, denom, 1.0), 0.0)
+        n, _, k_count = leaves.shape
+        share = np.where(denom > 0, adapter.learning_rate * g / np.where(denom > 0, denom, 1.0),
+                         0.0)
         self.k_count = k_count
         self.share = share.reshape(n, -1)
         self.share_by_tree = np.ascontiguousarray(self.share.T)

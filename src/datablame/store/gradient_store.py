@@ -46,6 +46,14 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _normalised(dots: np.ndarray, norms, query_norm: float, kind: str) -> np.ndarray:
+    """Dot products -> cosines when `kind` is cosine; rows with a zero gradient score 0."""
+    if kind != "cosine":
+        return dots
+    n = np.asarray(norms)
+    return np.where(n > 0, dots / (np.where(n > 0, n, 1) * query_norm), 0.0)
+
+
 def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     with tmp.open("wb") as fh:
@@ -221,10 +229,8 @@ class GradientStore:
         for shard in self.manifest["shards"]:
             lo, hi = shard["rows"]
             block = np.load(self.path / shard["file"], mmap_mode="r")
-            scores = np.asarray(block, dtype=np.float32) @ q
-            if kind == "cosine":
-                n = np.asarray(norms[lo:hi])
-                scores = np.where(n > 0, scores / (np.where(n > 0, n, 1) * qn), 0.0)
+            scores = _normalised(np.asarray(block, dtype=np.float32) @ q, norms[lo:hi], qn,
+                                 kind)
             key = np.abs(scores) if absolute else scores
             take = min(k, len(scores))
             idx = np.argpartition(-key, take - 1)[:take]
@@ -253,9 +259,5 @@ class GradientStore:
                 continue
             block = np.load(self.path / shard["file"], mmap_mode="r")
             vecs = np.asarray(block[ids[inside] - lo], dtype=np.float32)
-            scores = vecs @ q
-            if kind == "cosine":
-                n = np.asarray(norms[ids[inside]])
-                scores = np.where(n > 0, scores / (np.where(n > 0, n, 1) * qn), 0.0)
-            out[inside] = scores
+            out[inside] = _normalised(vecs @ q, norms[ids[inside]], qn, kind)
         return out
