@@ -49,15 +49,9 @@ def build_index(
     if index_type not in INDEX_TYPES:
         raise UserError(f"unknown index type '{index_type}' (use {', '.join(INDEX_TYPES)})")
     if gradients is not None:  # refuse bad options before minutes of embedding
-        from datablame.features.projection import PROJECTIONS
-        from datablame.store.gradient_store import STORE_DTYPES
+        from datablame.store.gradient_store import check_store_options
 
-        if gradients.projection not in PROJECTIONS:
-            raise UserError(f"unknown projection '{gradients.projection}' (use "
-                            f"{', '.join(PROJECTIONS)})")
-        if gradients.store_dtype not in STORE_DTYPES:
-            raise UserError(f"unknown store dtype '{gradients.store_dtype}' (use fp16 or "
-                            "fp32)")
+        check_store_options(gradients.projection, gradients.store_dtype)
     tmpl = PromptTemplate(template, response_field)
     rows = load_rows(train_file)
     rows.require_fields(tmpl.fields)
@@ -267,11 +261,11 @@ class Tracer:
             self._store, self._store_verified = store, verify
         q_text = query.formatted(self.template)
         n = len(self.rows)
-        depth = min(n, max(top_k, rerank, pool if rank_by == "fused" else 0))
+        fused_mode = rank_by == "fused"
+        depth = min(n, max(top_k, rerank, pool if fused_mode else 0))
 
         q_grad = self.model.gradients([q_text])
         q_vec = store.projector.project(q_grad)[0]
-        fused_mode = rank_by == "fused"
         row_ids, proj_scores = store.top_k(q_vec, depth, alignment, absolute=fused_mode)
         scores = proj_scores.copy()
         exact = np.zeros(len(row_ids), dtype=bool)
@@ -288,7 +282,7 @@ class Tracer:
                                                    proj_scores[order], exact[order])
         grad_rank = np.arange(1, len(row_ids) + 1)
         extra: dict = {}
-        if rank_by == "fused":
+        if fused_mode:
             ret_ids, distances = self.retrieve(query, depth)
             missing = np.setdiff1d(ret_ids, row_ids)  # found by retrieval only
             if len(missing):
@@ -314,7 +308,7 @@ class Tracer:
         df = _ranked_frame(self.rows, row_ids[keep], scores[keep], alignment,
                            {**{k: v[keep] for k, v in extra.items()},
                             "store_score": proj_scores[keep], "exact": exact[keep]})
-        how = "fused with retrieval" if rank_by == "fused" else "gradient only"
+        how = "fused with retrieval" if fused_mode else "gradient only"
         self._describe(df, query, q_text, f"grad-{alignment} (all rows, K="
                                           f"{store.manifest['proj_dim']}, exact top "
                                           f"{min(rerank, n)}, {how})")

@@ -83,6 +83,13 @@ def _identity(adapter, template: PromptTemplate, rows: Rows, proj_dim: int, seed
     }
 
 
+def check_store_options(projection: str, store_dtype: str) -> None:
+    if store_dtype not in STORE_DTYPES:
+        raise UserError(f"unknown store dtype '{store_dtype}' (use fp16 or fp32)")
+    if projection not in PROJECTIONS:
+        raise UserError(f"unknown projection '{projection}' (use {', '.join(PROJECTIONS)})")
+
+
 def build_gradient_store(
     index_dir: Path,
     rows: Rows,
@@ -105,10 +112,7 @@ def build_gradient_store(
     """
     if batch_size <= 0:
         batch_size = int(min(32, max(1, (1 << 28) // max(1, adapter.num_params))))
-    if store_dtype not in STORE_DTYPES:
-        raise UserError(f"unknown store dtype '{store_dtype}' (use fp16 or fp32)")
-    if projection not in PROJECTIONS:
-        raise UserError(f"unknown projection '{projection}' (use {', '.join(PROJECTIONS)})")
+    check_store_options(projection, store_dtype)
     final = Path(index_dir) / "gradients"
     partial = Path(index_dir) / "gradients.partial"
     plan = {**_identity(adapter, template, rows, proj_dim, seed, projection),
