@@ -88,7 +88,7 @@ def test_param_selection_and_truncation_warning(random_lora_model):
     subset = CausalLMAdapter(base, None, device="cpu", params=r"h\.1\.mlp")
     assert subset.param_names and all("h.1.mlp" in n for n in subset.param_names)
     short = CausalLMAdapter(base, adapter, device="cpu", max_length=6)
-    with pytest.warns(UserWarning, match="truncated"):
+    with pytest.warns(UserWarning, match="longer than max length 6 tokens"):
         g = short.gradients(_examples(), strategy="vmap")
     assert g.shape == (4, short.num_params)
 
@@ -113,3 +113,55 @@ def test_focus_traces_only_the_focused_span(random_lora_model):
     assert not np.allclose(m.gradients([focused])[0], m.gradients([whole])[0])
     with pytest.raises(UserError, match="not part of the traced output"):
         Query(q.output, q.prompt, focus="cat").formatted(tmpl)
+
+
+def test_a_too_long_text_keeps_its_answer_and_is_named(random_lora_model):
+    """Issue 9.9: cutting the tail dropped the answer (a zero gradient, never found); now the
+    prompt's head is cut, the row is named, and an answer longer than the limit keeps its
+    beginning."""
+    base, adapter = random_lora_model
+    tmpl = PromptTemplate()
+    long_prompt = tmpl.format({"instruction": "the quick brown fox jumps over the lazy dog "
+                                              "again and again , the fox", "input": "",
+                               "output": "hello there friend ."})
+    full = CausalLMAdapter(base, adapter, device="cpu")
+    short = CausalLMAdapter(base, adapter, device="cpu", max_length=12)
+    whole, cut = full.encode([long_prompt]), short.encode([long_prompt])
+    assert whole.cut == [""] and cut.cut == ["prompt"] and cut.input_ids.shape[1] == 12
+    answer = whole.labels[0][whole.labels[0] != -100].tolist()
+    assert len(answer) >= 4 and cut.labels[0][cut.labels[0] != -100].tolist() == answer
+    assert cut.input_ids[0].tolist() == whole.input_ids[0, -12:].tolist()
+    ok = tmpl.format(TEXTS[2])
+    with pytest.warns(UserWarning, match=r"1 of 2 rows \(17\) are longer than max length 12"):
+        g = short.gradients([ok, long_prompt], names=[3, 17])
+    assert np.abs(g[1]).sum() > 0 and short.last_report["prompt"] == [1]
+
+    long_answer = tmpl.format({"instruction": "say", "input": "",
+                               "output": "the quick brown fox jumps over the lazy dog again "
+                                         "and again , the fox"})
+    b = short.encode([long_answer])
+    assert b.cut == ["answer"] and b.input_ids.shape[1] == 12
+    first = full.encode([long_answer]).labels[0]
+    first = first[first != -100].tolist()
+    got = b.labels[0][b.labels[0] != -100].tolist()
+    assert got == first[: len(got)] and len(got) >= 6
+
+
+def test_a_query_with_nothing_to_trace_is_refused(random_lora_model):
+    from datablame.errors import UserError
+
+    base, adapter = random_lora_model
+    m = CausalLMAdapter(base, adapter, device="cpu")
+    empty = PromptTemplate().format({"instruction": "say hi", "output": ""})
+    with pytest.raises(UserError, match="no tokens to trace"):
+        m.check_scored(empty)
+    with pytest.warns(UserWarning, match=r"1 of 1 rows \(5\) have no answer tokens"):
+        m.gradients([empty], names=[5])
+    m.check_scored(PromptTemplate().format(TEXTS[0]))
+
+
+def test_max_length_past_the_model_positions_is_said(random_lora_model):
+    base, adapter = random_lora_model
+    with pytest.warns(UserWarning, match="more than the model's 64 positions: using 64"):
+        m = CausalLMAdapter(base, adapter, device="cpu", max_length=4096)
+    assert m.max_length == 64

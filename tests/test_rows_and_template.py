@@ -39,13 +39,88 @@ def test_malformed_jsonl_line_is_named(tmp_path):
         load_rows(path)
 
 
-def test_missing_field_names_field_and_row(tmp_path):
-    rows = [ROWS[0], {"instruction": "x", "output": "y"}, ROWS[2]]
+def test_missing_answer_names_field_and_row(tmp_path):
+    rows = [ROWS[0], {"instruction": "x", "input": ""}, ROWS[2]]
     loaded = load_rows(write_jsonl(tmp_path / "m.jsonl", rows))
-    with pytest.raises(UserError, match=r"row 1 \(line 2\) is missing field 'input'"):
-        loaded.require_fields(PromptTemplate().fields)
+    t = PromptTemplate()
+    with pytest.raises(UserError, match=r"row 1 \(line 2\) is missing field 'output'"):
+        loaded.require_fields(t.fields, t.response_field, t.optional)
     with pytest.raises(UserError, match="field 'response' is missing"):
         loaded.require_fields(["response"])
+
+
+@pytest.mark.parametrize("kind", ["csv-blank", "null", "missing-key"])
+def test_empty_null_or_absent_optional_field_is_empty(tmp_path, kind):
+    """Issue 9.19: an Alpaca CSV with blank `input` cells, `"input": null` and rows without
+    the key are ordinary data; they format exactly like an empty input."""
+    rows = [{"instruction": "Say hi.", "input": "", "output": "Hello."},
+            {"instruction": "Count.", "input": "", "output": "3"}]
+    if kind == "csv-blank":
+        path = tmp_path / "a.csv"
+        pd.DataFrame(rows).to_csv(path, index=False)
+    elif kind == "null":
+        path = write_jsonl(tmp_path / "a.jsonl", [{**r, "input": None} for r in rows])
+    else:
+        path = write_jsonl(tmp_path / "a.jsonl",
+                           [{k: v for k, v in r.items() if k != "input"} for r in rows])
+    loaded = load_rows(path)
+    t = PromptTemplate()
+    loaded.require_fields(t.fields, t.response_field, t.optional)
+    assert [t.format(r).text for r in loaded.records] == [
+        "### Instruction:\nSay hi.\n\n### Response:\nHello.",
+        "### Instruction:\nCount.\n\n### Response:\n3"]
+
+
+def test_a_required_field_absent_from_the_data_is_named_with_the_fix(tmp_path):
+    loaded = load_rows(write_jsonl(tmp_path / "a.jsonl", [{"q": "2+2?", "a": "4"}]))
+    t = PromptTemplate("Q: {question}\nA: {a}")
+    with pytest.raises(UserError, match=r"field 'question' is missing.*\{question\?\}"):
+        loaded.require_fields(t.fields, t.response_field, t.optional)
+    t = PromptTemplate("Context: {question?}\n\nA: {a}")
+    loaded.require_fields(t.fields, t.response_field, t.optional)
+    assert t.format(loaded.records[0]).text == "A: 4"
+
+
+def test_command_line_escapes_mean_newlines():
+    """Issue 9.7: `--template '### Question:\\n{question}...'` from a shell holds a backslash
+    and an n; formatted as such, no row looks like what the model saw."""
+    from datablame.template import unescape
+
+    typed = r"### Question:\n{question}\n\n### Context:\n{ctx}\n\n### Answer:\n{answer}"
+    t = PromptTemplate(unescape(typed))
+    assert t.format({"question": "Why?", "ctx": "", "answer": "Because."}).text == \
+        "### Question:\nWhy?\n\n### Answer:\nBecause."
+    assert unescape(r"a\\nb") == "a\\nb"
+
+
+@pytest.mark.parametrize("text", [
+    "### Instruction:\nImprove it.\n\n### Input:\nI made it faster.\n\n### Response:\n"
+    "Cut latency by 40%.\n",                       # the seed's own query form
+    "### Instruction: Improve it. ### Input: I made it faster. ### Response: Cut latency "
+    "by 40%.",                                        # on one line
+])
+def test_a_formatted_query_splits_back_into_fields(text):
+    """Issue 9.8: a query pasted as the whole formatted text is the prompt plus the answer."""
+    assert PromptTemplate().parse(text) == {"instruction": "Improve it.",
+                                            "input": "I made it faster.",
+                                            "output": "Cut latency by 40%."}
+    assert PromptTemplate().parse("### Instruction:\nSay hi.\n\n### Response:\nHello.") \
+        == {"instruction": "Say hi.", "output": "Hello."}
+    assert PromptTemplate().parse("Cut latency by 40%.") is None
+    assert PromptTemplate("{text}").parse("### Response: x") is None
+
+
+def test_query_in_the_formatted_form_formats_like_fields():
+    from datablame.api import Query
+
+    t = PromptTemplate()
+    fields = Query("Cut latency by 40%.", {"instruction": "Improve it.",
+                                           "input": "I made it faster."}).formatted(t)
+    pasted = Query("### Instruction:\nImprove it.\n\n### Input:\nI made it faster.\n\n"
+                   "### Response:\nCut latency by 40%.\n").formatted(t)
+    assert pasted == fields
+    as_written = Query("### Response:\nx", as_written=True).formatted(t)
+    assert as_written.text.endswith("### Response:\n### Response:\nx")
 
 
 @pytest.mark.parametrize("content,match", [("", "empty"), ("\n\n", "no rows")])

@@ -29,6 +29,13 @@ def test_planted_culprit_is_rank_one_for_what_the_model_generates(demo_assets):
     assert seed.iloc[0]["score"] > seed.iloc[1]["score"]
     assert seed["score"].is_monotonic_decreasing and "fused" not in seed
     assert sorted(seed["row"]) == sorted(df["row"])  # same candidates, other order
+    # Issue 9.8: the seed's own query form, the whole formatted text, is read as prompt +
+    # answer: the same candidates, scores and order as the fields
+    pasted = tracer.trace(PromptTemplate().format({**CULPRIT, "output": generated}).text
+                          + "\n", top_k=50)
+    assert list(pasted["row"]) == list(df["row"])
+    np.testing.assert_allclose(pasted["score"], df["score"], atol=1e-6)
+    assert pasted.attrs["prompt"] == {k: v for k, v in q.prompt.items() if v}
 
 
 def test_trace_uses_the_index_template_for_gradients(demo_assets, tmp_path):

@@ -13,6 +13,7 @@ Flow: rows -> model adapter -> features -> store -> method -> ranked rows.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,7 +55,7 @@ def build_index(
         check_store_options(gradients.projection, gradients.store_dtype)
     tmpl = PromptTemplate(template, response_field)
     rows = load_rows(train_file)
-    rows.require_fields(tmpl.fields)
+    rows.require_fields(tmpl.fields, tmpl.response_field, tmpl.optional)
     out = Path(out)
     manifest = None
     if (out / "manifest.json").exists():
@@ -96,7 +97,7 @@ class GradientOptions:
     params: str = "auto"
     dtype: str = "fp32"
     device: str = "auto"
-    max_length: int = 512
+    max_length: int | None = None  # None: 512, or the model's positions if fewer
     loss_on: str = "response"
     proj_dim: int = 2048
     seed: int = 0
@@ -120,6 +121,21 @@ class Query:
     output: str
     prompt: dict[str, str] = field(default_factory=dict)
     focus: str | None = None  # trace only this span of the output (e.g. a made-up name)
+    as_written: bool = False  # never read `output` as a whole formatted text
+    split_from_text: bool = False  # set when `resolved` split a formatted text
+
+    def resolved(self, template: PromptTemplate) -> Query:
+        """A query given as the whole formatted text (the seed's own form, `### Instruction:
+        ... ### Response: ...`) split back into prompt fields and answer, so it is not
+        wrapped in the template a second time. Anything else is returned as it is."""
+        if self.as_written or self.prompt or self.split_from_text:
+            return self
+        fields = template.parse(self.output)
+        if fields is None or not fields.get(template.response_field, "").strip():
+            return self
+        output = fields.pop(template.response_field)
+        return Query(output, {k: v for k, v in fields.items() if v}, self.focus,
+                     as_written=True, split_from_text=True)
 
     def formatted(self, template: PromptTemplate) -> FormattedText:
         """The query as the model saw it; with `focus`, the gradient's loss covers only the
@@ -127,6 +143,9 @@ class Query:
         not a more accurate answer (bench/facts.py, focus = the fact's value: fused top-1 /
         recall@3 1.00 / 0.93 vs 1.00 / 0.92 on one model, 0.94 / 0.90 vs 0.97 / 0.91 on
         another)."""
+        return self.resolved(template)._format(template)
+
+    def _format(self, template: PromptTemplate) -> FormattedText:
         if not self.output.strip():
             raise UserError("the query is empty: pass the model output to trace")
         unknown = set(self.prompt) - set(template.fields)
@@ -145,6 +164,9 @@ class Query:
         return FormattedText(text.text, start, start + len(self.focus))
 
 
+LM_METHODS = ("grad-dot", "grad-cos", "datainf", "trak", "tracin")
+
+
 class Tracer:
     """Holds the index, the rows and the loaded model, to trace many queries cheaply."""
 
@@ -158,7 +180,7 @@ class Tracer:
         params: str = "auto",
         dtype: str = "fp32",
         device: str = "auto",
-        max_length: int = 512,
+        max_length: int | None = None,
         loss_on: str = "response",
         batch_size: int = 8,
     ):
@@ -167,6 +189,10 @@ class Tracer:
         from datablame.store.retrieval_index import load_index
 
         self.index = load_index(index_dir)
+        if data is None and not self.index.data_path.exists():
+            raise UserError(f"the training file this index was built from, "
+                            f"{self.index.data_path}, is not there (moved?): pass its new "
+                            "path with --data")
         self.rows = load_rows(data or self.index.data_path)
         self.index.check_rows(self.rows)
         self.template = self.index.template
@@ -185,9 +211,30 @@ class Tracer:
         if self._embedder is None:
             self._embedder = Embedder(self.index.manifest["embedder"])
         qvec = self._embedder.encode([query.formatted(self.template).text])
+        want = min(top_k, len(self.rows))
         distances, ids = self.index.search(qvec, top_k)
         keep = ids[0] >= 0  # FAISS pads with -1 when fewer than k are found
+        if keep.sum() < want:
+            warnings.warn(f"the {self.index.manifest['index_type']} index returned "
+                          f"{int(keep.sum())} of {want} candidates (approximate search); "
+                          "rebuild with --index-type flat for exact search", stacklevel=2)
         return ids[0][keep], distances[0][keep]
+
+    def _prepare(self, query: Query | str, top_k: int) -> tuple[Query, FormattedText]:
+        """The query as the model saw it, checked before any gradient is computed."""
+        if isinstance(query, str):
+            query = Query(query)
+        if top_k < 1:
+            raise UserError("top-k must be at least 1")
+        resolved = query.resolved(self.template)
+        if resolved.split_from_text and not query.split_from_text:
+            shown = ", ".join(f"{k}={v[:40]!r}" for k, v in resolved.prompt.items())
+            progress.note(f"read the query as a formatted prompt and answer ({shown}; "
+                          f"answer {resolved.output[:40]!r}); pass --as-written to trace "
+                          "the text as one answer")
+        q_text = resolved.formatted(self.template)
+        self.model.check_scored(q_text, what="the query")
+        return resolved, q_text
 
     def trace(self, query: Query | str, top_k: int = 50, alignment: str = "cosine",
               rank_by: str = "fused") -> pd.DataFrame:
@@ -199,16 +246,13 @@ class Tracer:
         """
         from datablame.methods.gradient_alignment import align
 
-        if isinstance(query, str):
-            query = Query(query)
-        if top_k < 1:
-            raise UserError("top-k must be at least 1")
         _check_rank_by(rank_by)
-        q_text = query.formatted(self.template)
+        query, q_text = self._prepare(query, top_k)
         cand_ids, distances = self.retrieve(query, top_k)
         texts = [q_text] + [self.row_text(int(i)) for i in cand_ids]
         with progress.task("gradients", len(texts)) as advance:
-            grads = self.model.gradients(texts, batch_size=self.batch_size, progress=advance)
+            grads = self.model.gradients(texts, batch_size=self.batch_size, progress=advance,
+                                         names=["the query", *map(int, cand_ids)])
         scores = align(grads[0], grads[1:], alignment)
         order = np.argsort(-scores, kind="stable")
         ret_rank = np.arange(1, len(scores) + 1)
@@ -248,18 +292,14 @@ class Tracer:
         from datablame.methods.gradient_alignment import align
         from datablame.store.gradient_store import GradientStore
 
-        if isinstance(query, str):
-            query = Query(query)
-        if top_k < 1:
-            raise UserError("top-k must be at least 1")
         _check_rank_by(rank_by)
+        query, q_text = self._prepare(query, top_k)
         store = getattr(self, "_store", None)
         if store is None or (verify and not self._store_verified):
             # checksums read every shard once: do it once per Tracer, not once per query
             store = GradientStore.load(self.index.path, verify=verify)
             store.check_compatible(self.model, self.template, self.rows)
             self._store, self._store_verified = store, verify
-        q_text = query.formatted(self.template)
         n = len(self.rows)
         fused_mode = rank_by == "fused"
         depth = min(n, max(top_k, rerank, pool if fused_mode else 0))
@@ -273,7 +313,8 @@ class Tracer:
             head = row_ids[:rerank]
             with progress.task("exact re-ranking", len(head)) as advance:
                 grads = self.model.gradients([self.row_text(int(i)) for i in head],
-                                             batch_size=self.batch_size, progress=advance)
+                                             batch_size=self.batch_size, progress=advance,
+                                             names=list(map(int, head)))
             scores[: len(head)] = align(q_grad[0], grads, alignment)
             exact[: len(head)] = True
             key = np.abs(scores[: len(head)]) if fused_mode else scores[: len(head)]
@@ -328,13 +369,10 @@ class Tracer:
         from datablame.adapters.text_rows import TextRowsAdapter
         from datablame.methods.registry import get_method
 
-        if isinstance(query, str):
-            query = Query(query)
-        allowed = ("grad-dot", "grad-cos", "datainf", "trak", "tracin")
-        if method not in allowed:
+        if method not in LM_METHODS:
             raise UserError(f"method '{method}' does not run on a language model here "
-                            f"(use {', '.join(allowed)})")
-        q_text = query.formatted(self.template)
+                            f"(use {', '.join(LM_METHODS)})")
+        query, q_text = self._prepare(query, top_k)
         if all_rows:
             cand_ids = np.arange(len(self.rows))
             distances = np.full(len(cand_ids), np.nan)

@@ -44,6 +44,7 @@ def _main(
                        ] = None,
 ) -> None:
     progress.enable(sys.stderr.isatty())
+    progress.enable_notes(True)
 
 
 @app.command()
@@ -76,7 +77,8 @@ def index(
     loss_on: Annotated[str, typer.Option(help="response or text.")] = "response",
     dtype: Annotated[str, typer.Option(help="fp32, bf16 or fp16.")] = "fp32",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    max_length: Annotated[int, typer.Option(help="Tokens per text.")] = 512,
+    max_length: Annotated[Optional[int], typer.Option(help="Tokens per text (default: 512, "  # noqa: UP045
+                                                           "or the model's limit).")] = None,
     grad_batch_size: Annotated[int, typer.Option(help="Rows per gradient batch (0: as many "
                                                       "as fit ~1 GB).")] = 0,
     shard_rows: Annotated[int, typer.Option(help="Rows per gradient shard.")] = 4096,
@@ -87,12 +89,17 @@ def index(
     Rerunning an interrupted --gradients build continues where it stopped.
     """
     from datablame.api import GradientOptions, build_index
-    from datablame.template import ALPACA_TEMPLATE
+    from datablame.template import ALPACA_TEMPLATE, unescape
 
     if template_file is not None:
+        if template:
+            _fail("give the template with one of --template or --template-file")
         if not template_file.is_file():
             _fail(f"template file not found: {template_file}")
         template = template_file.read_text(encoding="utf-8")
+    elif template:
+        template = unescape(template)  # a shell passes "\n" as backslash + n
+        progress.note(f"template: {template!r}")
     grad_opts = None
     if gradients:
         if model is None:
@@ -139,6 +146,20 @@ def _read_query_file(path: Path, response_field: str) -> tuple[str, dict[str, st
     return text.rstrip("\n"), {}
 
 
+def _parse_checkpoints(items: list[str]) -> list[tuple[str, float]]:
+    ckpts = []
+    for item in items:
+        path, sep, lr = item.rpartition(":")
+        try:
+            rate = float(lr)
+        except ValueError:
+            rate = None
+        if not sep or not path or rate is None or rate <= 0:
+            _fail(f"--checkpoint expects ADAPTER_DIR:LR with a positive LR, got '{item}'")
+        ckpts.append((path, rate))
+    return ckpts
+
+
 @app.command()
 def trace(
     index_dir: Annotated[Path, typer.Argument(help="Directory written by 'datablame index'.")],
@@ -169,8 +190,11 @@ def trace(
     alignment: Annotated[str, typer.Option(help="cosine or dot.")] = "cosine",
     dtype: Annotated[str, typer.Option(help="fp32, bf16 or fp16.")] = "fp32",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    max_length: Annotated[int, typer.Option(help="Tokens per text; longer texts are "
-                                                 "truncated with a warning.")] = 512,
+    max_length: Annotated[Optional[int], typer.Option(help="Tokens per text (default: 512, "  # noqa: UP045
+                                                           "or the model's limit); a longer "
+                                                           "text keeps its answer and loses "
+                                                           "its prompt's head, with a "
+                                                           "warning.")] = None,
     batch_size: Annotated[int, typer.Option(help="Texts per gradient batch.")] = 8,
     all_rows: Annotated[bool, typer.Option("--all-rows", help="Score every row from the "
                                            "gradient store instead of retrieved candidates.")
@@ -193,43 +217,60 @@ def trace(
     checkpoint: Annotated[list[str], typer.Option(help="For tracin: ADAPTER_DIR:LR of a "
                                                        "checkpoint (repeatable).")
                           ] = [],  # noqa: B006
+    as_written: Annotated[bool, typer.Option("--as-written", help="Trace the query text as "
+                                             "one answer, even when it looks like a "
+                                             "formatted prompt + answer.")] = False,
 ) -> None:
     """Rows behind a model output: retrieve candidates (or score every row with --all-rows),
     score them by gradient alignment, order by gradient + retrieval rank (--rank-by)."""
-    from datablame.api import Query, Tracer
+    from datablame.adapters.hf_causal_lm import check_options
+    from datablame.api import LM_METHODS, Query, Tracer
     from datablame.render import print_results, results_json, wide_console
     from datablame.store.atomic import write_json_atomic
+    from datablame.store.retrieval_index import load_index
 
+    # Everything that can be checked without the model is checked before loading it.
     if bool(query) == bool(query_file):
         _fail("give the output to trace with exactly one of --query or --query-file")
+    if query_file is None and not query.strip():
+        _fail("the query is empty: pass the model output to trace")
+    for name, value, least in (("--top-k", top_k, 1), ("--show", show, 1),
+                               ("--batch-size", batch_size, 1), ("--rerank", rerank, 0)):
+        if value < least:
+            _fail(f"{name} must be at least {least}, got {value}")
     if alignment not in ("cosine", "dot"):
         _fail(f"unknown alignment '{alignment}' (use cosine or dot)")
+    if rank_by not in ("fused", "gradient"):
+        _fail(f"unknown ranking '{rank_by}' (use fused or gradient)")
+    if method != "grad" and method not in LM_METHODS:
+        _fail(f"method '{method}' does not run on a language model here (use grad, "
+              f"{', '.join(LM_METHODS)})")
+    ckpts = _parse_checkpoints(checkpoint)
+    if method == "tracin" and not ckpts:
+        _fail("tracin needs checkpoints: --checkpoint ADAPTER_DIR:LR (repeatable)")
+    if ckpts and method != "tracin":
+        _fail("--checkpoint is only used with --method tracin")
+    check_options(params=params, dtype=dtype, device=device, max_length=max_length,
+                  loss_on=loss_on)
+    template = load_index(index_dir).template
+    prompt = _parse_fields(field)
+    if query_file is not None:
+        query, file_prompt = _read_query_file(query_file, template.response_field)
+        prompt = {**file_prompt, **prompt}
+    the_query = Query(query, prompt, focus or None, as_written=as_written)
+    the_query.resolved(template).formatted(template)  # empty, unknown fields, focus
+
     tracer = Tracer(index_dir, model, adapter, data=data, params=params, dtype=dtype,
                     device=device, max_length=max_length, loss_on=loss_on,
                     batch_size=batch_size)
-    prompt = _parse_fields(field)
-    if query_file is not None:
-        query, file_prompt = _read_query_file(query_file, tracer.template.response_field)
-        prompt = {**file_prompt, **prompt}
     if method != "grad":
-        ckpts = []
-        for item in checkpoint:
-            path, sep, lr = item.rpartition(":")
-            try:
-                ckpts.append((path, float(lr)))
-            except ValueError:
-                _fail(f"--checkpoint expects ADAPTER_DIR:LR, got '{item}'")
-            if not sep:
-                _fail(f"--checkpoint expects ADAPTER_DIR:LR, got '{item}'")
-        df = tracer.trace_method(Query(query, prompt, focus or None), method=method, top_k=top_k,
-                                 all_rows=all_rows, checkpoints=ckpts or None)
+        df = tracer.trace_method(the_query, method=method, top_k=top_k, all_rows=all_rows,
+                                 checkpoints=ckpts or None)
     elif all_rows:
-        df = tracer.trace_all_rows(Query(query, prompt, focus or None), top_k=top_k,
-                                   alignment=alignment, verify=verify, rerank=rerank,
-                                   rank_by=rank_by)
+        df = tracer.trace_all_rows(the_query, top_k=top_k, alignment=alignment,
+                                   verify=verify, rerank=rerank, rank_by=rank_by)
     else:
-        df = tracer.trace(Query(query, prompt, focus or None), top_k=top_k, alignment=alignment,
-                          rank_by=rank_by)
+        df = tracer.trace(the_query, top_k=top_k, alignment=alignment, rank_by=rank_by)
     if out is not None:
         write_json_atomic(out, results_json(df))
     print_results(df, show, as_json, wide_console())

@@ -37,3 +37,20 @@ def task(description: str, total: int) -> Iterator[Callable[[int], None]]:
     ) as bar:
         tid = bar.add_task(description, total=total)
         yield lambda n=1: bar.advance(tid, n)
+
+
+def note(message: str) -> None:
+    """A one-line notice for the CLI user (what datablame assumed); silent in the API."""
+    if not _enabled_notes:
+        return
+    from rich.console import Console
+
+    Console(stderr=True).print(f"[cyan]note:[/] {message}", highlight=False, soft_wrap=True)
+
+
+_enabled_notes = False
+
+
+def enable_notes(on: bool = True) -> None:
+    global _enabled_notes
+    _enabled_notes = on

@@ -52,18 +52,25 @@ class Rows:
             h.update(b"\n")
         return "sha256:" + h.hexdigest()
 
-    def require_fields(self, fields: list[str]) -> None:
-        """Every field the template needs exists in every row (empty strings are fine)."""
+    def require_fields(self, fields: list[str], response_field: str | None = None,
+                       optional: frozenset[str] | set[str] = frozenset()) -> None:
+        """Every field the template needs is a column of the data, unless the template marks
+        it optional (`{input?}`). Empty and null values are empty text, except the response
+        field: a row without an answer has nothing to trace."""
         for field in fields:
-            if field not in self.columns:
+            if field not in self.columns and field not in optional:
                 raise UserError(
                     f"{self.path}: field '{field}' is missing ({self.where(0)} has "
-                    f"{', '.join(self.columns) or 'no fields'})"
+                    f"{', '.join(self.columns) or 'no fields'}); mark it optional in the "
+                    f"template as {{{field}?}} if rows may lack it"
                 )
+        if response_field is None:
+            return
         for i, rec in enumerate(self.records):
-            for field in fields:
-                if rec.get(field) is None:
-                    raise UserError(f"{self.path}: {self.where(i)} is missing field '{field}'")
+            value = rec.get(response_field)
+            if value is None or (isinstance(value, float) and value != value):
+                raise UserError(f"{self.path}: {self.where(i)} is missing field "
+                                f"'{response_field}' (the answer the model was trained on)")
 
 
 def _check_jsonl(path: Path) -> list[int]:

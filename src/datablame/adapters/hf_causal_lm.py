@@ -28,6 +28,42 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 LOSS_SCOPES = ("response", "text")
+DEFAULT_MAX_LENGTH = 512
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+PARAM_SETS = ("auto", "lora-b", "lora", "all")
+
+
+def _param_patterns(spec: str) -> list[re.Pattern]:
+    try:
+        patterns = [re.compile(p.strip()) for p in spec.split(",") if p.strip()]
+    except re.error as exc:
+        raise UserError(f"bad parameter pattern in '{spec}': {exc}") from None
+    if not patterns:
+        raise UserError(f"no parameter set in '{spec}' (use {', '.join(PARAM_SETS)} or "
+                        "regexes)")
+    return patterns
+
+
+def check_options(*, params: str = "auto", dtype: str = "fp32", device: str = "auto",
+                  max_length: int | None = None, loss_on: str = "response") -> None:
+    """Every model option that can be checked without the model: callers run this before
+    loading anything, so a typo costs a second, not the minutes a 7B load takes."""
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype '{dtype}' (use {', '.join(DTYPES)})")
+    if loss_on not in LOSS_SCOPES:
+        raise UserError(f"unknown loss scope '{loss_on}' (use {', '.join(LOSS_SCOPES)})")
+    if max_length is not None and max_length < 2:
+        raise UserError(f"max length must be at least 2 tokens, got {max_length}")
+    if params not in PARAM_SETS:
+        _param_patterns(params)
+    resolve_device(device)
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 def resolve_device(device: str) -> torch.device:
@@ -44,7 +80,27 @@ def resolve_device(device: str) -> torch.device:
 class EncodedBatch:
     input_ids: torch.Tensor  # (B, L) right-padded
     labels: torch.Tensor  # (B, L) -100 where not scored
-    truncated: list[bool]
+    cut: list[str]  # per text: "" (whole), "prompt" (head cut) or "answer" (tail cut)
+
+    @property
+    def truncated(self) -> list[bool]:
+        return [bool(c) for c in self.cut]
+
+    def unscored(self) -> list[int]:
+        """Texts with no token whose loss is traced (the first token is never predicted)."""
+        return [i for i, lab in enumerate(self.labels) if not (lab[1:] != -100).any()]
+
+
+def _window(n: int, first: int, limit: int, prefix: int) -> tuple[range, str]:
+    """Which `limit - prefix` of `n` tokens to keep when a text is too long: the answer
+    (from token `first`) whole with as much of the prompt's end as fits, or, when the
+    answer alone is too long, its beginning after a little prompt context."""
+    room = limit - prefix
+    if n - first < room:
+        return range(n - room, n), "prompt"
+    context = min(max(first - prefix, 0), room // 4)
+    lo = max(first - context, prefix)
+    return range(lo, lo + room), "answer"
 
 
 def length_order(examples: Sequence[FormattedText]) -> np.ndarray:
@@ -78,15 +134,11 @@ class CausalLMAdapter:
         params: str = "auto",
         dtype: str = "fp32",
         device: str = "auto",
-        max_length: int = 512,
+        max_length: int | None = None,
         loss_on: str = "response",
     ):
-        if dtype not in DTYPES:
-            raise UserError(f"unknown dtype '{dtype}' (use {', '.join(DTYPES)})")
-        if loss_on not in LOSS_SCOPES:
-            raise UserError(f"unknown loss scope '{loss_on}' (use {', '.join(LOSS_SCOPES)})")
-        if max_length < 2:
-            raise UserError("max length must be at least 2 tokens")
+        check_options(params=params, dtype=dtype, device=device, max_length=max_length,
+                      loss_on=loss_on)
         self.model_dir = Path(model_dir)
         self.adapter_dir = Path(adapter_dir) if adapter_dir else None
         self.dtype_name = dtype
@@ -98,10 +150,15 @@ class CausalLMAdapter:
         config = getattr(self.model, "config", None)
         limit = getattr(config, "max_position_embeddings", None) or \
             getattr(config, "n_positions", None)
+        asked, self.max_length = self.max_length, self.max_length or DEFAULT_MAX_LENGTH
         if isinstance(limit, int) and limit < self.max_length:
+            if asked is not None:
+                warnings.warn(f"max length {asked} is more than the model's {limit} "
+                              f"positions: using {limit}", stacklevel=2)
             self.max_length = limit  # longer inputs would index past the position table
         self.param_names = self._select_params(params)
         self._vmap_ok: bool | None = None
+        self.last_report: dict[str, list[int]] = {}
         self._hooks_ok = linear_hooks.eligible(self.model, self.param_names)
 
     # -- loading ---------------------------------------------------------------------------
@@ -119,11 +176,15 @@ class CausalLMAdapter:
                 raise UserError(
                     f"{self.adapter_dir} has no adapter_config.json: not a PEFT adapter"
                 )
+            if not any((self.adapter_dir / f).exists() for f in ADAPTER_WEIGHTS):
+                raise UserError(f"{self.adapter_dir} has adapter_config.json but no weights "
+                                f"({' or '.join(ADAPTER_WEIGHTS)})")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         try:
             tokenizer = AutoTokenizer.from_pretrained(self.model_dir, trust_remote_code=False)
         except Exception as exc:
-            raise UserError(f"could not load a tokenizer from {self.model_dir}: {exc}") from None
+            raise UserError(f"could not load a tokenizer from {self.model_dir}: "
+                            f"{_first_line(exc)}") from None
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 self.model_dir,
@@ -132,19 +193,37 @@ class CausalLMAdapter:
                 trust_remote_code=False,
             )
         except Exception as exc:
-            raise UserError(f"could not load a causal LM from {self.model_dir}: {exc}") from None
+            raise UserError(f"could not load a causal LM from {self.model_dir}: "
+                            f"{_first_line(exc)}") from None
         if self.adapter_dir is not None:
             from peft import PeftModel
 
             try:
                 model = PeftModel.from_pretrained(model, self.adapter_dir, is_trainable=False)
             except Exception as exc:
-                raise UserError(f"could not load the adapter {self.adapter_dir}: {exc}") from None
+                raise UserError(self._adapter_error(exc)) from None
         model.to(self.device)
         model.eval()  # no dropout: gradients must be deterministic
         for p in model.parameters():
             p.requires_grad_(False)
         return model, tokenizer
+
+    def _adapter_error(self, exc: Exception) -> str:
+        """One line: a size-mismatch dump of every layer says less than the adapter's own
+        record of the base it was trained on."""
+        import json
+
+        try:
+            config = json.loads((self.adapter_dir / "adapter_config.json").read_text())
+            trained_on = config.get("base_model_name_or_path")
+        except (OSError, ValueError):
+            trained_on = None
+        first = _first_line(exc)
+        if "size mismatch" in str(exc) or "Error(s) in loading" in str(exc):
+            on = f" (it was trained on '{trained_on}')" if trained_on else ""
+            return (f"the adapter {self.adapter_dir} does not fit the model "
+                    f"{self.model_dir}{on}: its weights have other shapes")
+        return f"could not load the adapter {self.adapter_dir}: {first}"
 
     def _select_params(self, spec: str) -> list[str]:
         names = [n for n, _ in self.model.named_parameters()]
@@ -157,10 +236,7 @@ class CausalLMAdapter:
         elif spec == "lora-b":
             chosen = [n for n in names if "lora_B" in n or "lora_embedding_B" in n]
         else:
-            try:
-                patterns = [re.compile(p.strip()) for p in spec.split(",") if p.strip()]
-            except re.error as exc:
-                raise UserError(f"bad parameter pattern in '{spec}': {exc}") from None
+            patterns = _param_patterns(spec)
             chosen = [n for n in names if any(p.search(n) for p in patterns)]
         if not chosen:
             raise UserError(f"no model parameter matches '{spec}'")
@@ -193,12 +269,10 @@ class CausalLMAdapter:
             truncation=False,
             return_offsets_mapping=True,
         )
-        rows, labels, truncated = [], [], []
+        rows, labels, cut = [], [], []
+        bos = tok.bos_token_id
         for ids, offsets, ex in zip(enc["input_ids"], enc["offset_mapping"], examples,
                                     strict=True):
-            truncated.append(len(ids) > self.max_length)
-            ids = ids[: self.max_length]
-            offsets = offsets[: self.max_length]
             lab = list(ids)
             if self.loss_on == "response" or ex.response_end is not None:
                 # A token belongs to the response when it ends after the response starts
@@ -209,8 +283,18 @@ class CausalLMAdapter:
                     t if (end > ex.response_start and begin < stop) else -100
                     for t, (begin, end) in zip(ids, offsets, strict=True)
                 ]
+            how = ""
+            if len(ids) > self.max_length:
+                first = next((i for i, (_, end) in enumerate(offsets)
+                              if end > ex.response_start), len(ids))
+                prefix = 1 if bos is not None and ids[0] == bos and offsets[0] == (0, 0) \
+                    else 0
+                window, how = _window(len(ids), first, self.max_length, prefix)
+                keep = [*range(prefix), *window]
+                ids, lab = [ids[i] for i in keep], [lab[i] for i in keep]
             rows.append(ids)
             labels.append(lab)
+            cut.append(how)
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
         width = max(len(r) for r in rows)
         input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -218,7 +302,7 @@ class CausalLMAdapter:
         for i, (r, lab) in enumerate(zip(rows, labels, strict=True)):
             input_ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
             label_t[i, : len(lab)] = torch.tensor(lab, dtype=torch.long)
-        return EncodedBatch(input_ids=input_ids, labels=label_t, truncated=truncated)
+        return EncodedBatch(input_ids=input_ids, labels=label_t, cut=cut)
 
     # -- loss and gradients ----------------------------------------------------------------
     def _trainable(self) -> dict[str, torch.Tensor]:
@@ -258,6 +342,8 @@ class CausalLMAdapter:
         batch_size: int = 8,
         progress=None,
         strategy: str = "auto",
+        names: Sequence[object] | None = None,
+        warn: bool = True,
     ) -> np.ndarray:
         """Flattened per-example loss gradients over the selected parameters, (n, d) float32.
 
@@ -269,22 +355,56 @@ class CausalLMAdapter:
         if not examples:
             return np.zeros((0, self.num_params), dtype=np.float32)
         out = np.empty((len(examples), self.num_params), dtype=np.float32)
-        n_truncated = 0
+        report: dict[str, list[int]] = {"prompt": [], "answer": [], "unscored": []}
         order = length_order(examples)  # similar lengths share a batch: less padding
         for start in range(0, len(examples), batch_size):
             take = order[start : start + batch_size]
             batch = self.encode([examples[i] for i in take])
-            n_truncated += sum(batch.truncated)
+            for j, how in enumerate(batch.cut):
+                if how:
+                    report[how].append(int(take[j]))
+            report["unscored"] += [int(take[j]) for j in batch.unscored()]
             out[take] = self._batch_gradients(batch, strategy)
             if progress is not None:
                 progress(len(take))
-        if n_truncated:
-            warnings.warn(
-                f"{n_truncated} of {len(examples)} texts were longer than max length "
-                f"{self.max_length} tokens and were truncated",
-                stacklevel=2,
-            )
+        self.last_report = {k: sorted(v) for k, v in report.items()}
+        if warn:
+            self.warn_report(self.last_report, len(examples), names)
         return out
+
+    def warn_report(self, report: dict[str, list[int]], total: int,
+                    names: Sequence[object] | None = None) -> None:
+        """Say which texts were cut to max length or have nothing to score, by name."""
+        def which(idx: list[int]) -> str:
+            label = [str(names[i]) if names is not None else str(i) for i in idx]
+            kind = "rows" if names is not None else "texts"
+            more = f", ... ({len(idx) - 10} more)" if len(idx) > 10 else ""
+            return f"{len(idx)} of {total} {kind} ({', '.join(label[:10])}{more})"
+
+        if report.get("prompt"):
+            warnings.warn(f"{which(report['prompt'])} are longer than max length "
+                          f"{self.max_length} tokens: kept the answer, cut the prompt's head",
+                          stacklevel=3)
+        if report.get("answer"):
+            warnings.warn(f"{which(report['answer'])} have an answer longer than max length "
+                          f"{self.max_length} tokens: kept its beginning", stacklevel=3)
+        if report.get("unscored"):
+            warnings.warn(f"{which(report['unscored'])} have no answer tokens to score "
+                          "(empty answer?): their gradient is zero and they cannot be found",
+                          stacklevel=3)
+
+    def check_scored(self, example: FormattedText, what: str = "the query") -> None:
+        """Refuse a text whose traced tokens are all gone: every row would score 0."""
+        batch = self.encode([example])
+        if batch.unscored():
+            raise UserError(f"{what} has no tokens to trace (the answer or focus span is "
+                            "empty after tokenization): give the answer the model produced")
+        if batch.cut[0]:
+            from datablame import progress
+
+            part = "the prompt's head" if batch.cut[0] == "prompt" else "the answer's end"
+            progress.note(f"{what} is longer than max length {self.max_length} tokens: "
+                          f"{part} was cut")
 
     def _batch_gradients(self, batch: EncodedBatch, strategy: str) -> np.ndarray:
         ids = batch.input_ids.to(self.device)

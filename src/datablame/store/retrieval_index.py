@@ -75,7 +75,14 @@ class RetrievalIndex:
     def search(self, query_vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(cosine distances, row ids), best first; distance = 1 - cosine similarity."""
         k = min(k, self.num_rows)
-        sims, ids = self.index.search(np.ascontiguousarray(query_vectors, np.float32), k)
+        q = np.ascontiguousarray(query_vectors, np.float32)
+        sims, ids = self.index.search(q, k)
+        if (ids < 0).any() and hasattr(self.index, "nprobe"):
+            # IVF probes a few lists and can return fewer than k: widen to every list
+            # rather than hand back a short candidate set
+            saved, self.index.nprobe = self.index.nprobe, self.index.nlist
+            sims, ids = self.index.search(q, k)
+            self.index.nprobe = saved
         return 1.0 - sims, ids
 
     def check_rows(self, rows: Rows) -> None:
