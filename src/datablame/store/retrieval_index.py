@@ -42,6 +42,7 @@ def build_faiss(vectors: np.ndarray, index_type: str = "flat", seed: int = 0):
         quantizer = faiss.IndexFlatIP(dim)
         index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
         index.cp.seed = seed
+        index.cp.min_points_per_centroid = 1  # FAISS's stderr notice about few points is noise
         index.train(vectors)
         index.nprobe = max(1, nlist // 8)
     elif index_type == "hnsw":
