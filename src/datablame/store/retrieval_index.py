@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -94,7 +95,8 @@ class RetrievalIndex:
 
 
 def save_index(out: Path, vectors: np.ndarray, rows: Rows, template: PromptTemplate,
-               embedder_name: str, index_type: str) -> dict:
+               embedder_name: str, index_type: str,
+               before_swap: Callable[[Path], None] | None = None) -> dict:
     import faiss
 
     index = build_faiss(vectors, index_type)
@@ -115,7 +117,7 @@ def save_index(out: Path, vectors: np.ndarray, rows: Rows, template: PromptTempl
         "metric": "cosine",
         "index_type": index_type,
     }
-    with atomic_dir(Path(out)) as tmp:
+    with atomic_dir(Path(out), before_swap) as tmp:
         np.save(tmp / "embeddings.npy", vectors)
         faiss.write_index(index, str(tmp / "faiss.index"))
         write_json_atomic(tmp / "manifest.json", manifest)  # written last
