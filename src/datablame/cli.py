@@ -43,7 +43,7 @@ def _main(
                                                     is_eager=True, help="Show the version.")
                        ] = None,
 ) -> None:
-    progress.enable(sys.stderr.isatty())
+    progress.enable(True)  # bars on a terminal, plain periodic lines in logs
 
 
 @app.command()
@@ -198,8 +198,10 @@ def trace(
     score them by gradient alignment, order by gradient + retrieval rank (--rank-by)."""
     from datablame.api import Query, Tracer
     from datablame.render import print_results, results_json, wide_console
-    from datablame.store.atomic import write_json_atomic
+    from datablame.store.atomic import check_writable, write_json_atomic
 
+    if out is not None:  # before minutes of loading and gradients, not after
+        check_writable(out)
     if bool(query) == bool(query_file):
         _fail("give the output to trace with exactly one of --query or --query-file")
     if alignment not in ("cosine", "dot"):
