@@ -212,3 +212,19 @@ def test_plain_progress_lines_when_stderr_is_not_a_terminal(capsys, monkeypatch)
     assert lines[0] == "row gradients: 200/2000 (10%)"
     assert lines[-1].startswith("row gradients: 2000/2000 (100%) in ")
     assert len(lines) == 10
+
+
+def test_trace_no_verify_with_damaged_shard_header_is_one_line(small_index, random_lora_model,
+                                                                monkeypatch, capsys):
+    data, idx = small_index
+    base, adapter = random_lora_model
+    code, _, err = run_cli(monkeypatch, capsys, "index", data, "--out", idx, "--gradients",
+                           "--model", base, "--adapter", adapter, "--proj-dim", "8")
+    assert code in (0, None), err
+    shard = idx / "gradients" / "shard-00000.npy"
+    raw = bytearray(shard.read_bytes())
+    raw[12:20] = b"@@@@@@@@"
+    shard.write_bytes(bytes(raw))
+    code, _, err = run_cli(monkeypatch, capsys, "trace", idx, "--model", base, "--adapter",
+                           adapter, "--query", "Fixed.", "--all-rows", "--no-verify")
+    _assert_one_line_error(code, err, "shard-00000.npy has a damaged header")
