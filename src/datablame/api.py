@@ -102,6 +102,7 @@ def _build_index_locked(train_file: str | os.PathLike, out: Path, lock, *, templ
         g = gradients
         model = CausalLMAdapter(g.model, g.adapter, params=g.params, dtype=g.dtype,
                                 device=g.device, max_length=g.max_length, loss_on=g.loss_on)
+        model.identity()  # hash the model files (own progress) before the gradients' bar
         with progress.task("row gradients", len(rows)) as advance:
             build_gradient_store(out, rows, tmpl, model, proj_dim=g.proj_dim, seed=g.seed,
                                  shard_rows=g.shard_rows, batch_size=g.batch_size,
