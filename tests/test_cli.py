@@ -100,7 +100,7 @@ def test_trace_json_lists_every_candidate(small_index, random_lora_model, monkey
 @pytest.mark.parametrize("args,needle", [
     (["--query", "Fixed.", "--top-k", "0"], "--top-k must be at least 1"),
     (["--query", "Fixed.", "--batch-size", "0"], "--batch-size must be at least 1"),
-    (["--query", "Fixed.", "--max-length", "0"], "max length must be at least 2"),
+    (["--query", "Fixed.", "--max-length", "0"], "--max-length must be at least 2"),
     (["--query", "Fixed.", "--params", "lora_B("], "bad parameter pattern"),
     (["--query", "Fixed.", "--dtype", "fp8"], "unknown dtype"),
     (["--query", "Fixed.", "--method", "tracin"], "tracin needs checkpoints"),
@@ -172,3 +172,136 @@ def test_adapter_errors_name_the_problem(small_index, random_lora_model, tmp_pat
                            "--adapter", tmp_path / "foreign", "--query", "Fixed.")
     _assert_one_line_error(code, err, "does not fit the model")
     assert "trained on 'someone/other-base'" in err
+
+
+# -- issue 9: nothing lost, nothing crashes -------------------------------------------------
+
+def test_index_out_refuses_a_directory_that_is_not_an_index(tmp_path, monkeypatch, capsys):
+    data = write_jsonl(tmp_path / "t.jsonl", [ROW])
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "notes.txt").write_text("x")
+    code, _, err = run_cli(monkeypatch, capsys, "index", data, "--out", tmp_path / "p")
+    _assert_one_line_error(code, err, "is a directory with 1 entry that is not a datablame "
+                                      "index")
+    assert (tmp_path / "p" / "notes.txt").read_text() == "x"
+    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["notes.txt"]
+
+
+def test_index_out_never_replaces_the_training_file_or_a_file(tmp_path, monkeypatch, capsys):
+    data = write_jsonl(tmp_path / "t.jsonl", [ROW])
+    before = data.read_bytes()
+    code, _, err = run_cli(monkeypatch, capsys, "index", data, "--out", data)
+    _assert_one_line_error(code, err, "is the training file")
+    assert data.is_file() and data.read_bytes() == before
+    other = tmp_path / "notes.txt"
+    other.write_text("keep me")
+    code, _, err = run_cli(monkeypatch, capsys, "index", data, "--out", other)
+    _assert_one_line_error(code, err, "is a file")
+    assert other.read_text() == "keep me"
+    code, _, err = run_cli(monkeypatch, capsys, "index", data, "--out", other / "idx")
+    _assert_one_line_error(code, err, "is a file")
+    assert not list(tmp_path.glob(".*"))  # no hidden leftovers beside them
+
+
+def test_index_into_empty_dir_then_rebuilt_in_place(tmp_path, monkeypatch, capsys):
+    data = write_jsonl(tmp_path / "t.jsonl", [ROW, {**ROW, "output": "Done."}])
+    (tmp_path / "idx").mkdir()
+    code, _, _ = run_cli(monkeypatch, capsys, "index", data, "--out", tmp_path / "idx")
+    assert code in (0, None)
+    write_jsonl(data, [ROW, {**ROW, "output": "Changed."}, {**ROW, "output": "More."}])
+    code, _, err = run_cli(monkeypatch, capsys, "index", data, "--out", tmp_path / "idx")
+    assert code in (0, None), err
+    manifest = json.loads((tmp_path / "idx" / "manifest.json").read_text())
+    assert manifest["data"]["rows"] == 3
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_index_refuses_while_another_build_holds_the_lock(tmp_path, monkeypatch, capsys):
+    import os
+    import socket
+
+    from datablame.store.index_dir import IndexLock
+
+    data = write_jsonl(tmp_path / "t.jsonl", [ROW])
+    with IndexLock(tmp_path / "idx"):
+        code, _, err = run_cli(monkeypatch, capsys, "index", data, "--out", tmp_path / "idx")
+    _assert_one_line_error(code, err, f"another datablame build is writing {tmp_path / 'idx'} "
+                                      f"(pid {os.getpid()} on {socket.gethostname()}, started")
+
+
+def test_lock_is_released_when_its_process_dies(tmp_path):
+    import subprocess
+
+    from datablame.store.index_dir import IndexLock
+
+    code = ("import sys, time; from datablame.store.index_dir import IndexLock;"
+            f"lock = IndexLock({str(tmp_path / 'idx')!r}); lock.acquire();"
+            "print('held', flush=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        with pytest.raises(cli.UserError, match="another datablame build"):
+            IndexLock(tmp_path / "idx").acquire()
+    finally:
+        proc.kill()
+        proc.wait()
+    with IndexLock(tmp_path / "idx"):  # the dead build's lock is gone
+        pass
+
+
+@pytest.mark.parametrize(("option", "value", "needle"), [
+    ("--proj-dim", "0", "--proj-dim must be at least 1 (got 0)"),
+    ("--shard-rows", "0", "--shard-rows must be at least 1 (got 0)"),
+    ("--batch-size", "0", "--batch-size must be at least 1 (got 0)"),
+    ("--grad-batch-size", "-1", "--grad-batch-size must be at least 0 (got -1)"),
+    ("--max-length", "0", "--max-length must be at least 2 (got 0)"),
+])
+def test_index_refuses_bad_numbers_before_loading(tmp_path, monkeypatch, capsys, option, value,
+                                                  needle):
+    data = write_jsonl(tmp_path / "t.jsonl", [ROW])
+    code, _, err = run_cli(monkeypatch, capsys, "index", data, "--out", tmp_path / "i",
+                           "--gradients", "--model", tmp_path / "no-model", option, value)
+    _assert_one_line_error(code, err, needle)
+    assert not (tmp_path / "i").exists()
+
+
+def test_trace_out_in_missing_dir_is_refused_before_loading(tmp_path, monkeypatch, capsys):
+    code, _, err = run_cli(monkeypatch, capsys, "trace", tmp_path / "no-index", "--model",
+                           tmp_path / "no-model", "--query", "Fixed.", "--out",
+                           tmp_path / "missing" / "r.json")
+    _assert_one_line_error(code, err, f"cannot write {tmp_path / 'missing' / 'r.json'}: "
+                                      f"directory {tmp_path / 'missing'} does not exist")
+
+
+def test_plain_progress_lines_when_stderr_is_not_a_terminal(capsys, monkeypatch):
+    from datablame import progress
+
+    clock = iter(range(0, 1000, 1))
+    monkeypatch.setattr(progress, "_now", lambda: float(next(clock)))
+    progress.enable(True)
+    try:
+        with progress.task("row gradients", 2000) as advance:
+            for _ in range(40):
+                advance(50)
+    finally:
+        progress.enable(False)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[0] == "row gradients: 200/2000 (10%)"
+    assert lines[-1].startswith("row gradients: 2000/2000 (100%) in ")
+    assert len(lines) == 10
+
+
+def test_trace_no_verify_with_damaged_shard_header_is_one_line(small_index, random_lora_model,
+                                                                monkeypatch, capsys):
+    data, idx = small_index
+    base, adapter = random_lora_model
+    code, _, err = run_cli(monkeypatch, capsys, "index", data, "--out", idx, "--gradients",
+                           "--model", base, "--adapter", adapter, "--proj-dim", "8")
+    assert code in (0, None), err
+    shard = idx / "gradients" / "shard-00000.npy"
+    raw = bytearray(shard.read_bytes())
+    raw[12:20] = b"@@@@@@@@"
+    shard.write_bytes(bytes(raw))
+    code, _, err = run_cli(monkeypatch, capsys, "trace", idx, "--model", base, "--adapter",
+                           adapter, "--query", "Fixed.", "--all-rows", "--no-verify")
+    _assert_one_line_error(code, err, "shard-00000.npy has a damaged header")

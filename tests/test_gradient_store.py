@@ -151,3 +151,196 @@ def test_store_top_k_equals_brute_force_over_shards(tmp_path, absolute):
     assert list(ids) == list(want)
     np.testing.assert_allclose(scores, cos[want], rtol=1e-5)
     assert absolute == bool((scores < 0).any())
+
+
+# -- issue 9: nothing lost, nothing crashes, nothing silently wrong --------------------------
+
+def _rewrite_manifest(store_dir, change):
+    import json
+
+    path = store_dir / "manifest.json"
+    manifest = json.loads(path.read_text())
+    change(manifest)
+    path.write_text(json.dumps(manifest))
+
+
+def _refresh_checksum(store_dir, name):
+    """Make the manifest certify `name` as it now is (what a racing build did)."""
+    import hashlib
+
+    f = store_dir / name
+
+    def change(m):
+        entry = m["norms"] if name == "norms.npy" else \
+            next(s for s in m["shards"] if s["file"] == name)
+        entry.update(bytes=f.stat().st_size, sha256=hashlib.sha256(f.read_bytes()).hexdigest())
+    _rewrite_manifest(store_dir, change)
+
+
+@pytest.mark.parametrize("name", ["../../../x.npy", "/etc/passwd", "shard-00001.npy/..",
+                                  "sub/shard-00000.npy"])
+def test_manifest_paths_outside_the_store_are_refused(setup, name):
+    tmp, rows, tmpl, model = setup
+    build_gradient_store(tmp, rows, tmpl, model, proj_dim=16, shard_rows=8)
+    (tmp / "x.npy").write_bytes((tmp / "gradients" / "shard-00000.npy").read_bytes())
+    _rewrite_manifest(tmp / "gradients", lambda m: m["shards"][0].update(file=name))
+    with pytest.raises(UserError, match="names a file that is not one of its own"):
+        GradientStore.load(tmp, verify=False)
+
+
+def test_symlinked_shard_pointing_outside_is_refused(setup):
+    tmp, rows, tmpl, model = setup
+    build_gradient_store(tmp, rows, tmpl, model, proj_dim=16, shard_rows=8)
+    shard = tmp / "gradients" / "shard-00000.npy"
+    (tmp / "outside.npy").write_bytes(shard.read_bytes())
+    shard.unlink()
+    shard.symlink_to(tmp / "outside.npy")
+    with pytest.raises(UserError, match="resolves outside the store"):
+        GradientStore.load(tmp, verify=False)
+
+
+def test_damaged_norms_are_refused(setup):
+    tmp, rows, tmpl, model = setup
+    build_gradient_store(tmp, rows, tmpl, model, proj_dim=16, shard_rows=8)
+    norms_path = tmp / "gradients" / "norms.npy"
+    norms = np.load(norms_path)
+    np.save(norms_path, norms / 100)  # same size, wrong values
+    with pytest.raises(UserError, match="norms.npy is corrupted"):
+        GradientStore.load(tmp)
+    store = GradientStore.load(tmp, verify=False)  # size alone cannot see it ...
+    q = store.projector.project(model.gradients([tmpl.format(rows.records[0])]))[0]
+    with pytest.raises(UserError, match="is damaged: a cosine of"):  # ... the cosines can
+        store.top_k(q, 3)
+    with pytest.raises(UserError, match="is damaged: a cosine of"):
+        store.score_rows(q, np.arange(3))
+
+
+def test_shard_of_another_width_is_refused_even_if_certified(setup):
+    tmp, rows, tmpl, model = setup
+    build_gradient_store(tmp, rows, tmpl, model, proj_dim=16, shard_rows=8)
+    np.save(tmp / "gradients" / "shard-00001.npy", np.zeros((5, 32), np.float16))
+    _refresh_checksum(tmp / "gradients", "shard-00001.npy")
+    with pytest.raises(UserError, match=r"shard-00001.npy holds \(5, 32\) float16, its "
+                                        r"manifest says \(5, 16\) float16"):
+        GradientStore.load(tmp)
+
+
+def test_foreign_shard_in_a_partial_build_is_recomputed(setup):
+    tmp, rows, tmpl, model = setup
+    kw = dict(proj_dim=16, shard_rows=4, batch_size=3)
+    build_gradient_store(tmp / "a", rows, tmpl, model, **kw)
+    with pytest.raises(KeyboardInterrupt):
+        build_gradient_store(tmp / "b", rows, tmpl, model, stop_after_shards=2, **kw)
+    np.save(tmp / "b" / "gradients.partial" / "shard-00001.npy", np.ones((4, 32), np.float16))
+    build_gradient_store(tmp / "b", rows, tmpl, model, **kw)
+    assert _files(tmp / "a" / "gradients") == _files(tmp / "b" / "gradients")
+
+
+def test_damaged_npy_header_is_one_line_even_without_verify(setup):
+    tmp, rows, tmpl, model = setup
+    build_gradient_store(tmp, rows, tmpl, model, proj_dim=16, shard_rows=8)
+    shard = tmp / "gradients" / "shard-00000.npy"
+    data = bytearray(shard.read_bytes())
+    data[12:20] = b"@@@@@@@@"  # inside the header's dict literal
+    shard.write_bytes(bytes(data))
+    with pytest.raises(UserError, match="shard-00000.npy has a damaged header"):
+        GradientStore.load(tmp, verify=False)
+
+
+def test_store_identifies_model_by_content_params_by_names_and_dtype(setup, random_lora_model):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    tmp, rows, tmpl, _ = setup
+    base0, adapter0 = random_lora_model
+    base, adapter = tmp / "base", tmp / "adapter"
+    shutil.copytree(base0, base)
+    shutil.copytree(adapter0, adapter)
+    model = CausalLMAdapter(base, adapter, device="cpu")
+    build_gradient_store(tmp, rows, tmpl, model, proj_dim=16, shard_rows=8)
+    store = GradientStore.load(tmp)
+    assert store.manifest["model_dir"] == str(base.resolve())  # paths stay, as information
+    # a byte-identical copy elsewhere and a spec meaning the same parameters are accepted
+    shutil.copytree(base, tmp / "copy")
+    store.check_compatible(CausalLMAdapter(tmp / "copy", adapter, device="cpu",
+                                           params="lora-b"), tmpl, rows)
+    with pytest.raises(UserError, match="different dtype"):
+        store.check_compatible(CausalLMAdapter(base, adapter, device="cpu", dtype="bf16"),
+                               tmpl, rows)
+    with pytest.raises(UserError, match="different parameter set"):
+        store.check_compatible(CausalLMAdapter(base, adapter, device="cpu", params="lora"),
+                               tmpl, rows)
+    weights = adapter / "adapter_model.safetensors"  # retrained in place: same path
+    state = load_file(weights)
+    save_file({k: v + 0.01 for k, v in state.items()}, weights)
+    with pytest.raises(UserError, match="different adapter"):
+        store.check_compatible(CausalLMAdapter(base, adapter, device="cpu"), tmpl, rows)
+
+
+def test_digest_cache_rehashes_only_changed_files(tmp_path, monkeypatch):
+    import os
+    import time
+
+    from datablame.store import content_digest
+
+    monkeypatch.setenv("DATABLAME_CACHE_DIR", str(tmp_path / "cache"))
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "config.json").write_text("{}")
+    (d / "model.safetensors").write_bytes(b"a" * 1000)
+    (d / "README.md").write_text("not hashed")
+    calls = []
+    real = content_digest._sha256_file
+    monkeypatch.setattr(content_digest, "_sha256_file", lambda p: calls.append(p.name) or
+                        real(p))
+    first = content_digest.dir_digest(d)
+    assert sorted(calls) == ["config.json", "model.safetensors"]
+    calls.clear()
+    assert content_digest.dir_digest(d) == first and calls == []  # cached
+    (d / "README.md").write_text("edited")
+    assert content_digest.dir_digest(d) == first
+    st = (d / "model.safetensors").stat()
+    time.sleep(0.02)
+    (d / "model.safetensors").write_bytes(b"b" * 1000)  # same size, mtime put back
+    os.utime(d / "model.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert content_digest.dir_digest(d) != first and calls == ["model.safetensors"]
+
+
+def test_created_files_honour_the_umask(setup):
+    import os
+    import stat
+
+    tmp, rows, tmpl, model = setup
+    from datablame.store.atomic import atomic_dir, write_json_atomic
+
+    old = os.umask(0o022)
+    try:
+        with atomic_dir(tmp / "idx") as d:
+            write_json_atomic(d / "manifest.json", {})
+        build_gradient_store(tmp / "idx", rows, tmpl, model, proj_dim=8, shard_rows=8)
+    finally:
+        os.umask(old)
+    modes = {p.relative_to(tmp).as_posix(): stat.S_IMODE(p.stat().st_mode)
+             for p in [tmp / "idx", *(tmp / "idx").rglob("*")]}
+    assert modes == {k: 0o755 if (tmp / k).is_dir() else 0o644 for k in modes}, modes
+
+
+def test_build_names_rows_cut_to_max_length_once(tmp_path, random_lora_model):
+    """Issue 9.9: the warning counted per batch ("2 of 27 texts"); it names the rows, once."""
+    base, adapter = random_lora_model
+    long = {"instruction": "the quick brown fox jumps over the lazy dog again and again",
+            "input": "", "output": "hello there friend ."}
+    data = [{"instruction": "say hi", "input": "", "output": "hello"}] * 5 + [long] + \
+        [{"instruction": "say", "input": "", "output": "hi"}] * 3 + [long]
+    rows = load_rows(write_jsonl(tmp_path / "t.jsonl", data))
+    model = CausalLMAdapter(base, adapter, device="cpu", max_length=12)
+    import warnings as w
+
+    with w.catch_warnings(record=True) as caught:
+        w.simplefilter("always")
+        build_gradient_store(tmp_path, rows, PromptTemplate(), model, proj_dim=16,
+                             shard_rows=4, batch_size=2)
+    said = [str(c.message) for c in caught if "max length" in str(c.message)]
+    assert said == ["2 of 10 rows (5, 9) are longer than max length 12 tokens: kept the "
+                    "answer, cut the prompt's head"]

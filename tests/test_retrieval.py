@@ -95,3 +95,36 @@ def test_ivf_never_returns_fewer_candidates_than_asked():
     _, ids = index.search(rows[:1], 300)
     assert (ids >= 0).all() and len(set(ids[0])) == 300
     assert faiss_index.nprobe == max(1, faiss_index.nlist // 8)  # left as it was
+
+
+def _small_index(tmp_path):
+    from datablame.store.retrieval_index import save_index
+    from datablame.template import PromptTemplate
+
+    data = write_jsonl(tmp_path / "t.jsonl", [{"instruction": f"{i}", "input": "",
+                                              "output": "b"} for i in range(3)])
+    vecs = _unit(np.random.default_rng(0), 3, 8)
+    save_index(tmp_path / "idx", vecs, load_rows(data), PromptTemplate(), "test", "flat")
+    return tmp_path / "idx"
+
+
+@pytest.mark.parametrize("name", ["../t.jsonl", "/etc/passwd", "faiss.index/../faiss.index"])
+def test_index_manifest_cannot_name_files_outside_the_index(tmp_path, name):
+    import json
+
+    idx = _small_index(tmp_path)
+    load_index(idx)
+    manifest = json.loads((idx / "manifest.json").read_text())
+    manifest["files"]["faiss"]["file"] = name
+    (idx / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="names a file that is not one of its own"):
+        load_index(idx)
+
+
+def test_damaged_faiss_file_is_refused_by_checksum(tmp_path):
+    idx = _small_index(tmp_path)
+    data = bytearray((idx / "faiss.index").read_bytes())
+    data[-5] ^= 0xFF
+    (idx / "faiss.index").write_bytes(bytes(data))
+    with pytest.raises(UserError, match="faiss.index is corrupted"):
+        load_index(idx)

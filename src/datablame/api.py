@@ -42,17 +42,40 @@ def build_index(
 
     An existing index built from the same rows, template and embedder is kept as is, so
     adding (or resuming) a gradient store does not re-embed. Returns the index manifest.
+    `out` must be new, empty or a datablame index (anything else is refused, never
+    replaced), and is locked for the build: a second build into it fails at once.
     """
-    from datablame.features.embeddings import Embedder, resolve_embedder
-    from datablame.rows import load_rows
-    from datablame.store.retrieval_index import INDEX_TYPES, load_index, save_index
+    from datablame.store.index_dir import IndexLock, check_out_dir
+    from datablame.store.retrieval_index import INDEX_TYPES
 
+    # refuse bad options before anything is loaded, written or minutes of embedding
     if index_type not in INDEX_TYPES:
         raise UserError(f"unknown index type '{index_type}' (use {', '.join(INDEX_TYPES)})")
-    if gradients is not None:  # refuse bad options before minutes of embedding
-        from datablame.store.gradient_store import check_store_options
+    check_at_least("--batch-size", batch_size, 1)
+    if gradients is not None:
+        gradients.check()
+    check_out_dir(Path(out), {"training file": Path(train_file)})
+    real_out = Path(os.path.realpath(out))  # a symlinked index is rebuilt where it lives
+    with IndexLock(real_out) as lock:
+        return _build_index_locked(train_file, real_out, lock, template=template,
+                                   response_field=response_field, embedder=embedder,
+                                   index_type=index_type, batch_size=batch_size,
+                                   device=device, gradients=gradients)
 
-        check_store_options(gradients.projection, gradients.store_dtype)
+
+def check_at_least(option: str, value: int, least: int) -> None:
+    if value < least:
+        raise UserError(f"{option} must be at least {least} (got {value})")
+
+
+def _build_index_locked(train_file: str | os.PathLike, out: Path, lock, *, template: str,
+                        response_field: str | None, embedder: str | None, index_type: str,
+                        batch_size: int, device: str, gradients: GradientOptions | None
+                        ) -> dict:
+    from datablame.features.embeddings import Embedder, resolve_embedder
+    from datablame.rows import load_rows
+    from datablame.store.retrieval_index import load_index, save_index
+
     tmpl = PromptTemplate(template, response_field)
     rows = load_rows(train_file)
     rows.require_fields(tmpl.fields, tmpl.response_field, tmpl.optional)
@@ -72,7 +95,8 @@ def build_index(
         enc = Embedder(embedder, device=device)
         with progress.task("embedding rows", len(texts)) as advance:
             vectors = enc.encode(texts, batch_size=batch_size, progress=advance)
-        manifest = save_index(out, vectors, rows, tmpl, enc.name, index_type)
+        manifest = save_index(out, vectors, rows, tmpl, enc.name, index_type,
+                              before_swap=lock.adopt)
     if gradients is not None:
         from datablame.adapters.hf_causal_lm import CausalLMAdapter
         from datablame.store.gradient_store import build_gradient_store
@@ -80,6 +104,7 @@ def build_index(
         g = gradients
         model = CausalLMAdapter(g.model, g.adapter, params=g.params, dtype=g.dtype,
                                 device=g.device, max_length=g.max_length, loss_on=g.loss_on)
+        model.identity()  # hash the model files (own progress) before the gradients' bar
         with progress.task("row gradients", len(rows)) as advance:
             build_gradient_store(out, rows, tmpl, model, proj_dim=g.proj_dim, seed=g.seed,
                                  shard_rows=g.shard_rows, batch_size=g.batch_size,
@@ -105,6 +130,20 @@ class GradientOptions:
     batch_size: int = 0  # 0: as many rows as fit ~1 GB of gradients, at most 32
     store_dtype: str = "fp16"
     projection: str = "countsketch"  # same top-10 fidelity as dense, O(d) not O(dK) per row
+
+    def check(self) -> None:
+        """Refuse bad options up front: a zero shard size or dimension would otherwise
+        surface as a traceback after minutes of loading and embedding."""
+        from datablame.adapters.hf_causal_lm import check_options
+        from datablame.store.gradient_store import check_store_options
+
+        for option, value, least in (("--proj-dim", self.proj_dim, 1),
+                                     ("--shard-rows", self.shard_rows, 1),
+                                     ("--grad-batch-size", self.batch_size, 0)):
+            check_at_least(option, value, least)
+        check_options(params=self.params, dtype=self.dtype, device=self.device,
+                      max_length=self.max_length, loss_on=self.loss_on)
+        check_store_options(self.projection, self.store_dtype)
 
 
 @dataclass

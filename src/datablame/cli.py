@@ -43,7 +43,7 @@ def _main(
                                                     is_eager=True, help="Show the version.")
                        ] = None,
 ) -> None:
-    progress.enable(sys.stderr.isatty())
+    progress.enable(True)  # bars on a terminal, plain periodic lines in logs
     progress.enable_notes(True)
 
 
@@ -226,9 +226,11 @@ def trace(
     from datablame.adapters.hf_causal_lm import check_options
     from datablame.api import LM_METHODS, Query, Tracer
     from datablame.render import print_results, results_json, wide_console
-    from datablame.store.atomic import write_json_atomic
+    from datablame.store.atomic import check_writable, write_json_atomic
     from datablame.store.retrieval_index import load_index
 
+    if out is not None:  # before minutes of loading and gradients, not after
+        check_writable(out)
     # Everything that can be checked without the model is checked before loading it.
     if bool(query) == bool(query_file):
         _fail("give the output to trace with exactly one of --query or --query-file")
@@ -237,7 +239,7 @@ def trace(
     for name, value, least in (("--top-k", top_k, 1), ("--show", show, 1),
                                ("--batch-size", batch_size, 1), ("--rerank", rerank, 0)):
         if value < least:
-            _fail(f"{name} must be at least {least}, got {value}")
+            _fail(f"{name} must be at least {least} (got {value})")
     if alignment not in ("cosine", "dot"):
         _fail(f"unknown alignment '{alignment}' (use cosine or dot)")
     if rank_by not in ("fused", "gradient"):

@@ -55,7 +55,7 @@ def check_options(*, params: str = "auto", dtype: str = "fp32", device: str = "a
     if loss_on not in LOSS_SCOPES:
         raise UserError(f"unknown loss scope '{loss_on}' (use {', '.join(LOSS_SCOPES)})")
     if max_length is not None and max_length < 2:
-        raise UserError(f"max length must be at least 2 tokens, got {max_length}")
+        raise UserError(f"--max-length must be at least 2 (got {max_length})")
     if params not in PARAM_SETS:
         _param_patterns(params)
     resolve_device(device)
@@ -248,11 +248,26 @@ class CausalLMAdapter:
         return sum(params[n].numel() for n in self.param_names)
 
     def identity(self) -> dict:
-        """What a gradient depends on: recorded with every stored feature."""
+        """What a gradient depends on, recorded with every stored feature and compared by
+        content: digests of the model's and adapter's weight/config files (a retrain in
+        place changes them, a copy elsewhere does not), the resolved parameter names (not
+        the spec: 'auto' and 'lora-b' can mean the same matrices) and the dtype. The
+        paths and the spec are kept as information for people reading the manifest."""
+        from datablame.store.content_digest import dir_digest, names_digest
+
+        digests = getattr(self, "_digests", None)
+        if digests is None:  # hashing is cached on disk, but not free: once per adapter
+            digests = self._digests = {
+                "model_sha256": dir_digest(self.model_dir),
+                "adapter_sha256": dir_digest(self.adapter_dir) if self.adapter_dir else None,
+                "params_sha256": names_digest(self.param_names),
+            }
         return {
             "model_dir": str(self.model_dir.resolve()),
             "adapter_dir": str(self.adapter_dir.resolve()) if self.adapter_dir else None,
             "params": self.params_spec,
+            "param_tensors": len(self.param_names),
+            **digests,
             "num_params": self.num_params,
             "loss_on": self.loss_on,
             "max_length": self.max_length,

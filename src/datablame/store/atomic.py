@@ -1,4 +1,9 @@
-"""Atomic writes: a reader sees the old artifact or the complete new one, never half."""
+"""Atomic writes: a reader sees the old artifact or the complete new one, never half.
+
+`tempfile` creates its directories 0700 and files 0600 whatever the umask; what we write
+is chmod-ed to what a plain `mkdir` / `open` would have made, so an index is as readable
+by the user's group as any other file they create.
+"""
 
 from __future__ import annotations
 
@@ -6,19 +11,36 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from datablame.errors import UserError
+
+
+def umask() -> int:
+    """The process umask (read by setting it, so set it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
 
 @contextmanager
-def atomic_dir(target: Path) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success it replaces `target` by rename."""
+def atomic_dir(target: Path, before_swap: Callable[[Path], None] | None = None
+               ) -> Iterator[Path]:
+    """Yield a temporary sibling directory; on success it replaces `target` by rename.
+
+    `before_swap(tmp)` runs once the content is complete, just before the rename (the
+    index lock uses it to lock the replacement's lock file).
+    """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    os.chmod(tmp, 0o777 & ~umask())
     try:
         yield tmp
+        if before_swap is not None:
+            before_swap(tmp)
         old = None
         if target.exists():
             old = target.parent / f".{target.name}.old-{os.getpid()}"
@@ -34,9 +56,29 @@ def atomic_dir(target: Path) -> Iterator[Path]:
 def write_json_atomic(path: Path, data: object) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=2, ensure_ascii=False)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        os.fchmod(fd, 0o666 & ~umask())
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=2, ensure_ascii=False)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def check_writable(path: Path) -> None:
+    """Refuse an output file we could not write, before the minutes of work it records."""
+    path = Path(path)
+    parent = path.parent
+    if path.is_dir():
+        raise UserError(f"cannot write {path}: it is a directory")
+    if not parent.exists():
+        raise UserError(f"cannot write {path}: directory {parent} does not exist")
+    if not parent.is_dir():
+        raise UserError(f"cannot write {path}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and
+                                                   not os.access(path, os.W_OK)):
+        raise UserError(f"cannot write {path}: permission denied")

@@ -1,10 +1,16 @@
 """The gradient store: every training row's projected loss gradient, in shards on disk.
 
 Layout of INDEX_DIR/gradients/:
-  manifest.json        model identity, parameter set, loss scope, projection (seed, K),
-                       template, data fingerprint, shard list with row ranges and sha256
+  manifest.json        model identity (content digests of the model and adapter files,
+                       resolved parameter names, dtype; paths as information), loss
+                       scope, projection (seed, K), template, data fingerprint, shard list
+                       with row ranges, size and sha256, and the same for norms.npy
   shard-00000.npy ...  (rows, K) float16 or float32, memory-mapped at query time
   norms.npy            (n,) float32 norms of the stored vectors (for cosine)
+
+A manifest is data, not a set of instructions: the only files read are the store's own
+(`shard-NNNNN.npy`, `norms.npy`, inside the store directory), each checked for size and
+.npy header (shape, dtype) on every load and for sha256 unless verification is skipped.
 
 Building happens in INDEX_DIR/gradients.partial/: each shard is written to a temporary
 name and renamed, so a shard that exists is complete. `plan.json` records what is being
@@ -19,6 +25,7 @@ import hashlib
 import heapq
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,7 +42,31 @@ from datablame.store.atomic import write_json_atomic
 from datablame.template import PromptTemplate
 
 FORMAT = "datablame.gradient-store"
+FORMAT_VERSION = 2  # 2: content identity, checksummed norms, shapes checked
 STORE_DTYPES = {"fp16": np.float16, "fp32": np.float32}
+SHARD_NAME = re.compile(r"shard-\d{5}\.npy")
+NORMS_NAME = "norms.npy"
+COSINE_SLACK = 1e-3  # |cos| above 1 + this cannot come from intact vectors and norms
+
+
+def _npy_layout(path: Path) -> tuple[tuple, np.dtype]:
+    """(shape, dtype) from a .npy header, without reading the data; ValueError if the
+    header is not a plain C-order array's."""
+    with path.open("rb") as fh:
+        version = np.lib.format.read_magic(fh)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
+        elif version == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
+        else:
+            raise ValueError(f"unsupported .npy version {version}")
+    if fortran:
+        raise ValueError("Fortran-ordered")
+    return tuple(shape), np.dtype(dtype)
+
+
+def _layout_text(shape: tuple, dtype: np.dtype) -> str:
+    return f"{tuple(shape)} {np.dtype(dtype).name}"
 
 
 def _sha256(path: Path) -> str:
@@ -65,13 +96,19 @@ def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
 
 def _identity(adapter, template: PromptTemplate, rows: Rows, proj_dim: int, seed: int,
               projection: str) -> dict:
-    """Everything a stored gradient depends on; a mismatch means the store is unusable."""
+    """Everything a stored gradient depends on; a mismatch means the store is unusable.
+    (Paths and the parameter spec ride along as information; the digests decide.)"""
     ident = adapter.identity()
     return {
         "model_dir": ident["model_dir"],
         "adapter_dir": ident["adapter_dir"],
         "params": ident["params"],
+        "param_tensors": ident["param_tensors"],
+        "model_sha256": ident["model_sha256"],
+        "adapter_sha256": ident["adapter_sha256"],
+        "params_sha256": ident["params_sha256"],
         "num_params": ident["num_params"],
+        "dtype": ident["dtype"],
         "loss_on": ident["loss_on"],
         "max_length": ident["max_length"],
         "template": template.to_json(),
@@ -126,11 +163,13 @@ def build_gradient_store(
 
     projector = make_projector(projection, adapter.num_params, proj_dim, seed)
     n_shards = (len(rows) + shard_rows - 1) // shard_rows
+    dtype = np.dtype(STORE_DTYPES[store_dtype])
     built = 0
+    report: dict[str, list[int]] = {}  # rows cut to max length or with nothing to score
     for s in range(n_shards):
         path = partial / f"shard-{s:05d}.npy"
         lo, hi = s * shard_rows, min(len(rows), (s + 1) * shard_rows)
-        if path.exists():
+        if path.exists() and _layout_or_none(path) == ((hi - lo, proj_dim), dtype):
             if progress:
                 progress(hi - lo)
             continue
@@ -139,7 +178,10 @@ def build_gradient_store(
         order = length_order(texts)
         for b in range(0, len(texts), batch_size):
             take = order[b : b + batch_size]
-            grads = adapter.gradients([texts[i] for i in take], batch_size=batch_size)
+            grads = adapter.gradients([texts[i] for i in take], batch_size=batch_size,
+                                      warn=False)
+            for kind, idx in getattr(adapter, "last_report", {}).items():
+                report.setdefault(kind, []).extend(lo + int(take[j]) for j in idx)
             out[take] = projector.project(grads)
             if progress:
                 progress(len(take))
@@ -148,22 +190,47 @@ def build_gradient_store(
         if stop_after_shards is not None and built >= stop_after_shards and s + 1 < n_shards:
             raise KeyboardInterrupt("stopped on request (test hook)")
 
+    if hasattr(adapter, "warn_report"):  # once for the whole build, rows named by id
+        adapter.warn_report({k: sorted(v) for k, v in report.items()}, len(rows),
+                            names=range(len(rows)))
     shards, norms = [], []
     for s in range(n_shards):
         path = partial / f"shard-{s:05d}.npy"
+        lo, hi = s * shard_rows, min(len(rows), (s + 1) * shard_rows)
+        layout = _layout_or_none(path)
+        if layout != ((hi - lo, proj_dim), dtype):  # certify only what this plan made
+            raise UserError(f"gradient store build {partial}: {path.name} holds "
+                            f"{_layout_text(*layout) if layout else 'no readable array'}, "
+                            f"expected {_layout_text((hi - lo, proj_dim), dtype)}; "
+                            "rerun the build")
         arr = np.load(path, mmap_mode="r")
         norms.append(np.linalg.norm(np.asarray(arr, dtype=np.float32), axis=1))
-        shards.append({"file": path.name, "rows": [s * shard_rows, s * shard_rows + len(arr)],
+        shards.append({"file": path.name, "rows": [lo, hi],
                        "bytes": path.stat().st_size, "sha256": _sha256(path)})
-    _save_npy_atomic(partial / "norms.npy", np.concatenate(norms).astype(np.float32))
-    manifest = {"format": FORMAT, "format_version": 1, "tool_version": __version__,
-                **plan, "projection": projector.to_json(), "shards": shards}
+    norms_path = partial / NORMS_NAME
+    _save_npy_atomic(norms_path, np.concatenate(norms).astype(np.float32))
+    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION,
+                "tool_version": __version__, **plan, "projection": projector.to_json(),
+                "shards": shards,
+                "norms": {"file": NORMS_NAME, "rows": len(rows),
+                          "bytes": norms_path.stat().st_size, "sha256": _sha256(norms_path)}}
     write_json_atomic(partial / "manifest.json", manifest)
     (partial / "plan.json").unlink()
-    if final.exists():
-        shutil.rmtree(final)
+    old = None
+    if final.exists():  # ours (inside the locked index): swap, then delete the old one
+        old = final.with_name(f".gradients.old-{os.getpid()}")
+        os.replace(final, old)
     os.replace(partial, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     return manifest
+
+
+def _layout_or_none(path: Path) -> tuple[tuple, np.dtype] | None:
+    try:
+        return _npy_layout(path)
+    except Exception:  # a damaged header of a partial shard: recompute it
+        return None
 
 
 @dataclass
@@ -181,38 +248,119 @@ class GradientStore:
                 f"{index_dir} has no gradient store{hint}: run 'datablame index ... "
                 "--model ... --gradients'"
             )
-        manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
+        try:
+            manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
+        except ValueError:
+            raise UserError(f"gradient store {path}: manifest.json is corrupted (not valid "
+                            "JSON); rebuild it") from None
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            raise UserError(f"{path} is not a datablame gradient store; rebuild it")
+        version = manifest.get("format_version", 0)
+        if version > FORMAT_VERSION:
+            raise UserError(f"gradient store {path} was written by a newer datablame; "
+                            "upgrade to read it")
+        if version < FORMAT_VERSION:
+            raise UserError(f"gradient store {path} was written by an older datablame (store "
+                            f"format {version}, no content identity or norms checksum); "
+                            "rebuild it")
         store = cls(path, manifest)
         store.check_files(verify)
         return store
 
+    def _own_file(self, name: object, pattern: re.Pattern) -> Path:
+        """The store's own file `name`: a plain name of the expected form that resolves
+        inside the store (a manifest naming ../x or /etc/passwd is refused, not read)."""
+        if not isinstance(name, str) or not pattern.fullmatch(name):
+            raise UserError(f"gradient store {self.path}: its manifest names a file that is "
+                            f"not one of its own ({name!r}); rebuild the store")
+        f = self.path / name
+        if Path(os.path.realpath(f)).parent != Path(os.path.realpath(self.path)):
+            raise UserError(f"gradient store {self.path}: {name} resolves outside the store "
+                            f"(to {os.path.realpath(f)}); rebuild the store")
+        return f
+
+    def _check_file(self, entry: dict, pattern: re.Pattern, shape: tuple, verify: bool
+                    ) -> None:
+        """Size and .npy header always (cheap: catches truncation and foreign shards);
+        sha256 when `verify` (reads the file: catches any corruption)."""
+        name = entry.get("file")
+        f = self._own_file(name, pattern)
+        if not f.is_file():
+            raise UserError(f"gradient store {self.path}: {name} is missing; rebuild it")
+        if f.stat().st_size != entry.get("bytes"):
+            raise UserError(f"gradient store {self.path}: {name} is truncated or altered "
+                            "(size differs); rebuild it")
+        try:
+            layout = _npy_layout(f)
+        except Exception:
+            raise UserError(f"gradient store {self.path}: {name} has a damaged header "
+                            "(not a readable .npy array); rebuild it") from None
+        want = (shape, np.dtype(np.float32) if pattern is not SHARD_NAME
+                else np.dtype(STORE_DTYPES.get(self.manifest.get("store_dtype"), np.float16)))
+        if layout != want:
+            raise UserError(f"gradient store {self.path}: {name} holds "
+                            f"{_layout_text(*layout)}, its manifest says "
+                            f"{_layout_text(*want)}; the store is damaged (two builds at "
+                            "once?): rebuild it")
+        if verify and _sha256(f) != entry.get("sha256"):
+            raise UserError(f"gradient store {self.path}: {name} is corrupted (checksum "
+                            "differs); rebuild it")
+
     def check_files(self, verify: bool) -> None:
-        """Truncation is caught by size always; corruption by sha256 when `verify`."""
-        for shard in self.manifest["shards"]:
-            f = self.path / shard["file"]
-            if not f.exists():
-                raise UserError(f"gradient store {self.path}: {shard['file']} is missing")
-            if f.stat().st_size != shard["bytes"]:
-                raise UserError(f"gradient store {self.path}: {shard['file']} is truncated "
-                                "or altered (size differs); rebuild it")
-            if verify and _sha256(f) != shard["sha256"]:
-                raise UserError(f"gradient store {self.path}: {shard['file']} is corrupted "
-                                "(checksum differs); rebuild it")
+        """Every file the store reads is confined, sized, header-checked and (`verify`)
+        checksummed; shard row ranges must tile 0..rows."""
+        m = self.manifest
+        n, k = m.get("rows"), m.get("proj_dim")
+        at = 0
+        for shard in m.get("shards", []):
+            lo, hi = shard.get("rows", (None, None))
+            if lo != at or not isinstance(hi, int) or hi <= lo:
+                raise UserError(f"gradient store {self.path}: its shard row ranges do not "
+                                f"cover rows 0..{n}; rebuild it")
+            self._check_file(shard, SHARD_NAME, (hi - lo, k), verify)
+            at = hi
+        if at != n:
+            raise UserError(f"gradient store {self.path}: its shards hold {at} rows, its "
+                            f"manifest says {n}; rebuild it")
+        norms = m.get("norms")
+        if not isinstance(norms, dict):
+            raise UserError(f"gradient store {self.path}: its manifest lists no norms.npy; "
+                            "rebuild it")
+        self._check_file(norms, re.compile(re.escape(NORMS_NAME)), (n,), verify)
 
     def check_compatible(self, adapter, template: PromptTemplate, rows: Rows) -> None:
         """Refuse a store made for another model, adapter, parameter set, template or data."""
-        want = _identity(adapter, template, rows, self.manifest["proj_dim"],
-                         self.manifest["proj_seed"], self.projector.kind)
-        labels = {"model_dir": "model", "adapter_dir": "adapter", "params": "parameter set",
-                  "num_params": "parameter set", "loss_on": "loss scope",
+        m = self.manifest
+        want = _identity(adapter, template, rows, m["proj_dim"], m["proj_seed"],
+                         self.projector.kind)
+        detail = {  # readable reasons; the digests themselves say nothing to a person
+            "model_sha256": lambda: f"the files of {want['model_dir']} differ from those of "
+                                    f"{m.get('model_dir')} when the store was built",
+            "adapter_sha256": lambda: (
+                f"built with adapter {m.get('adapter_dir')}, none given now"
+                if want["adapter_dir"] is None else
+                f"built without an adapter, {want['adapter_dir']} given now"
+                if m.get("adapter_dir") is None else
+                f"the files of {want['adapter_dir']} differ from those of "
+                f"{m.get('adapter_dir')} when the store was built"),
+            "params_sha256": lambda: f"{m.get('param_tensors')} tensors from "
+                                     f"'{m.get('params')}' when built, "
+                                     f"{want['param_tensors']} from '{want['params']}' now",
+            "dtype": lambda: f"{m.get('dtype')} gradients when built, {want['dtype']} now",
+        }
+        labels = {"model_sha256": "model", "adapter_sha256": "adapter",
+                  "params_sha256": "parameter set", "num_params": "parameter set",
+                  "dtype": "dtype", "loss_on": "loss scope",
                   "max_length": "max length", "template": "template",
                   "data_fingerprint": "training data", "rows": "training data"}
         for key, label in labels.items():
-            if self.manifest.get(key) != want[key]:
-                raise UserError(
-                    f"gradient store {self.path} was built for a different {label} "
-                    f"({key}: {self.manifest.get(key)!r} vs {want[key]!r}); rebuild it"
-                )
+            if m.get(key) != want[key]:
+                why = detail[key]() if key in detail else \
+                    f"{key}: {m.get(key)!r} vs {want[key]!r}"
+                fix = f"trace with --dtype {m.get('dtype')} or rebuild it" if key == "dtype" \
+                    else "rebuild it"
+                raise UserError(f"gradient store {self.path} was built for a different "
+                                f"{label} ({why}); {fix}")
 
     @property
     def projector(self):
@@ -227,7 +375,7 @@ class GradientStore:
         and a k-sized heap, whatever the number of rows.
         """
         q = np.asarray(query, dtype=np.float32).ravel()
-        norms = np.load(self.path / "norms.npy", mmap_mode="r")
+        norms = np.load(self.path / NORMS_NAME, mmap_mode="r")
         qn = float(np.linalg.norm(q)) or 1.0
         heap: list[tuple[float, int]] = []
         for shard in self.manifest["shards"]:
@@ -235,6 +383,7 @@ class GradientStore:
             block = np.load(self.path / shard["file"], mmap_mode="r")
             scores = _normalised(np.asarray(block, dtype=np.float32) @ q, norms[lo:hi], qn,
                                  kind)
+            self._check_cosines(scores, np.arange(lo, hi), kind)
             key = np.abs(scores) if absolute else scores
             take = min(k, len(scores))
             idx = np.argpartition(-key, take - 1)[:take]
@@ -252,7 +401,7 @@ class GradientStore:
                    ) -> np.ndarray:
         """Stored scores of the given rows only (reads just their shards' rows)."""
         q = np.asarray(query, dtype=np.float32).ravel()
-        norms = np.load(self.path / "norms.npy", mmap_mode="r")
+        norms = np.load(self.path / NORMS_NAME, mmap_mode="r")
         qn = float(np.linalg.norm(q)) or 1.0
         ids = np.asarray(row_ids, dtype=np.int64)
         out = np.zeros(len(ids))
@@ -264,4 +413,16 @@ class GradientStore:
             block = np.load(self.path / shard["file"], mmap_mode="r")
             vecs = np.asarray(block[ids[inside] - lo], dtype=np.float32)
             out[inside] = _normalised(vecs @ q, norms[ids[inside]], qn, kind)
+            self._check_cosines(out[inside], ids[inside], kind)
         return out
+
+    def _check_cosines(self, scores: np.ndarray, row_ids: np.ndarray, kind: str) -> None:
+        """A cosine outside [-1, 1] means the vectors or their norms are damaged: refuse
+        rather than label a 62.9 `strong` (a last line of defence under --no-verify)."""
+        if kind != "cosine" or not len(scores):
+            return
+        worst = int(np.argmax(np.abs(np.nan_to_num(scores, nan=0.0))))
+        if abs(scores[worst]) > 1 + COSINE_SLACK:
+            raise UserError(f"gradient store {self.path} is damaged: a cosine of "
+                            f"{scores[worst]:.4g} (row {int(row_ids[worst])}) is impossible; "
+                            "rebuild it")

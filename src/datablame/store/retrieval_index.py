@@ -2,16 +2,21 @@
 
 Layout of INDEX_DIR:
   manifest.json    what made it (embedder, template, data fingerprint, index type, ...)
+                   and the size and sha256 of the two files below
   embeddings.npy   the normalised row embeddings (exact re-ranking, rebuilds, checks)
   faiss.index      the FAISS index over them (inner product = cosine)
 The directory is built under a temporary name and renamed into place, so an interrupted
-build never leaves something that looks like a valid index.
+build never leaves something that looks like a valid index. The manifest's file names are
+only ever these two, inside the index: anything else is refused, not opened.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -27,6 +32,15 @@ from datablame.template import PromptTemplate
 FORMAT = "datablame.retrieval-index"
 FORMAT_VERSION = 1
 INDEX_TYPES = ("flat", "ivf", "hnsw")
+OWN_FILES = {"embeddings": "embeddings.npy", "faiss": "faiss.index"}
+
+
+def _file_entry(path: Path) -> dict:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return {"file": path.name, "bytes": path.stat().st_size, "sha256": h.hexdigest()}
 
 
 def build_faiss(vectors: np.ndarray, index_type: str = "flat", seed: int = 0):
@@ -102,7 +116,8 @@ class RetrievalIndex:
 
 
 def save_index(out: Path, vectors: np.ndarray, rows: Rows, template: PromptTemplate,
-               embedder_name: str, index_type: str) -> dict:
+               embedder_name: str, index_type: str,
+               before_swap: Callable[[Path], None] | None = None) -> dict:
     import faiss
 
     index = build_faiss(vectors, index_type)
@@ -123,9 +138,10 @@ def save_index(out: Path, vectors: np.ndarray, rows: Rows, template: PromptTempl
         "metric": "cosine",
         "index_type": index_type,
     }
-    with atomic_dir(Path(out)) as tmp:
-        np.save(tmp / "embeddings.npy", vectors)
-        faiss.write_index(index, str(tmp / "faiss.index"))
+    with atomic_dir(Path(out), before_swap) as tmp:
+        np.save(tmp / OWN_FILES["embeddings"], vectors)
+        faiss.write_index(index, str(tmp / OWN_FILES["faiss"]))
+        manifest["files"] = {key: _file_entry(tmp / name) for key, name in OWN_FILES.items()}
         write_json_atomic(tmp / "manifest.json", manifest)  # written last
     return manifest
 
@@ -147,10 +163,38 @@ def load_index(path: str | Path) -> RetrievalIndex:
         raise UserError(f"{path} is not a datablame retrieval index")
     if manifest.get("format_version", 0) > FORMAT_VERSION:
         raise UserError(f"{path} was written by a newer datablame; upgrade to read it")
+    faiss_path = _check_own_file(path, manifest, "faiss")
     try:
-        index = faiss.read_index(str(path / "faiss.index"))
+        index = faiss.read_index(str(faiss_path))
     except Exception:
         raise UserError(f"{path}/faiss.index is missing or corrupted; rebuild the index") from None
     if index.ntotal != manifest["data"]["rows"] or index.d != manifest["dim"]:
         raise UserError(f"{path}/faiss.index does not match its manifest; rebuild the index")
     return RetrievalIndex(path=path, manifest=manifest, index=index)
+
+
+def _check_own_file(path: Path, manifest: dict, key: str) -> Path:
+    """The index's own file `key`, confined to the index and checked against the manifest
+    (size and sha256: FAISS parses it in native code, where damage can crash the process).
+    Indexes written before files were listed fall back to the fixed name, unchecked."""
+    entry = manifest.get("files", {}).get(key) if isinstance(manifest.get("files"), dict) \
+        else None
+    name = OWN_FILES[key]
+    if entry is None:
+        return path / name
+    if not isinstance(entry, dict) or entry.get("file") != name:
+        raise UserError(f"index {path}: its manifest names a file that is not one of its own "
+                        f"({(entry.get('file') if isinstance(entry, dict) else entry)!r}); "
+                        "rebuild the index")
+    f = path / name
+    if Path(os.path.realpath(f)).parent != Path(os.path.realpath(path)):
+        raise UserError(f"index {path}: {name} resolves outside the index (to "
+                        f"{os.path.realpath(f)}); rebuild the index")
+    if not f.is_file():
+        raise UserError(f"{path}/{name} is missing; rebuild the index")
+    if f.stat().st_size != entry.get("bytes"):
+        raise UserError(f"{path}/{name} is truncated or altered (size differs); rebuild the "
+                        "index")
+    if _file_entry(f)["sha256"] != entry.get("sha256"):
+        raise UserError(f"{path}/{name} is corrupted (checksum differs); rebuild the index")
+    return f
