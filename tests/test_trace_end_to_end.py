@@ -134,13 +134,34 @@ def test_gradient_index_finds_what_retrieval_misses_on_a_reworded_prompt(demo_as
     assert any(found)  # at least one: retrieval misses at k=50, the gradient index ranks 1
 
 
-def test_influence_methods_on_lora_parameters_find_the_culprit(demo_assets):
+def test_influence_methods_on_lora_parameters_find_the_culprit(demo_assets, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
     root, info = demo_assets
     tracer = Tracer(root / "index", root / "base", root / "adapter")
     q = Query(CULPRIT["output"], {"instruction": CULPRIT["instruction"],
                                   "input": CULPRIT["input"]})
-    for method, extra in (("grad-dot", {}), ("datainf", {}), ("trak", {"proj_dim": 512}),
-                          ("tracin", {"checkpoints": [(root / "adapter", 1.0)]})):
+    for method, extra in (("grad-dot", {}), ("datainf", {}), ("trak", {"proj_dim": 512})):
         df = tracer.trace_method(q, method=method, top_k=40, **extra)
         assert int(df.iloc[0]["row"]) == info["culprit_row"], method
         assert df.iloc[0]["score"] > 0, method
+
+    # TracIn over two checkpoints is the learning-rate-weighted sum of each one's gradient
+    # dot products (a second checkpoint: the adapter with its LoRA B halved)
+    half = tmp_path / "half"
+    shutil.copytree(root / "adapter", half)
+    weights = load_file(half / "adapter_model.safetensors")
+    save_file({k: v * 0.5 if "lora_B" in k else v for k, v in weights.items()},
+              half / "adapter_model.safetensors")
+    tracin = tracer.trace_method(q, method="tracin", top_k=40,
+                                 checkpoints=[(root / "adapter", 2e-4), (half, 1e-4)])
+    assert int(tracin.iloc[0]["row"]) == info["culprit_row"]
+    dot_full = tracer.trace_method(q, method="grad-dot", top_k=40).set_index("row")["score"]
+    dot_half = Tracer(root / "index", root / "base", half).trace_method(
+        q, method="grad-dot", top_k=40).set_index("row")["score"]
+    assert not np.allclose(dot_half, dot_full[dot_half.index], rtol=0.05)
+    expected = 2e-4 * dot_full + 1e-4 * dot_half[dot_full.index]
+    np.testing.assert_allclose(tracin.set_index("row")["score"][expected.index], expected,
+                               rtol=1e-4, atol=1e-12)
