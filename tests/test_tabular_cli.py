@@ -175,3 +175,348 @@ def test_bad_tree_input(tree_files, monkeypatch, capsys, change, needle):
     code, _, err = run_cli(monkeypatch, capsys, "tabular", t / "bad.csv", "--target", "target",
                            "--model", model_path, "--query", t / "query.csv")
     _assert_one_line_error(code, err, needle)
+
+
+# -- issue 9: nothing lost, nothing crashes, nothing silently wrong -------------------------
+def _tabular(monkeypatch, capsys, t, *extra, model="model.txt", train="train.csv",
+             query="query.csv", target="target"):
+    return run_cli(monkeypatch, capsys, "tabular", t / train, "--target", target, "--model",
+                   t / model, "--query", t / query, *extra)
+
+
+@pytest.fixture()
+def regression_files(tmp_path):
+    from sklearn.datasets import load_diabetes
+
+    df = load_diabetes(as_frame=True).frame
+    df.iloc[:150].to_csv(tmp_path / "train.csv", index=False)
+    df.iloc[150:154].to_csv(tmp_path / "query.csv", index=False)
+    return tmp_path, df
+
+
+@pytest.mark.parametrize("library", ["lightgbm", "xgboost"])
+def test_regression_explains_the_prediction_not_a_zero_loss(regression_files, library,
+                                                            monkeypatch, capsys):
+    """Each row's leaf-share of the query's leaves: the shares add up to the prediction
+    minus the library's own base score (nothing of the prediction is lost or invented)."""
+    t, df = regression_files
+    x, y = df.drop(columns=["target"]), df["target"]
+    if library == "lightgbm":
+        import lightgbm as lgb
+
+        model = lgb.LGBMRegressor(n_estimators=20, num_leaves=7, verbose=-1)
+        model.fit(x.iloc[:150], y.iloc[:150])
+        model.booster_.save_model(str(t / "model.txt"))
+        path, base = "model.txt", float(y.iloc[:150].mean())  # boost_from_average
+    else:
+        import xgboost as xgb
+
+        model = xgb.XGBRegressor(n_estimators=20, max_depth=3).fit(x.iloc[:150], y.iloc[:150])
+        model.get_booster().save_model(str(t / "model.json"))
+        cfg = json.loads(model.get_booster().save_config())
+        path = "model.json"
+        base = float(cfg["learner"]["learner_model_param"]["base_score"].strip("[]"))
+    code, out, err = _tabular(monkeypatch, capsys, t, "--out", t / "s.npy", model=path)
+    assert code in (0, None), err
+    scores = np.load(t / "s.npy")
+    pred = model.predict(x.iloc[150:154])
+    np.testing.assert_allclose(scores.sum(1), pred - base, rtol=1e-4, atol=1e-3)
+    assert np.abs(scores).max(1).min() > 1e-3  # no query scored all zeros
+    assert "explains the prediction" in out
+    assert "to the prediction" in out  # the reason speaks in prediction units
+
+
+def test_all_zero_scores_are_not_presented_as_a_ranking(regression_files, monkeypatch,
+                                                        capsys):
+    """Explaining the loss of a target equal to the prediction: the squared-loss gradient
+    is exactly zero, so every score is; that is said, not ranked as rows 0, 1, 2."""
+    import lightgbm as lgb
+
+    t, df = regression_files
+    x, y = df.drop(columns=["target"]), df["target"]
+    model = lgb.LGBMRegressor(n_estimators=10, num_leaves=5, verbose=-1)
+    model.fit(x.iloc[:150], y.iloc[:150])
+    model.booster_.save_model(str(t / "model.txt"))
+    query = x.iloc[150:152].assign(target=model.predict(x.iloc[150:152]))
+    query.to_csv(t / "query.csv", index=False)
+    code, out, err = _tabular(monkeypatch, capsys, t, "--true-label")
+    assert code in (0, None), err
+    assert "every score is zero" in " ".join((out + err).split())
+    assert "┃ rank" not in out  # no table of tied rows
+    from datablame.tabular import attribute
+
+    with pytest.warns(UserWarning, match="every score is zero"):
+        frame = attribute(model, x.iloc[:150], y.iloc[:150], x.iloc[150:152],
+                          y_query=model.predict(x.iloc[150:152]))
+    assert len(frame) == 0 and frame.attrs["all_zero_queries"] == [0, 1]
+
+
+def test_forest_reasons_count_trees_not_tree_times_class(tree_files, monkeypatch, capsys):
+    import skops.io as sio
+    from sklearn.ensemble import RandomForestClassifier
+
+    t = tree_files
+    train, query = pd.read_csv(t / "train.csv"), pd.read_csv(t / "query.csv")
+    xt, xq = train.drop(columns=["target"]), query.drop(columns=["target"])
+    rf = RandomForestClassifier(n_estimators=30, max_depth=4, random_state=0)
+    rf.fit(xt, train["target"])
+    sio.dump(rf, t / "rf.skops")
+    code, out, err = _tabular(monkeypatch, capsys, t, "--json", "--top-k", "3",
+                              model="rf.skops")
+    assert code in (0, None), err
+    lt, lq = rf.apply(xt), rf.apply(xq)
+    for r in json.loads(out):
+        shared = int((lt[r["row"]] == lq[r["query"]]).sum())
+        assert r["reason"] == f"same leaf in {shared}/30 trees"
+
+
+def test_verify_gives_a_verdict(tree_files, monkeypatch, capsys):
+    t = tree_files
+    code, _, err = run_cli(monkeypatch, capsys, "verify", t / "train.csv", "--target", "target",
+                           "--model", t / "model.txt", "--query", t / "query.csv",
+                           "--lds-subsets", "6", "--remove-top-k", "5", "--out", t / "v.json")
+    assert code in (0, None), err
+    res = json.loads((t / "v.json").read_text())
+    r = res["remove_top_k"]
+    passed = r["top_k_mean"] > max(r["random_k_mean"], 0.0)
+    assert r["verdict"] == ("pass" if passed else "fail")
+    text = " ".join(err.split())
+    assert ("PASS: removing the top-5 raised" if passed else "FAIL: removing the top-5") in text
+    lds = res["lds"]
+    assert lds["reading"] in ("none", "weak", "moderate", "strong")
+    assert f"LDS ({res['method']}, 6 subsets): {lds['lds']:.3f}" in text
+    assert lds["reading"] in text
+
+
+def test_verdict_wording_on_the_issues_numbers():
+    from datablame.verify import lds_reading, remove_top_k_verdict
+
+    verdict, line = remove_top_k_verdict({"k": 5, "top_k_mean": -0.0230,
+                                          "random_k_mean": 0.0374})
+    assert verdict == "fail" and line.startswith("FAIL: removing the top-5 did not raise")
+    assert "-0.0230 vs +0.0374" in line
+    verdict, line = remove_top_k_verdict({"k": 5, "top_k_mean": 0.12, "random_k_mean": 0.01})
+    assert verdict == "pass" and line == ("PASS: removing the top-5 raised the query loss more "
+                                          "than removing 5 random rows (+0.1200 vs +0.0100)")
+    assert lds_reading(0.05, [-0.1, 0.2]) == "none"
+    assert lds_reading(0.45, [0.3, 0.6]) == "moderate"
+    assert lds_reading(0.8, [0.7, 0.9]) == "strong"
+
+
+def _loan_tables(tmp_path, rng):
+    n = 240
+    purpose = rng.choice(["car", "home", "education", "boat"], n, p=[.4, .3, .2, .1])
+    grade = rng.choice(["A", "B", "C"], n).astype(object)
+    income = rng.normal(50, 15, n).round(1)
+    grade[rng.choice(n, 20, replace=False)] = None  # blank cells
+    approved = ((income > 50) ^ (purpose == "boat")).astype(int)
+    frame = pd.DataFrame({"income": income, "purpose": purpose, "grade": grade,
+                          "approved": approved})
+    frame.iloc[:200].to_csv(tmp_path / "train.csv", index=False)
+    query = frame.iloc[200:206].copy()
+    query.iloc[0, 1] = "yacht"  # a category never seen in training
+    query.to_csv(tmp_path / "query.csv", index=False)
+    return frame, query
+
+
+@pytest.mark.parametrize("library", ["lightgbm", "xgboost"])
+def test_string_categories_in_a_csv_are_encoded_like_training(tmp_path, library,
+                                                              monkeypatch, capsys):
+    """A model the user trained on pandas categories and saved to its native file: the CLI
+    reads the training categories from the file and gives exactly the scores the Python
+    API gives on the in-memory model; a value never seen in training is missing."""
+    from datablame.tabular import score_matrix
+
+    frame, query = _loan_tables(tmp_path, np.random.default_rng(0))
+    x = frame.drop(columns=["approved"]).astype({"purpose": "category", "grade": "category"})
+    xt, yt = x.iloc[:200], frame["approved"].iloc[:200]
+    xq = x.iloc[200:206].copy()
+    xq.iloc[0, 1] = np.nan  # "yacht": missing, as LightGBM / XGBoost do in memory
+    if library == "lightgbm":
+        import lightgbm as lgb
+
+        model = lgb.LGBMClassifier(n_estimators=15, num_leaves=7, verbose=-1,
+                                   min_child_samples=5).fit(xt, yt)
+        model.booster_.save_model(str(tmp_path / "model.txt"))
+        path = "model.txt"
+    else:
+        import xgboost as xgb
+
+        model = xgb.XGBClassifier(n_estimators=15, max_depth=3, enable_categorical=True,
+                                  tree_method="hist").fit(xt, yt)
+        model.get_booster().save_model(str(tmp_path / "model.json"))
+        path = "model.json"
+    code, out, err = _tabular(monkeypatch, capsys, tmp_path, "--json", "--top-k", "3",
+                              "--out", tmp_path / "s.npy", model=path, target="approved")
+    assert code in (0, None), err
+    assert "'yacht'" in err and "missing" in err  # said, not silent
+    np.testing.assert_allclose(np.load(tmp_path / "s.npy"), score_matrix(model, xt, yt, xq),
+                               rtol=1e-6, atol=1e-9)
+    rows = json.loads(out)
+    assert rows[0]["purpose"] in ("car", "home", "education", "boat")
+
+
+@pytest.mark.parametrize("names", [True, False])
+def test_catboost_cbm_file_works_in_the_cli(tree_files, names, monkeypatch, capsys):
+    import catboost as cb
+
+    from datablame.tabular import score_matrix
+
+    t = tree_files
+    train, query = pd.read_csv(t / "train.csv"), pd.read_csv(t / "query.csv")
+    xt, xq = train.drop(columns=["target"]), query.drop(columns=["target"])
+    model = cb.CatBoostClassifier(iterations=10, depth=3, verbose=0, allow_writing_files=False)
+    model.fit(xt if names else xt.to_numpy(), train["target"])
+    model.save_model(str(t / "model.cbm"))
+    code, _, err = _tabular(monkeypatch, capsys, t, "--out", t / "s.npy", model="model.cbm")
+    assert code in (0, None), err
+    np.testing.assert_allclose(np.load(t / "s.npy"),
+                               score_matrix(model, xt, train["target"], xq), rtol=1e-6,
+                               atol=1e-12)
+
+
+@pytest.mark.parametrize("method,model,needle", [
+    ("if-exact", "model.txt", "method 'if-exact' does not fit a boosted-tree model (use "
+                              "leaf-share, boostin"),
+    ("trak", "model.txt", "method 'trak' does not fit a boosted-tree model"),
+    ("linear-exact", "model.txt", "method 'linear-exact' does not fit a boosted-tree"),
+    ("leaf-share", "mlp.safetensors", "method 'leaf-share' does not fit a torch model (use "
+                                      "if-exact"),
+])
+def test_a_method_that_does_not_fit_the_model_is_one_line(tree_files, method, model, needle,
+                                                          monkeypatch, capsys):
+    t = tree_files
+    if model.endswith(".safetensors"):
+        cfg = {"type": "mlp", "layers": [30, 4, 2], "loss": "ce"}
+        save_torch_model(build_mlp(cfg["layers"]), t / model, cfg)
+    code, _, err = _tabular(monkeypatch, capsys, t, "--method", method, model=model)
+    _assert_one_line_error(code, err, needle)
+
+
+def test_python_api_refuses_a_method_that_does_not_fit(tree_files):
+    import lightgbm as lgb
+
+    from datablame.errors import UserError
+    from datablame.tabular import attribute, score_matrix
+
+    train = pd.read_csv(tree_files / "train.csv")
+    xt, yt = train.drop(columns=["target"]), train["target"]
+    model = lgb.LGBMClassifier(n_estimators=3, verbose=-1).fit(xt, yt)
+    with pytest.raises(UserError, match="method 'datainf' does not fit a boosted-tree"):
+        attribute(model, xt, yt, xt.iloc[:2], method="datainf")
+    with pytest.raises(UserError, match="method 'grad-cos' does not fit a boosted-tree"):
+        score_matrix(model, xt, yt, xt.iloc[:2], method="grad-cos")
+
+
+def test_help_says_which_methods_fit_which_model(monkeypatch, capsys):
+    from datablame.methods.families import FAMILY_METHODS
+
+    for command in ("tabular", "verify"):
+        code, out, _ = run_cli(monkeypatch, capsys, command, "--help")
+        text = " ".join(out.replace("│", " ").split())
+        for family, label in (("torch", "torch"), ("boosted-trees", "boosted trees"),
+                              ("forest", "forests"), ("linear", "linear")):
+            assert f"{label}: {', '.join(FAMILY_METHODS[family])}" in text, (command, text)
+
+
+def test_every_method_the_registry_lists_runs_on_its_family():
+    """FAMILY_METHODS is what the CLI checks: every pairing it allows must work."""
+    import lightgbm as lgb
+    from sklearn.datasets import load_breast_cancer
+    from sklearn.ensemble import RandomForestClassifier
+    from sklearn.linear_model import Ridge
+
+    from datablame.methods.families import FAMILY_METHODS
+    from datablame.tabular import score_matrix
+
+    x, y = load_breast_cancer(return_X_y=True)
+    x = (x[:60, :4] - x[:60, :4].mean(0)) / x[:60, :4].std(0)
+    y = y[:60]
+    torch.manual_seed(0)
+    models = {"torch": build_mlp([4, 2]),  # convex, so if-cg / if-lissa converge
+              "boosted-trees": lgb.LGBMClassifier(n_estimators=3, num_leaves=4, verbose=-1,
+                                                  min_child_samples=5).fit(x, y),
+              "forest": RandomForestClassifier(n_estimators=3, max_depth=3,
+                                               random_state=0).fit(x, y),
+              "linear": Ridge(alpha=1.0).fit(x, y.astype(float))}
+    for family, methods in FAMILY_METHODS.items():
+        for name in methods:
+            params = {"corpus_size": 20} if name == "simplex" else {}
+            s = score_matrix(models[family], x, y, x[:2], y[:2], method=name, **params)
+            assert s.shape == (2, 60) and np.isfinite(s).all(), (family, name)
+
+
+@pytest.fixture()
+def junk_model(tree_files):
+    (tree_files / "junk.txt").write_text("not a model")
+    return tree_files
+
+
+@pytest.mark.parametrize("command,extra,needle", [
+    ("tabular", ["--top-k", "0"], "--top-k must be at least 1, got 0"),
+    ("tabular", ["--method", "nope"], "unknown method 'nope'"),
+    ("tabular", ["--out", "scores.json"], "--out must end in .npy"),
+    ("tabular", ["--out", "missing/s.npy"], "directory does not exist"),
+    ("verify", ["--lds-subsets", "-1"], "--lds-subsets must be 0 or more, got -1"),
+    ("verify", ["--remove-top-k", "-2"], "--remove-top-k must be 0 or more, got -2"),
+    ("verify", ["--loo", "3,x"], "--loo expects comma-separated row numbers, got 'x'"),
+    ("verify", ["--out", "missing/v.json"], "directory does not exist"),
+    ("verify", ["--out", "."], "is a directory"),
+    ("verify", ["--out", "train.csv"], "refusing to overwrite"),
+    ("verify", ["--cache", "train.csv"], "--cache: train.csv is a file"),
+])
+def test_bad_options_are_refused_before_any_work(junk_model, command, extra, needle,
+                                                 monkeypatch, capsys):
+    """The model file is junk: an option error must come before loading it."""
+    t = junk_model
+    monkeypatch.chdir(t)
+    code, _, err = run_cli(monkeypatch, capsys, command, t / "train.csv", "--target", "target",
+                           "--model", t / "junk.txt", "--query", t / "query.csv", *extra)
+    _assert_one_line_error(code, err, needle)
+    assert (t / "train.csv").read_text().startswith("mean_radius")  # not overwritten
+
+
+def test_missing_query_file_is_refused_before_loading(junk_model, monkeypatch, capsys):
+    t = junk_model
+    code, _, err = _tabular(monkeypatch, capsys, t, model="junk.txt", query="nope.csv")
+    _assert_one_line_error(code, err, "query file not found")
+
+
+def test_query_columns_are_matched_by_name(tree_files, monkeypatch, capsys):
+    t = tree_files
+    query = pd.read_csv(t / "query.csv")
+    code, out, err = _tabular(monkeypatch, capsys, t, "--json", "--out", t / "a.npy")
+    assert code in (0, None), err
+    query[list(reversed(query.columns))].to_csv(t / "shuffled.csv", index=False)
+    code, out2, err = _tabular(monkeypatch, capsys, t, "--json", "--out", t / "b.npy",
+                               query="shuffled.csv")
+    assert code in (0, None), err
+    np.testing.assert_array_equal(np.load(t / "a.npy"), np.load(t / "b.npy"))
+    query.drop(columns=["mean_area"]).assign(zip=1).to_csv(t / "bad.csv", index=False)
+    code, _, err = _tabular(monkeypatch, capsys, t, query="bad.csv")
+    _assert_one_line_error(code, err, "query rows: missing column(s) mean_area; extra "
+                                      "column(s) zip")
+
+
+@pytest.mark.parametrize("kind", ["logistic-with-names", "forest-without-names"])
+def test_no_library_warnings_leak_into_the_output(tree_files, kind, monkeypatch, capsys):
+    import skops.io as sio
+    from sklearn.ensemble import RandomForestClassifier
+    from sklearn.linear_model import LogisticRegression
+
+    t = tree_files
+    train, query = pd.read_csv(t / "train.csv"), pd.read_csv(t / "query.csv")
+    xt, yt = train.drop(columns=["target"]), train["target"]
+    scale = xt.std()
+    xt = xt / scale  # standardised, so the logistic model converges
+    xt.assign(target=yt).to_csv(t / "train.csv", index=False)
+    (query.drop(columns=["target"]) / scale).assign(target=query["target"]).to_csv(
+        t / "query.csv", index=False)
+    if kind == "logistic-with-names":
+        model = LogisticRegression(max_iter=2000).fit(xt, yt)
+    else:
+        model = RandomForestClassifier(n_estimators=5, random_state=0).fit(xt.to_numpy(), yt)
+    sio.dump(model, t / "m.skops")
+    code, _, err = _tabular(monkeypatch, capsys, t, "--json", model="m.skops")
+    assert code in (0, None), err
+    assert "warning" not in err.lower() and "feature names" not in err, err

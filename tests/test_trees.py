@@ -351,3 +351,44 @@ def test_every_tree_method_gives_a_reason_per_ranked_row():
                 for r, text in zip(top[q], why[q], strict=True):
                     shared, total = map(int, re.search(r"(\d+)/(\d+) trees", text).groups())
                     assert shared / total == pytest.approx(scores[q, r])
+
+
+def test_regression_without_a_target_explains_the_prediction_torch_and_ridge():
+    """No query target on a regression model: each row's contribution to the predicted
+    value (positive = the row raised it), checked against actually leaving the row out:
+    exactly for Ridge (closed form), to first order for a torch linear model at its
+    optimum (the influence function's own approximation)."""
+    import torch
+    from sklearn.linear_model import Ridge
+
+    from datablame.tabular import attribute, score_matrix
+
+    x, y = _data("regression")
+    x, y, xq = x[:60, :3] * 10, y[:60] / 100, x[60:63, :3] * 10
+    ridge = Ridge(alpha=0.5).fit(x, y)
+    loo = np.stack([ridge.predict(xq) - Ridge(alpha=0.5).fit(np.delete(x, i, 0),
+                                                             np.delete(y, i)).predict(xq)
+                    for i in range(60)], axis=1)
+    np.testing.assert_allclose(score_matrix(ridge, x, y, xq), loo, rtol=1e-6, atol=1e-9)
+
+    l2, n = 0.1, 60
+
+    def optimum(xx, yy):
+        xt = np.hstack([xx, np.ones((len(xx), 1))])
+        return np.linalg.solve(2 / len(xx) * xt.T @ xt + l2 * np.eye(4), 2 / len(xx) * xt.T @ yy)
+
+    theta = optimum(x, y)
+    model = torch.nn.Linear(3, 1)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor(theta[:3]).reshape(1, 3))
+        model.bias.copy_(torch.tensor(theta[3:]))
+    xqd = np.hstack([xq, np.ones((3, 1))])
+    actual = np.stack([xqd @ theta - xqd @ optimum(np.delete(x, i, 0), np.delete(y, i))
+                       for i in range(n)], axis=1)
+    df = attribute(model, x.astype(np.float32), y.astype(np.float32).reshape(-1, 1),
+                   xq.astype(np.float32), loss="mse", l2=l2, damping=0.0, top_k=3)
+    assert df.attrs["explains"] == "prediction"
+    scores = score_matrix(model, x.astype(np.float32), y.astype(np.float32).reshape(-1, 1),
+                          xq.astype(np.float32), loss="mse", l2=l2, damping=0.0)
+    np.testing.assert_allclose(scores, actual, rtol=0.1, atol=0.05 * np.abs(actual).max())
+    assert [int(r) for r in df["row"][:3]] == list(np.argsort(-actual[0])[:3])

@@ -16,6 +16,7 @@ from rich.console import Console
 
 from datablame import __version__, progress
 from datablame.errors import UserError
+from datablame.methods.families import methods_help
 
 app = typer.Typer(
     add_completion=False,
@@ -287,27 +288,26 @@ def tabular(
                                              ".cbm, scikit-learn .skops.")],
     query: Annotated[Path, typer.Option(help="Query rows (.csv / .parquet).")],
     method: Annotated[str, typer.Option(help="Scoring method; auto = the measured default "
-                                             "for the model family (see README).")
+                                             "for the model family (see README). Fits: "
+                                             + methods_help() + ".")
                       ] = "auto",
     trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow a .pkl/.joblib "
                                                "model (unpickling runs its code).")] = False,
     top_k: Annotated[int, typer.Option(help="Rows shown per query.")] = 5,
-    true_label: Annotated[bool, typer.Option("--true-label", help="Explain the query's "
-                                             "target column instead of the model's own "
-                                             "prediction.")] = False,
+    true_label: Annotated[bool, typer.Option("--true-label", help="Explain the loss of the "
+                                             "query's target column instead of the model's "
+                                             "own prediction (a regression prediction is "
+                                             "otherwise explained itself).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     out: Annotated[Optional[Path], typer.Option(help="Write the full (n_query x n_train) "  # noqa: UP045
-                                                     "score matrix as .npy.")] = None,
+                                                     "score matrix to this .npy file.")
+                   ] = None,
 ) -> None:
     """Rank the training rows behind each query row of a tabular model."""
     from datablame.tabular import run_tabular
 
-    df, scores = run_tabular(train_file, target, model, query, method=method, top_k=top_k,
-                             true_label=true_label, trust_pickle=trust_pickle)
-    if out is not None:
-        import numpy as np
-
-        np.save(out, scores)
+    df, _ = run_tabular(train_file, target, model, query, method=method, top_k=top_k,
+                        true_label=true_label, trust_pickle=trust_pickle, out=out)
     _print_tabular(df, as_json)
 
 
@@ -317,19 +317,32 @@ def _print_tabular(df, as_json: bool) -> None:
     from rich.table import Table
 
     from datablame.render import wide_console
+    from datablame.tabular import EXPLAINS, zero_message
 
+    zero = df.attrs.get("all_zero_queries", [])
     if as_json:
+        if zero:
+            console.print(f"[yellow]warning:[/] {zero_message(zero)}", highlight=False,
+                          soft_wrap=True)
         print(df.to_json(orient="records", indent=2))
         return
-    console = wide_console()
+    table_console = wide_console()
+    heading = f"{df.attrs.get('method', '')}; explains {EXPLAINS[df.attrs['explains']]}" \
+        if "explains" in df.attrs else df.attrs.get("method", "")
+    for q in zero:
+        table_console.print(f"query row {q} ({heading}): every score is zero, so no training row "
+                      "is ranked (nothing moves what is explained; e.g. a target equal to "
+                      "the prediction has a flat loss)", highlight=False, soft_wrap=True)
+    if df.empty:
+        return
     fixed = [c for c in ("rank", "row", "score", "target", "reason") if c in df.columns]
     features = [c for c in df.columns if c not in fixed and c != "query"]
     reason_width = int(df["reason"].str.len().max()) if "reason" in df else 0
-    room = console.width - 8 * len(fixed) - reason_width - 4
+    room = table_console.width - 8 * len(fixed) - reason_width - 4
     shown = features[: max(0, room // 13)]
     for q, part in df.groupby("query", sort=True):
         hidden = len(features) - len(shown)
-        table = Table(title=f"query row {q} ({df.attrs.get('method', '')})",
+        table = Table(title=f"query row {q} ({heading})",
                       header_style="bold",
                       caption=f"{hidden} more feature columns: --json or --out" if hidden
                       else None)
@@ -341,7 +354,7 @@ def _print_tabular(df, as_json: bool) -> None:
         for _, r in part.iterrows():
             table.add_row(*[f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c])
                             for c in fixed + shown])
-        console.print(table)
+        table_console.print(table)
 
 
 @app.command()
@@ -351,7 +364,9 @@ def verify(
     model: Annotated[Path, typer.Option(help="Model file (as for 'tabular'; torch needs its "
                                              "training settings in the .json).")],
     query: Annotated[Path, typer.Option(help="Query rows; their target column is used.")],
-    method: Annotated[str, typer.Option(help="Method whose scores are checked.")] = "auto",
+    method: Annotated[str, typer.Option(help="Method whose scores are checked; auto = the "
+                                             "family's default. Fits: " + methods_help() + ".")
+                      ] = "auto",
     trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow a .pkl/.joblib "
                                                "model.")] = False,
     lds_subsets: Annotated[int, typer.Option(help="Random 50% subsets for LDS (0: skip).")
@@ -359,26 +374,31 @@ def verify(
     remove_top_k: Annotated[int, typer.Option(help="k for remove-top-k vs random-k (0: "
                                                    "skip).")] = 10,
     loo: Annotated[str, typer.Option(help="Comma-separated rows for leave-one-out.")] = "",
-    out: Annotated[Path, typer.Option(help="JSON results file.")] = Path("verify.json"),
+    out: Annotated[Path, typer.Option(help="JSON results file (new, or one verify wrote).")
+                   ] = Path("verify.json"),
     cache: Annotated[Optional[Path], typer.Option(help="Keep retrainings here so an "  # noqa: UP045
                                                        "interrupted run resumes.")] = None,
 ) -> None:
     """Check a method's scores against retraining: LDS, remove-top-k, leave-one-out."""
-    from datablame.tabular import run_verify
+    from datablame.tabular import parse_rows, run_verify
 
     result = run_verify(train_file, target, model, query, method=method,
                         lds_subsets=lds_subsets, remove_k=remove_top_k,
-                        loo_rows=[int(r) for r in loo.split(",") if r.strip()],
-                        out=out, cache=cache, trust_pickle=trust_pickle)
+                        loo_rows=parse_rows(loo), out=out, cache=cache,
+                        trust_pickle=trust_pickle)
     if "lds" in result:
         r = result["lds"]
+        low, high = r["ci95"]
+        note = "; the interval reaches 0" if low <= 0 else ""
         console.print(f"LDS ({result['method']}, {r['subsets']} subsets): {r['lds']:.3f} "
-                      f"[95% CI {r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]", highlight=False)
+                      f"[95% CI {low:.3f}, {high:.3f}]: {r['reading']} agreement with "
+                      f"retraining (1 = perfect{note})", highlight=False, soft_wrap=True)
     if "remove_top_k" in result:
         r = result["remove_top_k"]
         console.print(f"remove top-{r['k']} vs random-{r['k']} (query {r['query']}): loss change "
                       f"{r['top_k_mean']:+.4f} ± {r['top_k_std']:.4f} vs "
                       f"{r['random_k_mean']:+.4f} ± {r['random_k_std']:.4f}", highlight=False)
+        console.print(r["summary"], highlight=False, soft_wrap=True)
     console.print(f"results written to {out}", highlight=False)
 
 

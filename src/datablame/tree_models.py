@@ -75,12 +75,18 @@ def feature_names(model) -> list[str] | None:
         names = list(model.feature_name())  # LightGBM
     if names is None and getattr(model, "feature_names", None):
         names = list(model.feature_names)  # XGBoost Booster
-    if names and all(n.startswith(("Column_", "f")) and n[-1].isdigit() for n in names):
-        return None  # generated names: only the count is meaningful
+    if names and all(n.isdigit() or n.startswith(("Column_", "f")) and n[-1].isdigit()
+                     for n in names):
+        return None  # generated names (CatBoost's "0", "1", ...): only the count matters
     return names
 
 
 def n_features(model) -> int | None:
+    """How many feature columns the model takes. A CatBoost model loaded from .cbm reports
+    n_features_in_ == 0, so CatBoost is asked for its feature names instead."""
+    if type(model).__module__.startswith("catboost"):
+        names = getattr(model, "feature_names_", None)
+        return len(names) if names else None
     for attr in ("n_features_in_",):
         if hasattr(model, attr):
             return int(getattr(model, attr))
@@ -88,6 +94,84 @@ def n_features(model) -> int | None:
         return int(model.num_feature())  # LightGBM / XGBoost Booster
     names = getattr(model, "feature_names_", None)
     return len(names) if names else None
+
+
+def trained_categories(model) -> dict[str, list]:
+    """{column: categories in training order} for a LightGBM / XGBoost model trained on
+    pandas `category` columns, read from the model itself (LightGBM's
+    `pandas_categorical` and its categorical feature indices; XGBoost's stored
+    categories). A CSV has strings: they are encoded exactly like this before predicting."""
+    mod = type(model).__module__
+    if mod.startswith("lightgbm"):
+        booster = model.booster_ if hasattr(model, "booster_") else model
+        cats = getattr(booster, "pandas_categorical", None) or []
+        if not cats:
+            return {}
+        names = booster.feature_name()
+        index = _lgb_categorical_indices(booster)
+        if len(index) != len(cats):
+            raise UserError(f"the LightGBM model lists {len(cats)} category sets for "
+                            f"{len(index)} categorical features; cannot encode the table")
+        return {names[i]: list(c) for i, c in zip(index, cats, strict=True)}
+    if mod.startswith("xgboost"):
+        booster = model.get_booster() if hasattr(model, "get_booster") else model
+        types = booster.feature_types or []
+        if "c" not in types:
+            return {}
+        try:
+            stored = booster.get_categories(export_to_arrow=True).to_arrow()
+        except (AttributeError, TypeError, ValueError):
+            stored = None
+        if not stored:
+            cat_names = [n for n, t in zip(booster.feature_names or [], types, strict=False)
+                         if t == "c"]
+            raise UserError(f"the XGBoost model has categorical features ({', '.join(cat_names)})"
+                            " but stores no categories (saved by XGBoost < 3.1): use the "
+                            "Python API with the pandas categories it was trained on")
+        return {name: arr.to_pylist() for name, arr in stored if arr is not None}
+    return {}
+
+
+def _lgb_categorical_indices(booster) -> list[int]:
+    text = booster.model_to_string()
+    for line in text.splitlines():
+        if line.startswith("[categorical_feature: "):
+            value = line.split(": ", 1)[1].rstrip("]").strip()
+            return [int(v) for v in value.split(",") if v.strip()]
+        if line == "end of parameters":
+            break
+    infos = booster.dump_model().get("feature_infos", {})
+    return [i for i, name in enumerate(booster.feature_name())
+            if infos.get(name, {}).get("values")]
+
+
+def encode_categories(model, frame, name: str):
+    """`frame` with the model's categorical columns as pandas categories of training: blank
+    cells are missing, and values never seen in training become missing too (as LightGBM and
+    XGBoost treat them in memory), with a warning that names them."""
+    import warnings
+
+    import pandas as pd
+
+    cats = trained_categories(model)
+    if not cats:
+        return frame
+    missing = [c for c in cats if c not in frame.columns]
+    if missing:
+        raise UserError(f"{name}: categorical column(s) {', '.join(missing)} are missing")
+    frame = frame.copy()
+    for col, categories in cats.items():
+        values = frame[col]
+        if categories and isinstance(categories[0], str) and values.dtype.kind != "O":
+            values = values.astype(object).where(values.isna(), values.astype(str))
+        unseen = values.notna() & ~values.isin(categories)
+        if unseen.any():
+            shown = ", ".join(repr(v) for v in pd.unique(values[unseen])[:3])
+            warnings.warn(f"{name}: column '{col}' has {int(unseen.sum())} value(s) never "
+                          f"seen in training ({shown}); treated as missing, as the model "
+                          "does", UserWarning, stacklevel=2)
+        frame[col] = pd.Categorical(values.where(~unseen), categories=categories)
+    return frame
 
 
 def retrainer(model):

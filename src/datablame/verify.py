@@ -129,6 +129,34 @@ def remove_top_k(retrain: Retrain, n_train: int, query_scores: np.ndarray, query
     return results
 
 
+def remove_top_k_verdict(result: dict) -> tuple[str, str]:
+    """("pass" | "fail", one line): the check passes when removing the top-k rows raised
+    the query's loss, and raised it more than removing k random rows did."""
+    k, top, rand = result["k"], result["top_k_mean"], result["random_k_mean"]
+    numbers = f"({top:+.4f} vs {rand:+.4f})"
+    if top > max(rand, 0.0):
+        return "pass", (f"PASS: removing the top-{k} raised the query loss more than removing "
+                        f"{k} random rows {numbers}")
+    tail = "" if top > 0 else "; it did not raise it at all"
+    return "fail", (f"FAIL: removing the top-{k} did not raise the query loss more than "
+                    f"removing {k} random rows {numbers}{tail}: these scores do not find the "
+                    "rows this query rests on")
+
+
+# LDS (Spearman, 1 = perfect) -> a word: below 0.1 none, then weak, moderate, strong.
+LDS_READINGS = ((0.6, "strong"), (0.3, "moderate"), (0.1, "weak"))
+
+
+def lds_reading(value: float, ci95) -> str:
+    """none / weak / moderate / strong; an interval reaching 0 or below reads as none."""
+    if ci95[0] <= 0:
+        return "none"
+    for threshold, word in LDS_READINGS:
+        if value >= threshold:
+            return word
+    return "none"
+
+
 def mislabel_auc(self_influence: np.ndarray, flipped: np.ndarray) -> float:
     """ROC AUC of 'higher self-influence = more likely mislabelled' (ties count half)."""
     s = np.asarray(self_influence, dtype=float)

@@ -116,6 +116,24 @@ class TorchModelAdapter:
                           for i in range(0, len(x), batch_size)]) if len(x) else \
             torch.zeros((0, self.num_params))
 
+    def output_gradients(self, x, batch_size: int = 4096) -> torch.Tensor:
+        """(n, d) gradient of each row's (single) output: what "explain the prediction" of
+        a regression model differentiates instead of a loss that is flat there."""
+        x = as_tensor(x)
+        width = self.outputs(x[:1]).reshape(1, -1).shape[1] if len(x) else 1
+        if width != 1:
+            raise UserError(f"the model has {width} outputs; explaining its prediction needs "
+                            "one (give the query's target instead: y_query / --true-label)")
+
+        def one(theta, xi):
+            return functional_call(self.model, self._unflatten(theta),
+                                   (xi.unsqueeze(0),)).reshape(-1)[0]
+
+        g = vmap(grad(one), in_dims=(None, 0))
+        return torch.cat([g(self.theta, x[i:i + batch_size]) for i in
+                          range(0, len(x), batch_size)]) if len(x) else \
+            torch.zeros((0, self.num_params))
+
     def _mean_loss(self, theta, x, y) -> torch.Tensor:
         return self._losses(theta, x, y).mean() + 0.5 * self.l2 * (theta * theta).sum()
 

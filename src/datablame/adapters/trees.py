@@ -75,6 +75,12 @@ class TreeEnsembleAdapter:
     def n_trees(self) -> int:
         return len(self.values)
 
+    @property
+    def shared_outputs(self) -> bool:
+        """One tree gives all K outputs (forests' per-class values, CatBoost's multiclass
+        leaves), so `leaves` repeats its id K times: count such a tree once."""
+        return self.family in ("sklearn-rf", "catboost")
+
     def leaves(self, x) -> np.ndarray:
         """(n, T, K) leaf ids, from the library."""
         return _LEAVES[self.family](self, x)

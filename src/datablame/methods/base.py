@@ -8,6 +8,11 @@ Sign convention, for every method: a positive score means the training row *help
 model produce the query's target (removing it would raise the query's loss); negative
 means it pushed against it. Influence-function methods return the estimated change of the
 query loss on removing the row (loss units); the others are unitless similarities.
+
+Regression without a query target: the squared loss of the model's own prediction has a
+zero gradient, so "explain the prediction" instead. Methods that can (`explains_prediction`)
+give `prediction_scores(x_query)`: each row's estimated contribution to the query's
+predicted value, positive = the row raised it (removing it would lower the prediction).
 """
 
 from __future__ import annotations
@@ -22,6 +27,9 @@ class Method:
     # "loss": scores are the estimated change of the query's loss if the row is removed;
     # "similarity": unitless. Sets the default wording of `reasons`.
     units = "similarity"
+    # True: `prediction_scores` gives each row's contribution to a regression prediction.
+    explains_prediction = False
+    explaining = "loss"  # what the last scores were of: "loss" or "prediction"
 
     def fit(self, adapter, x_train, y_train) -> Method:
         self.adapter = adapter
@@ -32,6 +40,16 @@ class Method:
     def scores(self, x_query, y_query) -> np.ndarray:
         raise NotImplementedError
 
+    def prediction_scores(self, x_query) -> np.ndarray:
+        """(n_queries, n_train): each row's contribution to the query's predicted value."""
+        raise NotImplementedError(f"{self.name} cannot explain a prediction itself")
+
+    def effect(self, score: float) -> str:
+        """The score in words, in the units of what was explained."""
+        if self.explaining == "prediction":
+            return f"adds {score:+.3g} to the prediction"
+        return f"removing it: query loss {score:+.3g}"
+
     def reasons(self, x_query, y_query, top: np.ndarray, scores: np.ndarray
                 ) -> list[list[str]]:
         """A short why for each ranked row: top[q] are query q's row ids, best first.
@@ -40,7 +58,7 @@ class Method:
         reconstruction weight) override it.
         """
         if self.units == "loss":
-            return [[f"removing it: query loss {scores[q, r]:+.3g}" for r in top[q]]
+            return [[self.effect(scores[q, r]) for r in top[q]]
                     for q in range(len(top))]
         return [[f"{self.name} {scores[q, r]:.3g}" for r in top[q]] for q in range(len(top))]
 
@@ -55,8 +73,13 @@ def to_numpy(t: torch.Tensor) -> np.ndarray:
 
 def shared_leaf_reasons(adapter, train_leaves: np.ndarray, x_query, top: np.ndarray,
                         prefix: str = "") -> list[list[str]]:
-    """'same leaf in 37/100 trees': why a tree method links a training row to the query."""
+    """'same leaf in 37/100 trees': why a tree method links a training row to the query.
+
+    Counts trees, not tree x output: a forest's or CatBoost's tree gives all K outputs."""
     q_leaves = adapter.leaves(x_query).reshape(len(top), -1)
+    if getattr(adapter, "shared_outputs", False) and adapter.n_outputs > 1:
+        q_leaves, train_leaves = q_leaves[:, ::adapter.n_outputs], \
+            train_leaves[:, ::adapter.n_outputs]
     total = q_leaves.shape[1]
     return [[f"{prefix}same leaf in {int((train_leaves[r] == q_leaves[q]).sum())}/{total} "
              "trees" for r in top[q]] for q in range(len(top))]

@@ -84,6 +84,15 @@ class BoostIn(Method):
             out[q] = self.index.accumulate(q_leaves[q], self.dv_by_tree, gq[q])
         return out
 
+    explains_prediction = True
+
+    def prediction_scores(self, x_query) -> np.ndarray:
+        """-sum_t [same leaf] dv_t(i): the row's fixed-structure effect on the prediction."""
+        self.explaining = "prediction"
+        q_leaves = self.adapter.leaves(x_query).reshape(len(x_query), -1)
+        minus = -np.ones(q_leaves.shape[1])
+        return np.stack([self.index.accumulate(q, self.dv_by_tree, minus) for q in q_leaves])
+
     def self_influence(self) -> np.ndarray:
         _, g, _, _ = round_stats(self.adapter, self.x_train, self.y_train)
         return (self.dv * g.reshape(self.n_train, -1)).sum(1)

@@ -49,8 +49,17 @@ class DataInf(Method):
             result[:, blk] = (n * v[:, blk] - coef @ g) / (n * lam)
         return result
 
+    explains_prediction = True
+
     def scores(self, x_query, y_query) -> np.ndarray:
-        gq = self.adapter.gradients(x_query, y_query).double()
+        self.explaining = "loss"
+        return self._from_query(self.adapter.gradients(x_query, y_query).double())
+
+    def prediction_scores(self, x_query) -> np.ndarray:
+        self.explaining = "prediction"
+        return self._from_query(-self.adapter.output_gradients(x_query).double())
+
+    def _from_query(self, gq: torch.Tensor) -> np.ndarray:
         return to_numpy(self._solve(gq) @ self.g_train.T) / self.n_train
 
     def self_influence(self) -> np.ndarray:

@@ -23,8 +23,19 @@ class GradDot(Method):
     def _query(self, x_query, y_query):
         return self.adapter.gradients(x_query, y_query)
 
+    explains_prediction = True
+
     def scores(self, x_query, y_query) -> np.ndarray:
-        return to_numpy(self._query(x_query, y_query) @ self.g_train.T)
+        self.explaining = "loss"
+        return self._from_query(self._query(x_query, y_query))
+
+    def prediction_scores(self, x_query) -> np.ndarray:
+        """The query's loss gradient replaced by minus its output gradient."""
+        self.explaining = "prediction"
+        return self._from_query(-self.adapter.output_gradients(x_query))
+
+    def _from_query(self, q):
+        return to_numpy(q @ self.g_train.T)
 
     def self_influence(self) -> np.ndarray:
         return to_numpy((self.g_train * self.g_train).sum(1))
@@ -33,8 +44,7 @@ class GradDot(Method):
 class GradCos(GradDot):
     name = "grad-cos"
 
-    def scores(self, x_query, y_query) -> np.ndarray:
-        q = self._query(x_query, y_query)
+    def _from_query(self, q):
         q = q / q.norm(dim=1, keepdim=True).clamp(min=1e-12)
         g = self.g_train / self.g_train.norm(dim=1, keepdim=True).clamp(min=1e-12)
         return to_numpy(q @ g.T)

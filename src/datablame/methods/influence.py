@@ -44,8 +44,18 @@ class _InverseHessianMethod(Method):
         """(H + damping I)^{-1} v for v of shape (m, d)."""
         raise NotImplementedError
 
+    explains_prediction = True
+
     def scores(self, x_query, y_query) -> np.ndarray:
-        gq = self.adapter.gradients(x_query, y_query).double()
+        self.explaining = "loss"
+        return self._from_query(self.adapter.gradients(x_query, y_query).double())
+
+    def prediction_scores(self, x_query) -> np.ndarray:
+        """Minus the influence on the output: (1/n) (-grad f_q)^T H^{-1} g_i."""
+        self.explaining = "prediction"
+        return self._from_query(-self.adapter.output_gradients(x_query).double())
+
+    def _from_query(self, gq: torch.Tensor) -> np.ndarray:
         return to_numpy(self._solve(gq) @ self.g_train.T) / self.n_train
 
     def self_influence(self) -> np.ndarray:

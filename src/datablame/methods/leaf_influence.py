@@ -77,7 +77,15 @@ class LeafInfluence(Method):
                 out[:, k] += self.derivatives[r][k][q_leaves[:, r, k]]
         return out
 
+    explains_prediction = True
+
+    def prediction_scores(self, x_query) -> np.ndarray:
+        """dF(x_q)/dw_i: removing row i moves the prediction by minus that."""
+        self.explaining = "prediction"
+        return self._dF(self.adapter.leaves(x_query))[:, 0, :]
+
     def scores(self, x_query, y_query) -> np.ndarray:
+        self.explaining = "loss"
         q_leaves = self.adapter.leaves(x_query)
         raw = self.adapter.raw_from_leaves(q_leaves)
         gq, _, _ = self.adapter.grad_hess(raw, y_query)
@@ -91,5 +99,5 @@ class LeafInfluence(Method):
 
     def reasons(self, x_query, y_query, top, scores):
         shared = shared_leaf_reasons(self.adapter, self.train_leaves, x_query, top)
-        return [[f"{why}; removing it: query loss {scores[q, r]:+.3g}"
+        return [[f"{why}; {self.effect(scores[q, r])}"
                  for why, r in zip(shared[q], top[q], strict=True)] for q in range(len(top))]

@@ -55,6 +55,7 @@ class LeafShare(Method):
         return leaves.reshape(len(leaves), -1), g  # g: (m, K)
 
     def scores(self, x_query, y_query) -> np.ndarray:
+        self.explaining = "loss"
         q_leaves, gq = self._final_gradient(x_query, y_query)
         rounds = q_leaves.shape[1] // self.k_count
         out = np.empty((len(q_leaves), self.n_train))
@@ -63,6 +64,17 @@ class LeafShare(Method):
                                            np.tile(gq[q], rounds))
         return out
 
+    explains_prediction = True
+
+    def prediction_scores(self, x_query) -> np.ndarray:
+        """Minus each row's share of the query's leaves: the shares of all rows add up to
+        the query's prediction minus the base score (regression, one output)."""
+        self.explaining = "prediction"
+        q_leaves = self.adapter.leaves(x_query).reshape(len(x_query), -1)
+        minus = -np.ones(q_leaves.shape[1])
+        return np.stack([self.index.accumulate(q, self.share_by_tree, minus)
+                         for q in q_leaves])
+
     def self_influence(self) -> np.ndarray:
         _, g = self._final_gradient(self.x_train, self.y_train)
         rounds = self.share.shape[1] // self.k_count
@@ -70,5 +82,5 @@ class LeafShare(Method):
 
     def reasons(self, x_query, y_query, top, scores):
         shared = shared_leaf_reasons(self.adapter, self.index_leaves, x_query, top)
-        return [[f"{why}; removing it: query loss {scores[q, r]:+.3g}"
+        return [[f"{why}; {self.effect(scores[q, r])}"
                  for why, r in zip(shared[q], top[q], strict=True)] for q in range(len(top))]

@@ -13,6 +13,7 @@ Positive = removing the row would raise the query's loss (it helped).
 from __future__ import annotations
 
 import numpy as np
+from scipy.special import expit
 
 from datablame.errors import UserError
 from datablame.methods.base import Method
@@ -56,7 +57,7 @@ class LinearExact(Method):
             self.theta = np.r_[np.ravel(model.coef_), np.ravel(model.intercept_)] \
                 if model.fit_intercept else np.ravel(model.coef_)
             yb = (np.asarray(y_train) == model.classes_[1]).astype(float)
-            p = 1 / (1 + np.exp(-(xd @ self.theta)))
+            p = expit(xd @ self.theta)
             hess = c * (xd * (p * (1 - p))[:, None]).T @ xd + penalty
             self.h_inv = np.linalg.inv(hess)
             self.g_train = c * (p - yb)[:, None] * xd  # per-row gradient of C * log-loss
@@ -77,9 +78,21 @@ class LinearExact(Method):
             return (new - yq[:, None]) ** 2 - (pred - yq)[:, None] ** 2
         yb = (yq == self.model.classes_[1]).astype(float) if yq.dtype.kind != "f" or \
             set(np.unique(yq)) <= {0.0, 1.0} else yq
-        p = 1 / (1 + np.exp(-(xq @ self.theta)))
+        p = expit(xq @ self.theta)
         gq = (p - yb)[:, None] * xq
         return gq @ self.h_inv @ self.g_train.T  # removal effect on the query loss
+
+    explains_prediction = True
+
+    def prediction_scores(self, x_query) -> np.ndarray:
+        """Ridge / least squares: exactly how much each row raised the query's prediction
+        (prediction with the row minus prediction without it)."""
+        if self.kind != "ridge":
+            raise UserError("linear-exact explains a prediction of a regression model only")
+        self.explaining = "prediction"
+        xq = _design(self.model, x_query)
+        shift = (self.a_inv @ self.xd.T) * (self.resid / np.maximum(1 - self.lev, 1e-12))
+        return -(xq @ shift)
 
     def self_influence(self) -> np.ndarray:
         if self.kind == "ridge":

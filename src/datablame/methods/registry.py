@@ -6,6 +6,7 @@ from datablame.errors import UserError
 from datablame.methods.base import Method
 from datablame.methods.boostin import BoostIn
 from datablame.methods.datainf import DataInf
+from datablame.methods.families import FAMILY_METHODS, FAMILY_NOUNS
 from datablame.methods.grad_similarity import GradCos, GradDot
 from datablame.methods.influence import (
     ArnoldiInfluence,
@@ -43,15 +44,15 @@ METHODS: dict[str, type[Method]] = {
     "linear-exact": LinearExact,
 }
 
-# Which methods apply to which model family (the CLI and docs use this).
-FAMILY_METHODS = {
-    "torch": ["if-exact", "if-cg", "if-lissa", "if-arnoldi", "grad-dot", "grad-cos", "trak",
-              "tracin", "datainf", "simplex", "knn-shapley"],
-    "boosted-trees": ["leaf-share", "boostin", "leaf-influence", "leaf-sim", "simplex",
-                      "knn-shapley", "shap-neighbors"],
-    "forest": ["leaf-sim", "simplex", "knn-shapley", "shap-neighbors"],
-    "linear": ["linear-exact", "knn-shapley", "shap-neighbors"],
-}
+
+
+def check_fits(name: str, family: str) -> None:
+    """Refuse, before any fitting, a method the model family cannot run (FAMILY_METHODS)."""
+    if name not in METHODS:
+        raise UserError(f"unknown method '{name}' (choose from {', '.join(METHODS)})")
+    if name not in FAMILY_METHODS[family]:
+        raise UserError(f"method '{name}' does not fit a {FAMILY_NOUNS[family]} model (use "
+                        f"{', '.join(FAMILY_METHODS[family])})")
 
 
 def get_method(name: str, **params) -> Method:

@@ -26,8 +26,15 @@ class TracIn(Method):
         self._g = [(a, lr, a.gradients(x_train, y_train)) for a, lr in self._ckpts]
         return self
 
+    explains_prediction = True
+
     def scores(self, x_query, y_query) -> np.ndarray:
+        self.explaining = "loss"
         return sum(lr * to_numpy(a.gradients(x_query, y_query) @ g.T) for a, lr, g in self._g)
+
+    def prediction_scores(self, x_query) -> np.ndarray:
+        self.explaining = "prediction"
+        return sum(lr * to_numpy(-a.output_gradients(x_query) @ g.T) for a, lr, g in self._g)
 
     def self_influence(self) -> np.ndarray:
         return sum(lr * to_numpy((g * g).sum(1)) for _, lr, g in self._g)

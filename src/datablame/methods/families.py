@@ -1,0 +1,28 @@
+"""Which scoring methods fit which model family: the one place that says so.
+
+Kept free of heavy imports (no torch, no method classes) so the CLI can print it in
+`--help` and check `--method` before loading anything. `registry.check_fits` reads it
+before a method is fitted, in the CLI and in the Python API alike.
+"""
+
+from __future__ import annotations
+
+FAMILY_METHODS: dict[str, list[str]] = {
+    "torch": ["if-exact", "if-cg", "if-lissa", "if-arnoldi", "grad-dot", "grad-cos", "trak",
+              "tracin", "datainf", "simplex", "knn-shapley"],
+    "boosted-trees": ["leaf-share", "boostin", "leaf-influence", "leaf-sim", "simplex",
+                      "knn-shapley", "shap-neighbors"],
+    "forest": ["leaf-sim", "simplex", "knn-shapley", "shap-neighbors"],
+    "linear": ["linear-exact", "knn-shapley", "shap-neighbors"],
+}
+
+# How a family is named in messages ("does not fit a boosted-tree model") and in --help.
+FAMILY_NOUNS = {"torch": "torch", "boosted-trees": "boosted-tree", "forest": "random-forest",
+                "linear": "scikit-learn linear"}
+FAMILY_LABELS = {"torch": "torch", "boosted-trees": "boosted trees", "forest": "forests",
+                 "linear": "linear"}
+
+
+def methods_help() -> str:
+    """'torch: if-exact, ...; boosted trees: leaf-share, ...' for the CLI's --help."""
+    return "; ".join(f"{FAMILY_LABELS[f]}: {', '.join(m)}" for f, m in FAMILY_METHODS.items())

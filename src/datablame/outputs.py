@@ -1,0 +1,73 @@
+"""Output paths are checked before any work: a typo in --out must not cost the run.
+
+Every file datablame writes is either new or one of its own (recognised by content), so a
+user's file is never overwritten; a directory where a file is meant is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from datablame.errors import UserError
+
+
+def check_output_file(path: str | os.PathLike, option: str, *, suffix: str | None = None,
+                      ours: Callable[[Path], bool] | None = None, what: str = "") -> Path:
+    """Refuse, before anything is computed, an output path that cannot be written."""
+    path = Path(path)
+    if suffix is not None and path.suffix.lower() != suffix:
+        raise UserError(f"{option} must end in {suffix}{what}, got {path}")
+    if path.is_dir():
+        raise UserError(f"{option}: {path} is a directory; give a file name")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise UserError(f"{option}: {path}: directory does not exist ({parent})")
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"{option}: {path}: directory {parent} is not writable")
+    if path.exists() and ours is not None and not ours(path):
+        raise UserError(f"{option}: refusing to overwrite {path}: it is not a file datablame "
+                        "wrote")
+    return path
+
+
+def check_output_dir(path: str | os.PathLike, option: str) -> Path:
+    """A directory to write into (created now, so a bad path fails before the work)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{option}: {path} is a file, not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"{option}: cannot create {path} ({exc.strerror})") from None
+    if not os.access(path, os.W_OK):
+        raise UserError(f"{option}: {path} is not writable")
+    return path
+
+
+def is_npy(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(6) == b"\x93NUMPY"
+
+
+def is_json_with(*keys: str) -> Callable[[Path], bool]:
+    """A JSON object holding `keys`: how a results file of ours is recognised."""
+    def check(path: Path) -> bool:
+        try:
+            obj = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError, OSError):
+            return False
+        return isinstance(obj, dict) and all(k in obj for k in keys)
+    return check
+
+
+def save_npy(path: Path, array) -> None:
+    """Exactly `path` (np.save would append .npy to other names), written atomically."""
+    import numpy as np
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, np.asarray(array))
+    os.replace(tmp, path)
