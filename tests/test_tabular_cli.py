@@ -453,12 +453,12 @@ def junk_model(tree_files):
 
 
 @pytest.mark.parametrize("command,extra,needle", [
-    ("tabular", ["--top-k", "0"], "--top-k must be at least 1, got 0"),
+    ("tabular", ["--top-k", "0"], "--top-k must be at least 1 (got 0)"),
     ("tabular", ["--method", "nope"], "unknown method 'nope'"),
     ("tabular", ["--out", "scores.json"], "--out must end in .npy"),
     ("tabular", ["--out", "missing/s.npy"], "directory does not exist"),
-    ("verify", ["--lds-subsets", "-1"], "--lds-subsets must be 0 or more, got -1"),
-    ("verify", ["--remove-top-k", "-2"], "--remove-top-k must be 0 or more, got -2"),
+    ("verify", ["--lds-subsets", "-1"], "--lds-subsets must be at least 0 (got -1)"),
+    ("verify", ["--remove-top-k", "-2"], "--remove-top-k must be at least 0 (got -2)"),
     ("verify", ["--loo", "3,x"], "--loo expects comma-separated row numbers, got 'x'"),
     ("verify", ["--out", "missing/v.json"], "directory does not exist"),
     ("verify", ["--out", "."], "is a directory"),

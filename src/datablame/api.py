@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from datablame import progress
-from datablame.errors import UserError
+from datablame.errors import UserError, check_at_least
 from datablame.template import ALPACA_TEMPLATE, FormattedText, PromptTemplate
 
 
@@ -61,11 +61,6 @@ def build_index(
                                    response_field=response_field, embedder=embedder,
                                    index_type=index_type, batch_size=batch_size,
                                    device=device, gradients=gradients)
-
-
-def check_at_least(option: str, value: int, least: int) -> None:
-    if value < least:
-        raise UserError(f"{option} must be at least {least} (got {value})")
 
 
 def _build_index_locked(train_file: str | os.PathLike, out: Path, lock, *, template: str,

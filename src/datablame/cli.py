@@ -226,12 +226,14 @@ def trace(
     score them by gradient alignment, order by gradient + retrieval rank (--rank-by)."""
     from datablame.adapters.hf_causal_lm import check_options
     from datablame.api import LM_METHODS, Query, Tracer
+    from datablame.errors import check_at_least
+    from datablame.outputs import check_output_file, is_json_with
     from datablame.render import print_results, results_json, wide_console
-    from datablame.store.atomic import check_writable, write_json_atomic
+    from datablame.store.atomic import write_json_atomic
     from datablame.store.retrieval_index import load_index
 
     if out is not None:  # before minutes of loading and gradients, not after
-        check_writable(out)
+        check_output_file(out, "--out", ours=is_json_with("query", "results"))
     # Everything that can be checked without the model is checked before loading it.
     if bool(query) == bool(query_file):
         _fail("give the output to trace with exactly one of --query or --query-file")
@@ -239,8 +241,7 @@ def trace(
         _fail("the query is empty: pass the model output to trace")
     for name, value, least in (("--top-k", top_k, 1), ("--show", show, 1),
                                ("--batch-size", batch_size, 1), ("--rerank", rerank, 0)):
-        if value < least:
-            _fail(f"{name} must be at least {least} (got {value})")
+        check_at_least(name, value, least)
     if alignment not in ("cosine", "dot"):
         _fail(f"unknown alignment '{alignment}' (use cosine or dot)")
     if rank_by not in ("fused", "gradient"):

@@ -7,3 +7,9 @@ keeps its traceback.
 
 class UserError(Exception):
     """Bad input: the message is shown to the user as is, without a traceback."""
+
+
+def check_at_least(option: str, value: int, least: int) -> None:
+    """The one wording for a numeric option out of range, in every command."""
+    if value < least:
+        raise UserError(f"{option} must be at least {least} (got {value})")

@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 
 from datablame.adapters.torch_module import TorchModelAdapter
-from datablame.errors import UserError
+from datablame.errors import UserError, check_at_least
 from datablame.methods.registry import METHODS, check_fits, get_method
 
 # A query whose every score is at most this is not ranked (ties of zeros are no answer).
@@ -143,8 +143,7 @@ def attribute(model, x_train, y_train, x_query, y_query=None, *, loss="ce",
     (e.g. "same leaf in 37/100 trees; removing it: query loss +0.012"), then the row's
     features. `df.attrs["explains"]` says what the scores are of; queries whose every score
     is zero are not ranked (listed in `df.attrs["all_zero_queries"]`, with a warning)."""
-    if top_k < 1:
-        raise UserError(f"top_k must be at least 1, got {top_k}")
+    check_at_least("top_k", top_k, 1)
     est, scores, y_query, explains = _fit_and_score(
         model, x_train, y_train, x_query, y_query, loss=loss, method=method, l2=l2,
         **method_params)
@@ -343,8 +342,7 @@ def check_tabular_options(train_file, model_file, query_file, *, method: str, to
     from datablame.outputs import check_output_file, is_npy
 
     _check_inputs(train_file, model_file, query_file, method)
-    if top_k < 1:
-        raise UserError(f"--top-k must be at least 1, got {top_k}")
+    check_at_least("--top-k", top_k, 1)
     if out is not None:
         check_output_file(out, "--out", suffix=".npy", ours=is_npy,
                           what=" (the score matrix is written as a NumPy array)")
@@ -413,8 +411,7 @@ def check_verify_options(train_file, model_file, query_file, *, method: str,
 
     _check_inputs(train_file, model_file, query_file, method)
     for option, value in (("--lds-subsets", lds_subsets), ("--remove-top-k", remove_k)):
-        if value < 0:
-            raise UserError(f"{option} must be 0 or more, got {value}")
+        check_at_least(option, value, 0)
     if lds_subsets == 1:
         raise UserError("--lds-subsets needs at least 2 subsets (a correlation), got 1")
     check_output_file(out, "--out", ours=is_json_with("method", "n_train", "query_loss"))

@@ -15,8 +15,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from datablame.errors import UserError
-
 
 def umask() -> int:
     """The process umask (read by setting it, so set it straight back)."""
@@ -67,18 +65,3 @@ def write_json_atomic(path: Path, data: object) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def check_writable(path: Path) -> None:
-    """Refuse an output file we could not write, before the minutes of work it records."""
-    path = Path(path)
-    parent = path.parent
-    if path.is_dir():
-        raise UserError(f"cannot write {path}: it is a directory")
-    if not parent.exists():
-        raise UserError(f"cannot write {path}: directory {parent} does not exist")
-    if not parent.is_dir():
-        raise UserError(f"cannot write {path}: {parent} is not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and
-                                                   not os.access(path, os.W_OK)):
-        raise UserError(f"cannot write {path}: permission denied")
