@@ -51,7 +51,9 @@ scores of all 50 queries x all training rows, after one warm-up call (fit + scor
 query) on the same rows; the scores timed are the scores used.
 
 DECISION RULE (pre-registered; applied separately to boosted cells A-E and forest cells F)
-1. A method that raises on any cell of the group is not eligible (reported, not fixed).
+1. A method that raises on any cell of the group is not eligible (reported, not fixed);
+   nor is one not run on every cell (added after the torch run, where if-lissa is run on
+   LR cells only, as in bench/tabular_influence.py; no tree or forest method is affected).
 2. Mean LDS = the unweighted mean over the group's cells. B = the eligible method with the
    best mean LDS.
 3. h = the mean over cells of B's 95% CI half-width ((hi - lo) / 2).
@@ -245,7 +247,8 @@ def decide(rows: list[dict], group: str) -> dict:
         mine = [r for r in rows if r["method"] == name and "error" not in r]
         summary[name] = {"mean_lds": float(np.mean([r["lds"] for r in mine])),
                          "total_seconds": float(sum(r["seconds"] for r in mine)),
-                         "cells_run": len(mine), "eligible": name not in failed,
+                         "cells_run": len(mine),
+                         "eligible": name not in failed and len(mine) == len(cells),
                          "mean_half_width": float(np.mean([(r["ci95"][1] - r["ci95"][0]) / 2
                                                            for r in mine]))}
     eligible = [n for n in names if summary[n]["eligible"]]
@@ -268,8 +271,8 @@ def table(rows: list[dict], decision: dict) -> None:
     for number, config, data in cells:
         line = f"{config + '/' + data:28s}"
         for n in names:
-            r = next(r for r in rows if r["cell"] == number and r["method"] == n)
-            line += f"{'failed':>15s}" if "error" in r else \
+            r = next((r for r in rows if r["cell"] == number and r["method"] == n), None)
+            line += f"{'-':>15s}" if r is None else f"{'failed':>15s}" if "error" in r else \
                 f"{r['lds']:9.3f}±{(r['ci95'][1] - r['ci95'][0]) / 2:.2f}"
         print(line)
     s = decision["summary"]
