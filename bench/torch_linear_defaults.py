@@ -151,7 +151,8 @@ def main() -> None:
         td.table(part, decisions[group])
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
-    dirty = bool(subprocess.run(["git", "status", "--porcelain", "src", "bench"],
+    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "src", "bench",
+                                 ":!bench/results"],
                                 capture_output=True, text=True).stdout.strip())
     versions = td.versions()
     versions["torch"] = torch.__version__

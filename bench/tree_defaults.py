@@ -318,7 +318,8 @@ def main() -> None:
         table(part, decisions[group])
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
-    dirty = bool(subprocess.run(["git", "status", "--porcelain", "src", "bench"],
+    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "src", "bench",
+                                 ":!bench/results"],
                                 capture_output=True, text=True).stdout.strip())
     result = {"commit": commit, "dirty": dirty, "versions": versions(),
               "command": " ".join([Path(sys.executable).name] + sys.argv),
