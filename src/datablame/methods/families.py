@@ -12,7 +12,7 @@ FAMILY_METHODS: dict[str, list[str]] = {
               "tracin", "datainf", "simplex", "knn-shapley"],
     "boosted-trees": ["leaf-share", "boostin", "leaf-influence", "leaf-sim", "simplex",
                       "knn-shapley", "shap-neighbors"],
-    "forest": ["leaf-sim", "simplex", "knn-shapley", "shap-neighbors"],
+    "forest": ["knn-shapley", "leaf-sim", "simplex", "shap-neighbors"],
     "linear": ["linear-exact", "knn-shapley", "shap-neighbors"],
 }
 
