@@ -262,7 +262,7 @@ def test_forest_reasons_count_trees_not_tree_times_class(tree_files, monkeypatch
     rf.fit(xt, train["target"])
     sio.dump(rf, t / "rf.skops")
     code, out, err = _tabular(monkeypatch, capsys, t, "--json", "--top-k", "3",
-                              model="rf.skops")
+                              "--method", "leaf-sim", model="rf.skops")  # not the default's
     assert code in (0, None), err
     lt, lq = rf.apply(xt), rf.apply(xq)
     for r in json.loads(out):
