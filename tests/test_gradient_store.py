@@ -291,8 +291,8 @@ def test_digest_cache_rehashes_only_changed_files(tmp_path, monkeypatch):
     (d / "model.safetensors").write_bytes(b"a" * 1000)
     (d / "README.md").write_text("not hashed")
     calls = []
-    real = content_digest._sha256_file
-    monkeypatch.setattr(content_digest, "_sha256_file", lambda p: calls.append(p.name) or
+    real = content_digest.sha256_file
+    monkeypatch.setattr(content_digest, "sha256_file", lambda p: calls.append(p.name) or
                         real(p))
     first = content_digest.dir_digest(d)
     assert sorted(calls) == ["config.json", "model.safetensors"]

@@ -262,7 +262,7 @@ def test_forest_reasons_count_trees_not_tree_times_class(tree_files, monkeypatch
     rf.fit(xt, train["target"])
     sio.dump(rf, t / "rf.skops")
     code, out, err = _tabular(monkeypatch, capsys, t, "--json", "--top-k", "3",
-                              "--method", "leaf-sim", model="rf.skops")
+                              "--method", "leaf-sim", model="rf.skops")  # not the default's
     assert code in (0, None), err
     lt, lq = rf.apply(xt), rf.apply(xq)
     for r in json.loads(out):
@@ -498,10 +498,11 @@ def test_query_columns_are_matched_by_name(tree_files, monkeypatch, capsys):
                                       "column(s) zip")
 
 
-@pytest.mark.parametrize("kind", ["logistic-with-names", "forest-without-names"])
+@pytest.mark.parametrize("kind", ["logistic-with-names", "forest-without-names",
+                                  "boosting-with-names"])
 def test_no_library_warnings_leak_into_the_output(tree_files, kind, monkeypatch, capsys):
     import skops.io as sio
-    from sklearn.ensemble import RandomForestClassifier
+    from sklearn.ensemble import GradientBoostingClassifier, RandomForestClassifier
     from sklearn.linear_model import LogisticRegression
 
     t = tree_files
@@ -514,6 +515,8 @@ def test_no_library_warnings_leak_into_the_output(tree_files, kind, monkeypatch,
         t / "query.csv", index=False)
     if kind == "logistic-with-names":
         model = LogisticRegression(max_iter=2000).fit(xt, yt)
+    elif kind == "boosting-with-names":
+        model = GradientBoostingClassifier(n_estimators=5, max_depth=2).fit(xt, yt)
     else:
         model = RandomForestClassifier(n_estimators=5, random_state=0).fit(xt.to_numpy(), yt)
     sio.dump(model, t / "m.skops")

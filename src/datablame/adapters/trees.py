@@ -387,7 +387,9 @@ def _from_sklearn(model) -> TreeEnsembleAdapter:
 
 
 def _sk_gb_leaves(ad, x):
-    leaves = ad.model.apply(x)
+    # GradientBoosting.apply validates against its inner trees, fitted without column
+    # names: a DataFrame there warns "X has feature names" even when the model has them
+    leaves = ad.model.apply(_to_array(x) if hasattr(x, "columns") else x)
     return leaves.reshape(leaves.shape[0], leaves.shape[1], -1).astype(np.int64)
 
 

@@ -44,7 +44,7 @@ def hashed_files(directory: Path) -> list[Path]:
                    p.name in CONFIG_NAMES))
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 22), b""):
@@ -89,7 +89,7 @@ def dir_digest(directory: str | os.PathLike) -> str:
                            ) as advance:
             for f in todo:
                 cache.pop(os.path.realpath(f), None)  # re-inserted last: most recent
-                cache[os.path.realpath(f)] = {"key": _key(stats[f]), "sha256": _sha256_file(f)}
+                cache[os.path.realpath(f)] = {"key": _key(stats[f]), "sha256": sha256_file(f)}
                 advance(stats[f].st_size)
         _save_cache(cpath, cache)
     h = hashlib.sha256()

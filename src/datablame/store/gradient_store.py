@@ -21,7 +21,6 @@ an uninterrupted one). The directory is renamed to `gradients/` only when comple
 
 from __future__ import annotations
 
-import hashlib
 import heapq
 import json
 import os
@@ -39,6 +38,7 @@ from datablame.errors import UserError
 from datablame.features.projection import PROJECTIONS, make_projector, projector_from_json
 from datablame.rows import Rows
 from datablame.store.atomic import write_json_atomic
+from datablame.store.content_digest import sha256_file
 from datablame.template import PromptTemplate
 
 FORMAT = "datablame.gradient-store"
@@ -70,11 +70,7 @@ def _layout_text(shape: tuple, dtype: np.dtype) -> str:
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return sha256_file(path)
 
 
 def _normalised(dots: np.ndarray, norms, query_norm: float, kind: str) -> np.ndarray:
