@@ -54,8 +54,14 @@ def test_verify_writes_lds_and_remove_top_k(tables, monkeypatch, capsys):
                            "--loo", "0,1", "--out", t / "v.json")
     assert code in (0, None), err
     res = json.loads((t / "v.json").read_text())
-    assert res["lds"]["subsets"] == 10 and -1 <= res["lds"]["lds"] <= 1
-    assert set(res["leave_one_out"]["delta"]) == {"0", "1"}
+    # if-exact on a (convex) logistic model tracks retraining: measured LDS 0.91 here, and
+    # its leave-one-out predictions line up with the actual retrained loss changes
+    assert res["lds"]["subsets"] == 10 and res["lds"]["lds"] > 0.6
+    loo = res["leave_one_out"]
+    assert set(loo["delta"]) == {"0", "1"}
+    actual = np.concatenate([loo["delta"][r] for r in ("0", "1")])
+    predicted = np.concatenate([loo["predicted"][r] for r in ("0", "1")])
+    assert np.corrcoef(actual, predicted)[0, 1] > 0.9
     assert "LDS" in " ".join(err.split())
 
 
