@@ -11,24 +11,22 @@ designed for LoRA blocks; positive = the row helped, as (1/n) g_q^T H^{-1} g_i e
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
-from datablame.methods.base import Method, to_numpy
+from datablame.methods.influence import _InverseHessianMethod
 
 
-class DataInf(Method):
+class DataInf(_InverseHessianMethod):
+    """Scores, prediction scores and self-influence come from the shared inverse-Hessian
+    base; only the solve differs."""
+
     name = "datainf"
-    units = "loss"
 
     def __init__(self, lambda_scale: float = 0.1):
         self.lambda_scale = lambda_scale
 
-    def fit(self, adapter, x_train, y_train):
-        super().fit(adapter, x_train, y_train)
-        self.g_train = adapter.gradients(x_train, y_train).double()
-        self.blocks = self._blocks(adapter)
-        return self
+    def _prepare(self) -> None:
+        self.blocks = self._blocks(self.adapter)
 
     @staticmethod
     def _blocks(adapter) -> list[slice]:
@@ -48,19 +46,3 @@ class DataInf(Method):
             coef = (v[:, blk] @ g.T) / (lam + sq)  # (m, n)
             result[:, blk] = (n * v[:, blk] - coef @ g) / (n * lam)
         return result
-
-    explains_prediction = True
-
-    def scores(self, x_query, y_query) -> np.ndarray:
-        self.explaining = "loss"
-        return self._from_query(self.adapter.gradients(x_query, y_query).double())
-
-    def prediction_scores(self, x_query) -> np.ndarray:
-        self.explaining = "prediction"
-        return self._from_query(-self.adapter.output_gradients(x_query).double())
-
-    def _from_query(self, gq: torch.Tensor) -> np.ndarray:
-        return to_numpy(self._solve(gq) @ self.g_train.T) / self.n_train
-
-    def self_influence(self) -> np.ndarray:
-        return to_numpy((self._solve(self.g_train) * self.g_train).sum(1)) / self.n_train
