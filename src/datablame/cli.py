@@ -230,7 +230,8 @@ def trace(
     from datablame.outputs import check_output_file, is_json_with
     from datablame.render import print_results, results_json, wide_console
     from datablame.store.atomic import write_json_atomic
-    from datablame.store.retrieval_index import load_index
+    from datablame.store.retrieval_index import read_manifest
+    from datablame.template import PromptTemplate
 
     if out is not None:  # before minutes of loading and gradients, not after
         check_output_file(out, "--out", ours=is_json_with("query", "results"))
@@ -256,7 +257,7 @@ def trace(
         _fail("--checkpoint is only used with --method tracin")
     check_options(params=params, dtype=dtype, device=device, max_length=max_length,
                   loss_on=loss_on)
-    template = load_index(index_dir).template
+    template = PromptTemplate.from_json(read_manifest(index_dir)["template"])
     prompt = _parse_fields(field)
     if query_file is not None:
         query, file_prompt = _read_query_file(query_file, template.response_field)

@@ -12,7 +12,6 @@ only ever these two, inside the index: anything else is refused, not opened.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -27,6 +26,7 @@ from datablame import __version__
 from datablame.errors import UserError
 from datablame.rows import Rows
 from datablame.store.atomic import atomic_dir, write_json_atomic
+from datablame.store.content_digest import sha256_file
 from datablame.template import PromptTemplate
 
 FORMAT = "datablame.retrieval-index"
@@ -36,11 +36,7 @@ OWN_FILES = {"embeddings": "embeddings.npy", "faiss": "faiss.index"}
 
 
 def _file_entry(path: Path) -> dict:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return {"file": path.name, "bytes": path.stat().st_size, "sha256": h.hexdigest()}
+    return {"file": path.name, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
 def build_faiss(vectors: np.ndarray, index_type: str = "flat", seed: int = 0):
@@ -146,9 +142,9 @@ def save_index(out: Path, vectors: np.ndarray, rows: Rows, template: PromptTempl
     return manifest
 
 
-def load_index(path: str | Path) -> RetrievalIndex:
-    import faiss
-
+def read_manifest(path: str | Path) -> dict:
+    """The index's checked manifest alone: what a caller needs before the FAISS file (which
+    is checksummed on load) is worth reading, e.g. the template to check a query against."""
     path = Path(path)
     manifest_path = path / "manifest.json"
     if not path.is_dir():
@@ -163,6 +159,14 @@ def load_index(path: str | Path) -> RetrievalIndex:
         raise UserError(f"{path} is not a datablame retrieval index")
     if manifest.get("format_version", 0) > FORMAT_VERSION:
         raise UserError(f"{path} was written by a newer datablame; upgrade to read it")
+    return manifest
+
+
+def load_index(path: str | Path) -> RetrievalIndex:
+    import faiss
+
+    path = Path(path)
+    manifest = read_manifest(path)
     faiss_path = _check_own_file(path, manifest, "faiss")
     try:
         index = faiss.read_index(str(faiss_path))
