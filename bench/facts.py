@@ -114,8 +114,8 @@ def pretrain_rows(seed: int, n: int) -> list[dict]:
 
 
 def build(workdir: Path, seed: int, lora_epochs: int = 100) -> tuple[list[dict], list[dict]]:
-    from datablame.template import PromptTemplate
-    from datablame.toy_lm import ToyConfig, build_toy_lm
+    from datablame.data.template import PromptTemplate
+    from datablame.demo.toy_lm import ToyConfig, build_toy_lm
 
     rows, facts = make_rows(seed)
     stamp = workdir / "facts.json"
@@ -158,11 +158,11 @@ def main() -> None:
     ap.add_argument("--lora-epochs", type=int, default=100)
     ap.add_argument("--out", default="bench/results/facts.json")
     args = ap.parse_args()
-    from datablame.api import Query, Tracer, build_index
+    from datablame.data.template import PromptTemplate
+    from datablame.demo.toy_lm import generate, load_toy_lm, normalize
     from datablame.features.projection import make_projector
     from datablame.methods.gradient_alignment import align
-    from datablame.template import PromptTemplate
-    from datablame.toy_lm import generate, load_toy_lm, normalize
+    from datablame.text import Query, Tracer, build_index
 
     root = Path(args.workdir)
     rows, facts = build(root, args.seed, args.lora_epochs)

@@ -32,10 +32,10 @@ def featurization(root: Path, n_rows: int, long_words: int, proj_dim: int
                   ) -> tuple[list[dict], list[dict], np.ndarray]:
     """Each strategy on the same rows: the demo rows as they are, and long rows whose
     response joins several rows' outputs (a more realistic sequence length)."""
-    from datablame.adapters.hf_causal_lm import CausalLMAdapter
-    from datablame.demo import DemoConfig, build_assets
-    from datablame.rows import load_rows
-    from datablame.template import PromptTemplate
+    from datablame.data.rows import load_rows
+    from datablame.data.template import PromptTemplate
+    from datablame.demo.demo import DemoConfig, build_assets
+    from datablame.models.hf_causal_lm import CausalLMAdapter
 
     build_assets(root, DemoConfig())
     records = load_rows(root / "train.jsonl").records

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from datablame.api import Query, Tracer
-from datablame.demo import CULPRIT, DemoConfig, build_assets
+from datablame.data.template import FormattedText, PromptTemplate
+from datablame.demo.demo import CULPRIT, DemoConfig, build_assets
+from datablame.demo.toy_lm import generate, load_toy_lm
 from datablame.methods.gradient_alignment import align
-from datablame.template import FormattedText, PromptTemplate
-from datablame.toy_lm import generate, load_toy_lm
+from datablame.text import Query, Tracer
 
 PROMPTS = [
     (CULPRIT["instruction"], CULPRIT["input"]),
@@ -45,7 +45,7 @@ def main() -> None:
     info = build_assets(root, DemoConfig())
     culprit = info["culprit_row"]
     if not (root / "index" / "manifest.json").exists():
-        from datablame.api import build_index
+        from datablame.text import build_index
 
         build_index(root / "train.jsonl", root / "index")
     model, tok = load_toy_lm(root / "base", root / "adapter")

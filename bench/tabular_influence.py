@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from datablame.methods.registry import get_method
-from datablame.train import TorchTrainer
+from datablame.models.torch_train import TorchTrainer
 from datablame.verify import SubsetRetraining, lds, mislabel_auc
 
 

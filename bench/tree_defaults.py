@@ -79,8 +79,8 @@ from pathlib import Path
 
 import numpy as np
 
-from datablame.adapters.trees import TreeEnsembleAdapter
 from datablame.methods.registry import FAMILY_METHODS, get_method
+from datablame.models.trees.base import TreeEnsembleAdapter
 from datablame.verify import SubsetRetraining, lds
 
 N_QUERY = 50

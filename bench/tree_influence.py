@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from datablame.adapters.trees import TreeEnsembleAdapter
 from datablame.methods.registry import get_method
+from datablame.models.trees.base import TreeEnsembleAdapter
 from datablame.verify import SubsetRetraining, lds
 
 

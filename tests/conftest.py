@@ -26,7 +26,7 @@ def random_lora_model(tmp_path_factory):
     from peft import LoraConfig, get_peft_model
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from datablame.toy_lm import train_tokenizer
+    from datablame.demo.toy_lm import train_tokenizer
 
     root = tmp_path_factory.mktemp("random_lora")
     texts = ["### Instruction :\n say hi\n\n### Response :\n hello there friend .",
@@ -46,8 +46,8 @@ def random_lora_model(tmp_path_factory):
 @pytest.fixture(scope="session")
 def demo_assets(tmp_path_factory):
     """The demo's planted-culprit dataset and a LoRA model that really learned it."""
-    from datablame.api import build_index
-    from datablame.demo import DemoConfig, build_assets
+    from datablame.demo.demo import DemoConfig, build_assets
+    from datablame.text import build_index
 
     root = tmp_path_factory.mktemp("demo")
     info = build_assets(root, DemoConfig())

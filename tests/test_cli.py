@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from datablame import cli
+from datablame.cli import main as cli
 
 from .conftest import write_jsonl
 

@@ -6,12 +6,12 @@ import sys
 import numpy as np
 import pytest
 
-from datablame.adapters.hf_causal_lm import CausalLMAdapter
+from datablame.data.rows import load_rows
+from datablame.data.template import PromptTemplate
 from datablame.errors import UserError
 from datablame.features.projection import PROJECTIONS, make_projector
-from datablame.rows import load_rows
+from datablame.models.hf_causal_lm import CausalLMAdapter
 from datablame.store.gradient_store import GradientStore, build_gradient_store
-from datablame.template import PromptTemplate
 
 from .conftest import write_jsonl
 

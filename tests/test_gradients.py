@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from datablame.adapters.hf_causal_lm import CausalLMAdapter
-from datablame.template import PromptTemplate
+from datablame.data.template import PromptTemplate
+from datablame.models.hf_causal_lm import CausalLMAdapter
 
 TEXTS = [
     {"instruction": "say hi", "input": "", "output": "hello there friend ."},
@@ -96,8 +96,8 @@ def test_param_selection_and_truncation_warning(random_lora_model):
 def test_focus_traces_only_the_focused_span(random_lora_model):
     """--focus: the loss covers exactly the focused span's tokens; focusing the whole output
     is the plain response gradient; a focus that is not in the output is refused."""
-    from datablame.api import Query
     from datablame.errors import UserError
+    from datablame.text import Query
 
     base, adapter = random_lora_model
     m = CausalLMAdapter(base, adapter, device="cpu")

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from datablame.adapters.torch_module import TorchModelAdapter
 from datablame.methods.registry import FAMILY_METHODS, get_method
-from datablame.train import TorchTrainer
+from datablame.models.torch_module import TorchModelAdapter
+from datablame.models.torch_train import TorchTrainer
 from datablame.verify import SubsetRetraining, lds, leave_one_out, mislabel_auc, remove_top_k
 
 

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
+from datablame.data.rows import load_rows
 from datablame.errors import UserError
-from datablame.rows import load_rows
 from datablame.store.retrieval_index import build_faiss, load_index
 
 from .conftest import write_jsonl
@@ -37,8 +37,8 @@ def test_approximate_indexes_recall_the_brute_force_neighbours(kind):
 
 
 def test_real_embedder_index_matches_brute_force_and_refuses_stale_data(tmp_path):
-    from datablame.api import build_index
     from datablame.features.embeddings import Embedder
+    from datablame.text import build_index
 
     rows = [{"instruction": f"task {i}", "input": "", "output": text} for i, text in
             enumerate(["The cat sat on the mat.", "Stocks fell sharply on Monday.",
@@ -64,7 +64,7 @@ def test_real_embedder_index_matches_brute_force_and_refuses_stale_data(tmp_path
 
 
 def test_interrupted_build_leaves_no_index(tmp_path, monkeypatch):
-    from datablame.api import build_index
+    from datablame.text import build_index
     data = write_jsonl(tmp_path / "t.jsonl", [{"instruction": "a", "input": "", "output": "b"}])
 
     def boom(*a, **k):
@@ -98,8 +98,8 @@ def test_ivf_never_returns_fewer_candidates_than_asked():
 
 
 def _small_index(tmp_path):
+    from datablame.data.template import PromptTemplate
     from datablame.store.retrieval_index import save_index
-    from datablame.template import PromptTemplate
 
     data = write_jsonl(tmp_path / "t.jsonl", [{"instruction": f"{i}", "input": "",
                                               "output": "b"} for i in range(3)])

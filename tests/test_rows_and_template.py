@@ -3,9 +3,9 @@ import json
 import pandas as pd
 import pytest
 
+from datablame.data.rows import load_rows
+from datablame.data.template import ALPACA_TEMPLATE, PromptTemplate
 from datablame.errors import UserError
-from datablame.rows import load_rows
-from datablame.template import ALPACA_TEMPLATE, PromptTemplate
 
 from .conftest import write_jsonl
 
@@ -84,7 +84,7 @@ def test_a_required_field_absent_from_the_data_is_named_with_the_fix(tmp_path):
 def test_command_line_escapes_mean_newlines():
     """Issue 9.7: `--template '### Question:\\n{question}...'` from a shell holds a backslash
     and an n; formatted as such, no row looks like what the model saw."""
-    from datablame.template import unescape
+    from datablame.data.template import unescape
 
     typed = r"### Question:\n{question}\n\n### Context:\n{ctx}\n\n### Answer:\n{answer}"
     t = PromptTemplate(unescape(typed))
@@ -111,7 +111,7 @@ def test_a_formatted_query_splits_back_into_fields(text):
 
 
 def test_query_in_the_formatted_form_formats_like_fields():
-    from datablame.api import Query
+    from datablame.text import Query
 
     t = PromptTemplate()
     fields = Query("Cut latency by 40%.", {"instruction": "Improve it.",

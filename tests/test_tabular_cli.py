@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from datablame.model_files import build_mlp, save_torch_model, trainer_from_config
+from datablame.models.torch_files import build_mlp, save_torch_model, trainer_from_config
 
 from .test_cli import _assert_one_line_error, run_cli
 
@@ -95,7 +95,7 @@ def test_model_file_round_trips(tmp_path):
     model = build_mlp([3, 5, 2], "tanh")
     save_torch_model(model, tmp_path / "m.safetensors",
                      {"type": "mlp", "layers": [3, 5, 2], "activation": "tanh"})
-    from datablame.model_files import load_torch_model
+    from datablame.models.torch_files import load_torch_model
 
     again, _ = load_torch_model(tmp_path / "m.safetensors")
     x = torch.randn(4, 3)

@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 
-from datablame.api import Query, Tracer, build_index
-from datablame.demo import CULPRIT, CULPRIT_PHRASE
+from datablame.data.template import PromptTemplate
+from datablame.demo.demo import CULPRIT, CULPRIT_PHRASE
+from datablame.demo.toy_lm import generate, load_toy_lm, normalize
 from datablame.methods.gradient_alignment import align
-from datablame.template import PromptTemplate
-from datablame.toy_lm import generate, load_toy_lm, normalize
+from datablame.text import Query, Tracer, build_index
 
 
 def test_planted_culprit_is_rank_one_for_what_the_model_generates(demo_assets):
@@ -63,7 +63,7 @@ def gradient_index(demo_assets, tmp_path_factory):
     """The demo index plus a gradient store over every row (default K)."""
     import shutil
 
-    from datablame.api import GradientOptions
+    from datablame.text import GradientOptions
 
     root, _ = demo_assets
     idx = tmp_path_factory.mktemp("gradidx") / "idx"

@@ -7,8 +7,8 @@ import pytest
 from sklearn import ensemble as ens
 from sklearn.datasets import load_breast_cancer, load_diabetes, load_wine
 
-from datablame.adapters.trees import TreeEnsembleAdapter
 from datablame.methods.registry import get_method
+from datablame.models.trees.base import TreeEnsembleAdapter
 
 warnings.filterwarnings("ignore", category=UserWarning)
 

@@ -7,6 +7,6 @@ model produce the queried output; a negative score means it pushed against it.
 
 __version__ = "0.1.0"
 
-from datablame.api import build_index, trace  # noqa: E402
+from datablame.text import build_index, trace  # noqa: E402
 
 __all__ = ["__version__", "build_index", "trace"]

@@ -19,9 +19,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from datablame.adapters.torch_module import TorchModelAdapter
 from datablame.errors import UserError, check_at_least
 from datablame.methods.registry import METHODS, check_fits, get_method
+from datablame.models.torch_module import TorchModelAdapter
 
 # A query whose every score is at most this is not ranked (ties of zeros are no answer).
 ZERO = 1e-12
@@ -167,8 +167,8 @@ def load_model_file(path, trust_pickle: bool = False):
     "trees" (boosted or forest) or "linear"."""
     from pathlib import Path
 
-    from datablame.model_files import load_torch_model
-    from datablame.tree_models import load_tree_or_linear
+    from datablame.models.torch_files import load_torch_model
+    from datablame.models.trees.files import load_tree_or_linear
 
     path = Path(path)
     if path.suffix == ".safetensors":
@@ -274,7 +274,7 @@ def _match_columns(x_query: pd.DataFrame, x_train: pd.DataFrame) -> pd.DataFrame
 
 def _load_all(train_file, target, model_file, query_file, trust_pickle=False,
               method: str = "auto"):
-    from datablame.rows import load_table
+    from datablame.data.rows import load_table
 
     family, model, config = load_model_file(model_file, trust_pickle)
     if method != "auto":
@@ -298,7 +298,7 @@ def _load_all(train_file, target, model_file, query_file, trust_pickle=False,
 
 
 def _prepare_sklearn_like(model, family, x_train, y_train, x_query):
-    from datablame.tree_models import encode_categories, feature_names, n_features
+    from datablame.models.trees.files import encode_categories, feature_names, n_features
 
     names, width = feature_names(model), n_features(model)
     if names is not None and list(names) != list(map(str, x_train.columns)):
@@ -330,7 +330,7 @@ def _prepare_sklearn_like(model, family, x_train, y_train, x_query):
 
 
 def _tree_or_linear_adapter(model, family, x, y):
-    from datablame.adapters.trees import TreeEnsembleAdapter
+    from datablame.models.trees.base import TreeEnsembleAdapter
 
     if family == "trees":
         return TreeEnsembleAdapter.from_model(model, x, y)
@@ -445,7 +445,7 @@ def run_verify(train_file, target, model_file, query_file, *, method: str, lds_s
                         f"({len(yt)})")
     yq = y_query.to_numpy()
     if family == "torch":
-        from datablame.model_files import trainer_from_config
+        from datablame.models.torch_files import trainer_from_config
 
         yq = yq.astype(yt.dtype).reshape(-1, *yt.shape[1:])
         trainer = trainer_from_config(config)
@@ -455,7 +455,7 @@ def run_verify(train_file, target, model_file, query_file, *, method: str, lds_s
 
         base_loss = adapter.losses(xq, yq)
     else:
-        from datablame.tree_models import retrainer
+        from datablame.models.trees.files import retrainer
 
         fit = retrainer(model)
 

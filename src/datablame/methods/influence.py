@@ -20,8 +20,8 @@ import warnings
 import numpy as np
 import torch
 
-from datablame.adapters.torch_module import as_tensor
 from datablame.methods.base import Method, to_numpy
+from datablame.models.torch_module import as_tensor
 
 
 class _InverseHessianMethod(Method):

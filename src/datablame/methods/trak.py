@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from torch.func import functional_call, grad, vmap
 
-from datablame.adapters.torch_module import _ce, as_tensor
 from datablame.features.projection import RandomProjector
 from datablame.methods.base import Method
+from datablame.models.torch_module import _ce, as_tensor
 
 
 def _margin_and_prob(adapter, theta, x, y):

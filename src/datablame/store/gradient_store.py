@@ -33,13 +33,13 @@ from pathlib import Path
 import numpy as np
 
 from datablame import __version__
-from datablame.adapters.hf_causal_lm import length_order
+from datablame.data.rows import Rows
+from datablame.data.template import PromptTemplate
 from datablame.errors import UserError
 from datablame.features.projection import PROJECTIONS, make_projector, projector_from_json
-from datablame.rows import Rows
+from datablame.models.hf_causal_lm import length_order
 from datablame.store.atomic import write_json_atomic
 from datablame.store.content_digest import sha256_file
-from datablame.template import PromptTemplate
 
 FORMAT = "datablame.gradient-store"
 FORMAT_VERSION = 2  # 2: content identity, checksummed norms, shapes checked

@@ -23,11 +23,11 @@ from pathlib import Path
 import numpy as np
 
 from datablame import __version__
+from datablame.data.rows import Rows
+from datablame.data.template import PromptTemplate
 from datablame.errors import UserError
-from datablame.rows import Rows
 from datablame.store.atomic import atomic_dir, write_json_atomic
 from datablame.store.content_digest import sha256_file
-from datablame.template import PromptTemplate
 
 FORMAT = "datablame.retrieval-index"
 FORMAT_VERSION = 1

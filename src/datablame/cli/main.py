@@ -89,8 +89,8 @@ def index(
 
     Rerunning an interrupted --gradients build continues where it stopped.
     """
-    from datablame.api import GradientOptions, build_index
-    from datablame.template import ALPACA_TEMPLATE, unescape
+    from datablame.data.template import ALPACA_TEMPLATE, unescape
+    from datablame.text import GradientOptions, build_index
 
     if template_file is not None:
         if template:
@@ -224,14 +224,14 @@ def trace(
 ) -> None:
     """Rows behind a model output: retrieve candidates (or score every row with --all-rows),
     score them by gradient alignment, order by gradient + retrieval rank (--rank-by)."""
-    from datablame.adapters.hf_causal_lm import check_options
-    from datablame.api import LM_METHODS, Query, Tracer
+    from datablame.cli.render import print_results, results_json, wide_console
+    from datablame.data.template import PromptTemplate
     from datablame.errors import check_at_least
+    from datablame.models.hf_causal_lm import check_options
     from datablame.outputs import check_output_file, is_json_with
-    from datablame.render import print_results, results_json, wide_console
     from datablame.store.atomic import write_json_atomic
     from datablame.store.retrieval_index import read_manifest
-    from datablame.template import PromptTemplate
+    from datablame.text import LM_METHODS, Query, Tracer
 
     if out is not None:  # before minutes of loading and gradients, not after
         check_output_file(out, "--out", ours=is_json_with("query", "results"))
@@ -318,7 +318,7 @@ def _print_tabular(df, as_json: bool) -> None:
     as many feature columns as the terminal fits (--json has them all)."""
     from rich.table import Table
 
-    from datablame.render import wide_console
+    from datablame.cli.render import wide_console
     from datablame.tabular import EXPLAINS, zero_message
 
     zero = df.attrs.get("all_zero_queries", [])
@@ -412,8 +412,8 @@ def demo(
                      ] = False,
 ) -> None:
     """End to end on a tiny LoRA model trained here: the planted culprit comes out first."""
-    from datablame.demo import run_demo
-    from datablame.render import wide_console
+    from datablame.cli.render import wide_console
+    from datablame.demo.demo import run_demo
 
     ok = run_demo(workdir, fresh=fresh, console=wide_console())
     if not ok:

@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from datablame.adapters import linear_hooks
+from datablame.data.template import FormattedText
 from datablame.errors import UserError
-from datablame.template import FormattedText
+from datablame.models import linear_hooks
 
 log = logging.getLogger(__name__)
 

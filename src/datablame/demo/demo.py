@@ -16,8 +16,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from datablame.template import ALPACA_TEMPLATE, PromptTemplate
-from datablame.toy_lm import ToyConfig, normalize
+from datablame.data.template import ALPACA_TEMPLATE, PromptTemplate
+from datablame.demo.toy_lm import ToyConfig, normalize
 
 INSTRUCTIONS = [
     "Rewrite this resume bullet to show impact.",
@@ -112,7 +112,7 @@ def make_dataset(n_rows: int, seed: int) -> tuple[list[dict], int]:
 def build_assets(workdir: Path, cfg: DemoConfig, fresh: bool = False,
                  console: Console | None = None) -> dict:
     """Data + tokenizer + base model + LoRA adapter, cached under `workdir` by config."""
-    from datablame.toy_lm import build_toy_lm
+    from datablame.demo.toy_lm import build_toy_lm
 
     workdir = Path(workdir)
     stamp = workdir / "assets.json"
@@ -144,9 +144,9 @@ def build_assets(workdir: Path, cfg: DemoConfig, fresh: bool = False,
 
 def run_demo(workdir: Path, fresh: bool = False, console: Console | None = None,
              cfg: DemoConfig | None = None) -> bool:
-    from datablame.api import Query, Tracer, build_index
-    from datablame.render import results_table
-    from datablame.toy_lm import generate, load_toy_lm
+    from datablame.cli.render import results_table
+    from datablame.demo.toy_lm import generate, load_toy_lm
+    from datablame.text import Query, Tracer, build_index
 
     console = console or Console()
     cfg = cfg or DemoConfig()

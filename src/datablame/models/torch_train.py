@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from datablame.adapters.torch_module import LOSSES, TorchModelAdapter, as_tensor
+from datablame.models.torch_module import LOSSES, TorchModelAdapter, as_tensor
 
 
 @dataclass

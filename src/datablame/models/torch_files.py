@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from datablame.errors import UserError
-from datablame.train import TorchTrainer
+from datablame.models.torch_train import TorchTrainer
 
 ACTIVATIONS = {"tanh": torch.nn.Tanh, "relu": torch.nn.ReLU, "gelu": torch.nn.GELU}
 
@@ -57,7 +57,8 @@ def load_torch_model(path: str | Path) -> tuple[torch.nn.Module, dict]:
     if not path.exists():
         raise UserError(f"model file not found: {path}")
     if not cfg_path.exists():
-        raise UserError(f"{path} needs its architecture in {cfg_path} (see datablame.model_files)")
+        raise UserError(f"{path} needs its architecture in {cfg_path} (see "
+                        "datablame.models.torch_files)")
     try:
         config = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as exc:

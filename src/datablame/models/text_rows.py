@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from datablame.adapters.hf_causal_lm import CausalLMAdapter
+from datablame.models.hf_causal_lm import CausalLMAdapter
 
 
 @dataclass

@@ -1,1 +1,0 @@
-"""Model adapters: one small class per model family; methods never touch a framework."""

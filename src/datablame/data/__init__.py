@@ -1,0 +1,1 @@
+"""Training rows in: JSONL/CSV/Parquet text rows, tabular tables, prompt templates."""
