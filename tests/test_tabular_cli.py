@@ -445,8 +445,8 @@ def test_every_method_the_registry_lists_runs_on_its_family():
               "forest": RandomForestClassifier(n_estimators=3, max_depth=3,
                                                random_state=0).fit(x, y),
               "linear": Ridge(alpha=1.0).fit(x, y.astype(float))}
-    for family, methods in FAMILY_METHODS.items():
-        for name in methods:
+    for family in models:
+        for name in FAMILY_METHODS[family]:
             params = {"corpus_size": 20} if name == "simplex" else {}
             s = score_matrix(models[family], x, y, x[:2], y[:2], method=name, **params)
             assert s.shape == (2, 60) and np.isfinite(s).all(), (family, name)

@@ -23,6 +23,7 @@ import pandas as pd
 from datablame import progress
 from datablame.data.template import ALPACA_TEMPLATE, FormattedText, PromptTemplate
 from datablame.errors import UserError, check_at_least
+from datablame.methods.families import FAMILY_METHODS
 
 
 def build_index(
@@ -198,7 +199,7 @@ class Query:
         return FormattedText(text.text, start, start + len(self.focus))
 
 
-LM_METHODS = ("grad-dot", "grad-cos", "datainf", "trak", "tracin")
+LM_METHODS = tuple(FAMILY_METHODS["causal-lm"])
 
 
 class Tracer:

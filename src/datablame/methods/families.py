@@ -14,15 +14,19 @@ FAMILY_METHODS: dict[str, list[str]] = {
                       "knn-shapley", "shap-neighbors"],
     "forest": ["knn-shapley", "leaf-sim", "simplex", "shap-neighbors"],
     "linear": ["linear-exact", "knn-shapley", "shap-neighbors"],
+    # Hugging Face causal LMs (with or without LoRA): methods on exact per-row gradients of
+    # the selected parameters (`datablame trace --method`); grad is the text default.
+    "causal-lm": ["grad-dot", "grad-cos", "datainf", "trak", "tracin"],
 }
+TABULAR_FAMILIES = ("torch", "boosted-trees", "forest", "linear")
 
 # How a family is named in messages ("does not fit a boosted-tree model") and in --help.
 FAMILY_NOUNS = {"torch": "torch", "boosted-trees": "boosted-tree", "forest": "random-forest",
-                "linear": "scikit-learn linear"}
+                "linear": "scikit-learn linear", "causal-lm": "causal language"}
 FAMILY_LABELS = {"torch": "torch", "boosted-trees": "boosted trees", "forest": "forests",
-                 "linear": "linear"}
+                 "linear": "linear", "causal-lm": "language models"}
 
 
-def methods_help() -> str:
+def methods_help(families: tuple[str, ...] = TABULAR_FAMILIES) -> str:
     """'torch: if-exact, ...; boosted trees: leaf-share, ...' for the CLI's --help."""
-    return "; ".join(f"{FAMILY_LABELS[f]}: {', '.join(m)}" for f, m in FAMILY_METHODS.items())
+    return "; ".join(f"{FAMILY_LABELS[f]}: {', '.join(FAMILY_METHODS[f])}" for f in families)
