@@ -42,12 +42,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import tabular_influence as ti
 import torch
 import tree_defaults as td
 
 from datablame.methods.registry import FAMILY_METHODS, get_method
+from datablame.models.linear import LinearModelAdapter
 from datablame.verify import SubsetRetraining, lds
 
 INIT_SEED = 7
@@ -111,15 +111,10 @@ def linear_cell(number, kind, data, n_subsets) -> list[dict]:
         return LogisticRegression(C=1.0, max_iter=5000) if kind == "logreg" else \
             Ridge(alpha=1.0)
 
-    def losses(m):
-        if kind == "ridge":
-            return (m.predict(xq) - yq) ** 2
-        p = m.predict_proba(xq)[np.arange(len(yq)), np.searchsorted(m.classes_, yq)]
-        return -np.log(np.clip(p, 1e-12, 1.0))
-
     model = factory().fit(x, y)
-    adapter = type("LinearAdapter", (), {"model": model})()
-    subsets = SubsetRetraining(lambda rows, seed: losses(factory().fit(x[rows], y[rows])),
+    adapter = LinearModelAdapter(model)
+    subsets = SubsetRetraining(lambda rows, seed: LinearModelAdapter(
+                                   factory().fit(x[rows], y[rows])).query_losses(xq, yq),
                                len(x), n_subsets=n_subsets, seed=2000 + number,
                                cache=f"bench/results/.lds-lineardef-{number}-{kind}-{data}-"
                                      f"{n_subsets}.json")

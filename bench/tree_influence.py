@@ -44,7 +44,7 @@ def factory(n_estimators=100):
 def boostin_as_tree_influence(ad, x, y, xq, yq) -> np.ndarray:
     """BoostIn with tree-influence's leaf derivative, lr * (g_i + v_shrunk h_i) / (H + l2)
     (its leaf values carry the learning rate), to check our protocol against its numbers."""
-    from datablame.methods.boostin import leaf_sums, round_stats
+    from datablame.models.trees.base import leaf_sums, round_stats
 
     leaves, g, h, _ = round_stats(ad, x, y)
     n, t_count, k_count = leaves.shape

@@ -265,10 +265,12 @@ def test_knn_shapley_on_a_regression_model_rewards_close_labels():
 def test_linear_exact_equals_actual_leave_one_out_for_ridge():
     from sklearn.linear_model import Ridge
 
+    from datablame.models.linear import LinearModelAdapter
+
     x, y = _data("regression")
     x, y, xq, yq = x[:80], y[:80], x[80:85], y[80:85]
     model = Ridge(alpha=0.3).fit(x, y)
-    scores = get_method("linear-exact").fit(type("A", (), {"model": model})(), x, y) \
+    scores = get_method("linear-exact").fit(LinearModelAdapter(model), x, y) \
         .scores(xq, yq)
     base = (model.predict(xq) - yq) ** 2
     for i in range(0, 80, 7):

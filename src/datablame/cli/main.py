@@ -1,4 +1,5 @@
-"""The `datablame` command line: index, trace, demo.
+"""The `datablame` command line: index, trace (text, here), tabular, verify (cli/tabular.py),
+demo.
 
 User errors print one line and exit with code 2 (no traceback); bugs keep their traceback.
 """
@@ -12,11 +13,11 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 
 from datablame import __version__, progress
+from datablame.cli import tabular as tabular_commands
+from datablame.cli.console import console, fail
 from datablame.errors import UserError
-from datablame.methods.families import methods_help
 
 app = typer.Typer(
     add_completion=False,
@@ -24,12 +25,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="git blame for training data: find the training rows behind a model output.",
 )
-console = Console(stderr=True)
-
-
-def _fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(2)
+_fail = fail
 
 
 def _version(value: bool) -> None:
@@ -281,127 +277,8 @@ def trace(
     print_results(df, show, as_json, wide_console())
 
 
-@app.command()
-def tabular(
-    train_file: Annotated[Path, typer.Argument(help="Training rows: .csv or .parquet.")],
-    target: Annotated[str, typer.Option(help="Target column of the training rows.")],
-    model: Annotated[Path, typer.Option(help="Model file: torch .safetensors (+ .json), "
-                                             "XGBoost .json/.ubj, LightGBM .txt, CatBoost "
-                                             ".cbm, scikit-learn .skops.")],
-    query: Annotated[Path, typer.Option(help="Query rows (.csv / .parquet).")],
-    method: Annotated[str, typer.Option(help="Scoring method; auto = the measured default "
-                                             "for the model family (see README). Fits: "
-                                             + methods_help() + ".")
-                      ] = "auto",
-    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow a .pkl/.joblib "
-                                               "model (unpickling runs its code).")] = False,
-    top_k: Annotated[int, typer.Option(help="Rows shown per query.")] = 5,
-    true_label: Annotated[bool, typer.Option("--true-label", help="Explain the loss of the "
-                                             "query's target column instead of the model's "
-                                             "own prediction (a regression prediction is "
-                                             "otherwise explained itself).")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
-    out: Annotated[Optional[Path], typer.Option(help="Write the full (n_query x n_train) "  # noqa: UP045
-                                                     "score matrix to this .npy file.")
-                   ] = None,
-) -> None:
-    """Rank the training rows behind each query row of a tabular model."""
-    from datablame.tabular import run_tabular
-
-    df, _ = run_tabular(train_file, target, model, query, method=method, top_k=top_k,
-                        true_label=true_label, trust_pickle=trust_pickle, out=out)
-    _print_tabular(df, as_json)
-
-
-def _print_tabular(df, as_json: bool) -> None:
-    """One table per query: rank, row, score, target and the method's reason always; then
-    as many feature columns as the terminal fits (--json has them all)."""
-    from rich.table import Table
-
-    from datablame.cli.render import wide_console
-    from datablame.tabular import EXPLAINS, zero_message
-
-    zero = df.attrs.get("all_zero_queries", [])
-    if as_json:
-        if zero:
-            console.print(f"[yellow]warning:[/] {zero_message(zero)}", highlight=False,
-                          soft_wrap=True)
-        print(df.to_json(orient="records", indent=2))
-        return
-    table_console = wide_console()
-    heading = f"{df.attrs.get('method', '')}; explains {EXPLAINS[df.attrs['explains']]}" \
-        if "explains" in df.attrs else df.attrs.get("method", "")
-    for q in zero:
-        table_console.print(f"query row {q} ({heading}): every score is zero, so no training row "
-                      "is ranked (nothing moves what is explained; e.g. a target equal to "
-                      "the prediction has a flat loss)", highlight=False, soft_wrap=True)
-    if df.empty:
-        return
-    fixed = [c for c in ("rank", "row", "score", "target", "reason") if c in df.columns]
-    features = [c for c in df.columns if c not in fixed and c != "query"]
-    reason_width = int(df["reason"].str.len().max()) if "reason" in df else 0
-    room = table_console.width - 8 * len(fixed) - reason_width - 4
-    shown = features[: max(0, room // 13)]
-    for q, part in df.groupby("query", sort=True):
-        hidden = len(features) - len(shown)
-        table = Table(title=f"query row {q} ({heading})",
-                      header_style="bold",
-                      caption=f"{hidden} more feature columns: --json or --out" if hidden
-                      else None)
-        for c in fixed + shown:
-            table.add_column(str(c), justify="left" if c == "reason" else "right",
-                             no_wrap=True, min_width=reason_width if c == "reason" else
-                             min(len(str(c)), 12) if c in shown else len(str(c)),
-                             max_width=12 if c in shown else None)
-        for _, r in part.iterrows():
-            table.add_row(*[f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c])
-                            for c in fixed + shown])
-        table_console.print(table)
-
-
-@app.command()
-def verify(
-    train_file: Annotated[Path, typer.Argument(help="Training rows: .csv or .parquet.")],
-    target: Annotated[str, typer.Option(help="Target column.")],
-    model: Annotated[Path, typer.Option(help="Model file (as for 'tabular'; torch needs its "
-                                             "training settings in the .json).")],
-    query: Annotated[Path, typer.Option(help="Query rows; their target column is used.")],
-    method: Annotated[str, typer.Option(help="Method whose scores are checked; auto = the "
-                                             "family's default. Fits: " + methods_help() + ".")
-                      ] = "auto",
-    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow a .pkl/.joblib "
-                                               "model.")] = False,
-    lds_subsets: Annotated[int, typer.Option(help="Random 50% subsets for LDS (0: skip).")
-                           ] = 50,
-    remove_top_k: Annotated[int, typer.Option(help="k for remove-top-k vs random-k (0: "
-                                                   "skip).")] = 10,
-    loo: Annotated[str, typer.Option(help="Comma-separated rows for leave-one-out.")] = "",
-    out: Annotated[Path, typer.Option(help="JSON results file (new, or one verify wrote).")
-                   ] = Path("verify.json"),
-    cache: Annotated[Optional[Path], typer.Option(help="Keep retrainings here so an "  # noqa: UP045
-                                                       "interrupted run resumes.")] = None,
-) -> None:
-    """Check a method's scores against retraining: LDS, remove-top-k, leave-one-out."""
-    from datablame.tabular import parse_rows, run_verify
-
-    result = run_verify(train_file, target, model, query, method=method,
-                        lds_subsets=lds_subsets, remove_k=remove_top_k,
-                        loo_rows=parse_rows(loo), out=out, cache=cache,
-                        trust_pickle=trust_pickle)
-    if "lds" in result:
-        r = result["lds"]
-        low, high = r["ci95"]
-        note = "; the interval reaches 0" if low <= 0 else ""
-        console.print(f"LDS ({result['method']}, {r['subsets']} subsets): {r['lds']:.3f} "
-                      f"[95% CI {low:.3f}, {high:.3f}]: {r['reading']} agreement with "
-                      f"retraining (1 = perfect{note})", highlight=False, soft_wrap=True)
-    if "remove_top_k" in result:
-        r = result["remove_top_k"]
-        console.print(f"remove top-{r['k']} vs random-{r['k']} (query {r['query']}): loss change "
-                      f"{r['top_k_mean']:+.4f} ± {r['top_k_std']:.4f} vs "
-                      f"{r['random_k_mean']:+.4f} ± {r['random_k_std']:.4f}", highlight=False)
-        console.print(r["summary"], highlight=False, soft_wrap=True)
-    console.print(f"results written to {out}", highlight=False)
+app.command("tabular")(tabular_commands.tabular)
+app.command("verify")(tabular_commands.verify)
 
 
 @app.command()

@@ -20,6 +20,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from datablame.models.base import require_any
+
 
 class Method:
     name = "method"
@@ -30,8 +32,11 @@ class Method:
     # True: `prediction_scores` gives each row's contribution to a regression prediction.
     explains_prediction = False
     explaining = "loss"  # what the last scores were of: "loss" or "prediction"
+    # The adapter must give one of these (models/base.py); empty: any model.
+    requires: tuple[str, ...] = ()
 
     def fit(self, adapter, x_train, y_train) -> Method:
+        require_any(self.name, adapter, self.requires)
         self.adapter = adapter
         self.x_train, self.y_train = x_train, y_train
         self.n_train = len(x_train)
@@ -77,7 +82,7 @@ def shared_leaf_reasons(adapter, train_leaves: np.ndarray, x_query, top: np.ndar
 
     Counts trees, not tree x output: a forest's or CatBoost's tree gives all K outputs."""
     q_leaves = adapter.leaves(x_query).reshape(len(top), -1)
-    if getattr(adapter, "shared_outputs", False) and adapter.n_outputs > 1:
+    if adapter.shared_outputs and adapter.n_outputs > 1:
         q_leaves, train_leaves = q_leaves[:, ::adapter.n_outputs], \
             train_leaves[:, ::adapter.n_outputs]
     total = q_leaves.shape[1]

@@ -20,52 +20,19 @@ from __future__ import annotations
 
 import numpy as np
 
-from datablame.errors import UserError
 from datablame.features.leaf_index import LeafIndex
 from datablame.methods.base import Method, shared_leaf_reasons
-
-
-def staged_raw(adapter, leaves: np.ndarray) -> np.ndarray:
-    """(n, T, K) raw score *before* each round: bias + cumulative leaf values."""
-    vals = adapter.leaf_values(leaves)
-    before = np.cumsum(vals, axis=1) - vals
-    return adapter.bias[None, None, :] + before
-
-
-def round_stats(adapter, x, y):
-    """Per row and round: leaves, gradient, hessian, third derivative, staged raw."""
-    leaves = adapter.leaves(x)
-    raw = staged_raw(adapter, leaves)
-    n, t, k = raw.shape
-    g, h, third = adapter.grad_hess(raw.reshape(n * t, k), np.repeat(np.asarray(y), t))
-    return leaves, g.reshape(n, t, k), h.reshape(n, t, k), third.reshape(n, t, k)
-
-
-def leaf_sums(leaves_tk: np.ndarray, values: np.ndarray, size: int) -> np.ndarray:
-    return np.bincount(leaves_tk, weights=values, minlength=size)
-
-
-def newton_stats(method: Method, adapter, x, y):
-    """For a boosted model's training rows: leaves, g, h (n, T, K) and each row's leaf
-    denominator H + l2 (the hessian sum of the leaf it falls in, plus the L2 penalty)."""
-    if not adapter.boosted:
-        raise UserError(f"{method.name} needs a gradient-boosted model; for random forests "
-                        "use leaf-sim, simplex or knn-shapley")
-    leaves, g, h, _ = round_stats(adapter, x, y)
-    denom = np.empty(leaves.shape)
-    for t in range(leaves.shape[1]):
-        for k in range(leaves.shape[2]):
-            lt = leaves[:, t, k]
-            denom[:, t, k] = leaf_sums(lt, h[:, t, k], len(adapter.values[t][k]))[lt]
-    return leaves, g, h, denom + adapter.l2
+from datablame.models.base import NEWTON
+from datablame.models.trees.base import newton_stats, round_stats
 
 
 class BoostIn(Method):
     name = "boostin"
+    requires = (NEWTON,)
 
     def fit(self, adapter, x_train, y_train):
-        leaves, g, h, denom = newton_stats(self, adapter, x_train, y_train)
         super().fit(adapter, x_train, y_train)
+        leaves, g, h, denom = newton_stats(self.name, adapter, x_train, y_train)
         n = len(leaves)
         lr = adapter.learning_rate
         w = adapter.leaf_values(leaves) / (lr if lr > 0 else 1.0)  # unscaled Newton values

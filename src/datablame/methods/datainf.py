@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from datablame.methods.influence import _InverseHessianMethod
+from datablame.models.base import GRADIENTS
 
 
 class DataInf(_InverseHessianMethod):
@@ -21,6 +22,7 @@ class DataInf(_InverseHessianMethod):
     base; only the solve differs."""
 
     name = "datainf"
+    requires = (GRADIENTS,)  # its own inverse from the gradients: no Hessian needed
 
     def __init__(self, lambda_scale: float = 0.1):
         self.lambda_scale = lambda_scale

@@ -10,10 +10,12 @@ from __future__ import annotations
 import numpy as np
 
 from datablame.methods.base import Method, to_numpy
+from datablame.models.base import GRADIENTS
 
 
 class GradDot(Method):
     name = "grad-dot"
+    requires = (GRADIENTS,)
 
     def fit(self, adapter, x_train, y_train):
         super().fit(adapter, x_train, y_train)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from datablame.methods.base import Method
+from datablame.models.base import LEAVES, has
 
 
 def knn_shapley_values(order: np.ndarray, match: np.ndarray, k: int) -> np.ndarray:
@@ -56,26 +57,14 @@ class KnnShapley(Method):
         """The model says what it is when it can; otherwise non-integer targets regress."""
         if self.task != "auto":
             return self.task == "regression"
-        objective = getattr(adapter, "objective", None)
-        if objective is not None:
-            return objective == "regression"
-        loss = getattr(adapter, "loss", None)
-        if isinstance(loss, str):
-            return loss in ("mse", "squared_error")
-        model = getattr(adapter, "model", None)
-        if model is not None and hasattr(model, "fit"):
-            from sklearn.base import is_classifier, is_regressor
-
-            if is_regressor(model) or is_classifier(model):
-                return is_regressor(model)
-        return y.dtype.kind == "f" and not np.all(np.equal(np.mod(y, 1), 0))
+        return adapter.is_regression
 
     def fit(self, adapter, x_train, y_train):
         super().fit(adapter, x_train, y_train)
         self.regression = self._is_regression(adapter, np.asarray(y_train).reshape(-1))
         self._space = self.space
         if self._space == "auto":
-            self._space = "leaves" if hasattr(adapter, "leaves") else "features"
+            self._space = "leaves" if has(adapter, LEAVES) else "features"
         self.y = np.asarray(y_train).reshape(-1)
         if self.regression:
             self.y = self.y.astype(np.float64)

@@ -22,18 +22,18 @@ import numpy as np
 
 from datablame.errors import UserError
 from datablame.methods.base import Method, shared_leaf_reasons
-from datablame.methods.boostin import leaf_sums, round_stats
+from datablame.models.base import NEWTON
+from datablame.models.trees.base import leaf_sums, round_stats
 
 MAX_ROWS = 20000
 
 
 class LeafInfluence(Method):
     name = "leaf-influence"
+    requires = (NEWTON,)
     units = "loss"
 
     def fit(self, adapter, x_train, y_train):
-        if not adapter.boosted:
-            raise UserError("leaf-influence needs a gradient-boosted model")
         n = len(x_train)
         if n > MAX_ROWS:
             raise UserError(f"leaf-influence keeps an n x n matrix; {n} rows is too many "

@@ -29,16 +29,18 @@ import numpy as np
 
 from datablame.features.leaf_index import LeafIndex
 from datablame.methods.base import Method, shared_leaf_reasons
-from datablame.methods.boostin import newton_stats
+from datablame.models.base import NEWTON
+from datablame.models.trees.base import newton_stats
 
 
 class LeafShare(Method):
     name = "leaf-share"
+    requires = (NEWTON,)
     units = "loss"
 
     def fit(self, adapter, x_train, y_train):
-        leaves, g, _, denom = newton_stats(self, adapter, x_train, y_train)
         super().fit(adapter, x_train, y_train)
+        leaves, g, _, denom = newton_stats(self.name, adapter, x_train, y_train)
         n, _, k_count = leaves.shape
         share = np.where(denom > 0, adapter.learning_rate * g / np.where(denom > 0, denom, 1.0),
                          0.0)

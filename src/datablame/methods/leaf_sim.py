@@ -12,12 +12,14 @@ import numpy as np
 
 from datablame.features.leaf_index import LeafIndex
 from datablame.methods.base import Method, shared_leaf_reasons
+from datablame.models.base import LEAVES
 
 WEIGHTINGS = ("none", "leaf-size", "tree-weight")
 
 
 class LeafSim(Method):
     name = "leaf-sim"
+    requires = (LEAVES,)
 
     def __init__(self, weighting: str = "none"):
         if weighting not in WEIGHTINGS:

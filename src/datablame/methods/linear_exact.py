@@ -17,6 +17,7 @@ from scipy.special import expit
 
 from datablame.errors import UserError
 from datablame.methods.base import Method
+from datablame.models.base import LINEAR
 
 
 def _design(model, x) -> np.ndarray:
@@ -26,14 +27,14 @@ def _design(model, x) -> np.ndarray:
 
 class LinearExact(Method):
     name = "linear-exact"
+    requires = (LINEAR,)
     units = "loss"
 
     def fit(self, adapter, x_train, y_train):
         from sklearn.linear_model import LinearRegression, LogisticRegression, Ridge
 
         super().fit(adapter, x_train, y_train)
-        model = adapter.model if hasattr(adapter, "model") else adapter
-        self.model = model
+        model = self.model = adapter.model
         xd = _design(model, x_train)
         d = xd.shape[1]
         penalty = np.eye(d)

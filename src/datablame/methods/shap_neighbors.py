@@ -12,18 +12,19 @@ from __future__ import annotations
 import numpy as np
 
 from datablame.methods.base import Method
+from datablame.models.base import LEAVES, LINEAR, has
 
 
 class ShapNeighbors(Method):
     name = "shap-neighbors"
+    requires = (LEAVES, LINEAR)
 
     def _explainer(self):
         import shap
 
-        model = getattr(self.adapter, "model", self.adapter)
-        if hasattr(self.adapter, "leaves"):
-            return shap.TreeExplainer(model)
-        return shap.LinearExplainer(model, np.asarray(self.x_train))
+        if has(self.adapter, LEAVES):
+            return shap.TreeExplainer(self.adapter.model)
+        return shap.LinearExplainer(self.adapter.model, np.asarray(self.x_train))
 
     def _shap(self, x) -> np.ndarray:
         values = self.explainer.shap_values(np.asarray(x) if not hasattr(x, "iloc") else x)

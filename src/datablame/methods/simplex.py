@@ -15,9 +15,9 @@ like it.
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from datablame.methods.base import Method
+from datablame.models.base import LATENT, LEAVES, has
 
 
 def project_simplex(v: np.ndarray) -> np.ndarray:
@@ -48,27 +48,20 @@ def simplex_weights(target: np.ndarray, corpus: np.ndarray, steps: int = 500) ->
 
 class Simplex(Method):
     name = "simplex"
+    requires = (LEAVES, LATENT)
 
     def __init__(self, corpus_size: int = 1000, steps: int = 500):
         self.corpus_size, self.steps = corpus_size, steps
 
     def _latent(self, x) -> np.ndarray:
-        ad = self.adapter
-        if hasattr(ad, "leaves"):
-            leaves = ad.leaves(x).reshape(len(x), -1)
-            return leaves  # encoded lazily: compared as one-hot
-        model = ad.model
-        layers = list(model.children()) if isinstance(model, torch.nn.Sequential) else []
-        if len(layers) < 2:  # a linear model: its latent space is its input
-            return np.asarray(x, dtype=np.float64)
-        with torch.no_grad():
-            body = torch.nn.Sequential(*layers[:-1])
-            return body(torch.as_tensor(np.asarray(x), dtype=torch.float32)).double().numpy()
+        if has(self.adapter, LEAVES):
+            return self.adapter.leaves(x).reshape(len(x), -1)  # compared as one-hot, lazily
+        return self.adapter.latent(x)
 
     def fit(self, adapter, x_train, y_train):
         super().fit(adapter, x_train, y_train)
         self.train_latent = self._latent(x_train)
-        self.is_leaves = hasattr(adapter, "leaves")
+        self.is_leaves = has(adapter, LEAVES)
         return self
 
     def _embed(self, leaves: np.ndarray, columns: list[np.ndarray]) -> np.ndarray:

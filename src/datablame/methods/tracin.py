@@ -11,10 +11,12 @@ from __future__ import annotations
 import numpy as np
 
 from datablame.methods.base import Method, to_numpy
+from datablame.models.base import GRADIENTS
 
 
 class TracIn(Method):
     name = "tracin"
+    requires = (GRADIENTS,)
     needs_checkpoints = True
 
     def __init__(self, checkpoints=None):

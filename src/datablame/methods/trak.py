@@ -13,51 +13,25 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch.func import functional_call, grad, vmap
 
 from datablame.features.projection import RandomProjector
 from datablame.methods.base import Method
-from datablame.models.torch_module import _ce, as_tensor
-
-
-def _margin_and_prob(adapter, theta, x, y):
-    out = functional_call(adapter.model, adapter._unflatten(theta), (x,))
-    if adapter.loss_fn is _ce:
-        if out.ndim == 1 or out.shape[-1] == 1:
-            z = out.reshape(-1)
-            sign = 2 * y.reshape(-1).float() - 1
-            margin = sign * z
-        else:
-            correct = out.gather(1, y.long().reshape(-1, 1)).reshape(-1)
-            others = out.clone()
-            others.scatter_(1, y.long().reshape(-1, 1), float("-inf"))
-            margin = correct - torch.logsumexp(others, dim=1)
-        return margin, torch.sigmoid(margin)
-    pred = out.reshape(out.shape[0], -1).sum(1)
-    return pred, torch.zeros_like(pred)
+from datablame.models.base import GRADIENTS, MARGIN_GRADIENTS, has
 
 
 class Trak(Method):
     name = "trak"
+    requires = (GRADIENTS,)
 
     def __init__(self, proj_dim: int = 2048, ridge: float = 1e-3, models=None, seed: int = 0):
         self.proj_dim, self.ridge, self.models, self.seed = proj_dim, ridge, models, seed
 
     def _features(self, adapter, x, y):
-        if not hasattr(adapter, "theta"):  # a language model: the loss is the output function
+        if has(adapter, MARGIN_GRADIENTS):
+            g, p = adapter.margin_gradients(x, y)
+        else:  # a language model: its loss is the output function
             g = adapter.gradients(x, y).double()
-            if adapter.num_params > self.proj_dim:
-                g = torch.as_tensor(RandomProjector(adapter.num_params, self.proj_dim,
-                                                    self.seed).project(g)).double()
-            return g, torch.zeros(len(g), dtype=torch.float64)
-        x, y = as_tensor(x), as_tensor(y, floating=False)
-
-        def one(theta, xi, yi):
-            return _margin_and_prob(adapter, theta, xi.unsqueeze(0), yi.unsqueeze(0))[0][0]
-
-        g = vmap(grad(one), in_dims=(None, 0, 0))(adapter.theta, x, y)
-        with torch.no_grad():
-            _, p = _margin_and_prob(adapter, adapter.theta, x, y)
+            p = torch.zeros(len(g), dtype=torch.float64)
         if adapter.num_params > self.proj_dim:
             g = torch.as_tensor(RandomProjector(adapter.num_params, self.proj_dim,
                                                 self.seed).project(g))

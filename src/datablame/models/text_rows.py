@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from datablame.models.base import GRADIENTS
 from datablame.models.hf_causal_lm import CausalLMAdapter
 
 
@@ -21,6 +22,8 @@ from datablame.models.hf_causal_lm import CausalLMAdapter
 class TextRowsAdapter:
     lm: CausalLMAdapter
     batch_size: int = 8
+
+    capabilities = frozenset({GRADIENTS})
 
     @property
     def num_params(self) -> int:

@@ -16,6 +16,7 @@ import torch
 from torch.func import functional_call, grad, jvp, vmap
 
 from datablame.errors import UserError
+from datablame.models.base import GRADIENTS, HESSIAN, LATENT, MARGIN_GRADIENTS
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (outputs, targets) -> (B,)
 
@@ -60,6 +61,8 @@ class TorchModelAdapter:
     l2: float = 0.0
     params: str = "all"
 
+    capabilities = frozenset({GRADIENTS, HESSIAN, MARGIN_GRADIENTS, LATENT})
+
     def __post_init__(self):
         if isinstance(self.loss, str):
             if self.loss not in LOSSES:
@@ -88,6 +91,14 @@ class TorchModelAdapter:
         out = functional_call(self.model, self._unflatten(theta), (x,))
         return self.loss_fn(out, y)
 
+    @property
+    def is_regression(self) -> bool:
+        return self.loss == "mse"
+
+    @property
+    def is_classification_loss(self) -> bool:
+        return self.loss_fn is _ce
+
     def outputs(self, x) -> torch.Tensor:
         with torch.no_grad():
             return self.model(as_tensor(x))
@@ -103,6 +114,49 @@ class TorchModelAdapter:
     def losses(self, x, y) -> np.ndarray:
         with torch.no_grad():
             return self._losses(self.theta, as_tensor(x), as_tensor(y, floating=False)).numpy()
+
+    def query_losses(self, x, y) -> np.ndarray:
+        return self.losses(x, y)
+
+    def latent(self, x) -> np.ndarray:
+        """The input of the last layer of an nn.Sequential (its input, for a linear model):
+        the space SimplEx mixes training rows in."""
+        layers = list(self.model.children()) if isinstance(self.model, torch.nn.Sequential) \
+            else []
+        if len(layers) < 2:
+            return np.asarray(x, dtype=np.float64)
+        with torch.no_grad():
+            body = torch.nn.Sequential(*layers[:-1])
+            return body(as_tensor(x)).double().numpy()
+
+    def _margin_and_prob(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor):
+        """TRAK's output function: classification, the margin log p/(1-p) of the target
+        (and p); regression, the prediction (and 0)."""
+        out = functional_call(self.model, self._unflatten(theta), (x,))
+        if self.loss_fn is _ce:
+            if out.ndim == 1 or out.shape[-1] == 1:
+                sign = 2 * y.reshape(-1).float() - 1
+                margin = sign * out.reshape(-1)
+            else:
+                correct = out.gather(1, y.long().reshape(-1, 1)).reshape(-1)
+                others = out.clone()
+                others.scatter_(1, y.long().reshape(-1, 1), float("-inf"))
+                margin = correct - torch.logsumexp(others, dim=1)
+            return margin, torch.sigmoid(margin)
+        pred = out.reshape(out.shape[0], -1).sum(1)
+        return pred, torch.zeros_like(pred)
+
+    def margin_gradients(self, x, y) -> tuple[torch.Tensor, torch.Tensor]:
+        """(n, d) per-row gradients of the margin, and each row's probability p."""
+        x, y = as_tensor(x), as_tensor(y, floating=False)
+
+        def one(theta, xi, yi):
+            return self._margin_and_prob(theta, xi.unsqueeze(0), yi.unsqueeze(0))[0][0]
+
+        g = vmap(grad(one), in_dims=(None, 0, 0))(self.theta, x, y)
+        with torch.no_grad():
+            _, p = self._margin_and_prob(self.theta, x, y)
+        return g, p
 
     def gradients(self, x, y, batch_size: int = 4096) -> torch.Tensor:
         """(n, d) per-example loss gradients, vectorised with vmap in row batches."""

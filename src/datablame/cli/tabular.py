@@ -1,0 +1,266 @@
+"""`datablame tabular` and `datablame verify`: files in, the library's calls
+(`datablame.tabular`), a table or JSON out.
+
+Everything that can be refused without loading a model is refused first (files exist,
+the method is known and fits the model's family, options in range, outputs are new or
+ours); then the tables are checked against the model the same way the Python API checks
+them (`data/tables.py`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from datablame.cli.console import console
+from datablame.errors import UserError, check_at_least
+from datablame.methods.families import methods_help
+from datablame.methods.registry import METHODS, check_fits
+from datablame.tabular import EXPLAINS, TabularTask, ranked_rows, verify_scores, zero_message
+
+
+def parse_rows(text: str, option: str = "--loo") -> list[int]:
+    """'3,17' -> [3, 17]; anything else is one line, before any work."""
+    rows = []
+    for item in text.split(","):
+        if not item.strip():
+            continue
+        try:
+            rows.append(int(item))
+        except ValueError:
+            raise UserError(f"{option} expects comma-separated row numbers, got "
+                            f"'{item.strip()}'") from None
+        if rows[-1] < 0:
+            raise UserError(f"{option}: row numbers start at 0, got {rows[-1]}")
+    return rows
+
+
+def _check_inputs(train_file, model_file, query_file, method: str) -> None:
+    """What can be checked without loading anything: files exist, the method is known."""
+    for what, path in (("training file", train_file), ("model file", model_file),
+                       ("query file", query_file)):
+        if not Path(path).exists():
+            raise UserError(f"{what} not found: {path}")
+    if method != "auto" and method not in METHODS:
+        raise UserError(f"unknown method '{method}' (choose from {', '.join(METHODS)})")
+
+
+def check_tabular_options(train_file, model_file, query_file, *, method: str, top_k: int,
+                          out=None) -> None:
+    """Everything `tabular` can refuse before loading a model or a row."""
+    from datablame.outputs import check_output_file, is_npy
+
+    _check_inputs(train_file, model_file, query_file, method)
+    check_at_least("--top-k", top_k, 1)
+    if out is not None:
+        check_output_file(out, "--out", suffix=".npy", ours=is_npy,
+                          what=" (the score matrix is written as a NumPy array)")
+
+
+def check_verify_options(train_file, model_file, query_file, *, method: str,
+                         lds_subsets: int, remove_k: int, out, cache=None) -> None:
+    """Everything `verify` can refuse before loading a model or retraining anything."""
+    from datablame.outputs import check_output_dir, check_output_file, is_json_with
+
+    _check_inputs(train_file, model_file, query_file, method)
+    for option, value in (("--lds-subsets", lds_subsets), ("--remove-top-k", remove_k)):
+        check_at_least(option, value, 0)
+    if lds_subsets == 1:
+        raise UserError("--lds-subsets needs at least 2 subsets (a correlation), got 1")
+    check_output_file(out, "--out", ours=is_json_with("method", "n_train", "query_loss"))
+    if cache:
+        check_output_dir(cache, "--cache")
+
+
+def load_task(train_file, target, model_file, query_file, trust_pickle=False,
+              method: str = "auto"):
+    """(task, training features as read, query target column or None)."""
+    from datablame.data.rows import load_table
+    from datablame.data.tables import (
+        library_tables,
+        match_columns,
+        split_query_target,
+        torch_tables,
+    )
+    from datablame.models.loading import adapter_for, load_model_file, method_family
+
+    loaded = load_model_file(model_file, trust_pickle)
+    if method != "auto":
+        check_fits(method, method_family(loaded.model))  # before the data are read
+    x_train, y_train = load_table(train_file, target)
+    x_query, y_query = split_query_target(load_table(query_file)[0], target, x_train)
+    if loaded.family == "torch":
+        xt, yt, xq = torch_tables(loaded.config, x_train, y_train, x_query)
+        adapter = adapter_for(loaded.model, xt, yt, loss=loaded.config.get("loss", "ce"),
+                              l2=float(loaded.config.get("train", {}).get("l2", 0.0)))
+    else:
+        xt, yt, xq = library_tables(loaded.model, loaded.family, x_train, y_train, x_query)
+        adapter = adapter_for(loaded.model, xt, yt)
+    match_columns(x_query, x_train)  # after the training table is checked against the model
+    return TabularTask(loaded.model, adapter, xt, yt, xq, loaded.config), x_train, y_query
+
+
+def run_tabular(train_file, target, model_file, query_file, *, method: str = "auto",
+                top_k: int = 5, true_label: bool = False, trust_pickle: bool = False,
+                out=None):
+    """(ranked rows DataFrame, full score matrix); `out` (.npy) gets the score matrix, at
+    exactly that path."""
+    check_tabular_options(train_file, model_file, query_file, method=method, top_k=top_k,
+                          out=out)
+    task, x_train, y_query = load_task(train_file, target, model_file, query_file,
+                                       trust_pickle, method)
+    if true_label and y_query is None:
+        raise UserError(f"--true-label needs the target column '{target}' in the query rows")
+    est = task.fit(method)
+    scores, yq, explains = task.scores(est, y_query if true_label else None)
+    if out is not None:
+        from datablame.outputs import save_npy
+
+        save_npy(Path(out), scores)
+    return ranked_rows(scores, x_train, task.y_train, top_k, est, task.x_query, yq,
+                       explains), scores
+
+
+def run_verify(train_file, target, model_file, query_file, *, method: str, lds_subsets: int,
+               remove_k: int, loo_rows: list[int], out, cache=None,
+               trust_pickle: bool = False) -> dict:
+    """Retrain with the model's own settings and compare; the JSON at `out` holds the
+    numbers and their verdicts."""
+    from datablame import verify as verification
+
+    check_verify_options(train_file, model_file, query_file, method=method,
+                         lds_subsets=lds_subsets, remove_k=remove_k, out=out, cache=cache)
+    task, _, y_query = load_task(train_file, target, model_file, query_file, trust_pickle,
+                                 method)
+    if y_query is None:
+        raise UserError(f"verify needs the target column '{target}' in the query rows")
+    method = task.method(method)
+    n = len(task.y_train)
+    bad = [r for r in loo_rows if not 0 <= r < n]
+    if bad:  # before the method is fitted
+        raise UserError(f"leave-one-out rows out of range (0..{n - 1}): {bad}")
+    if remove_k >= n:
+        raise UserError(f"--remove-top-k {remove_k} would remove every training row ({n})")
+    scores = task.fit(method).scores(task.x_query, task.query_targets(y_query))
+    result = verify_scores(task, scores, y_query, method=method, lds_subsets=lds_subsets,
+                           remove_k=remove_k, loo_rows=loo_rows, cache=cache)
+    verification.save(result, out)
+    return result
+
+
+def tabular(
+    train_file: Annotated[Path, typer.Argument(help="Training rows: .csv or .parquet.")],
+    target: Annotated[str, typer.Option(help="Target column of the training rows.")],
+    model: Annotated[Path, typer.Option(help="Model file: torch .safetensors (+ .json), "
+                                             "XGBoost .json/.ubj, LightGBM .txt, CatBoost "
+                                             ".cbm, scikit-learn .skops.")],
+    query: Annotated[Path, typer.Option(help="Query rows (.csv / .parquet).")],
+    method: Annotated[str, typer.Option(help="Scoring method; auto = the measured default "
+                                             "for the model family (see README). Fits: "
+                                             + methods_help() + ".")
+                      ] = "auto",
+    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow a .pkl/.joblib "
+                                               "model (unpickling runs its code).")] = False,
+    top_k: Annotated[int, typer.Option(help="Rows shown per query.")] = 5,
+    true_label: Annotated[bool, typer.Option("--true-label", help="Explain the loss of the "
+                                             "query's target column instead of the model's "
+                                             "own prediction (a regression prediction is "
+                                             "otherwise explained itself).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    out: Annotated[Optional[Path], typer.Option(help="Write the full (n_query x n_train) "  # noqa: UP045
+                                                     "score matrix to this .npy file.")
+                   ] = None,
+) -> None:
+    """Rank the training rows behind each query row of a tabular model."""
+    df, _ = run_tabular(train_file, target, model, query, method=method, top_k=top_k,
+                        true_label=true_label, trust_pickle=trust_pickle, out=out)
+    _print_tabular(df, as_json)
+
+
+def _print_tabular(df, as_json: bool) -> None:
+    """One table per query: rank, row, score, target and the method's reason always; then
+    as many feature columns as the terminal fits (--json has them all)."""
+    from rich.table import Table
+
+    from datablame.cli.render import wide_console
+
+    zero = df.attrs.get("all_zero_queries", [])
+    if as_json:
+        if zero:
+            console.print(f"[yellow]warning:[/] {zero_message(zero)}", highlight=False,
+                          soft_wrap=True)
+        print(df.to_json(orient="records", indent=2))
+        return
+    table_console = wide_console()
+    heading = f"{df.attrs.get('method', '')}; explains {EXPLAINS[df.attrs['explains']]}" \
+        if "explains" in df.attrs else df.attrs.get("method", "")
+    for q in zero:
+        table_console.print(f"query row {q} ({heading}): every score is zero, so no training row "
+                      "is ranked (nothing moves what is explained; e.g. a target equal to "
+                      "the prediction has a flat loss)", highlight=False, soft_wrap=True)
+    if df.empty:
+        return
+    fixed = [c for c in ("rank", "row", "score", "target", "reason") if c in df.columns]
+    features = [c for c in df.columns if c not in fixed and c != "query"]
+    reason_width = int(df["reason"].str.len().max()) if "reason" in df else 0
+    room = table_console.width - 8 * len(fixed) - reason_width - 4
+    shown = features[: max(0, room // 13)]
+    for q, part in df.groupby("query", sort=True):
+        hidden = len(features) - len(shown)
+        table = Table(title=f"query row {q} ({heading})",
+                      header_style="bold",
+                      caption=f"{hidden} more feature columns: --json or --out" if hidden
+                      else None)
+        for c in fixed + shown:
+            table.add_column(str(c), justify="left" if c == "reason" else "right",
+                             no_wrap=True, min_width=reason_width if c == "reason" else
+                             min(len(str(c)), 12) if c in shown else len(str(c)),
+                             max_width=12 if c in shown else None)
+        for _, r in part.iterrows():
+            table.add_row(*[f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c])
+                            for c in fixed + shown])
+        table_console.print(table)
+
+
+def verify(
+    train_file: Annotated[Path, typer.Argument(help="Training rows: .csv or .parquet.")],
+    target: Annotated[str, typer.Option(help="Target column.")],
+    model: Annotated[Path, typer.Option(help="Model file (as for 'tabular'; torch needs its "
+                                             "training settings in the .json).")],
+    query: Annotated[Path, typer.Option(help="Query rows; their target column is used.")],
+    method: Annotated[str, typer.Option(help="Method whose scores are checked; auto = the "
+                                             "family's default. Fits: " + methods_help() + ".")
+                      ] = "auto",
+    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow a .pkl/.joblib "
+                                               "model.")] = False,
+    lds_subsets: Annotated[int, typer.Option(help="Random 50% subsets for LDS (0: skip).")
+                           ] = 50,
+    remove_top_k: Annotated[int, typer.Option(help="k for remove-top-k vs random-k (0: "
+                                                   "skip).")] = 10,
+    loo: Annotated[str, typer.Option(help="Comma-separated rows for leave-one-out.")] = "",
+    out: Annotated[Path, typer.Option(help="JSON results file (new, or one verify wrote).")
+                   ] = Path("verify.json"),
+    cache: Annotated[Optional[Path], typer.Option(help="Keep retrainings here so an "  # noqa: UP045
+                                                       "interrupted run resumes.")] = None,
+) -> None:
+    """Check a method's scores against retraining: LDS, remove-top-k, leave-one-out."""
+    result = run_verify(train_file, target, model, query, method=method,
+                        lds_subsets=lds_subsets, remove_k=remove_top_k,
+                        loo_rows=parse_rows(loo), out=out, cache=cache,
+                        trust_pickle=trust_pickle)
+    if "lds" in result:
+        r = result["lds"]
+        low, high = r["ci95"]
+        note = "; the interval reaches 0" if low <= 0 else ""
+        console.print(f"LDS ({result['method']}, {r['subsets']} subsets): {r['lds']:.3f} "
+                      f"[95% CI {low:.3f}, {high:.3f}]: {r['reading']} agreement with "
+                      f"retraining (1 = perfect{note})", highlight=False, soft_wrap=True)
+    if "remove_top_k" in result:
+        r = result["remove_top_k"]
+        console.print(f"remove top-{r['k']} vs random-{r['k']} (query {r['query']}): loss change "
+                      f"{r['top_k_mean']:+.4f} ± {r['top_k_std']:.4f} vs "
+                      f"{r['random_k_mean']:+.4f} ± {r['random_k_std']:.4f}", highlight=False)
+        console.print(r["summary"], highlight=False, soft_wrap=True)
+    console.print(f"results written to {out}", highlight=False)
