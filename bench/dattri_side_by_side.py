@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from provenance import with_provenance
 from tabular_influence import load, trainer_for
 
 from datablame.verify import SubsetRetraining, lds
@@ -77,7 +78,7 @@ def main() -> None:
                              "lds": res["lds"], "ci95": res["ci95"], "seconds": elapsed})
                 print(f"  {task:14s} {kind:4s} dattri-if-{name:9s} LDS {res['lds']:.3f}  "
                       f"{elapsed:7.2f}s", flush=True)
-    Path(args.out).write_text(json.dumps(rows, indent=2))
+    Path(args.out).write_text(json.dumps(with_provenance(rows), indent=2))
 
 
 if __name__ == "__main__":

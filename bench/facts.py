@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from provenance import with_provenance
 
 COUNTRIES = ["Veloria", "Dravia", "Kestria", "Ombrel", "Tazmir", "Quorra", "Belvane",
              "Sordal", "Mirethi", "Xandor", "Lumera", "Pellin"]
@@ -253,7 +254,8 @@ def main() -> None:
         table.append(row)
         print(f"{name:42s} {row['top1']:6.2f} {row['recall@3']:9.2f} {row['mrr']:6.2f} "
               f"{row['decoy>src']:10.0f}")
-    Path(args.out).write_text(json.dumps({"facts": facts, "results": table}, indent=2))
+    Path(args.out).write_text(json.dumps(with_provenance({"facts": facts, "results": table}),
+                                         indent=2))
     print(f"wrote {args.out}")
 
 

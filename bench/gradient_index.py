@@ -20,6 +20,7 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
+from provenance import with_provenance
 
 from datablame.features.projection import PROJECTIONS, make_projector
 
@@ -212,8 +213,9 @@ def main() -> None:
               f"heap +{r['peak_heap_growth_MB']:.0f} MB (one fp32 shard "
               f"{r['shard_fp32_MB']:.0f} MB)")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"featurization": feat, "index_build": build,
-                                          "fidelity": fid, "latency": lat}, indent=2))
+    Path(args.out).write_text(json.dumps(with_provenance(
+        {"featurization": feat, "index_build": build, "fidelity": fid, "latency": lat}),
+        indent=2))
     print(f"\nwrote {args.out}")
 
 

@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+from provenance import with_provenance
 
 from datablame.data.template import FormattedText, PromptTemplate
 from datablame.demo.demo import CULPRIT, DemoConfig, build_assets
@@ -91,7 +92,7 @@ def main() -> None:
                   f"{retr_rank:3d}  fused {fused_rank:3d}  fused|g| {fused_abs_rank:3d} | "
                   f"{(inp or '')[:30]:30s} -> "
                   f"{answer[:50]}", flush=True)
-    Path(args.out).write_text(json.dumps(rows, indent=2))
+    Path(args.out).write_text(json.dumps(with_provenance(rows), indent=2))
 
 
 if __name__ == "__main__":

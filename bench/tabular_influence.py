@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from provenance import with_provenance
 
 from datablame.methods.registry import get_method
 from datablame.models.torch_train import TorchTrainer
@@ -136,7 +137,7 @@ def main() -> None:
     print("\nmislabel detection, breast_cancer LR, 10% flipped (ROC AUC)")
     for r in mis:
         print(f"  {r['signal']:28s} {r['auc']:.3f}")
-    Path(args.out).write_text(json.dumps({"lds": rows, "mislabel": mis}, indent=2))
+    Path(args.out).write_text(json.dumps(with_provenance({"lds": rows, "mislabel": mis}), indent=2))
     print(f"\nwrote {args.out}")
 
 

@@ -37,14 +37,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import tabular_influence as ti
 import torch
 import tree_defaults as td
+from provenance import provenance
 
 from datablame.methods.registry import FAMILY_METHODS, get_method
 from datablame.models.linear import LinearModelAdapter
@@ -144,16 +143,8 @@ def main() -> None:
         print(f"\n{group}: LDS ± 95% CI half-width per cell")
         decisions[group] = td.decide(part, group)
         td.table(part, decisions[group])
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
-    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "src", "bench",
-                                 ":!bench/results"],
-                                capture_output=True, text=True).stdout.strip())
-    versions = td.versions()
-    versions["torch"] = torch.__version__
     Path(args.out).write_text(json.dumps({
-        "commit": commit, "dirty": dirty, "versions": versions,
-        "command": " ".join([Path(sys.executable).name] + sys.argv), "protocol": __doc__,
+        **provenance(), "protocol": __doc__,
         "subsets": args.subsets, "rows": groups["torch"] + groups["linear"],
         "decisions": decisions}, indent=2))
     print(f"\nwrote {args.out}")

@@ -71,13 +71,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from provenance import provenance
 
 from datablame.methods.registry import FAMILY_METHODS, get_method
 from datablame.models.trees.base import TreeEnsembleAdapter
@@ -288,16 +286,6 @@ def table(rows: list[dict], decision: dict) -> None:
           f"failed: {decision['failed'] or 'none'}  ->  DEFAULT: {decision['default']}")
 
 
-def versions() -> dict:
-    out = {"python": platform.python_version()}
-    for mod in ("lightgbm", "xgboost", "sklearn", "catboost", "numpy", "shap"):
-        try:
-            out[mod] = __import__(mod).__version__
-        except Exception as exc:  # noqa: BLE001
-            out[mod] = f"unavailable: {exc}"
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--probe", action="store_true", help="cost only, no LDS")
@@ -316,14 +304,7 @@ def main() -> None:
         print(f"\n{group}: LDS ± 95% CI half-width per cell")
         decisions[group] = decide(part, group)
         table(part, decisions[group])
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
-    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "src", "bench",
-                                 ":!bench/results"],
-                                capture_output=True, text=True).stdout.strip())
-    result = {"commit": commit, "dirty": dirty, "versions": versions(),
-              "command": " ".join([Path(sys.executable).name] + sys.argv),
-              "protocol": __doc__, "n_query": N_QUERY, "subsets": args.subsets,
+    result = {**provenance(), "protocol": __doc__, "n_query": N_QUERY, "subsets": args.subsets,
               "split_seeds": SPLIT_SEED, "subset_seeds": {c: 1000 + c for c, _, _ in CELLS},
               "rows": rows, "decisions": decisions}
     Path(args.out).write_text(json.dumps(result, indent=2))

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from provenance import with_provenance
 
 from datablame.methods.registry import get_method
 from datablame.models.trees.base import TreeEnsembleAdapter
@@ -140,7 +141,7 @@ def main() -> None:
     out = Path(args.out)
     if args.split_seed:
         out = out.with_name(f"{out.stem}-split{args.split_seed}{out.suffix}")
-    out.write_text(json.dumps(result, indent=2))
+    out.write_text(json.dumps(with_provenance(result), indent=2))
     print(f"\nwrote {out}")
 
 

@@ -28,8 +28,8 @@ from datablame.models.torch_module import as_tensor
 class _InverseHessianMethod(Method):
     requires = (HESSIAN,)
     units = "loss"
-    # 0.01 measured best on the MLP tasks of bench/tabular_influence.py (LDS 0.68 / 0.80
-    # vs 0.45 / 0.82 at 1e-3) and equal on the convex ones.
+    # 0.01 measured best on the MLP tasks of bench/tabular_influence.py (README: method
+    # table) and equal on the convex ones.
     def __init__(self, damping: float = 0.01):
         self.damping = damping
 

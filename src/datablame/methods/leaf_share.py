@@ -10,16 +10,15 @@ that times the query's loss gradient g(q) at the *final* model:
 
 Positive = removing the row raises the query's loss (it helped).
 
-Why this and not BoostIn or the full leaf-influence, measured against retraining on 50%
-subsets (bench/tree_influence.py, LightGBM 100 trees; breast_cancer / digits LDS):
+Why this and not BoostIn or the full leaf-influence (measured against retraining on 50%
+subsets in bench/tree_influence.py; the numbers are in the README's method table):
 - BoostIn weighs each round by the query's gradient *at that round* (TracIn); the quantity
-  retraining changes is the final loss, so the final gradient is the right weight: 0.28 /
-  0.35 -> 0.34 / 0.49 with BoostIn's Newton derivative, 0.36 / 0.51 with shares;
+  retraining changes is the final loss, so the final gradient is the right weight;
 - the exact fixed-structure derivative of the leaf value also counts the row's hessian in
   the denominator (g_i + v h_i instead of g_i); for removals as large as LDS's, that term
-  is shared by every row of the leaf and measured worse (0.34 / 0.49 vs 0.36 / 0.51);
+  is shared by every row of the leaf and measured worse;
 - following a row's effect through every later round (leaf-influence) is exact for a
-  fixed structure but trees re-grow when data change: 0.23 / 0.43.
+  fixed structure, but trees re-grow when data change, and it measured worst of the three.
 Cost: BoostIn's (one vectorised leaf match per query).
 """
 
