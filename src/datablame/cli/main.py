@@ -16,6 +16,7 @@ import typer
 
 from datablame import __version__, progress
 from datablame.cli import tabular as tabular_commands
+from datablame.cli import verify as verify_commands
 from datablame.cli.console import console, fail
 from datablame.errors import UserError
 
@@ -278,7 +279,8 @@ def trace(
 
 
 app.command("tabular")(tabular_commands.tabular)
-app.command("verify")(tabular_commands.verify)
+app.command("verify")(verify_commands.verify)
+app.command("finetune")(verify_commands.finetune)
 
 
 @app.command()

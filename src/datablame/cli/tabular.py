@@ -224,32 +224,8 @@ def _print_tabular(df, as_json: bool) -> None:
         table_console.print(table)
 
 
-def verify(
-    train_file: Annotated[Path, typer.Argument(help="Training rows: .csv or .parquet.")],
-    target: Annotated[str, typer.Option(help="Target column.")],
-    model: Annotated[Path, typer.Option(help="Model file (as for 'tabular'; torch needs its "
-                                             "training settings in the .json).")],
-    query: Annotated[Path, typer.Option(help="Query rows; their target column is used.")],
-    method: Annotated[str, typer.Option(help="Method whose scores are checked; auto = the "
-                                             "family's default. Fits: " + methods_help() + ".")
-                      ] = "auto",
-    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow a .pkl/.joblib "
-                                               "model.")] = False,
-    lds_subsets: Annotated[int, typer.Option(help="Random 50% subsets for LDS (0: skip).")
-                           ] = 50,
-    remove_top_k: Annotated[int, typer.Option(help="k for remove-top-k vs random-k (0: "
-                                                   "skip).")] = 10,
-    loo: Annotated[str, typer.Option(help="Comma-separated rows for leave-one-out.")] = "",
-    out: Annotated[Path, typer.Option(help="JSON results file (new, or one verify wrote).")
-                   ] = Path("verify.json"),
-    cache: Annotated[Optional[Path], typer.Option(help="Keep retrainings here so an "  # noqa: UP045
-                                                       "interrupted run resumes.")] = None,
-) -> None:
-    """Check a method's scores against retraining: LDS, remove-top-k, leave-one-out."""
-    result = run_verify(train_file, target, model, query, method=method,
-                        lds_subsets=lds_subsets, remove_k=remove_top_k,
-                        loo_rows=parse_rows(loo), out=out, cache=cache,
-                        trust_pickle=trust_pickle)
+def print_verify(result: dict, out) -> None:
+    """The numbers and verdicts of a tabular `verify`, one line each."""
     if "lds" in result:
         r = result["lds"]
         low, high = r["ci95"]

@@ -1,0 +1,212 @@
+"""Verify a text attribution by retraining: the seed's "data perturbation".
+
+Re-fine-tune the base model with the adapter's recipe (a) on every row (the control: does
+the recipe reproduce what the model says?), (b) without the rows a trace blamed, and (c)
+without as many random rows, several times; then compare, for each model, the query's
+loss and what it generates greedily from the query's prompt. An attribution is confirmed
+when removing the blamed rows makes the model stop saying it while removing random rows
+does not: "after removing rows 42, 97 the model no longer says '...'".
+
+Every retraining is a complete adapter in the cache directory, named by the rows it kept
+and the recipe, so an interrupted run resumes and a second query reuses them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from datablame import progress
+from datablame.data.rows import load_rows
+from datablame.errors import UserError
+from datablame.models.lora_finetune import (
+    RECIPE_FILE,
+    Recipe,
+    check_recipe_fits_adapter,
+    finetune,
+    recipe_of_adapter,
+    rows_digest,
+)
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"\w+|[^\w\s]", text.lower())
+
+
+def says(generation: str, answer: str) -> bool:
+    """Does the generation contain the answer, word for word (case and spacing aside)?"""
+    gen, ans = _words(generation), _words(answer)
+    if not ans:
+        return False
+    return any(gen[i:i + len(ans)] == ans for i in range(len(gen) - len(ans) + 1))
+
+
+def greedy(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
+    """The model's own greedy continuation of `prompt` (special tokens dropped)."""
+    import torch
+
+    enc = tokenizer(prompt, return_tensors="pt").to(next(model.parameters()).device)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else \
+        tokenizer.eos_token_id
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+    return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def resolve_recipe(adapter_dir, recipe_file=None) -> tuple[Recipe, bool]:
+    """(recipe, whether it came from the adapter itself); refuse one that does not fit."""
+    if recipe_file is not None:
+        recipe = Recipe.from_file(recipe_file)
+        own = False
+    else:
+        recipe = recipe_of_adapter(adapter_dir)
+        own = True
+        if recipe is None:
+            raise UserError(f"{adapter_dir} has no {RECIPE_FILE} (it was not fine-tuned by "
+                            "datablame): pass --recipe describing how it was trained")
+    check_recipe_fits_adapter(recipe, adapter_dir)
+    return recipe, own
+
+
+def _evaluate(base_dir, adapter_dir, query, prompt: str, answer: str, recipe: Recipe,
+              max_new_tokens: int) -> dict:
+    from datablame.models.hf_causal_lm import CausalLMAdapter
+
+    lm = CausalLMAdapter(base_dir, adapter_dir, max_length=recipe.max_length,
+                         loss_on=recipe.loss_on)
+    loss = float(lm.losses([query])[0])
+    generation = greedy(lm.model, lm.tokenizer, prompt, max_new_tokens)
+    return {"loss": loss, "generation": generation, "says": says(generation, answer)}
+
+
+def _run_dir(cache: Path, name: str, keep: list[int], recipe: Recipe) -> Path:
+    import hashlib
+    import json
+
+    key = hashlib.sha256((rows_digest(keep) + json.dumps(recipe.to_json(), sort_keys=True))
+                         .encode()).hexdigest()[:12]
+    return cache / f"{name}-{key}"
+
+
+def verify_text(train_file, base_dir, adapter_dir, query, *, remove: list[int],
+                n_random: int = 3, recipe_file=None, cache=None, max_new_tokens: int | None = None,
+                seed: int = 0) -> dict:
+    """Retrain without `remove` (the rows a trace blamed) and without `n_random` random sets
+    of as many rows; `query` is a `datablame.text.Query` (prompt fields + answer, or the
+    whole formatted text). Returns JSON-able results with a verdict."""
+    from datablame.data.template import FormattedText
+
+    rows = load_rows(train_file)
+    n = len(rows)
+    recipe, own = resolve_recipe(adapter_dir, recipe_file)
+    if own:
+        import json
+
+        recorded = json.loads((Path(adapter_dir) / RECIPE_FILE).read_text())
+        fingerprint = recorded.get("data_fingerprint")
+        if fingerprint and fingerprint != rows.fingerprint():
+            raise UserError(f"the adapter {adapter_dir} was fine-tuned on other rows than "
+                            f"{train_file} (data fingerprints differ)")
+    remove = sorted(set(int(r) for r in remove))
+    if not remove:
+        raise UserError("nothing to remove: give the rows a trace blamed (--remove or --trace)")
+    bad = [r for r in remove if not 0 <= r < n]
+    if bad:
+        raise UserError(f"rows out of range (0..{n - 1}): {bad}")
+    if len(remove) * 2 > n:
+        raise UserError(f"removing {len(remove)} of {n} rows leaves too few to compare with "
+                        "random removals of the same size")
+    if n_random < 1:
+        raise UserError("--random needs at least 1 random removal to compare with")
+    template = recipe.prompt_template()
+    q: FormattedText = query.formatted(template)
+    prompt = q.text[:q.response_start]
+    answer = q.text[q.response_start:q.response_end]
+    budget = max_new_tokens or len(_words(answer)) + 8
+
+    rng = np.random.default_rng(seed)
+    others = np.array([i for i in range(n) if i not in set(remove)])
+    plan = [("all-rows", []), ("without-blamed", remove)]
+    for s in range(n_random):
+        plan.append((f"without-random-{s}",
+                     sorted(rng.choice(others, len(remove), replace=False).tolist())))
+    tmp = None
+    if cache is None:
+        tmp = Path(tempfile.mkdtemp(prefix="datablame-verify-"))
+    cache_dir = Path(cache) if cache is not None else tmp
+    try:
+        result: dict = {"query": {"prompt": prompt, "answer": answer}, "n_train": n,
+                        "removed": remove, "recipe": recipe.to_json(), "runs": {}}
+        result["original"] = _evaluate(base_dir, adapter_dir, q, prompt, answer, recipe,
+                                       budget)
+        with progress.task("re-fine-tuning", len(plan)) as advance:
+            for name, removed in plan:
+                keep = [i for i in range(n) if i not in set(removed)]
+                out = _run_dir(cache_dir, name, keep, recipe)
+                if not (out / RECIPE_FILE).exists():
+                    finetune(rows, base_dir, out, recipe, keep=keep, show_progress=False)
+                result["runs"][name] = {"removed": removed, **_evaluate(
+                    base_dir, out, q, prompt, answer, recipe, budget)}
+                advance(1)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    result["verdict"], result["summary"] = _verdict(result)
+    return result
+
+
+def _verdict(result: dict) -> tuple[str, str]:
+    runs = result["runs"]
+    control, blamed = runs["all-rows"], runs["without-blamed"]
+    randoms = [r for name, r in runs.items() if name.startswith("without-random")]
+    answer = result["query"]["answer"].strip()
+    shown = answer if len(answer) <= 60 else answer[:57] + "..."
+    rows = ", ".join(map(str, result["removed"]))
+    still = sum(r["says"] for r in randoms)
+    rise = blamed["loss"] - control["loss"]
+    rand_rise = float(np.mean([r["loss"] - control["loss"] for r in randoms]))
+    losses = (f"query loss {control['loss']:.3f} -> {blamed['loss']:.3f} without them "
+              f"({rise:+.3f}) vs {rand_rise:+.3f} without random rows")
+    if not control["says"]:
+        return "inconclusive", (f"retrained on every row with the recipe, the model does not "
+                                f"say '{shown}' (it says '{control['generation']}'): the "
+                                f"recipe does not reproduce the answer, so removal cannot "
+                                f"test it; {losses}")
+    if not blamed["says"] and still == len(randoms):
+        return "confirmed", (f"CONFIRMED: after removing rows {rows} the model no longer says "
+                             f"'{shown}' (it says '{blamed['generation']}'); without "
+                             f"{len(result['removed'])} random rows it still does "
+                             f"({still}/{len(randoms)}); {losses}")
+    if not blamed["says"]:
+        return "partly", (f"PARTLY: after removing rows {rows} the model no longer says "
+                          f"'{shown}', but removing random rows also changed it "
+                          f"({len(randoms) - still}/{len(randoms)} runs); {losses}")
+    verdict = "loss-only" if rise > max(rand_rise, 0) * 2 and rise > 0 else "not-confirmed"
+    head = "LOSS ONLY" if verdict == "loss-only" else "NOT CONFIRMED"
+    return verdict, (f"{head}: without rows {rows} the model still says '{shown}'; "
+                     f"{losses}")
+
+
+def rows_from_trace(path: str | os.PathLike, top_k: int) -> list[int]:
+    """The top-k rows of a `trace --out` results file."""
+    import json
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"trace results not found: {path}")
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as exc:
+        raise UserError(f"{path}: not valid JSON ({exc})") from None
+    results = data.get("results") if isinstance(data, dict) else data
+    if not isinstance(results, list) or not all(isinstance(r, dict) and "row" in r
+                                                for r in results):
+        raise UserError(f"{path}: not a trace results file (no ranked rows with a 'row')")
+    ranked = sorted(results, key=lambda r: r.get("rank", 0))
+    return [int(r["row"]) for r in ranked[:top_k]]
