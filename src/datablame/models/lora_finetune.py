@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from datablame import __version__, progress
-from datablame.data.template import ALPACA_TEMPLATE, FormattedText, PromptTemplate
+from datablame.data.template import ALPACA_TEMPLATE, FormattedText, PromptTemplate, unescape
 from datablame.errors import UserError
 from datablame.store.atomic import write_json_atomic
 
@@ -97,6 +97,8 @@ class Recipe:
         if isinstance(values.get("target_modules"), str):
             values["target_modules"] = [m.strip() for m in values["target_modules"].split(",")]
         values["target_modules"] = tuple(values.get("target_modules") or ())
+        if isinstance(values.get("template"), str):
+            values["template"] = unescape(values["template"])  # "\\n" typed in a file
         try:
             types = {"rank": int, "epochs": int, "batch_size": int, "seed": int,
                      "alpha": float, "lr": float, "dropout": float,
