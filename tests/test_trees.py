@@ -394,3 +394,27 @@ def test_regression_without_a_target_explains_the_prediction_torch_and_ridge():
                           xq.astype(np.float32), loss="mse", l2=l2, damping=0.0)
     np.testing.assert_allclose(scores, actual, rtol=0.1, atol=0.05 * np.abs(actual).max())
     assert [int(r) for r in df["row"][:3]] == list(np.argsort(-actual[0])[:3])
+
+
+def test_catboost_retrains_fitted_and_loaded_models(tmp_path):
+    """Verification retrains with the model's own settings: a fitted CatBoostClassifier
+    and a model loaded from .cbm both retrain (a fitted model's parameters cannot be set,
+    which broke this), and on the same rows give the same model back."""
+    import catboost as cb
+
+    from datablame.models.loading import retrainer
+
+    x, y = _data("binary")
+    x, y = x[:120], y[:120]
+    model = cb.CatBoostClassifier(iterations=8, depth=3, verbose=0, random_seed=0,
+                                  allow_writing_files=False).fit(x, y)
+    model.save_model(str(tmp_path / "m.cbm"))
+    loaded = cb.CatBoost().load_model(str(tmp_path / "m.cbm"))
+    for m in (model, loaded):
+        again = retrainer(m)(x, y)
+        assert type(again) is type(m)
+        np.testing.assert_allclose(again.predict(x, prediction_type="RawFormulaVal"),
+                                   m.predict(x, prediction_type="RawFormulaVal"), atol=1e-9)
+        fewer = retrainer(m)(x[:100], y[:100])
+        assert not np.allclose(fewer.predict(x, prediction_type="RawFormulaVal"),
+                               m.predict(x, prediction_type="RawFormulaVal"))
