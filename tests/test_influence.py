@@ -257,3 +257,37 @@ def test_lds_of_closed_form_ridge_leave_one_out_is_high_and_of_random_scores_is_
     sub = SubsetRetraining(retrain, 200, n_subsets=40)
     assert lds(scores, sub)["lds"] > 0.8
     assert abs(lds(rng.standard_normal(scores.shape), sub)["lds"]) < 0.2
+
+
+def test_tracin_is_the_learning_rate_weighted_sum_of_per_checkpoint_grad_dots(logistic):
+    """Three checkpoints of an Adam run at different learning rates: TracIn must equal
+    sum_c lr_c * g_c(q) . g_c(i), with each checkpoint's per-row gradients taken here by
+    plain autograd (one backward per row), not by the adapter."""
+    _, _, x, y, xq, yq = logistic
+    x, y, xq, yq = x[:40], y[:40], xq[:3], yq[:3]
+    l2 = 0.01
+    trainer = TorchTrainer(lambda: torch.nn.Linear(8, 2), loss="ce", l2=l2, optimizer="adam",
+                           epochs=30, lr=0.05)
+    _, snaps = trainer.fit(x, y, checkpoint_every=10)
+    lrs = [0.3, 0.1, 0.02]
+    assert len(snaps) == 3
+
+    def grads(model, xs, ys):
+        out = []
+        for xi, yi in zip(xs, ys, strict=True):
+            model.zero_grad()
+            torch.nn.functional.cross_entropy(model(torch.tensor(xi[None])),
+                                              torch.tensor(yi[None])).backward()
+            out.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]).double())
+        return torch.stack(out)
+
+    expect = sum(lr * (grads(m, xq, yq) @ grads(m, x, y).T).numpy()
+                 for (m, _), lr in zip(snaps, lrs, strict=True))
+    ckpts = [(TorchModelAdapter(m, "ce", l2), lr) for (m, _), lr in zip(snaps, lrs, strict=True)]
+    ours = get_method("tracin", checkpoints=ckpts).fit(ckpts[-1][0], x, y).scores(xq, yq)
+    np.testing.assert_allclose(ours, expect, rtol=1e-4, atol=1e-7)
+    one = sum(lr * get_method("grad-dot").fit(a, x, y).scores(xq, yq) for a, lr in ckpts)
+    np.testing.assert_allclose(ours, one, rtol=1e-6, atol=1e-9)
+    # the checkpoints differ, so no single one with the summed rate gives the same answer
+    last = sum(lrs) * get_method("grad-dot").fit(ckpts[-1][0], x, y).scores(xq, yq)
+    assert not np.allclose(ours, last, rtol=0.05)
