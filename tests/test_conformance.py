@@ -14,9 +14,9 @@ line naming the method.
 Tabular fixtures share one binary task (and a regression one for Ridge); retrainings are
 cached per model, so the sign checks of all methods on one model cost one leave-one-out
 retraining per distinct row they rank first. The causal LM (an untrained tiny GPT-2 +
-LoRA) gets the shape, determinism and reason checks only: retraining a language model
-per row is too slow here; its sign is checked in test_trace_end_to_end.py on the demo
-model (the planted culprit scores positive).
+LoRA) gets the shape, determinism and reason checks, and for the methods with the sign of
+g_q . g_i a one-gradient-step sign check instead of retraining (too slow per row here);
+test_trace_end_to_end.py checks the planted culprit scores positive on the demo model.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from functools import cache
 
 import numpy as np
 import pytest
+import torch
 
 from datablame.errors import UserError
 from datablame.methods.base import Method
@@ -276,6 +277,47 @@ def test_removing_the_top_row_raises_the_query_loss_more_than_a_random_row(metho
     assert wins >= 0.65 and mean_top > 0, (wins, mean_top)
     flipped_wins, flipped_mean = _sign_wins(case, -scores)
     assert flipped_wins < 0.5 and flipped_mean < mean_top, (flipped_wins, flipped_mean)
+
+
+@pytest.mark.parametrize("method", ["grad-dot", "grad-cos", "tracin"])
+def test_on_a_language_model_a_positive_row_is_one_whose_training_step_lowers_the_query_loss(
+        method, lm_case):
+    """The LM's sign without retraining: a small gradient step on training row i changes
+    the query loss by -eta g_q . g_i to first order, so it must fall exactly for the rows
+    these methods score positive (all three have the sign of g_q . g_i). DataInf and TRAK
+    precondition the gradients, so a plain step does not test them."""
+    case = lm_case
+    _, scores = _fit_score(method, case)
+    lm = case.adapter.lm
+    params = dict(lm.model.named_parameters())
+    saved = {n: params[n].detach().clone() for n in lm.param_names}
+    grads = case.adapter.gradients(case.x).double()
+    first_order = -1e-2 * (case.adapter.gradients(case.xq).double() @ grads.T
+                           / grads.norm(dim=1)).numpy()  # (q, i): the step's predicted change
+    base = lm.losses(case.xq)
+    checked = 0
+    try:
+        for i in range(len(case.x)):
+            step = 1e-2 * grads[i] / grads[i].norm()
+            start = 0
+            with torch.no_grad():
+                for n in lm.param_names:
+                    size = params[n].numel()
+                    params[n].sub_(step[start:start + size].reshape(params[n].shape)
+                                   .to(params[n].dtype))
+                    start += size
+            change = lm.losses(case.xq) - base
+            for n in lm.param_names:
+                params[n].data.copy_(saved[n])
+            for q in range(len(case.xq)):
+                if abs(first_order[q, i]) > 1e-4:  # well above float32 noise in a loss ~5
+                    checked += 1
+                    assert np.sign(change[q]) == -np.sign(scores[q, i]), (q, i, change[q])
+    finally:
+        for n in lm.param_names:
+            params[n].data.copy_(saved[n])
+    assert checked >= len(case.x) * len(case.xq) // 2
+    np.testing.assert_array_equal(lm.losses(case.xq), base)  # the model is restored
 
 
 # -- what the similarity methods promise instead -----------------------------------------
