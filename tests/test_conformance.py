@@ -21,7 +21,6 @@ test_trace_end_to_end.py checks the planted culprit scores positive on the demo 
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
@@ -37,7 +36,7 @@ from datablame.methods.registry import METHODS, check_fits, get_method
 from datablame.models import loading
 from datablame.tabular import TabularTask, task
 
-warnings.filterwarnings("ignore", category=UserWarning)
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # this file only
 
 # Which model each family is tested on; boosted trees on every supported library.
 LIBRARIES = {"torch": ["torch"],
@@ -267,6 +266,7 @@ def _sign_wins(case: Case, scores: np.ndarray) -> tuple[float, float]:
     return float((top_delta[:, None] > rand_delta).mean()), float(top_delta.mean())
 
 
+@pytest.mark.slow  # leave-one-out retraining
 @pytest.mark.parametrize("method,label", SIGNED, ids=[f"{m}-{lab}" for m, lab in SIGNED])
 def test_removing_the_top_row_raises_the_query_loss_more_than_a_random_row(method, label,
                                                                          request):

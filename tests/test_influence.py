@@ -91,6 +91,7 @@ def logistic():
     return trainer, model, x[:120], y[:120], x[120:], y[120:]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,params,tol", [
     ("if-cg", {}, 1e-4),
     ("if-lissa", {"depth": 3000, "batch_size": 120}, 2e-2),
@@ -105,6 +106,7 @@ def test_iterative_inverse_hessians_converge_to_exact(logistic, name, params, to
     assert rel < tol, rel
 
 
+@pytest.mark.slow
 def test_every_method_finds_the_row_a_query_repeats(logistic):
     """Query = the worst-fit training row itself: every method must rank that row first,
     with a positive score (it helped its own answer)."""
@@ -142,6 +144,7 @@ def test_removing_top_k_hurts_more_than_random_k(logistic):
     assert res["top_k_mean"] > 0  # removing its supporters raises its loss
 
 
+@pytest.mark.slow
 def test_lds_is_high_for_influence_and_resumes_from_cache(logistic, tmp_path):
     trainer, model, x, y, xq, yq = logistic
     adapter = trainer.adapter(model)

@@ -46,6 +46,7 @@ def test_tabular_json_and_score_matrix(tables, monkeypatch, capsys):
     assert q0 == list(np.argsort(-scores[0])[:3])
 
 
+@pytest.mark.slow
 def test_verify_writes_lds_and_remove_top_k(tables, monkeypatch, capsys):
     t = tables
     code, _, err = run_cli(monkeypatch, capsys, "verify", t / "train.csv", "--target",
@@ -130,6 +131,7 @@ def test_tabular_on_a_lightgbm_file(tree_files, monkeypatch, capsys):
     assert "trees; removing it: query loss" in rows[0]["reason"]  # leaf-share's why
 
 
+@pytest.mark.slow
 def test_verify_on_a_lightgbm_file(tree_files, monkeypatch, capsys):
     t = tree_files
     code, _, err = run_cli(monkeypatch, capsys, "verify", t / "train.csv", "--target", "target",
@@ -276,6 +278,7 @@ def test_forest_reasons_count_trees_not_tree_times_class(tree_files, monkeypatch
         assert r["reason"] == f"same leaf in {shared}/30 trees"
 
 
+@pytest.mark.slow
 def test_verify_gives_a_verdict(tree_files, monkeypatch, capsys):
     from datablame.verify import lds_reading
 
@@ -429,6 +432,7 @@ def test_help_says_which_methods_fit_which_model(monkeypatch, capsys):
             assert f"{label}: {', '.join(FAMILY_METHODS[family])}" in text, (command, text)
 
 
+@pytest.mark.slow
 def test_every_method_the_registry_lists_runs_on_its_family():
     """FAMILY_METHODS is what the CLI checks: every pairing it allows must work."""
     import lightgbm as lgb

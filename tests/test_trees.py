@@ -179,6 +179,7 @@ def _retrain_loss(model_factory, x, y, xq, yq, rows):
     return ad.losses(ad.library_raw(xq), yq)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["leaf-share", "boostin", "leaf-influence"])
 def test_removing_top_k_raises_the_query_loss_more_than_random(method):
     import lightgbm as lgb
