@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test lint bench
+.PHONY: setup demo test test-fast lint bench
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -26,6 +26,11 @@ demo: setup
 test: setup
 	$(BIN)/ruff check src tests bench
 	$(BIN)/pytest -q
+
+# everything but the tests marked slow (they train a model for more than a few seconds)
+test-fast: setup
+	$(BIN)/ruff check src tests bench
+	$(BIN)/pytest -q -m "not slow"
 
 lint: setup
 	$(BIN)/ruff check src tests bench

@@ -91,6 +91,7 @@ def logistic():
     return trainer, model, x[:120], y[:120], x[120:], y[120:]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,params,tol", [
     ("if-cg", {}, 1e-4),
     ("if-lissa", {"depth": 3000, "batch_size": 120}, 2e-2),
@@ -105,6 +106,7 @@ def test_iterative_inverse_hessians_converge_to_exact(logistic, name, params, to
     assert rel < tol, rel
 
 
+@pytest.mark.slow
 def test_every_method_finds_the_row_a_query_repeats(logistic):
     """Query = the worst-fit training row itself: every method must rank that row first,
     with a positive score (it helped its own answer)."""
@@ -142,6 +144,7 @@ def test_removing_top_k_hurts_more_than_random_k(logistic):
     assert res["top_k_mean"] > 0  # removing its supporters raises its loss
 
 
+@pytest.mark.slow
 def test_lds_is_high_for_influence_and_resumes_from_cache(logistic, tmp_path):
     trainer, model, x, y, xq, yq = logistic
     adapter = trainer.adapter(model)
@@ -179,11 +182,16 @@ def test_query_target_defaults_to_the_model_prediction(logistic):
     trainer, model, x, y, xq, _ = logistic
     df = attribute(model, x, y, xq[:2], loss="ce", l2=0.01, top_k=3)
     assert list(df["rank"]) == [1, 2, 3, 1, 2, 3]
+    assert df.attrs["explains"] == "predicted label"
+    np.testing.assert_array_equal(df["target"], y[df["row"]])  # each ranked row's own label
     pred = TorchModelAdapter(model, "ce").predict_targets(xq[:2]).numpy()
-    assert set(df[df["query"] == 0]["target"]) <= {0, 1}
     manual = get_method("if-exact").fit(TorchModelAdapter(model, "ce", 0.01), x, y)
-    best = np.argsort(-manual.scores(xq[:2], pred)[0])[:3]
-    assert list(df[df["query"] == 0]["row"]) == list(best)
+    for q in range(2):
+        best = np.argsort(-manual.scores(xq[:2], pred)[q])[:3]
+        assert list(df[df["query"] == q]["row"]) == list(best)
+        # the other label ranks other rows: the default target really is the prediction
+        other = np.argsort(-manual.scores(xq[:2], 1 - pred)[q])[:3]
+        assert set(other).isdisjoint(best)
 
 
 @pytest.mark.parametrize("loss,outputs,bias", [("ce", 4, True), ("ce", 1, True),
@@ -209,3 +217,80 @@ def test_linear_models_closed_form_hessian_equals_autograd(loss, outputs, bias):
     mlp = TorchModelAdapter(torch.nn.Sequential(torch.nn.Linear(6, 3), torch.nn.Tanh(),
                                                 torch.nn.Linear(3, 2)), loss="ce")
     assert mlp._linear_layer() is None
+
+
+def test_lds_is_one_for_exact_linear_effects_and_near_zero_for_random_scores():
+    """Ground truth for LDS itself: when the query loss after retraining is exactly
+    base - sum of the kept rows' effects (a linear datamodel), the effects as scores give
+    LDS 1, their negation -1, and random scores about 0."""
+    rng = np.random.default_rng(0)
+    n, q = 40, 8
+    effect = rng.standard_normal((q, n))
+
+    def retrain(rows, seed):
+        return 5.0 - effect[:, rows].sum(1)
+
+    sub = SubsetRetraining(retrain, n, n_subsets=60)
+    assert lds(effect, sub)["lds"] == pytest.approx(1.0)
+    assert lds(-effect, sub)["lds"] == pytest.approx(-1.0)
+    rand = lds(rng.standard_normal((q, n)), sub)
+    assert abs(rand["lds"]) < 0.15
+
+
+def test_lds_of_closed_form_ridge_leave_one_out_is_high_and_of_random_scores_is_not():
+    """Ridge retrains in closed form (scikit-learn) and linear-exact is its exact
+    leave-one-out effect: summed over the kept half, it ranks the retrained losses well
+    (measured 0.93 here; random scores 0.02)."""
+    from sklearn.linear_model import Ridge
+
+    from datablame.models.linear import LinearModelAdapter
+
+    rng = np.random.default_rng(0)
+    w = np.array([1.0, -2.0, 0.5, 0.0])
+    x = rng.standard_normal((200, 4))
+    y = x @ w + 0.5 * rng.standard_normal(200)
+    xq = rng.standard_normal((6, 4)) * 2
+    yq = xq @ w + 0.5 * rng.standard_normal(6)
+    model = Ridge(alpha=1.0).fit(x, y)
+    scores = get_method("linear-exact").fit(LinearModelAdapter(model), x, y).scores(xq, yq)
+
+    def retrain(rows, seed):
+        return (Ridge(alpha=1.0).fit(x[rows], y[rows]).predict(xq) - yq) ** 2
+
+    sub = SubsetRetraining(retrain, 200, n_subsets=40)
+    assert lds(scores, sub)["lds"] > 0.8
+    assert abs(lds(rng.standard_normal(scores.shape), sub)["lds"]) < 0.2
+
+
+def test_tracin_is_the_learning_rate_weighted_sum_of_per_checkpoint_grad_dots(logistic):
+    """Three checkpoints of an Adam run at different learning rates: TracIn must equal
+    sum_c lr_c * g_c(q) . g_c(i), with each checkpoint's per-row gradients taken here by
+    plain autograd (one backward per row), not by the adapter."""
+    _, _, x, y, xq, yq = logistic
+    x, y, xq, yq = x[:40], y[:40], xq[:3], yq[:3]
+    l2 = 0.01
+    trainer = TorchTrainer(lambda: torch.nn.Linear(8, 2), loss="ce", l2=l2, optimizer="adam",
+                           epochs=30, lr=0.05)
+    _, snaps = trainer.fit(x, y, checkpoint_every=10)
+    lrs = [0.3, 0.1, 0.02]
+    assert len(snaps) == 3
+
+    def grads(model, xs, ys):
+        out = []
+        for xi, yi in zip(xs, ys, strict=True):
+            model.zero_grad()
+            torch.nn.functional.cross_entropy(model(torch.tensor(xi[None])),
+                                              torch.tensor(yi[None])).backward()
+            out.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]).double())
+        return torch.stack(out)
+
+    expect = sum(lr * (grads(m, xq, yq) @ grads(m, x, y).T).numpy()
+                 for (m, _), lr in zip(snaps, lrs, strict=True))
+    ckpts = [(TorchModelAdapter(m, "ce", l2), lr) for (m, _), lr in zip(snaps, lrs, strict=True)]
+    ours = get_method("tracin", checkpoints=ckpts).fit(ckpts[-1][0], x, y).scores(xq, yq)
+    np.testing.assert_allclose(ours, expect, rtol=1e-4, atol=1e-7)
+    one = sum(lr * get_method("grad-dot").fit(a, x, y).scores(xq, yq) for a, lr in ckpts)
+    np.testing.assert_allclose(ours, one, rtol=1e-6, atol=1e-9)
+    # the checkpoints differ, so no single one with the summed rate gives the same answer
+    last = sum(lrs) * get_method("grad-dot").fit(ckpts[-1][0], x, y).scores(xq, yq)
+    assert not np.allclose(ours, last, rtol=0.05)

@@ -46,6 +46,7 @@ def test_tabular_json_and_score_matrix(tables, monkeypatch, capsys):
     assert q0 == list(np.argsort(-scores[0])[:3])
 
 
+@pytest.mark.slow
 def test_verify_writes_lds_and_remove_top_k(tables, monkeypatch, capsys):
     t = tables
     code, _, err = run_cli(monkeypatch, capsys, "verify", t / "train.csv", "--target",
@@ -130,6 +131,7 @@ def test_tabular_on_a_lightgbm_file(tree_files, monkeypatch, capsys):
     assert "trees; removing it: query loss" in rows[0]["reason"]  # leaf-share's why
 
 
+@pytest.mark.slow
 def test_verify_on_a_lightgbm_file(tree_files, monkeypatch, capsys):
     t = tree_files
     code, _, err = run_cli(monkeypatch, capsys, "verify", t / "train.csv", "--target", "target",
@@ -276,7 +278,10 @@ def test_forest_reasons_count_trees_not_tree_times_class(tree_files, monkeypatch
         assert r["reason"] == f"same leaf in {shared}/30 trees"
 
 
+@pytest.mark.slow
 def test_verify_gives_a_verdict(tree_files, monkeypatch, capsys):
+    from datablame.verify import lds_reading
+
     t = tree_files
     code, _, err = run_cli(monkeypatch, capsys, "verify", t / "train.csv", "--target", "target",
                            "--model", t / "model.txt", "--query", t / "query.csv",
@@ -284,12 +289,14 @@ def test_verify_gives_a_verdict(tree_files, monkeypatch, capsys):
     assert code in (0, None), err
     res = json.loads((t / "v.json").read_text())
     r = res["remove_top_k"]
-    passed = r["top_k_mean"] > max(r["random_k_mean"], 0.0)
-    assert r["verdict"] == ("pass" if passed else "fail")
+    # leaf-share on this LightGBM model (deterministic retraining): measured +0.61 vs
+    # -0.04 for remove-top-5 and LDS 0.46 over 6 subsets (per-query 0.2..0.77 but one)
+    assert r["verdict"] == "pass" and r["top_k_mean"] > max(r["random_k_mean"], 0.0) + 0.2
     text = " ".join(err.split())
-    assert ("PASS: removing the top-5 raised" if passed else "FAIL: removing the top-5") in text
+    assert "PASS: removing the top-5 raised" in text
     lds = res["lds"]
-    assert lds["reading"] in ("none", "weak", "moderate", "strong")
+    assert lds["lds"] > 0.25 and lds["ci95"][0] > 0
+    assert lds["reading"] == lds_reading(lds["lds"], lds["ci95"]) != "none"
     assert f"LDS ({res['method']}, 6 subsets): {lds['lds']:.3f}" in text
     assert lds["reading"] in text
 
@@ -425,6 +432,7 @@ def test_help_says_which_methods_fit_which_model(monkeypatch, capsys):
             assert f"{label}: {', '.join(FAMILY_METHODS[family])}" in text, (command, text)
 
 
+@pytest.mark.slow
 def test_every_method_the_registry_lists_runs_on_its_family():
     """FAMILY_METHODS is what the CLI checks: every pairing it allows must work."""
     import lightgbm as lgb

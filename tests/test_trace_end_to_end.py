@@ -9,6 +9,7 @@ from datablame.demo.toy_lm import generate, load_toy_lm, normalize
 from datablame.methods.gradient_alignment import align
 from datablame.text import Query, Tracer, build_index
 
+pytestmark = pytest.mark.slow  # the demo LM is trained once (minutes on 2 cores)
 
 def test_planted_culprit_is_rank_one_for_what_the_model_generates(demo_assets):
     root, info = demo_assets

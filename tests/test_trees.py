@@ -179,6 +179,7 @@ def _retrain_loss(model_factory, x, y, xq, yq, rows):
     return ad.losses(ad.library_raw(xq), yq)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["leaf-share", "boostin", "leaf-influence"])
 def test_removing_top_k_raises_the_query_loss_more_than_random(method):
     import lightgbm as lgb
@@ -208,12 +209,17 @@ def test_removing_top_k_raises_the_query_loss_more_than_random(method):
 def test_leaf_sim_is_the_shared_leaf_fraction_and_finds_a_duplicate():
     x, y = _data("binary")
     model = ens.RandomForestClassifier(n_estimators=20, max_depth=5, random_state=0)
-    model.fit(x[:300], y[:300])
-    ad = TreeEnsembleAdapter.from_model(model, x[:300], y[:300])
-    s = get_method("leaf-sim").fit(ad, x[:300], y[:300]).scores(x[[7]])[0]
-    assert s[7] == 1.0 and s.max() == 1.0
-    leaves = ad.leaves(x[:300]).reshape(300, -1)
-    np.testing.assert_allclose(s, (leaves == leaves[7]).mean(1))
+    # a held-out query and its planted duplicate as training row 300 (not the query
+    # itself scored against itself): the duplicate shares every leaf, others fewer
+    xt, yt = np.vstack([x[:300], x[[310]]]), np.r_[y[:300], y[310]]
+    model.fit(xt, yt)
+    ad = TreeEnsembleAdapter.from_model(model, xt, yt)
+    s = get_method("leaf-sim").fit(ad, xt, yt).scores(x[[310, 311]])
+    assert int(np.argmax(s[0])) == 300 and s[0, 300] == 1.0
+    leaves = ad.leaves(xt).reshape(301, -1)
+    lq = ad.leaves(x[[310, 311]]).reshape(2, -1)
+    np.testing.assert_allclose(s, (lq[:, None] == leaves[None]).mean(2))
+    assert s[1].max() < 1.0  # a query with no duplicate
 
 
 def test_knn_shapley_matches_brute_force_shapley():
@@ -294,14 +300,23 @@ def test_simplex_reconstructs_a_training_row_exactly():
     assert method.reconstruction_error[0] < 1e-3
 
 
-def test_shap_neighbors_finds_the_row_itself():
+def test_shap_neighbors_ranks_by_distance_between_shap_explanations():
     import lightgbm as lgb
 
     x, y = _data("binary")
     model = lgb.LGBMClassifier(n_estimators=20, verbose=-1).fit(x[:200], y[:200])
     ad = TreeEnsembleAdapter.from_model(model, x[:200], y[:200])
-    s = get_method("shap-neighbors").fit(ad, x[:200], y[:200]).scores(x[[3]])[0]
-    assert int(np.argmax(s)) == 3 and s[3] == pytest.approx(0.0, abs=1e-9)
+    s = get_method("shap-neighbors").fit(ad, x[:200], y[:200]).scores(x[200:203])
+    # against SHAP values computed here on held-out queries (not a row against itself)
+    import shap
+
+    explainer = shap.TreeExplainer(model)
+    st = np.asarray(explainer.shap_values(x[:200])).reshape(200, -1)
+    sq = np.asarray(explainer.shap_values(x[200:203])).reshape(3, -1)
+    dist = np.linalg.norm(sq[:, None] - st[None], axis=2)
+    np.testing.assert_allclose(-s, dist, rtol=1e-6, atol=1e-9)
+    assert list(np.argmax(s, axis=1)) == list(np.argmin(dist, axis=1))
+    assert np.all(s < 0)  # no held-out query explains exactly like a training row
 
 
 def test_python_attribute_takes_tree_and_linear_models():
@@ -394,3 +409,27 @@ def test_regression_without_a_target_explains_the_prediction_torch_and_ridge():
                           xq.astype(np.float32), loss="mse", l2=l2, damping=0.0)
     np.testing.assert_allclose(scores, actual, rtol=0.1, atol=0.05 * np.abs(actual).max())
     assert [int(r) for r in df["row"][:3]] == list(np.argsort(-actual[0])[:3])
+
+
+def test_catboost_retrains_fitted_and_loaded_models(tmp_path):
+    """Verification retrains with the model's own settings: a fitted CatBoostClassifier
+    and a model loaded from .cbm both retrain (a fitted model's parameters cannot be set,
+    which broke this), and on the same rows give the same model back."""
+    import catboost as cb
+
+    from datablame.models.loading import retrainer
+
+    x, y = _data("binary")
+    x, y = x[:120], y[:120]
+    model = cb.CatBoostClassifier(iterations=8, depth=3, verbose=0, random_seed=0,
+                                  allow_writing_files=False).fit(x, y)
+    model.save_model(str(tmp_path / "m.cbm"))
+    loaded = cb.CatBoost().load_model(str(tmp_path / "m.cbm"))
+    for m in (model, loaded):
+        again = retrainer(m)(x, y)
+        assert type(again) is type(m)
+        np.testing.assert_allclose(again.predict(x, prediction_type="RawFormulaVal"),
+                                   m.predict(x, prediction_type="RawFormulaVal"), atol=1e-9)
+        fewer = retrainer(m)(x[:100], y[:100])
+        assert not np.allclose(fewer.predict(x, prediction_type="RawFormulaVal"),
+                               m.predict(x, prediction_type="RawFormulaVal"))

@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from datablame.methods.base import Method
-from datablame.models.base import LEAVES, has
+from datablame.models.base import LEAVES, TABULAR, has
 
 
 def knn_shapley_values(order: np.ndarray, match: np.ndarray, k: int) -> np.ndarray:
@@ -45,6 +45,7 @@ def knn_shapley_values(order: np.ndarray, match: np.ndarray, k: int) -> np.ndarr
 
 class KnnShapley(Method):
     name = "knn-shapley"
+    requires = (TABULAR,)  # feature rows and a target: not a language model's text
 
     def __init__(self, k: int = 10, space: str = "auto", task: str = "auto"):
         if space not in ("auto", "leaves", "features"):

@@ -13,9 +13,9 @@ and `Method.fit` refuses an adapter without it, in one line.
   LEAVES            leaves(x) -> (n, T, K) leaf ids; leaf_values, n_outputs, shared_outputs
   NEWTON            boosted trees: bias, learning_rate, l2, grad_hess (models/trees/base.py)
   LINEAR            model: a fitted scikit-learn linear model (closed forms, SHAP)
-
-Tabular adapters also say `is_regression`, `predict_targets(x)` and `query_losses(x, y)`
-(the loss of target y at rows x, what retraining is compared on).
+  TABULAR           x is a feature matrix; is_regression, predict_targets(x) and
+                    query_losses(x, y) (the loss of target y at rows x, what retraining is
+                    compared on): every tabular adapter, not a language model's text rows
 """
 
 from __future__ import annotations
@@ -29,13 +29,15 @@ LATENT = "latent"
 LEAVES = "leaves"
 NEWTON = "newton"
 LINEAR = "linear"
+TABULAR = "tabular"
 
 
 # How each capability reads in a refusal ("needs a gradient-boosted tree ensemble").
 WORDS = {GRADIENTS: "parameter gradients (a torch model or a language model)",
          HESSIAN: "a torch model (its Hessian)", MARGIN_GRADIENTS: "a torch classifier",
          LATENT: "a torch model (its latent space)", LEAVES: "a tree ensemble",
-         NEWTON: "a gradient-boosted tree ensemble", LINEAR: "a scikit-learn linear model"}
+         NEWTON: "a gradient-boosted tree ensemble", LINEAR: "a scikit-learn linear model",
+         TABULAR: "a tabular model (a feature matrix)"}
 
 
 def has(adapter, capability: str) -> bool:

@@ -8,14 +8,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from datablame.models.base import LINEAR
+from datablame.models.base import LINEAR, TABULAR
 
 
 @dataclass
 class LinearModelAdapter:
     model: object
 
-    capabilities = frozenset({LINEAR})
+    capabilities = frozenset({LINEAR, TABULAR})
 
     @property
     def is_regression(self) -> bool:

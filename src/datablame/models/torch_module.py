@@ -16,7 +16,7 @@ import torch
 from torch.func import functional_call, grad, jvp, vmap
 
 from datablame.errors import UserError
-from datablame.models.base import GRADIENTS, HESSIAN, LATENT, MARGIN_GRADIENTS
+from datablame.models.base import GRADIENTS, HESSIAN, LATENT, MARGIN_GRADIENTS, TABULAR
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (outputs, targets) -> (B,)
 
@@ -61,7 +61,7 @@ class TorchModelAdapter:
     l2: float = 0.0
     params: str = "all"
 
-    capabilities = frozenset({GRADIENTS, HESSIAN, MARGIN_GRADIENTS, LATENT})
+    capabilities = frozenset({GRADIENTS, HESSIAN, MARGIN_GRADIENTS, LATENT, TABULAR})
 
     def __post_init__(self):
         if isinstance(self.loss, str):

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from datablame.errors import UserError
-from datablame.models.base import LEAVES, NEWTON
+from datablame.models.base import LEAVES, NEWTON, TABULAR
 
 OBJECTIVES = ("binary", "multiclass", "regression")
 
@@ -71,7 +71,7 @@ class TreeEnsembleAdapter:
 
     @property
     def capabilities(self) -> frozenset[str]:
-        return frozenset({LEAVES, NEWTON} if self.boosted else {LEAVES})
+        return frozenset({LEAVES, NEWTON, TABULAR} if self.boosted else {LEAVES, TABULAR})
 
     @property
     def is_regression(self) -> bool:

@@ -64,9 +64,14 @@ def load(path):
 
 def retrainer(model):
     """fit(x, y) -> a copy of the model (same parameters) trained on (x, y), silently."""
+    import catboost as cb
+
+    # a fitted model's parameters cannot be changed (CatBoostError), so a new model is
+    # built from them; cb.CatBoost (a loaded .cbm) takes them as one dict
+    params = {**model.get_params(), "verbose": 0, "allow_writing_files": False}
+
     def fit(x, y):
-        fresh = model.copy()
-        fresh.set_params(verbose=0, allow_writing_files=False)
+        fresh = cb.CatBoost(params) if type(model) is cb.CatBoost else type(model)(**params)
         return fresh.fit(x, y)
     return fit
 
