@@ -151,6 +151,7 @@ def test_verify_confirms_the_planted_culprit_by_re_fine_tuning(facts, tmp_path, 
     assert code in (0, None), err
     result = json.loads((tmp_path / "v.json").read_text())
     assert result["original"]["says"] and result["runs"]["all-rows"]["says"]
+    assert result["runs"]["all-rows"]["is_the_adapter"]  # no retraining needed for it
     assert not result["runs"]["without-blamed"]["says"]
     assert all(r["says"] for n, r in result["runs"].items() if n.startswith("without-random")), \
         result["runs"]

@@ -105,6 +105,7 @@ def verify_text(train_file, base_dir, adapter_dir, query, *, remove: list[int],
     rows = load_rows(train_file)
     n = len(rows)
     recipe, own = resolve_recipe(adapter_dir, recipe_file)
+    recorded: dict = {}
     if own:
         import json
 
@@ -145,6 +146,11 @@ def verify_text(train_file, base_dir, adapter_dir, query, *, remove: list[int],
                         "removed": remove, "recipe": recipe.to_json(), "runs": {}}
         result["original"] = _evaluate(base_dir, adapter_dir, q, prompt, answer, recipe,
                                        budget)
+        if _is_all_rows_run(recorded, base_dir, recipe, n):
+            # the adapter is this recipe on every row of this base: it is the control
+            result["runs"]["all-rows"] = {"removed": [], "is_the_adapter": True,
+                                          **result["original"]}
+            plan = plan[1:]
         with progress.task("re-fine-tuning", len(plan)) as advance:
             for name, removed in plan:
                 keep = [i for i in range(n) if i not in set(removed)]
@@ -159,6 +165,16 @@ def verify_text(train_file, base_dir, adapter_dir, query, *, remove: list[int],
             shutil.rmtree(tmp, ignore_errors=True)
     result["verdict"], result["summary"] = _verdict(result)
     return result
+
+
+def _is_all_rows_run(recorded: dict, base_dir, recipe: Recipe, n: int) -> bool:
+    """Did `finetune` make the adapter with this recipe, every row, and this base (by
+    content)? Then retraining on all rows would reproduce it exactly (tested)."""
+    from datablame.store.content_digest import dir_digest
+
+    return bool(recorded) and recorded.get("recipe") == recipe.to_json() and \
+        recorded.get("rows_digest") == rows_digest(range(n)) and \
+        recorded.get("base_digest") == dir_digest(base_dir)
 
 
 def _verdict(result: dict) -> tuple[str, str]:
