@@ -193,11 +193,7 @@ def verify_scores(t: TabularTask, scores: np.ndarray, y_query, *, method: str,
     n = len(t.y_train)
     if lds_subsets == 1:
         raise UserError("LDS needs at least 2 subsets (a correlation), got 1")
-    bad = [r for r in loo_rows if not 0 <= r < n]
-    if bad:
-        raise UserError(f"leave-one-out rows out of range (0..{n - 1}): {bad}")
-    if remove_k >= n:
-        raise UserError(f"remove-top-k {remove_k} would remove every training row ({n})")
+    check_removals(n, loo_rows, remove_k)
     retrain, base_loss = t.retrain(y_query)
     result: dict = {"method": method, "n_train": n, "n_query": len(scores),
                     "query_loss": np.asarray(base_loss).tolist()}
@@ -219,6 +215,15 @@ def verify_scores(t: TabularTask, scores: np.ndarray, y_query, *, method: str,
         loo["predicted"] = {str(r): scores[:, r].tolist() for r in loo_rows}
         result["leave_one_out"] = loo
     return result
+
+
+def check_removals(n: int, loo_rows, remove_k: int, option: str = "remove-top-k") -> None:
+    """Leave-one-out rows inside the table, and a remove-top-k that leaves rows to train."""
+    bad = [r for r in loo_rows if not 0 <= r < n]
+    if bad:
+        raise UserError(f"leave-one-out rows out of range (0..{n - 1}): {bad}")
+    if remove_k >= n:
+        raise UserError(f"{option} {remove_k} would remove every training row ({n})")
 
 
 def zero_message(queries: list[int]) -> str:

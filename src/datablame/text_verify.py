@@ -13,6 +13,7 @@ and the recipe, so an interrupted run resumes and a second query reuses them.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -87,7 +88,6 @@ def _evaluate(base_dir, adapter_dir, query, prompt: str, answer: str, recipe: Re
 
 def _run_dir(cache: Path, name: str, keep: list[int], recipe: Recipe) -> Path:
     import hashlib
-    import json
 
     key = hashlib.sha256((rows_digest(keep) + json.dumps(recipe.to_json(), sort_keys=True))
                          .encode()).hexdigest()[:12]
@@ -107,8 +107,6 @@ def verify_text(train_file, base_dir, adapter_dir, query, *, remove: list[int],
     recipe, own = resolve_recipe(adapter_dir, recipe_file)
     recorded: dict = {}
     if own:
-        import json
-
         recorded = json.loads((Path(adapter_dir) / RECIPE_FILE).read_text())
         fingerprint = recorded.get("data_fingerprint")
         if fingerprint and fingerprint != rows.fingerprint():
@@ -132,7 +130,8 @@ def verify_text(train_file, base_dir, adapter_dir, query, *, remove: list[int],
     budget = max_new_tokens or len(_words(answer)) + 8
 
     rng = np.random.default_rng(seed)
-    others = np.array([i for i in range(n) if i not in set(remove)])
+    blamed = set(remove)
+    others = np.array([i for i in range(n) if i not in blamed])
     plan = [("all-rows", []), ("without-blamed", remove)]
     for s in range(n_random):
         plan.append((f"without-random-{s}",
@@ -153,7 +152,8 @@ def verify_text(train_file, base_dir, adapter_dir, query, *, remove: list[int],
             plan = plan[1:]
         with progress.task("re-fine-tuning", len(plan)) as advance:
             for name, removed in plan:
-                keep = [i for i in range(n) if i not in set(removed)]
+                dropped = set(removed)
+                keep = [i for i in range(n) if i not in dropped]
                 out = _run_dir(cache_dir, name, keep, recipe)
                 if not (out / RECIPE_FILE).exists():
                     finetune(rows, base_dir, out, recipe, keep=keep, show_progress=False)
@@ -211,8 +211,6 @@ def _verdict(result: dict) -> tuple[str, str]:
 
 def rows_from_trace(path: str | os.PathLike, top_k: int) -> list[int]:
     """The top-k rows of a `trace --out` results file."""
-    import json
-
     path = Path(path)
     if not path.is_file():
         raise UserError(f"trace results not found: {path}")

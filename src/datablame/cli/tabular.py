@@ -18,7 +18,14 @@ from datablame.cli.console import console
 from datablame.errors import UserError, check_at_least
 from datablame.methods.families import methods_help
 from datablame.methods.registry import METHODS, check_fits
-from datablame.tabular import EXPLAINS, TabularTask, ranked_rows, verify_scores, zero_message
+from datablame.tabular import (
+    EXPLAINS,
+    TabularTask,
+    check_removals,
+    ranked_rows,
+    verify_scores,
+    zero_message,
+)
 
 
 def parse_rows(text: str, option: str = "--loo") -> list[int]:
@@ -137,12 +144,7 @@ def run_verify(train_file, target, model_file, query_file, *, method: str, lds_s
     if y_query is None:
         raise UserError(f"verify needs the target column '{target}' in the query rows")
     method = task.method(method)
-    n = len(task.y_train)
-    bad = [r for r in loo_rows if not 0 <= r < n]
-    if bad:  # before the method is fitted
-        raise UserError(f"leave-one-out rows out of range (0..{n - 1}): {bad}")
-    if remove_k >= n:
-        raise UserError(f"--remove-top-k {remove_k} would remove every training row ({n})")
+    check_removals(len(task.y_train), loo_rows, remove_k, "--remove-top-k")  # before fitting
     scores = task.fit(method).scores(task.x_query, task.query_targets(y_query))
     result = verify_scores(task, scores, y_query, method=method, lds_subsets=lds_subsets,
                            remove_k=remove_k, loo_rows=loo_rows, cache=cache)

@@ -136,9 +136,6 @@ def load_toy_lm(base_dir: Path, adapter_dir: Path):
 
 def generate(model, tokenizer, prompt: str, max_new_tokens: int = 40) -> str:
     """Greedy continuation of `prompt`, decoded without special tokens."""
-    enc = tokenizer(prompt, return_tensors="pt")
-    with torch.no_grad():
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                             eos_token_id=tokenizer.eos_token_id,
-                             pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    from datablame.text_verify import greedy
+
+    return greedy(model, tokenizer, prompt, max_new_tokens)
