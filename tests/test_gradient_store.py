@@ -9,9 +9,10 @@ import pytest
 from datablame.data.rows import load_rows
 from datablame.data.template import PromptTemplate
 from datablame.errors import UserError
+from datablame.features.gradients import build_gradient_store
 from datablame.features.projection import PROJECTIONS, make_projector
 from datablame.models.hf_causal_lm import CausalLMAdapter
-from datablame.store.gradient_store import GradientStore, build_gradient_store
+from datablame.store.gradient_store import GradientStore
 
 from .conftest import write_jsonl
 
@@ -115,18 +116,19 @@ def test_store_for_another_model_template_or_data_is_refused(setup, random_lora_
     tmp, rows, tmpl, model = setup
     build_gradient_store(tmp, rows, tmpl, model, proj_dim=16, shard_rows=8)
     store = GradientStore.load(tmp)
-    store.check_compatible(model, tmpl, rows)
+    store.check_compatible(model.identity(), tmpl, rows)
     base, _ = random_lora_model
     with pytest.raises(UserError, match="different adapter"):
-        store.check_compatible(CausalLMAdapter(base, None, device="cpu"), tmpl, rows)
+        store.check_compatible(CausalLMAdapter(base, None, device="cpu").identity(), tmpl, rows)
     with pytest.raises(UserError, match="different template"):
-        store.check_compatible(model, PromptTemplate("{instruction} {input} => {output}"), rows)
+        store.check_compatible(model.identity(),
+                               PromptTemplate("{instruction} {input} => {output}"), rows)
     with pytest.raises(UserError, match="different loss scope"):
         store.check_compatible(CausalLMAdapter(base, model.adapter_dir, device="cpu",
-                                               loss_on="text"), tmpl, rows)
+                                               loss_on="text").identity(), tmpl, rows)
     other = load_rows(write_jsonl(tmp / "o.jsonl", ROWS[:-1] + [{**ROWS[-1], "output": "x"}]))
     with pytest.raises(UserError, match="different training data"):
-        store.check_compatible(model, tmpl, other)
+        store.check_compatible(model.identity(), tmpl, other)
 
 
 @pytest.mark.parametrize("absolute", [False, True])
@@ -264,18 +266,18 @@ def test_store_identifies_model_by_content_params_by_names_and_dtype(setup, rand
     # a byte-identical copy elsewhere and a spec meaning the same parameters are accepted
     shutil.copytree(base, tmp / "copy")
     store.check_compatible(CausalLMAdapter(tmp / "copy", adapter, device="cpu",
-                                           params="lora-b"), tmpl, rows)
+                                           params="lora-b").identity(), tmpl, rows)
     with pytest.raises(UserError, match="different dtype"):
-        store.check_compatible(CausalLMAdapter(base, adapter, device="cpu", dtype="bf16"),
-                               tmpl, rows)
+        bf16 = CausalLMAdapter(base, adapter, device="cpu", dtype="bf16")
+        store.check_compatible(bf16.identity(), tmpl, rows)
     with pytest.raises(UserError, match="different parameter set"):
-        store.check_compatible(CausalLMAdapter(base, adapter, device="cpu", params="lora"),
-                               tmpl, rows)
+        every_lora = CausalLMAdapter(base, adapter, device="cpu", params="lora")
+        store.check_compatible(every_lora.identity(), tmpl, rows)
     weights = adapter / "adapter_model.safetensors"  # retrained in place: same path
     state = load_file(weights)
     save_file({k: v + 0.01 for k, v in state.items()}, weights)
     with pytest.raises(UserError, match="different adapter"):
-        store.check_compatible(CausalLMAdapter(base, adapter, device="cpu"), tmpl, rows)
+        store.check_compatible(CausalLMAdapter(base, adapter, device="cpu").identity(), tmpl, rows)
 
 
 def test_digest_cache_rehashes_only_changed_files(tmp_path, monkeypatch):
@@ -344,3 +346,14 @@ def test_build_names_rows_cut_to_max_length_once(tmp_path, random_lora_model):
     said = [str(c.message) for c in caught if "max length" in str(c.message)]
     assert said == ["2 of 10 rows (5, 9) are longer than max length 12 tokens: kept the "
                     "answer, cut the prompt's head"]
+
+
+def test_the_store_imports_no_model():
+    """The store stores (issue 10): reading or writing one loads no model code."""
+    model_code = ("transformers", "peft", "datablame.models.hf", "datablame.models.torch",
+                  "datablame.features.gradients")
+    code = ("import sys, datablame.store.gradient_store; "
+            f"print(sorted(m for m in sys.modules if m.startswith({model_code!r})))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]"

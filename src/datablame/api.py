@@ -3,6 +3,7 @@
 from datablame.text import (  # noqa: F401
     LM_METHODS,
     GradientOptions,
+    LMOptions,
     Query,
     Tracer,
     build_index,

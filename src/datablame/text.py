@@ -24,6 +24,13 @@ from datablame import progress
 from datablame.data.template import ALPACA_TEMPLATE, FormattedText, PromptTemplate
 from datablame.errors import UserError, check_at_least
 from datablame.methods.families import FAMILY_METHODS
+from datablame.methods.fusion import (  # noqa: F401  (fuse_ranks: old import path)
+    check_rank_by,
+    fuse_ranks,
+    fused_order,
+    strength_ranks,
+)
+from datablame.models.lm_options import LMOptions
 
 
 def build_index(
@@ -94,12 +101,10 @@ def _build_index_locked(train_file: str | os.PathLike, out: Path, lock, *, templ
         manifest = save_index(out, vectors, rows, tmpl, enc.name, index_type,
                               before_swap=lock.adopt)
     if gradients is not None:
-        from datablame.models.hf_causal_lm import CausalLMAdapter
-        from datablame.store.gradient_store import build_gradient_store
+        from datablame.features.gradients import build_gradient_store
 
         g = gradients
-        model = CausalLMAdapter(g.model, g.adapter, params=g.params, dtype=g.dtype,
-                                device=g.device, max_length=g.max_length, loss_on=g.loss_on)
+        model = g.load()
         model.identity()  # hash the model files (own progress) before the gradients' bar
         with progress.task("row gradients", len(rows)) as advance:
             build_gradient_store(out, rows, tmpl, model, proj_dim=g.proj_dim, seed=g.seed,
@@ -109,17 +114,11 @@ def _build_index_locked(train_file: str | os.PathLike, out: Path, lock, *, templ
     return manifest
 
 
-@dataclass
-class GradientOptions:
-    """What the gradient store is built from (must match the model used at trace time)."""
+@dataclass(frozen=True)
+class GradientOptions(LMOptions):
+    """What the gradient store is built from: the model (`LMOptions`, which must match the
+    model used at trace time) and how its gradients are projected and stored."""
 
-    model: str | os.PathLike
-    adapter: str | os.PathLike | None = None
-    params: str = "auto"
-    dtype: str = "fp32"
-    device: str = "auto"
-    max_length: int | None = None  # None: 512, or the model's positions if fewer
-    loss_on: str = "response"
     proj_dim: int = 2048
     seed: int = 0
     shard_rows: int = 4096
@@ -130,15 +129,13 @@ class GradientOptions:
     def check(self) -> None:
         """Refuse bad options up front: a zero shard size or dimension would otherwise
         surface as a traceback after minutes of loading and embedding."""
-        from datablame.models.hf_causal_lm import check_options
         from datablame.store.gradient_store import check_store_options
 
         for option, value, least in (("--proj-dim", self.proj_dim, 1),
                                      ("--shard-rows", self.shard_rows, 1),
                                      ("--grad-batch-size", self.batch_size, 0)):
             check_at_least(option, value, least)
-        check_options(params=self.params, dtype=self.dtype, device=self.device,
-                      max_length=self.max_length, loss_on=self.loss_on)
+        super().check()
         check_store_options(self.projection, self.store_dtype)
 
 
@@ -146,11 +143,10 @@ class GradientOptions:
 class Query:
     """What the model said (`output`) and, optionally, the prompt fields it answered.
 
-    The query is always formatted with the index's template, like a training row; missing
-    prompt fields are left empty (Alpaca drops their blocks). Measured on the demo model:
-    the raw output alone (the seed's choice) put the culprit at gradient rank 90 of 200
-    (133 over every LoRA matrix), the same text inside the template's response block put
-    it at rank 1.
+    The query is always formatted with the index's template, like a training row (the raw
+    output alone, the seed's choice, is not what the model was trained on, and its gradient
+    points elsewhere: README, "Tracing an LLM output"); missing prompt fields are left
+    empty (Alpaca drops their blocks).
     """
 
     output: str
@@ -175,9 +171,7 @@ class Query:
     def formatted(self, template: PromptTemplate) -> FormattedText:
         """The query as the model saw it; with `focus`, the gradient's loss covers only the
         focused span's tokens (in its context), not the whole answer: a narrower question,
-        not a more accurate answer (bench/facts.py, focus = the fact's value: fused top-1 /
-        recall@3 1.00 / 0.93 vs 1.00 / 0.92 on one model, 0.94 / 0.90 vs 0.97 / 0.91 on
-        another)."""
+        not a more accurate answer (bench/facts.py measures both)."""
         return self.resolved(template)._format(template)
 
     def _format(self, template: PromptTemplate) -> FormattedText:
@@ -220,7 +214,6 @@ class Tracer:
         batch_size: int = 8,
     ):
         from datablame.data.rows import load_rows
-        from datablame.models.hf_causal_lm import CausalLMAdapter
         from datablame.store.retrieval_index import load_index
 
         self.index = load_index(index_dir)
@@ -231,8 +224,9 @@ class Tracer:
         self.rows = load_rows(data or self.index.data_path)
         self.index.check_rows(self.rows)
         self.template = self.index.template
-        self.model = CausalLMAdapter(model, adapter, params=params, dtype=dtype, device=device,
-                                     max_length=max_length, loss_on=loss_on)
+        self.options = LMOptions(model, adapter, params=params, dtype=dtype, device=device,
+                                 max_length=max_length, loss_on=loss_on)
+        self.model = self.options.load()
         self.batch_size = batch_size
         self._embedder = None
 
@@ -275,13 +269,12 @@ class Tracer:
               rank_by: str = "fused") -> pd.DataFrame:
         """Stage 1: retrieve `top_k` candidates; stage 2: score them by gradient alignment
         and order them by the fusion of both ranks (default, see `fuse_ranks`) or by the
-        gradient alone (`rank_by="gradient"`, the seed's order). Measured on the same top-50
-        candidates (bench/facts.py): planted facts top-1 1.00 / recall@3 0.92 fused vs
-        0.92 / 0.77 by gradient. `score` is always the signed gradient alignment.
+        gradient alone (`rank_by="gradient"`, the seed's order; bench/facts.py compares
+        them). `score` is always the signed gradient alignment.
         """
         from datablame.methods.gradient_alignment import align
 
-        _check_rank_by(rank_by)
+        check_rank_by(rank_by)
         query, q_text = self._prepare(query, top_k)
         cand_ids, distances = self.retrieve(query, top_k)
         texts = [q_text] + [self.row_text(int(i)) for i in cand_ids]
@@ -293,10 +286,8 @@ class Tracer:
         ret_rank = np.arange(1, len(scores) + 1)
         extra: dict = {}
         if rank_by == "fused":
-            grad_rank = np.empty(len(scores), dtype=int)  # by strength, either sign
-            grad_rank[np.argsort(-np.abs(scores), kind="stable")] = np.arange(1, len(scores) + 1)
-            fused = fuse_ranks(grad_rank, ret_rank)
-            order = np.lexsort((-scores, -fused))
+            grad_rank = strength_ranks(scores)
+            order, fused = fused_order(grad_rank, ret_rank, scores)
             extra = {"fused": fused[order], "gradient_rank": grad_rank[order]}
         df = _ranked_frame(self.rows, cand_ids[order], scores[order], alignment,
                            {**extra, "distance": distances[order].astype(float),
@@ -314,26 +305,22 @@ class Tracer:
         default fuse that ranking with embedding retrieval over all rows.
 
         rank_by="fused" orders rows by `fuse_ranks` over the best `pool` rows of each list
-        (the gradient list by |score|). Measured (bench/facts.py, bench/paraphrase.py):
-        signed gradients miss rows whose wording the query rephrases (reworded answers:
-        rank 200 of 200) and retrieval misses rows whose wording the *prompt* rephrases
-        (ranks 57-104); fused, the demo culprit is rank 1-2 in all six cases and the planted
-        facts reach top-1 1.00 / recall@3 0.92 (signed gradient 0.92 / 0.76, retrieval
-        1.00 / 1.00). rank_by="gradient" is the signed gradient ranking alone. The `score`
-        column is always the signed gradient alignment; `fused` is the ordering key.
-        A projected store alone put a culprit of exact rank 1 at rank 5-13 (near-ties);
-        `rerank=0` skips the exact pass.
+        (the gradient list by |score|); rank_by="gradient" is the signed gradient ranking
+        alone (bench/facts.py and bench/paraphrase.py compare them). The `score` column is
+        always the signed gradient alignment; `fused` is the ordering key. The projection
+        finds the candidates but leaves near-ties among them, which is why the head is
+        re-scored exactly; `rerank=0` skips the exact pass.
         """
         from datablame.methods.gradient_alignment import align
         from datablame.store.gradient_store import GradientStore
 
-        _check_rank_by(rank_by)
+        check_rank_by(rank_by)
         query, q_text = self._prepare(query, top_k)
         store = getattr(self, "_store", None)
         if store is None or (verify and not self._store_verified):
             # checksums read every shard once: do it once per Tracer, not once per query
             store = GradientStore.load(self.index.path, verify=verify)
-            store.check_compatible(self.model, self.template, self.rows)
+            store.check_compatible(self.model.identity(), self.template, self.rows)
             self._store, self._store_verified = store, verify
         n = len(self.rows)
         fused_mode = rank_by == "fused"
@@ -374,8 +361,7 @@ class Tracer:
             for rank, (r, d) in enumerate(zip(ret_ids, distances, strict=True), start=1):
                 ret_rank[where[int(r)]] = rank
                 dist[where[int(r)]] = d
-            fused = fuse_ranks(grad_rank, ret_rank)
-            order = np.lexsort((-scores, -fused))
+            order, fused = fused_order(grad_rank, ret_rank, scores)
             row_ids, scores, proj_scores, exact = (row_ids[order], scores[order],
                                                    proj_scores[order], exact[order])
             extra = {"fused": fused[order], "gradient_rank": grad_rank[order],
@@ -400,8 +386,7 @@ class Tracer:
         fine-tuning (same base model). Exact gradients are held in memory: for large data
         use `trace_all_rows` (the projected gradient store) or retrieval candidates.
         """
-        from datablame.methods.registry import get_method
-        from datablame.models.hf_causal_lm import CausalLMAdapter
+        from datablame.methods.registry import METHODS, get_method
         from datablame.models.text_rows import TextRowsAdapter
 
         if method not in LM_METHODS:
@@ -415,14 +400,12 @@ class Tracer:
             cand_ids, distances = self.retrieve(query, top_k)
         texts = [self.row_text(int(i)) for i in cand_ids]
         adapter = TextRowsAdapter(self.model, self.batch_size)
-        if method == "tracin":
+        if METHODS[method].needs_checkpoints:
             if not checkpoints:
-                raise UserError("tracin needs checkpoints: [(adapter_dir, learning_rate), ...]")
-            m = self.model
+                raise UserError(f"{method} needs checkpoints: "
+                                "[(adapter_dir, learning_rate), ...]")
             params["checkpoints"] = [
-                (TextRowsAdapter(CausalLMAdapter(m.model_dir, d, params=m.params_spec,
-                                                 dtype=m.dtype_name, device=str(m.device),
-                                                 max_length=m.max_length, loss_on=m.loss_on),
+                (TextRowsAdapter(self.model.options().with_adapter(d).load(),
                                  self.batch_size), float(lr)) for d, lr in checkpoints]
         with progress.task(f"{method} gradients", len(texts) + 1):
             est = get_method(method, **params).fit(adapter, texts, None)
@@ -439,25 +422,6 @@ class Tracer:
                         text=q_text.text,
                         method=method, loss_on=self.model.loss_on,
                         params=self.model.params_spec, num_params=self.model.num_params)
-
-
-def fuse_ranks(gradient_rank: np.ndarray, retrieval_rank: np.ndarray) -> np.ndarray:
-    """1/(1 + gradient rank) + 1/(1 + retrieval rank): reciprocal-rank fusion with a sharp
-    constant, so a row first in either list stays near the top (k=1 measured better than
-    the usual 60: facts recall@3 0.89 vs 0.84, demo reworded prompts rank 1 vs 7-13).
-
-    The gradient rank is by |cosine|, strength in either direction: a memorised source
-    can *oppose* a query that rewords it (its own answer to a reworded question put a
-    verbatim source at cosine rank 113 of 120), and ranking by strength fixed that
-    (bench/facts.py: top-1 1.00 vs 0.96, recall@3 0.92 vs 0.89; demo ranks 1-3 in every
-    case). The `reading` column still says which way a row pushes.
-    """
-    return 1.0 / (1 + gradient_rank) + 1.0 / (1 + retrieval_rank)
-
-
-def _check_rank_by(rank_by: str) -> None:
-    if rank_by not in ("fused", "gradient"):
-        raise UserError(f"unknown ranking '{rank_by}' (use fused or gradient)")
 
 
 def _ranked_frame(rows, row_ids, scores, alignment: str, extra: dict) -> pd.DataFrame:

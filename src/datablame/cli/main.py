@@ -224,6 +224,8 @@ def trace(
     from datablame.cli.render import print_results, results_json, wide_console
     from datablame.data.template import PromptTemplate
     from datablame.errors import check_at_least
+    from datablame.methods.fusion import check_rank_by
+    from datablame.methods.gradient_alignment import check_alignment
     from datablame.models.hf_causal_lm import check_options
     from datablame.outputs import check_output_file, is_json_with
     from datablame.store.atomic import write_json_atomic
@@ -240,18 +242,20 @@ def trace(
     for name, value, least in (("--top-k", top_k, 1), ("--show", show, 1),
                                ("--batch-size", batch_size, 1), ("--rerank", rerank, 0)):
         check_at_least(name, value, least)
-    if alignment not in ("cosine", "dot"):
-        _fail(f"unknown alignment '{alignment}' (use cosine or dot)")
-    if rank_by not in ("fused", "gradient"):
-        _fail(f"unknown ranking '{rank_by}' (use fused or gradient)")
+    check_alignment(alignment)
+    check_rank_by(rank_by)
     if method != "grad" and method not in LM_METHODS:
         _fail(f"method '{method}' does not run on a language model here (use grad, "
               f"{', '.join(LM_METHODS)})")
     ckpts = _parse_checkpoints(checkpoint)
-    if method == "tracin" and not ckpts:
-        _fail("tracin needs checkpoints: --checkpoint ADAPTER_DIR:LR (repeatable)")
-    if ckpts and method != "tracin":
-        _fail("--checkpoint is only used with --method tracin")
+    from datablame.methods.registry import METHODS
+
+    takes_checkpoints = method != "grad" and METHODS[method].needs_checkpoints
+    if takes_checkpoints and not ckpts:
+        _fail(f"{method} needs checkpoints: --checkpoint ADAPTER_DIR:LR (repeatable)")
+    if ckpts and not takes_checkpoints:
+        _fail("--checkpoint is only used with a method that reads checkpoints "
+              f"({', '.join(n for n in LM_METHODS if METHODS[n].needs_checkpoints)})")
     check_options(params=params, dtype=dtype, device=device, max_length=max_length,
                   loss_on=loss_on)
     template = PromptTemplate.from_json(read_manifest(index_dir)["template"])

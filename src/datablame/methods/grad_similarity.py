@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from datablame.methods.base import Method, to_numpy
+from datablame.methods.gradient_alignment import cosines_from_dots
 from datablame.models.base import GRADIENTS
 
 
@@ -47,9 +48,8 @@ class GradCos(GradDot):
     name = "grad-cos"
 
     def _from_query(self, q):
-        q = q / q.norm(dim=1, keepdim=True).clamp(min=1e-12)
-        g = self.g_train / self.g_train.norm(dim=1, keepdim=True).clamp(min=1e-12)
-        return to_numpy(q @ g.T)
+        return cosines_from_dots(to_numpy(q @ self.g_train.T), to_numpy(self.g_train.norm(dim=1)),
+                                 to_numpy(q.norm(dim=1))[:, None])
 
     def self_influence(self) -> np.ndarray:
         return np.ones(self.n_train)

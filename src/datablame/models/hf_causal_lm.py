@@ -1,10 +1,11 @@
 """Hugging Face causal LMs (optionally with a PEFT LoRA adapter) as a gradient source.
 
-Per-example gradients are computed with `torch.func` (`vmap` over `grad`) on right-padded
-batches. Right padding plus causal attention means a real token never sees a pad token, so
-no attention mask is needed inside `vmap` (HF's mask builders branch on data, which `vmap`
-cannot trace), and pads are excluded from the loss with label -100. Models that cannot run
-under `vmap` fall back to one backward pass per row, with a warning.
+Per-example gradients come from one ordinary batched backward pass with hooks on the
+selected linear layers (`linear_hooks`: every LoRA matrix and attention / MLP projection),
+which is exact and the fast path. Parameters that are not a linear layer's (embeddings,
+norms) go through `torch.func` (`vmap` over `grad`) on right-padded batches, and a model
+that cannot run under `vmap` falls back to one backward pass per row, with a warning; the
+per-row loop is also the reference the batched paths are tested against.
 """
 
 from __future__ import annotations
@@ -114,10 +115,8 @@ class CausalLMAdapter:
 
     params:
       "auto"   - the LoRA B matrices when an adapter is given, else all parameters
-      "lora-b" - the LoRA B (up-projection) matrices: measured better than all LoRA
-                 matrices on both planted sets (bench/facts.py: top-1 0.92 vs 0.88,
-                 recall@3 0.76 vs 0.69; demo reworded prompts ranks 1,1,1,1 vs 1,2,1,3)
-                 and half the features
+      "lora-b" - the LoRA B (up-projection) matrices: half the features of "lora" and
+                 measured better on both planted sets (bench/facts.py; README)
       "lora"   - every LoRA matrix (A and B)
       "all"    - every parameter of the (merged view of the) model
       other   - comma-separated regular expressions matched against parameter names
@@ -160,6 +159,21 @@ class CausalLMAdapter:
         self._vmap_ok: bool | None = None
         self.last_report: dict[str, list[int]] = {}
         self._hooks_ok = linear_hooks.eligible(self.model, self.param_names)
+
+    @classmethod
+    def from_options(cls, options) -> CausalLMAdapter:
+        """From an `LMOptions` (the one place the option set is spelled out)."""
+        o = options
+        return cls(o.model, o.adapter, params=o.params, dtype=o.dtype, device=o.device,
+                   max_length=o.max_length, loss_on=o.loss_on)
+
+    def options(self):
+        """The `LMOptions` this model was loaded with (max length as resolved)."""
+        from datablame.models.lm_options import LMOptions
+
+        return LMOptions(self.model_dir, self.adapter_dir, params=self.params_spec,
+                         dtype=self.dtype_name, device=str(self.device),
+                         max_length=self.max_length, loss_on=self.loss_on)
 
     # -- loading ---------------------------------------------------------------------------
     def _load(self):

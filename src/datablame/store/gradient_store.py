@@ -12,11 +12,12 @@ A manifest is data, not a set of instructions: the only files read are the store
 (`shard-NNNNN.npy`, `norms.npy`, inside the store directory), each checked for size and
 .npy header (shape, dtype) on every load and for sha256 unless verification is skipped.
 
-Building happens in INDEX_DIR/gradients.partial/: each shard is written to a temporary
-name and renamed, so a shard that exists is complete. `plan.json` records what is being
-built; a rerun with the same plan keeps the finished shards and continues (shards are
-computed in fixed row ranges and fixed batches, so a resumed build is byte-identical to
-an uninterrupted one). The directory is renamed to `gradients/` only when complete.
+The store stores: `GradientStoreWriter` is handed finished vectors (computed by
+`features.gradients`) and imports no model. Building happens in
+INDEX_DIR/gradients.partial/: each shard is written to a temporary name and renamed, so a
+shard that exists is complete. `plan.json` records what is being built; a rerun with the
+same plan keeps the finished shards and continues. The directory is renamed to
+`gradients/` only when complete.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,8 +36,8 @@ from datablame import __version__
 from datablame.data.rows import Rows
 from datablame.data.template import PromptTemplate
 from datablame.errors import UserError
-from datablame.features.projection import PROJECTIONS, make_projector, projector_from_json
-from datablame.models.hf_causal_lm import length_order
+from datablame.features.projection import PROJECTIONS, projector_from_json
+from datablame.methods.gradient_alignment import align_dots
 from datablame.store.atomic import write_json_atomic
 from datablame.store.content_digest import sha256_file
 
@@ -73,14 +73,6 @@ def _sha256(path: Path) -> str:
     return sha256_file(path)
 
 
-def _normalised(dots: np.ndarray, norms, query_norm: float, kind: str) -> np.ndarray:
-    """Dot products -> cosines when `kind` is cosine; rows with a zero gradient score 0."""
-    if kind != "cosine":
-        return dots
-    n = np.asarray(norms)
-    return np.where(n > 0, dots / (np.where(n > 0, n, 1) * query_norm), 0.0)
-
-
 def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     with tmp.open("wb") as fh:
@@ -90,11 +82,13 @@ def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def _identity(adapter, template: PromptTemplate, rows: Rows, proj_dim: int, seed: int,
-              projection: str) -> dict:
+def store_identity(model_identity: dict, template: PromptTemplate, rows: Rows,
+                   proj_dim: int, seed: int, projection: str) -> dict:
     """Everything a stored gradient depends on; a mismatch means the store is unusable.
-    (Paths and the parameter spec ride along as information; the digests decide.)"""
-    ident = adapter.identity()
+    `model_identity` is the model's own account of itself (`CausalLMAdapter.identity()`:
+    content digests, parameter set, dtype, loss scope); paths ride along as information,
+    the digests decide."""
+    ident = model_identity
     return {
         "model_dir": ident["model_dir"],
         "adapter_dir": ident["adapter_dir"],
@@ -123,103 +117,86 @@ def check_store_options(projection: str, store_dtype: str) -> None:
         raise UserError(f"unknown projection '{projection}' (use {', '.join(PROJECTIONS)})")
 
 
-def build_gradient_store(
-    index_dir: Path,
-    rows: Rows,
-    template: PromptTemplate,
-    adapter,
-    *,
-    proj_dim: int = 2048,
-    seed: int = 0,
-    shard_rows: int = 4096,
-    batch_size: int = 0,
-    store_dtype: str = "fp16",
-    projection: str = "countsketch",
-    progress: Callable[[int], None] | None = None,
-    stop_after_shards: int | None = None,
-) -> dict:
-    """Compute, project and store every row's gradient; resumes an interrupted build.
+class GradientStoreWriter:
+    """Writes a store shard by shard into INDEX_DIR/gradients.partial/ and promotes it.
 
-    batch_size 0 picks the largest batch (up to 32) whose per-example gradients fit in
-    ~1 GB: batching is what makes featurization fast, memory is what bounds it.
+    It stores what it is handed and computes nothing (the featurization loop lives in
+    `features.gradients`). A partial build with the same `plan` is kept and continued;
+    one with another plan is discarded (it is ours: inside the locked index).
     """
-    if batch_size <= 0:
-        batch_size = int(min(32, max(1, (1 << 28) // max(1, adapter.num_params))))
-    check_store_options(projection, store_dtype)
-    final = Path(index_dir) / "gradients"
-    partial = Path(index_dir) / "gradients.partial"
-    plan = {**_identity(adapter, template, rows, proj_dim, seed, projection),
-            "shard_rows": shard_rows, "batch_size": batch_size, "store_dtype": store_dtype}
-    if partial.exists():
-        old = partial / "plan.json"
-        if not old.exists() or json.loads(old.read_text()) != plan:
-            shutil.rmtree(partial)  # a different build was interrupted: start over
-    partial.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(partial / "plan.json", plan)
 
-    projector = make_projector(projection, adapter.num_params, proj_dim, seed)
-    n_shards = (len(rows) + shard_rows - 1) // shard_rows
-    dtype = np.dtype(STORE_DTYPES[store_dtype])
-    built = 0
-    report: dict[str, list[int]] = {}  # rows cut to max length or with nothing to score
-    for s in range(n_shards):
-        path = partial / f"shard-{s:05d}.npy"
-        lo, hi = s * shard_rows, min(len(rows), (s + 1) * shard_rows)
-        if path.exists() and _layout_or_none(path) == ((hi - lo, proj_dim), dtype):
-            if progress:
-                progress(hi - lo)
-            continue
-        texts = [template.format(rows.records[i]) for i in range(lo, hi)]
-        out = np.empty((hi - lo, proj_dim), dtype=np.float32)
-        order = length_order(texts)
-        for b in range(0, len(texts), batch_size):
-            take = order[b : b + batch_size]
-            grads = adapter.gradients([texts[i] for i in take], batch_size=batch_size,
-                                      warn=False)
-            for kind, idx in getattr(adapter, "last_report", {}).items():
-                report.setdefault(kind, []).extend(lo + int(take[j]) for j in idx)
-            out[take] = projector.project(grads)
-            if progress:
-                progress(len(take))
-        _save_npy_atomic(path, out.astype(STORE_DTYPES[store_dtype]))
-        built += 1
-        if stop_after_shards is not None and built >= stop_after_shards and s + 1 < n_shards:
-            raise KeyboardInterrupt("stopped on request (test hook)")
+    def __init__(self, index_dir: Path, plan: dict):
+        self.plan = plan
+        self.rows, self.shard_rows = plan["rows"], plan["shard_rows"]
+        self.proj_dim = plan["proj_dim"]
+        self.dtype = np.dtype(STORE_DTYPES[plan["store_dtype"]])
+        self.final = Path(index_dir) / "gradients"
+        self.partial = Path(index_dir) / "gradients.partial"
+        if self.partial.exists():
+            old = self.partial / "plan.json"
+            if not old.exists() or json.loads(old.read_text()) != plan:
+                shutil.rmtree(self.partial)  # a different build was interrupted: start over
+        self.partial.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.partial / "plan.json", plan)
 
-    if hasattr(adapter, "warn_report"):  # once for the whole build, rows named by id
-        adapter.warn_report({k: sorted(v) for k, v in report.items()}, len(rows),
-                            names=range(len(rows)))
-    shards, norms = [], []
-    for s in range(n_shards):
-        path = partial / f"shard-{s:05d}.npy"
-        lo, hi = s * shard_rows, min(len(rows), (s + 1) * shard_rows)
-        layout = _layout_or_none(path)
-        if layout != ((hi - lo, proj_dim), dtype):  # certify only what this plan made
-            raise UserError(f"gradient store build {partial}: {path.name} holds "
-                            f"{_layout_text(*layout) if layout else 'no readable array'}, "
-                            f"expected {_layout_text((hi - lo, proj_dim), dtype)}; "
-                            "rerun the build")
-        arr = np.load(path, mmap_mode="r")
-        norms.append(np.linalg.norm(np.asarray(arr, dtype=np.float32), axis=1))
-        shards.append({"file": path.name, "rows": [lo, hi],
-                       "bytes": path.stat().st_size, "sha256": _sha256(path)})
-    norms_path = partial / NORMS_NAME
-    _save_npy_atomic(norms_path, np.concatenate(norms).astype(np.float32))
-    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION,
-                "tool_version": __version__, **plan, "projection": projector.to_json(),
-                "shards": shards,
-                "norms": {"file": NORMS_NAME, "rows": len(rows),
-                          "bytes": norms_path.stat().st_size, "sha256": _sha256(norms_path)}}
-    write_json_atomic(partial / "manifest.json", manifest)
-    (partial / "plan.json").unlink()
-    old = None
-    if final.exists():  # ours (inside the locked index): swap, then delete the old one
-        old = final.with_name(f".gradients.old-{os.getpid()}")
-        os.replace(final, old)
-    os.replace(partial, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    return manifest
+    @property
+    def n_shards(self) -> int:
+        return (self.rows + self.shard_rows - 1) // self.shard_rows
+
+    def row_range(self, shard: int) -> tuple[int, int]:
+        return shard * self.shard_rows, min(self.rows, (shard + 1) * self.shard_rows)
+
+    def _path(self, shard: int) -> Path:
+        return self.partial / f"shard-{shard:05d}.npy"
+
+    def _expected(self, shard: int) -> tuple[tuple, np.dtype]:
+        lo, hi = self.row_range(shard)
+        return (hi - lo, self.proj_dim), self.dtype
+
+    def has(self, shard: int) -> bool:
+        """A shard that exists with the planned layout is complete (written atomically)."""
+        path = self._path(shard)
+        return path.exists() and _layout_or_none(path) == self._expected(shard)
+
+    def write(self, shard: int, vectors: np.ndarray) -> None:
+        lo, hi = self.row_range(shard)
+        if vectors.shape != (hi - lo, self.proj_dim):
+            raise ValueError(f"shard {shard}: got {vectors.shape}, planned "
+                             f"{(hi - lo, self.proj_dim)}")
+        _save_npy_atomic(self._path(shard), vectors.astype(self.dtype))
+
+    def commit(self, projection: dict) -> dict:
+        """Check every shard, write norms and the manifest last, swap the store in."""
+        shards, norms = [], []
+        for s in range(self.n_shards):
+            path, want = self._path(s), self._expected(s)
+            layout = _layout_or_none(path)
+            if layout != want:  # certify only what this plan made
+                raise UserError(f"gradient store build {self.partial}: {path.name} holds "
+                                f"{_layout_text(*layout) if layout else 'no readable array'}"
+                                f", expected {_layout_text(*want)}; rerun the build")
+            arr = np.load(path, mmap_mode="r")
+            norms.append(np.linalg.norm(np.asarray(arr, dtype=np.float32), axis=1))
+            shards.append({"file": path.name, "rows": list(self.row_range(s)),
+                           "bytes": path.stat().st_size, "sha256": _sha256(path)})
+        norms_path = self.partial / NORMS_NAME
+        _save_npy_atomic(norms_path, np.concatenate(norms).astype(np.float32))
+        manifest = {"format": FORMAT, "format_version": FORMAT_VERSION,
+                    "tool_version": __version__, **self.plan, "projection": projection,
+                    "shards": shards,
+                    "norms": {"file": NORMS_NAME, "rows": self.rows,
+                              "bytes": norms_path.stat().st_size,
+                              "sha256": _sha256(norms_path)}}
+        write_json_atomic(self.partial / "manifest.json", manifest)
+        (self.partial / "plan.json").unlink()
+        old = None
+        if self.final.exists():  # ours (inside the locked index): swap, then delete it
+            old = self.final.with_name(f".gradients.old-{os.getpid()}")
+            os.replace(self.final, old)
+        os.replace(self.partial, self.final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return manifest
 
 
 def _layout_or_none(path: Path) -> tuple[tuple, np.dtype] | None:
@@ -324,11 +301,13 @@ class GradientStore:
                             "rebuild it")
         self._check_file(norms, re.compile(re.escape(NORMS_NAME)), (n,), verify)
 
-    def check_compatible(self, adapter, template: PromptTemplate, rows: Rows) -> None:
-        """Refuse a store made for another model, adapter, parameter set, template or data."""
+    def check_compatible(self, model_identity: dict, template: PromptTemplate, rows: Rows
+                         ) -> None:
+        """Refuse a store made for another model, adapter, parameter set, dtype, template or
+        data (`model_identity`: the tracer's `CausalLMAdapter.identity()`)."""
         m = self.manifest
-        want = _identity(adapter, template, rows, m["proj_dim"], m["proj_seed"],
-                         self.projector.kind)
+        want = store_identity(model_identity, template, rows, m["proj_dim"], m["proj_seed"],
+                              self.projector.kind)
         detail = {  # readable reasons; the digests themselves say nothing to a person
             "model_sha256": lambda: f"the files of {want['model_dir']} differ from those of "
                                     f"{m.get('model_dir')} when the store was built",
@@ -377,8 +356,8 @@ class GradientStore:
         for shard in self.manifest["shards"]:
             lo, hi = shard["rows"]
             block = np.load(self.path / shard["file"], mmap_mode="r")
-            scores = _normalised(np.asarray(block, dtype=np.float32) @ q, norms[lo:hi], qn,
-                                 kind)
+            scores = align_dots(np.asarray(block, dtype=np.float32) @ q, norms[lo:hi], qn,
+                                kind)
             self._check_cosines(scores, np.arange(lo, hi), kind)
             key = np.abs(scores) if absolute else scores
             take = min(k, len(scores))
@@ -408,7 +387,7 @@ class GradientStore:
                 continue
             block = np.load(self.path / shard["file"], mmap_mode="r")
             vecs = np.asarray(block[ids[inside] - lo], dtype=np.float32)
-            out[inside] = _normalised(vecs @ q, norms[ids[inside]], qn, kind)
+            out[inside] = align_dots(vecs @ q, norms[ids[inside]], qn, kind)
             self._check_cosines(out[inside], ids[inside], kind)
         return out
 

@@ -1,0 +1,98 @@
+"""The featurization loop: every training row -> its projected loss gradient -> the store.
+
+Rows are formatted with the index's template, batched by length (less padding), their
+per-example gradients taken by the model, projected to K numbers and handed to the store
+writer shard by shard. Shards are fixed row ranges computed in fixed batches, so a
+resumed build is byte-identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from datablame.data.rows import Rows
+from datablame.data.template import PromptTemplate
+from datablame.features.projection import make_projector
+from datablame.models.hf_causal_lm import length_order
+from datablame.store.gradient_store import (
+    GradientStoreWriter,
+    check_store_options,
+    store_identity,
+)
+
+GRADIENT_BYTES_PER_BATCH = 1 << 30  # ~1 GB of fp32 per-example gradients per batch
+MAX_AUTO_BATCH = 32
+
+
+def auto_batch_size(num_params: int) -> int:
+    """The largest batch (up to 32) whose per-example gradients fit in ~1 GB: batching is
+    what makes featurization fast, memory is what bounds it."""
+    return int(min(MAX_AUTO_BATCH, max(1, (GRADIENT_BYTES_PER_BATCH // 4) // max(1, num_params))))
+
+
+def project_row_gradients(texts: list, model, projector, batch_size: int,
+                          progress: Callable[[int], None] | None = None,
+                          report: dict[str, list[int]] | None = None, offset: int = 0
+                          ) -> np.ndarray:
+    """(len(texts), K) float32 projected gradients; rows the model had to cut or could not
+    score are added to `report` under their global row id (offset + position)."""
+    out = np.empty((len(texts), projector.dim_out), dtype=np.float32)
+    order = length_order(texts)
+    for b in range(0, len(texts), batch_size):
+        take = order[b : b + batch_size]
+        grads = model.gradients([texts[i] for i in take], batch_size=batch_size, warn=False)
+        if report is not None:
+            for kind, idx in model.last_report.items():
+                report.setdefault(kind, []).extend(offset + int(take[j]) for j in idx)
+        out[take] = projector.project(grads)
+        if progress:
+            progress(len(take))
+    return out
+
+
+def build_gradient_store(
+    index_dir: Path,
+    rows: Rows,
+    template: PromptTemplate,
+    model,
+    *,
+    proj_dim: int = 2048,
+    seed: int = 0,
+    shard_rows: int = 4096,
+    batch_size: int = 0,
+    store_dtype: str = "fp16",
+    projection: str = "countsketch",
+    progress: Callable[[int], None] | None = None,
+    stop_after_shards: int | None = None,
+) -> dict:
+    """Compute, project and store every row's gradient (`model`: a `CausalLMAdapter`);
+    resumes an interrupted build. batch_size 0 picks `auto_batch_size`."""
+    if batch_size <= 0:
+        batch_size = auto_batch_size(model.num_params)
+    check_store_options(projection, store_dtype)
+    plan = {**store_identity(model.identity(), template, rows, proj_dim, seed, projection),
+            "shard_rows": shard_rows, "batch_size": batch_size, "store_dtype": store_dtype}
+    writer = GradientStoreWriter(index_dir, plan)
+    projector = make_projector(projection, model.num_params, proj_dim, seed)
+    report: dict[str, list[int]] = {}  # rows cut to max length or with nothing to score
+    built = 0
+    for s in range(writer.n_shards):
+        lo, hi = writer.row_range(s)
+        if writer.has(s):
+            if progress:
+                progress(hi - lo)
+            continue
+        texts = [template.format(rows.records[i]) for i in range(lo, hi)]
+        writer.write(s, project_row_gradients(texts, model, projector, batch_size, progress,
+                                              report, offset=lo))
+        built += 1
+        if stop_after_shards is not None and built >= stop_after_shards \
+                and s + 1 < writer.n_shards:
+            raise KeyboardInterrupt("stopped on request (test hook)")
+    # once for the whole build, rows named by id
+    model.warn_report({k: sorted(v) for k, v in report.items()}, len(rows),
+                      names=range(len(rows)))
+    return writer.commit(projector.to_json())
