@@ -291,8 +291,10 @@ def test_plain_progress_lines_when_stderr_is_not_a_terminal(capsys, monkeypatch)
     assert len(lines) == 10
 
 
-def test_trace_no_verify_with_damaged_shard_header_is_one_line(small_index, random_lora_model,
-                                                                monkeypatch, capsys):
+@pytest.mark.parametrize("flag", ["--no-checksum", "--no-verify"])  # the new name, the old
+def test_trace_no_checksum_with_damaged_shard_header_is_one_line(flag, small_index,
+                                                                 random_lora_model,
+                                                                 monkeypatch, capsys):
     data, idx = small_index
     base, adapter = random_lora_model
     code, _, err = run_cli(monkeypatch, capsys, "index", data, "--out", idx, "--gradients",
@@ -303,5 +305,5 @@ def test_trace_no_verify_with_damaged_shard_header_is_one_line(small_index, rand
     raw[12:20] = b"@@@@@@@@"
     shard.write_bytes(bytes(raw))
     code, _, err = run_cli(monkeypatch, capsys, "trace", idx, "--model", base, "--adapter",
-                           adapter, "--query", "Fixed.", "--all-rows", "--no-verify")
+                           adapter, "--query", "Fixed.", "--all-rows", flag)
     _assert_one_line_error(code, err, "shard-00000.npy has a damaged header")

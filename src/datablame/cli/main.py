@@ -197,8 +197,11 @@ def trace(
     all_rows: Annotated[bool, typer.Option("--all-rows", help="Score every row from the "
                                            "gradient store instead of retrieved candidates.")
                         ] = False,
-    verify: Annotated[bool, typer.Option(help="Checksum the gradient shards before use.")
-                      ] = True,
+    checksum: Annotated[bool, typer.Option("--checksum/--no-checksum",
+                                           "--verify/--no-verify",  # old name, one release
+                                           help="Checksum the gradient shards before use "
+                                                "(--no-checksum: size and header checks "
+                                                "only).")] = True,
     rerank: Annotated[int, typer.Option(help="With --all-rows: re-rank this many of the "
                                              "store's best rows with exact gradients (0: "
                                              "projected scores only).")] = 100,
@@ -274,7 +277,7 @@ def trace(
                                  checkpoints=ckpts or None)
     elif all_rows:
         df = tracer.trace_all_rows(the_query, top_k=top_k, alignment=alignment,
-                                   verify=verify, rerank=rerank, rank_by=rank_by)
+                                   verify=checksum, rerank=rerank, rank_by=rank_by)
     else:
         df = tracer.trace(the_query, top_k=top_k, alignment=alignment, rank_by=rank_by)
     if out is not None:

@@ -393,7 +393,7 @@ class GradientStore:
 
     def _check_cosines(self, scores: np.ndarray, row_ids: np.ndarray, kind: str) -> None:
         """A cosine outside [-1, 1] means the vectors or their norms are damaged: refuse
-        rather than label a 62.9 `strong` (a last line of defence under --no-verify)."""
+        rather than label a 62.9 `strong` (a last line of defence under --no-checksum)."""
         if kind != "cosine" or not len(scores):
             return
         worst = int(np.argmax(np.abs(np.nan_to_num(scores, nan=0.0))))
