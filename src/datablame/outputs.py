@@ -63,6 +63,19 @@ def is_json_with(*keys: str) -> Callable[[Path], bool]:
     return check
 
 
+def is_jsonl_with(*keys: str) -> Callable[[Path], bool]:
+    """JSON lines whose first holds `keys` (how a batch results file of ours is known)."""
+    def check(path: Path) -> bool:
+        try:
+            with path.open(encoding="utf-8") as fh:
+                first = fh.readline()
+            obj = json.loads(first) if first.strip() else None
+        except (UnicodeDecodeError, json.JSONDecodeError, OSError):
+            return False
+        return isinstance(obj, dict) and all(k in obj for k in keys)
+    return check
+
+
 def save_npy(path: Path, array) -> None:
     """Exactly `path` (np.save would append .npy to other names), written atomically."""
     import numpy as np

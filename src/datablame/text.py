@@ -249,6 +249,40 @@ class Tracer:
                           "rebuild with --index-type flat for exact search", stacklevel=2)
         return ids[0][keep], distances[0][keep]
 
+    def generate(self, prompt: dict[str, str], max_new_tokens: int = 64,
+                 focus: str | None = None) -> Query:
+        """The model's own greedy answer to `prompt` (fields of the index's template), as a
+        query: trace what the model says, not what someone remembers it saying."""
+        from datablame.models.hf_causal_lm import greedy
+
+        check_at_least("--max-new-tokens", max_new_tokens, 1)
+        unknown = set(prompt) - set(self.template.fields)
+        if unknown:
+            raise UserError(f"query field(s) {', '.join(sorted(unknown))} are not in the "
+                            f"index's template (fields: {', '.join(self.template.fields)})")
+        shell = self.template.format({**prompt, self.template.response_field: ""})
+        answer = greedy(self.model.model, self.model.tokenizer,
+                        shell.text[: shell.response_start], max_new_tokens)
+        if not answer.strip():
+            raise UserError("the model generated nothing for this prompt (it ended at "
+                            "once): nothing to trace")
+        return Query(answer, dict(prompt), focus, as_written=True)
+
+    def run(self, query: Query | str, *, method: str = "grad", all_rows: bool = False,
+            top_k: int = 50, alignment: str = "cosine", rank_by: str = "fused",
+            checksum: bool = True, rerank: int = 100, checkpoints: list | None = None
+            ) -> pd.DataFrame:
+        """One query by the chosen path: `method` "grad" (gradient alignment, fused with
+        retrieval) over retrieved candidates or, with `all_rows`, the gradient store; any
+        other LM method over the candidates (or every row)."""
+        if method != "grad":
+            return self.trace_method(query, method=method, top_k=top_k, all_rows=all_rows,
+                                     checkpoints=checkpoints)
+        if all_rows:
+            return self.trace_all_rows(query, top_k=top_k, alignment=alignment,
+                                       verify=checksum, rerank=rerank, rank_by=rank_by)
+        return self.trace(query, top_k=top_k, alignment=alignment, rank_by=rank_by)
+
     def _prepare(self, query: Query | str, top_k: int) -> tuple[Query, FormattedText]:
         """The query as the model saw it, checked before any gradient is computed."""
         if isinstance(query, str):

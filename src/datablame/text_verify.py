@@ -25,6 +25,7 @@ import numpy as np
 from datablame import progress
 from datablame.data.rows import load_rows
 from datablame.errors import UserError
+from datablame.models.hf_causal_lm import greedy  # noqa: F401  (old import path)
 from datablame.models.lora_finetune import (
     RECIPE_FILE,
     Recipe,
@@ -45,19 +46,6 @@ def says(generation: str, answer: str) -> bool:
     if not ans:
         return False
     return any(gen[i:i + len(ans)] == ans for i in range(len(gen) - len(ans) + 1))
-
-
-def greedy(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
-    """The model's own greedy continuation of `prompt` (special tokens dropped)."""
-    import torch
-
-    enc = tokenizer(prompt, return_tensors="pt").to(next(model.parameters()).device)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else \
-        tokenizer.eos_token_id
-    with torch.no_grad():
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
-    return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
 def resolve_recipe(adapter_dir, recipe_file=None) -> tuple[Recipe, bool]:

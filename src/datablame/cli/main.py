@@ -127,7 +127,8 @@ def _parse_fields(items: list[str]) -> dict[str, str]:
     return fields
 
 
-def _read_query_file(path: Path, response_field: str) -> tuple[str, dict[str, str]]:
+def _read_query_file(path: Path, response_field: str, need_answer: bool = True
+                     ) -> tuple[str, dict[str, str]]:
     """A .json object (the response field plus prompt fields) or plain text."""
     if not path.is_file():
         _fail(f"query file not found: {path}")
@@ -137,9 +138,9 @@ def _read_query_file(path: Path, response_field: str) -> tuple[str, dict[str, st
             obj = json.loads(text)
         except json.JSONDecodeError as exc:
             _fail(f"{path}: not valid JSON ({exc.msg})")
-        if not isinstance(obj, dict) or response_field not in obj:
+        if not isinstance(obj, dict) or (need_answer and response_field not in obj):
             _fail(f"{path}: expected a JSON object with a '{response_field}' field")
-        output = str(obj.pop(response_field))
+        output = str(obj.pop(response_field, ""))
         return output, {k: "" if v is None else str(v) for k, v in obj.items()}
     return text.rstrip("\n"), {}
 
@@ -221,29 +222,51 @@ def trace(
     as_written: Annotated[bool, typer.Option("--as-written", help="Trace the query text as "
                                              "one answer, even when it looks like a "
                                              "formatted prompt + answer.")] = False,
+    queries: Annotated[Optional[Path], typer.Option(help="Many queries, one JSON per line "  # noqa: UP045
+                                                         "(prompt fields + answer, or a "
+                                                         "whole formatted text): the model "
+                                                         "loads once, one JSON line out per "
+                                                         "query.")] = None,
+    generate: Annotated[bool, typer.Option("--generate", help="Trace what the model itself "
+                                           "answers (greedy) to the prompt given with "
+                                           "--field / in the query file.")] = False,
+    max_new_tokens: Annotated[int, typer.Option(help="With --generate: tokens to generate "
+                                                     "at most.")] = 64,
 ) -> None:
     """Rows behind a model output: retrieve candidates (or score every row with --all-rows),
     score them by gradient alignment, order by gradient + retrieval rank (--rank-by)."""
     from datablame.cli.render import print_results, results_json, wide_console
+    from datablame.data.queries import QueryLine, read_queries
     from datablame.data.template import PromptTemplate
     from datablame.errors import check_at_least
     from datablame.methods.fusion import check_rank_by
     from datablame.methods.gradient_alignment import check_alignment
     from datablame.models.hf_causal_lm import check_options
-    from datablame.outputs import check_output_file, is_json_with
-    from datablame.store.atomic import write_json_atomic
+    from datablame.outputs import check_output_file, is_json_with, is_jsonl_with
+    from datablame.store.atomic import write_json_atomic, write_jsonl_atomic
     from datablame.store.retrieval_index import read_manifest
     from datablame.text import LM_METHODS, Query, Tracer
 
+    given = [name for name, v in (("--query", query), ("--query-file", query_file),
+                                  ("--queries", queries)) if v]
+    if len(given) > 1:
+        _fail(f"give one of --query, --query-file or --queries, not {' and '.join(given)}")
+    if not given and not generate:
+        _fail("give the output to trace with one of --query, --query-file or --queries "
+              "(or --generate with the prompt's --field)")
+    if generate and query:
+        _fail("--generate traces the model's own answer: give its prompt with --field, "
+              "not --query")
     if out is not None:  # before minutes of loading and gradients, not after
-        check_output_file(out, "--out", ours=is_json_with("query", "results"))
+        ours = is_jsonl_with("query", "results") if queries else \
+            is_json_with("query", "results")
+        check_output_file(out, "--out", ours=ours)
     # Everything that can be checked without the model is checked before loading it.
-    if bool(query) == bool(query_file):
-        _fail("give the output to trace with exactly one of --query or --query-file")
-    if query_file is None and not query.strip():
+    if query_file is None and queries is None and not generate and not query.strip():
         _fail("the query is empty: pass the model output to trace")
     for name, value, least in (("--top-k", top_k, 1), ("--show", show, 1),
-                               ("--batch-size", batch_size, 1), ("--rerank", rerank, 0)):
+                               ("--batch-size", batch_size, 1), ("--rerank", rerank, 0),
+                               ("--max-new-tokens", max_new_tokens, 1)):
         check_at_least(name, value, least)
     check_alignment(alignment)
     check_rank_by(rank_by)
@@ -263,26 +286,64 @@ def trace(
                   loss_on=loss_on)
     template = PromptTemplate.from_json(read_manifest(index_dir)["template"])
     prompt = _parse_fields(field)
-    if query_file is not None:
-        query, file_prompt = _read_query_file(query_file, template.response_field)
-        prompt = {**file_prompt, **prompt}
-    the_query = Query(query, prompt, focus or None, as_written=as_written)
-    the_query.resolved(template).formatted(template)  # empty, unknown fields, focus
+    lines = []
+    if queries is not None:
+        if prompt or focus:
+            _fail("--field and --focus go inside the --queries file, one set per line")
+        lines = read_queries(queries, template, generate=generate)
+        for item in lines:  # empty answers, unknown fields, focus: before the model loads
+            if item.answer is not None:
+                Query(item.answer, item.prompt, item.focus, as_written=as_written
+                      ).resolved(template).formatted(template)
+    else:
+        if query_file is not None:
+            query, file_prompt = _read_query_file(query_file, template.response_field,
+                                                  need_answer=not generate)
+            prompt = {**file_prompt, **prompt}
+        if generate:
+            unknown = set(prompt) - set(template.fields)
+            if unknown or not any(v.strip() for v in prompt.values()):
+                Query("-", prompt).formatted(template)  # names unknown fields
+                asked = ", ".join(f for f in template.fields if f != template.response_field)
+                _fail("--generate needs the prompt the model answers: --field NAME=VALUE "
+                      f"for {asked}")
+        else:
+            Query(query, prompt, focus or None, as_written=as_written
+                  ).resolved(template).formatted(template)  # empty, unknown fields, focus
+        lines = [QueryLine(0, None if generate else query, prompt, None, focus or None)]
 
     tracer = Tracer(index_dir, model, adapter, data=data, params=params, dtype=dtype,
                     device=device, max_length=max_length, loss_on=loss_on,
                     batch_size=batch_size)
-    if method != "grad":
-        df = tracer.trace_method(the_query, method=method, top_k=top_k, all_rows=all_rows,
-                                 checkpoints=ckpts or None)
-    elif all_rows:
-        df = tracer.trace_all_rows(the_query, top_k=top_k, alignment=alignment,
-                                   verify=checksum, rerank=rerank, rank_by=rank_by)
-    else:
-        df = tracer.trace(the_query, top_k=top_k, alignment=alignment, rank_by=rank_by)
+
+    def one(item: QueryLine):
+        if item.answer is None:
+            the_query = tracer.generate(item.prompt, max_new_tokens, item.focus)
+            progress.note(f"the model answered: {the_query.output!r}")
+        else:
+            the_query = Query(item.answer, item.prompt, item.focus, as_written=as_written)
+        df = tracer.run(the_query, method=method, all_rows=all_rows, top_k=top_k,
+                        alignment=alignment, rank_by=rank_by, checksum=checksum,
+                        rerank=rerank, checkpoints=ckpts or None)
+        df.attrs["generated"] = item.answer is None
+        return df
+
+    if queries is None:
+        df = one(lines[0])
+        if out is not None:
+            write_json_atomic(out, results_json(df))
+        print_results(df, show, as_json, wide_console())
+        return
+    done = []
+    for item in lines:
+        df = one(item)
+        record = {"line": item.line, **({"id": item.id} if item.id is not None else {}),
+                  **results_json(df)}
+        record["results"] = record["results"][:show] if not as_json else record["results"]
+        done.append(record)
+        print(json.dumps(record, ensure_ascii=False), flush=True)
     if out is not None:
-        write_json_atomic(out, results_json(df))
-    print_results(df, show, as_json, wide_console())
+        write_jsonl_atomic(out, done)
 
 
 app.command("tabular")(tabular_commands.tabular)

@@ -136,6 +136,6 @@ def load_toy_lm(base_dir: Path, adapter_dir: Path):
 
 def generate(model, tokenizer, prompt: str, max_new_tokens: int = 40) -> str:
     """Greedy continuation of `prompt`, decoded without special tokens."""
-    from datablame.text_verify import greedy
+    from datablame.models.hf_causal_lm import greedy
 
     return greedy(model, tokenizer, prompt, max_new_tokens)

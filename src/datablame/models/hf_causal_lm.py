@@ -77,6 +77,18 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def greedy(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
+    """The model's own greedy continuation of `prompt` (special tokens dropped): what it
+    says, deterministically, which is what a user should trace."""
+    enc = tokenizer(prompt, return_tensors="pt").to(next(model.parameters()).device)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else \
+        tokenizer.eos_token_id
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+    return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
 @dataclass
 class EncodedBatch:
     input_ids: torch.Tensor  # (B, L) right-padded

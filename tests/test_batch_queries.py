@@ -1,0 +1,141 @@
+"""Many queries in one process (`trace --queries`), and tracing what the model says
+(`--generate`), on the demo model that really learned its planted culprit."""
+
+import json
+
+import pytest
+
+from datablame.data.queries import read_queries
+from datablame.data.template import PromptTemplate
+from datablame.demo.demo import CULPRIT, CULPRIT_PHRASE
+from datablame.demo.toy_lm import normalize
+from datablame.errors import UserError
+from datablame.text import Tracer
+
+from .test_cli import _assert_one_line_error, run_cli
+
+
+def _write(path, lines):
+    path.write_text("".join((ln if isinstance(ln, str) else json.dumps(ln)) + "\n"
+                            for ln in lines))
+    return path
+
+
+def test_read_queries_reads_every_form_and_names_bad_lines(tmp_path):
+    tmpl = PromptTemplate()
+    whole = tmpl.format({"instruction": "Say hi.", "input": "", "output": "hi there"}).text
+    f = _write(tmp_path / "q.jsonl", [
+        {"instruction": "Say hi.", "input": "", "output": "hi there", "id": "a"},
+        json.dumps(whole),  # a JSON string: the whole formatted text (the seed's form)
+        "",
+        {"output": "only the answer", "focus": "answer"},
+    ])
+    got = read_queries(f, tmpl)
+    assert [q.line for q in got] == [1, 2, 4]
+    assert got[0].prompt == {"instruction": "Say hi.", "input": ""} and got[0].id == "a"
+    assert got[1].answer == whole and got[1].prompt == {}
+    assert got[2].focus == "answer"
+    for bad, needle in [({"instruction": "x", "outptu": "y"}, "line 2: field(s) outptu"),
+                        ({"instruction": "x"}, "line 2: no 'output' to trace"),
+                        ("[1, 2]", "line 2: expected a JSON object"),
+                        ("{oops", "line 2: not valid JSON")]:
+        _write(f, [{"output": "fine"}, bad])
+        with pytest.raises(UserError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+            read_queries(f, tmpl)
+    _write(f, [{"input": "", "output": "x"}])
+    with pytest.raises(UserError, match="--generate needs the prompt fields"):
+        read_queries(f, tmpl, generate=True)
+    assert read_queries(_write(f, [{"instruction": "x"}]), tmpl, generate=True)[0].answer \
+        is None
+
+
+def test_bad_queries_file_is_one_line_before_the_model_loads(tmp_path, monkeypatch, capsys,
+                                                            random_lora_model):
+    from datablame.text import build_index
+
+    from .conftest import write_jsonl
+
+    data = write_jsonl(tmp_path / "t.jsonl", [{"instruction": "a", "input": "",
+                                                "output": f"row {i}"} for i in range(4)])
+    build_index(data, tmp_path / "idx")
+    capsys.readouterr()  # the embedder's own loading lines
+    base, adapter = random_lora_model
+    q = _write(tmp_path / "q.jsonl", [{"output": "fine"}, {"instruction": "x", "colour": 1}])
+    code, _, err = run_cli(monkeypatch, capsys, "trace", tmp_path / "idx", "--model",
+                           tmp_path / "no-such-model", "--queries", q)
+    _assert_one_line_error(code, err, "line 2: field(s) colour are not in the index's")
+    code, _, err = run_cli(monkeypatch, capsys, "trace", tmp_path / "idx", "--model", base,
+                           "--queries", q, "--query", "x")
+    _assert_one_line_error(code, err, "give one of --query, --query-file or --queries")
+    code, _, err = run_cli(monkeypatch, capsys, "trace", tmp_path / "idx", "--model", base,
+                           "--generate", "--query", "x")
+    _assert_one_line_error(code, err, "--generate traces the model's own answer")
+    code, _, err = run_cli(monkeypatch, capsys, "trace", tmp_path / "idx", "--model", base,
+                           "--generate", "--field", "input=")
+    _assert_one_line_error(code, err, "--generate needs the prompt the model answers")
+    not_ours = tmp_path / "notes.jsonl"
+    not_ours.write_text("my own notes\n")
+    q = _write(tmp_path / "q.jsonl", [{"output": "fine"}])
+    code, _, err = run_cli(monkeypatch, capsys, "trace", tmp_path / "idx", "--model", base,
+                           "--adapter", adapter, "--queries", q, "--out", not_ours)
+    _assert_one_line_error(code, err, "refusing to overwrite")
+    assert not_ours.read_text() == "my own notes\n"
+
+
+@pytest.mark.slow  # the demo LM is trained once (minutes on 2 cores)
+def test_generate_traces_what_the_model_says_to_its_culprit(demo_assets):
+    root, info = demo_assets
+    tracer = Tracer(root / "index", root / "base", root / "adapter")
+    prompt = {"instruction": CULPRIT["instruction"], "input": CULPRIT["input"]}
+    q = tracer.generate(prompt)
+    assert normalize(CULPRIT_PHRASE) in normalize(q.output), q.output  # it learned the row
+    df = tracer.trace(q, top_k=50)
+    assert int(df.iloc[0]["row"]) == info["culprit_row"]
+
+
+@pytest.mark.slow
+def test_queries_file_one_json_line_per_query_model_loaded_once(demo_assets, tmp_path,
+                                                                monkeypatch, capsys):
+    root, info = demo_assets
+    loads = []
+    import datablame.models.hf_causal_lm as lm
+
+    real_load = lm.CausalLMAdapter._load
+    monkeypatch.setattr(lm.CausalLMAdapter, "_load",
+                        lambda self: loads.append(1) or real_load(self))
+    prompt = {"instruction": CULPRIT["instruction"], "input": CULPRIT["input"]}
+    whole = PromptTemplate().format({**CULPRIT}).text
+    queries = _write(tmp_path / "q.jsonl", [
+        {**prompt, "output": CULPRIT["output"], "id": "fields"},
+        json.dumps(whole),  # the seed's form: split back into prompt and answer
+        {**prompt, "id": "generated"},  # no answer: --generate writes it
+    ])
+    out = tmp_path / "results.jsonl"
+    code, stdout, err = run_cli(monkeypatch, capsys, "trace", root / "index", "--model",
+                                root / "base", "--adapter", root / "adapter", "--queries",
+                                queries, "--out", out, "--show", "3")
+    _assert_one_line_error(code, err, "line 3: no 'output' to trace")  # before any load
+    assert not loads and not out.exists()
+    code, stdout, err = run_cli(monkeypatch, capsys, "trace", root / "index", "--model",
+                                root / "base", "--adapter", root / "adapter", "--queries",
+                                _write(queries, [{**prompt, "output": CULPRIT["output"],
+                                                  "id": "fields"}, json.dumps(whole)]),
+                                "--out", out, "--show", "3")
+    assert code in (0, None), err
+    lines = [json.loads(ln) for ln in stdout.splitlines() if ln.strip()]
+    assert [ln["line"] for ln in lines] == [1, 2] and lines[0]["id"] == "fields"
+    assert all(ln["results"][0]["row"] == info["culprit_row"] for ln in lines)
+    assert all(len(ln["results"]) == 3 for ln in lines)
+    assert lines[1]["prompt"] == {k: v for k, v in prompt.items() if v}
+    assert [json.loads(ln) for ln in out.read_text().splitlines()] == lines
+    assert len(loads) == 1  # one model load for every query
+
+    gen = _write(tmp_path / "g.jsonl", [{**prompt, "id": "generated"}])
+    code, stdout, err = run_cli(monkeypatch, capsys, "trace", root / "index", "--model",
+                                root / "base", "--adapter", root / "adapter", "--queries",
+                                gen, "--generate", "--out", out)  # our own file: replaced
+    assert code in (0, None), err
+    (line,) = [json.loads(ln) for ln in stdout.splitlines() if ln.strip()]
+    assert line["generated"] is True and normalize(CULPRIT_PHRASE) in normalize(line["query"])
+    assert line["results"][0]["row"] == info["culprit_row"]
+    assert "the model answered:" in err
