@@ -164,6 +164,41 @@ def test_verify_confirms_the_planted_culprit_by_re_fine_tuning(facts, tmp_path, 
     assert json.loads((tmp_path / "v2.json").read_text())["verdict"] != "confirmed"
 
 
+@pytest.mark.slow
+def test_lds_by_re_fine_tuning_on_halves_credits_the_planted_culprit(facts, tmp_path,
+                                                                    monkeypatch, capsys):
+    """Only row 0 states the queried fact: a trace that scores row 0 predicts which halves
+    keep the answer's loss low (high LDS); one that scores a filler row does not. The
+    halves' adapters are cached: the second trace costs no fine-tune."""
+    code, _, err = run_cli(monkeypatch, capsys, "finetune", facts / "train.jsonl", "--model",
+                           facts / "base", "--out", tmp_path / "adapter", "--recipe",
+                           facts / "recipe.yaml")
+    assert code in (0, None), err
+    query = json.loads((facts / "query.json").read_text())
+    lds = {}
+    for blamed in (0, 9):
+        trace = tmp_path / f"trace-{blamed}.json"
+        trace.write_text(json.dumps({
+            "query": query["output"], "prompt": {"instruction": query["instruction"]},
+            "results": [{"rank": 1, "row": blamed, "score": 0.9}]}))
+        code, _, err = run_cli(monkeypatch, capsys, "verify", facts / "train.jsonl",
+                               "--model", facts / "base", "--adapter", tmp_path / "adapter",
+                               "--trace", trace, "--remove-top-k", "1", "--random", "1",
+                               "--lds-subsets", "10", "--cache", tmp_path / "cache", "--out",
+                               tmp_path / f"v{blamed}.json")
+        assert code in (0, None), err
+        assert "the trace lists 1 of 16 rows" in " ".join(err.split())
+        result = json.loads((tmp_path / f"v{blamed}.json").read_text())["lds"]
+        assert result["subsets"] == 10 and result["scored_by"] == "score"
+        lds[blamed] = result["lds"]
+        if blamed == 0:
+            halves = sorted(p.name for p in (tmp_path / "cache").glob("half-*"))
+    assert sorted(p.name for p in (tmp_path / "cache").glob("half-*")) == halves
+    assert len(halves) == 10
+    assert lds[0] > 0.7, lds
+    assert lds[9] < lds[0] - 0.3, lds
+
+
 def test_finetune_and_verify_refuse_bad_recipes_and_queries(fact_files, tmp_path, monkeypatch,
                                                             capsys, random_lora_model):
     base, adapter = random_lora_model
@@ -198,6 +233,8 @@ def test_finetune_and_verify_refuse_bad_recipes_and_queries(fact_files, tmp_path
     _assert_one_line_error(code, err, "not valid JSON")
     code, _, err = run_cli(monkeypatch, capsys, *args, "--recipe", fits, "--remove", "99")
     _assert_one_line_error(code, err, "out of range")
+    code, _, err = run_cli(monkeypatch, capsys, *args, "--recipe", fits, "--lds-subsets", "8")
+    _assert_one_line_error(code, err, "LDS needs every row's score for the query")
     assert not (tmp_path / "v.json").exists()
 
 

@@ -90,16 +90,8 @@ def verify_text(train_file, base_dir, adapter_dir, query, *, remove: list[int],
     whole formatted text). Returns JSON-able results with a verdict."""
     from datablame.data.template import FormattedText
 
-    rows = load_rows(train_file)
+    rows, recipe, recorded = _rows_and_recipe(train_file, adapter_dir, recipe_file)
     n = len(rows)
-    recipe, own = resolve_recipe(adapter_dir, recipe_file)
-    recorded: dict = {}
-    if own:
-        recorded = json.loads((Path(adapter_dir) / RECIPE_FILE).read_text())
-        fingerprint = recorded.get("data_fingerprint")
-        if fingerprint and fingerprint != rows.fingerprint():
-            raise UserError(f"the adapter {adapter_dir} was fine-tuned on other rows than "
-                            f"{train_file} (data fingerprints differ)")
     remove = sorted(set(int(r) for r in remove))
     if not remove:
         raise UserError("nothing to remove: give the rows a trace blamed (--remove or --trace)")
@@ -155,6 +147,84 @@ def verify_text(train_file, base_dir, adapter_dir, query, *, remove: list[int],
     return result
 
 
+def _rows_and_recipe(train_file, adapter_dir, recipe_file):
+    """(rows, recipe, what finetune recorded or {}): the rows must be the adapter's own."""
+    rows = load_rows(train_file)
+    recipe, own = resolve_recipe(adapter_dir, recipe_file)
+    recorded: dict = {}
+    if own:
+        recorded = json.loads((Path(adapter_dir) / RECIPE_FILE).read_text())
+        fingerprint = recorded.get("data_fingerprint")
+        if fingerprint and fingerprint != rows.fingerprint():
+            raise UserError(f"the adapter {adapter_dir} was fine-tuned on other rows than "
+                            f"{train_file} (data fingerprints differ)")
+    return rows, recipe, recorded
+
+
+def lds_text(train_file, base_dir, adapter_dir, query, scores: np.ndarray, *,
+             n_subsets: int, recipe_file=None, cache=None, seed: int = 0) -> dict:
+    """Linear datamodeling score of one query's row scores: re-fine-tune with the recipe on
+    `n_subsets` random halves of the rows, and correlate (Spearman) the query loss each
+    half gives with the loss the scores predict for it (minus their sum over the rows
+    kept). Each half's adapter is kept in `cache`, so an interrupted run resumes and a
+    second query costs no fine-tune."""
+    from datablame.verify import SubsetRetraining, spearman
+
+    rows, recipe, _ = _rows_and_recipe(train_file, adapter_dir, recipe_file)
+    n = len(rows)
+    scores = np.asarray(scores, dtype=float)
+    if scores.shape != (n,):
+        raise UserError(f"LDS needs one score per training row ({n}), got {scores.shape}")
+    if n_subsets < 5:
+        raise UserError(f"--lds-subsets {n_subsets}: a rank correlation needs at least 5 "
+                        "retrainings (20 or more to read it)")
+    q = query.formatted(recipe.prompt_template())
+    tmp = Path(tempfile.mkdtemp(prefix="datablame-lds-")) if cache is None else None
+    cache_dir = Path(cache) if cache is not None else tmp
+
+    def retrain(keep: np.ndarray, _seed: int) -> np.ndarray:
+        from datablame.models.hf_causal_lm import CausalLMAdapter
+
+        keep_ids = keep.tolist()
+        out = _run_dir(cache_dir, "half", keep_ids, recipe)
+        if not (out / RECIPE_FILE).exists():
+            finetune(rows, base_dir, out, recipe, keep=keep_ids, show_progress=False)
+        lm = CausalLMAdapter(base_dir, out, max_length=recipe.max_length,
+                             loss_on=recipe.loss_on)
+        return lm.losses([q])
+
+    try:
+        halves = SubsetRetraining(retrain, n, n_subsets=n_subsets, seed=seed)
+        actual = halves.run()[:, 0]
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    predicted = -(halves.masks.astype(float) @ scores)
+    rho = spearman(predicted, actual)
+    rng = np.random.default_rng(seed)
+    boots = [spearman(predicted[i], actual[i]) for i in
+             (rng.integers(0, n_subsets, n_subsets) for _ in range(1000))]
+    return {"lds": rho, "ci95": [float(np.percentile(boots, 2.5)),
+                                 float(np.percentile(boots, 97.5))],
+            "subsets": n_subsets, "query_loss": {"min": float(actual.min()),
+                                                 "max": float(actual.max())}}
+
+
+def scores_from_trace(path: str | os.PathLike, n: int) -> tuple[np.ndarray, str, int]:
+    """(one score per row, which column, how many rows the trace listed) from a `trace
+    --out` file: the ordering key ("fused" when the trace fused, else "score"); rows the
+    trace did not list count as 0."""
+    results = _trace_results(Path(path))
+    key = "fused" if all("fused" in r for r in results) else "score"
+    scores = np.zeros(n)
+    for r in results:
+        row = int(r["row"])
+        if not 0 <= row < n:
+            raise UserError(f"{path}: row {row} is not a row of the training file (0..{n - 1})")
+        scores[row] = float(r[key])
+    return scores, key, len(results)
+
+
 def _is_all_rows_run(recorded: dict, base_dir, recipe: Recipe, n: int) -> bool:
     """Did `finetune` make the adapter with this recipe, every row, and this base (by
     content)? Then retraining on all rows would reproduce it exactly (tested)."""
@@ -199,7 +269,11 @@ def _verdict(result: dict) -> tuple[str, str]:
 
 def rows_from_trace(path: str | os.PathLike, top_k: int) -> list[int]:
     """The top-k rows of a `trace --out` results file."""
-    path = Path(path)
+    ranked = sorted(_trace_results(Path(path)), key=lambda r: r.get("rank", 0))
+    return [int(r["row"]) for r in ranked[:top_k]]
+
+
+def _trace_results(path: Path) -> list[dict]:
     if not path.is_file():
         raise UserError(f"trace results not found: {path}")
     try:
@@ -210,5 +284,4 @@ def rows_from_trace(path: str | os.PathLike, top_k: int) -> list[int]:
     if not isinstance(results, list) or not all(isinstance(r, dict) and "row" in r
                                                 for r in results):
         raise UserError(f"{path}: not a trace results file (no ranked rows with a 'row')")
-    ranked = sorted(results, key=lambda r: r.get("rank", 0))
-    return [int(r["row"]) for r in ranked[:top_k]]
+    return results

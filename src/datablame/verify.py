@@ -30,7 +30,7 @@ from datablame.store.atomic import write_json_atomic
 Retrain = Callable[[np.ndarray, int], np.ndarray]  # (row ids kept, seed) -> query losses
 
 
-def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
     ra = np.argsort(np.argsort(a, kind="stable"), kind="stable").astype(float)
     rb = np.argsort(np.argsort(b, kind="stable"), kind="stable").astype(float)
     ra -= ra.mean()
@@ -85,7 +85,7 @@ def lds(scores: np.ndarray, subsets: SubsetRetraining) -> dict:
     """
     actual = subsets.run()  # (M, Q)
     predicted = -(subsets.masks.astype(float) @ np.asarray(scores, dtype=float).T)  # (M, Q)
-    per_query = np.array([_spearman(predicted[:, q], actual[:, q])
+    per_query = np.array([spearman(predicted[:, q], actual[:, q])
                           for q in range(actual.shape[1])])
     rng = np.random.default_rng(0)
     boots = [per_query[rng.integers(0, len(per_query), len(per_query))].mean()

@@ -38,8 +38,10 @@ def verify(
                       ] = "auto",
     trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow a .pkl/.joblib "
                                                "model.")] = False,
-    lds_subsets: Annotated[int, typer.Option(help="Random 50% subsets for LDS (0: skip).")
-                           ] = 50,
+    lds_subsets: Annotated[Optional[int], typer.Option(  # noqa: UP045
+        help="Random 50% subsets for LDS (0: skip; default 50 for a tabular model, 0 for an "
+             "LM: each subset is one fine-tune; an LM needs a --trace of every row's "
+             "scores: trace --all-rows --top-k N).", show_default=False)] = None,
     remove_top_k: Annotated[int, typer.Option(help="k for remove-top-k vs random-k (0: "
                                                    "skip). LM with --trace: remove the "
                                                    "trace's top k.")] = 10,
@@ -71,8 +73,9 @@ def verify(
     say it?"""
     if model.is_dir():
         _verify_text(train_file, model, adapter, query, trace, remove, remove_top_k, random,
-                     recipe, field, out, cache)
+                     recipe, field, out, cache, lds_subsets or 0)
         return
+    lds_subsets = 50 if lds_subsets is None else lds_subsets
     if not target:
         fail("--target is required for a tabular model (the target column)")
     if query is None:
@@ -85,12 +88,18 @@ def verify(
 
 
 def _verify_text(train_file, model, adapter, query_file, trace, remove, top_k, n_random,
-                 recipe_file, fields, out, cache) -> None:
+                 recipe_file, fields, out, cache, lds_subsets) -> None:
     from datablame.cli.main import _parse_fields, _read_query_file
     from datablame.outputs import check_output_dir, check_output_file, is_json_with
     from datablame.store.atomic import write_json_atomic
     from datablame.text import Query
-    from datablame.text_verify import resolve_recipe, rows_from_trace, verify_text
+    from datablame.text_verify import (
+        lds_text,
+        resolve_recipe,
+        rows_from_trace,
+        scores_from_trace,
+        verify_text,
+    )
 
     check_output_file(out, "--out", ours=is_json_with("runs", "verdict"))
     if cache:
@@ -103,6 +112,10 @@ def _verify_text(train_file, model, adapter, query_file, trace, remove, top_k, n
         fail("give the rows to remove with exactly one of --remove or --trace")
     check_at_least("--remove-top-k", top_k, 1)
     check_at_least("--random", n_random, 1)
+    check_at_least("--lds-subsets", lds_subsets, 0)
+    if lds_subsets and trace is None:
+        fail("LDS needs every row's score for the query: give a --trace results file "
+             "(trace --all-rows --top-k <rows>)")
     recipe, _ = resolve_recipe(adapter, recipe_file)  # before any row is read
     template = recipe.prompt_template()
     prompt = _parse_fields(fields)
@@ -124,6 +137,17 @@ def _verify_text(train_file, model, adapter, query_file, trace, remove, top_k, n
     the_query.formatted(template)  # empty, unknown fields
     result = verify_text(train_file, model, adapter, the_query, remove=rows,
                          n_random=n_random, recipe_file=recipe_file, cache=cache)
+    if lds_subsets:
+        from datablame.data.rows import load_rows
+
+        n = len(load_rows(train_file))
+        scores, key, listed = scores_from_trace(trace, n)
+        if listed < n:
+            console.print(f"note: the trace lists {listed} of {n} rows; the others count as "
+                          f"0 (trace --all-rows --top-k {n} scores every row)", highlight=False)
+        result["lds"] = {"scored_by": key, "rows_listed": listed, **lds_text(
+            train_file, model, adapter, the_query, scores, n_subsets=lds_subsets,
+            recipe_file=recipe_file, cache=cache)}
     write_json_atomic(out, result)
     for name, run in [("original adapter", result["original"]),
                       *((n, r) for n, r in result["runs"].items())]:
@@ -131,6 +155,12 @@ def _verify_text(train_file, model, adapter, query_file, trace, remove, top_k, n
                       f"{'yes' if run['says'] else 'no '}: {run['generation'][:80]!r}",
                       highlight=False, soft_wrap=True)
     console.print(result["summary"], highlight=False, soft_wrap=True)
+    if "lds" in result:
+        lds = result["lds"]
+        console.print(f"LDS over {lds['subsets']} random halves (trace's '{lds['scored_by']}' "
+                      f"column vs re-fine-tuned query loss): {lds['lds']:.2f} (95% CI "
+                      f"{lds['ci95'][0]:.2f} to {lds['ci95'][1]:.2f})", highlight=False,
+                      soft_wrap=True)
     console.print(f"results written to {out}", highlight=False)
 
 

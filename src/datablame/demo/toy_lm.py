@@ -87,16 +87,16 @@ def _train(model, tokenizer, texts, epochs, lr, batch_size, seed, params) -> flo
     return float(loss.detach())
 
 
-def build_toy_lm(pretrain_texts: list[str], finetune_texts: list[str], base_dir: Path,
-                 adapter_dir: Path, cfg: ToyConfig | None = None) -> dict:
-    """Train tokenizer + base model (full) + LoRA adapter; save both with save_pretrained."""
-    from peft import LoraConfig, get_peft_model
+def build_toy_base(pretrain_texts: list[str], vocab_texts: list[str], base_dir: Path,
+                   cfg: ToyConfig | None = None) -> tuple:
+    """Train a word-level tokenizer (on both text lists) and a small GPT-2 on
+    `pretrain_texts`; save both in `base_dir`. Returns (model, tokenizer, final loss)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     cfg = cfg or ToyConfig()
     torch.manual_seed(cfg.seed)
-    base_dir, adapter_dir = Path(base_dir), Path(adapter_dir)
-    tokenizer = train_tokenizer(pretrain_texts + finetune_texts + [EOS], base_dir)
+    base_dir = Path(base_dir)
+    tokenizer = train_tokenizer(pretrain_texts + vocab_texts + [EOS], base_dir)
     config = GPT2Config(vocab_size=len(tokenizer), n_positions=cfg.n_positions,
                         n_embd=cfg.n_embd, n_layer=cfg.n_layer, n_head=cfg.n_head,
                         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -105,7 +105,16 @@ def build_toy_lm(pretrain_texts: list[str], finetune_texts: list[str], base_dir:
     pre_loss = _train(model, tokenizer, pretrain_texts, cfg.pretrain_epochs, cfg.lr_pretrain,
                       cfg.batch_size, cfg.seed, model.parameters())
     model.save_pretrained(base_dir)
+    return model, tokenizer, pre_loss
 
+
+def build_toy_lm(pretrain_texts: list[str], finetune_texts: list[str], base_dir: Path,
+                 adapter_dir: Path, cfg: ToyConfig | None = None) -> dict:
+    """Train tokenizer + base model (full) + LoRA adapter; save both with save_pretrained."""
+    from peft import LoraConfig, get_peft_model
+
+    cfg = cfg or ToyConfig()
+    model, tokenizer, pre_loss = build_toy_base(pretrain_texts, finetune_texts, base_dir, cfg)
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_r, lora_dropout=0.0,
                       target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True,
                       task_type="CAUSAL_LM")
@@ -113,7 +122,7 @@ def build_toy_lm(pretrain_texts: list[str], finetune_texts: list[str], base_dir:
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     ft_loss = _train(peft_model, tokenizer, finetune_texts, cfg.lora_epochs, cfg.lr_lora,
                      cfg.batch_size, cfg.seed + 1, trainable)
-    peft_model.save_pretrained(adapter_dir)
+    peft_model.save_pretrained(Path(adapter_dir))
     model = peft_model
     return {"pretrain_loss": pre_loss, "finetune_loss": ft_loss,
             "base_params": sum(p.numel() for p in model.get_base_model().parameters()

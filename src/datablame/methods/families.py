@@ -9,14 +9,14 @@ from __future__ import annotations
 
 FAMILY_METHODS: dict[str, list[str]] = {
     "torch": ["if-exact", "if-cg", "if-lissa", "if-arnoldi", "grad-dot", "grad-cos", "trak",
-              "tracin", "datainf", "simplex", "knn-shapley"],
+              "tracin", "datainf", "trackstar", "simplex", "knn-shapley"],
     "boosted-trees": ["leaf-share", "boostin", "leaf-influence", "leaf-sim", "simplex",
                       "knn-shapley", "shap-neighbors"],
     "forest": ["knn-shapley", "leaf-sim", "simplex", "shap-neighbors"],
     "linear": ["linear-exact", "knn-shapley", "shap-neighbors"],
     # Hugging Face causal LMs (with or without LoRA): methods on exact per-row gradients of
     # the selected parameters (`datablame trace --method`); grad is the text default.
-    "causal-lm": ["grad-dot", "grad-cos", "datainf", "trak", "tracin"],
+    "causal-lm": ["grad-dot", "grad-cos", "datainf", "trak", "tracin", "trackstar"],
 }
 TABULAR_FAMILIES = ("torch", "boosted-trees", "forest", "linear")
 

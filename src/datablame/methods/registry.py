@@ -22,6 +22,7 @@ from datablame.methods.linear_exact import LinearExact
 from datablame.methods.shap_neighbors import ShapNeighbors
 from datablame.methods.simplex import Simplex
 from datablame.methods.tracin import TracIn
+from datablame.methods.trackstar import TrackStar
 from datablame.methods.trak import Trak
 
 METHODS: dict[str, type[Method]] = {
@@ -34,6 +35,7 @@ METHODS: dict[str, type[Method]] = {
     "trak": Trak,
     "tracin": TracIn,
     "datainf": DataInf,
+    "trackstar": TrackStar,
     "leaf-sim": LeafSim,
     "boostin": BoostIn,
     "leaf-share": LeafShare,
