@@ -241,7 +241,9 @@ def _verdict(result: dict) -> tuple[str, str]:
     randoms = [r for name, r in runs.items() if name.startswith("without-random")]
     answer = result["query"]["answer"].strip()
     shown = answer if len(answer) <= 60 else answer[:57] + "..."
-    rows = ", ".join(map(str, result["removed"]))
+    k = len(result["removed"])
+    rows = ("row " if k == 1 else "rows ") + ", ".join(map(str, result["removed"]))
+    random_rows = "1 random row" if k == 1 else f"{k} random rows"
     still = sum(r["says"] for r in randoms)
     rise = blamed["loss"] - control["loss"]
     rand_rise = float(np.mean([r["loss"] - control["loss"] for r in randoms]))
@@ -253,17 +255,17 @@ def _verdict(result: dict) -> tuple[str, str]:
                                 f"recipe does not reproduce the answer, so removal cannot "
                                 f"test it; {losses}")
     if not blamed["says"] and still == len(randoms):
-        return "confirmed", (f"CONFIRMED: after removing rows {rows} the model no longer says "
+        return "confirmed", (f"CONFIRMED: after removing {rows} the model no longer says "
                              f"'{shown}' (it says '{blamed['generation']}'); without "
-                             f"{len(result['removed'])} random rows it still does "
+                             f"{random_rows} it still does "
                              f"({still}/{len(randoms)}); {losses}")
     if not blamed["says"]:
-        return "partly", (f"PARTLY: after removing rows {rows} the model no longer says "
+        return "partly", (f"PARTLY: after removing {rows} the model no longer says "
                           f"'{shown}', but removing random rows also changed it "
                           f"({len(randoms) - still}/{len(randoms)} runs); {losses}")
     verdict = "loss-only" if rise > max(rand_rise, 0) * 2 and rise > 0 else "not-confirmed"
     head = "LOSS ONLY" if verdict == "loss-only" else "NOT CONFIRMED"
-    return verdict, (f"{head}: without rows {rows} the model still says '{shown}'; "
+    return verdict, (f"{head}: without {rows} the model still says '{shown}'; "
                      f"{losses}")
 
 
