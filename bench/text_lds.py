@@ -36,6 +36,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+from facts import ranks_of as ranks
 from provenance import with_provenance
 
 JOBS = ["baker", "pilot", "tailor", "miner", "sailor", "farmer", "potter", "singer",
@@ -159,12 +160,6 @@ def lexical_scores(rows: list[dict], queries: list[dict]) -> dict[str, np.ndarra
     return {"bm25": bm25, "idf-overlap": overlap}
 
 
-def ranks(scores: np.ndarray) -> np.ndarray:
-    out = np.empty(len(scores), dtype=int)
-    out[np.argsort(-scores, kind="stable")] = np.arange(1, len(scores) + 1)
-    return out
-
-
 def fused_scores(grad: np.ndarray, retrieval: np.ndarray, by_strength: bool) -> np.ndarray:
     """The trace default's fusion key, per query, as a score."""
     from datablame.methods.fusion import fuse_ranks, strength_ranks
@@ -193,20 +188,17 @@ def main() -> None:
     ap.add_argument("--subsets", type=int, default=50)
     ap.add_argument("--out", default="bench/results/text_lds.json")
     args = ap.parse_args()
-    import torch
-
     from datablame.data.rows import load_rows
     from datablame.data.template import PromptTemplate
     from datablame.features.embeddings import Embedder
     from datablame.methods.registry import get_method
-    from datablame.methods.trackstar import saved_second_moments, trackstar_scores
+    from datablame.methods.trackstar import saved_second_moments, trackstar_scores, unit_rows
     from datablame.models.hf_causal_lm import CausalLMAdapter, greedy
     from datablame.models.lora_finetune import Recipe, finetune, rows_digest
     from datablame.models.text_rows import TextRowsAdapter
     from datablame.text import GradientOptions, Query, Tracer, build_index
     from datablame.verify import SubsetRetraining, lds
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     root = Path(args.workdir)
     t0 = time.time()
     rows, queries = build(root, args.seed)
@@ -262,8 +254,7 @@ def main() -> None:
     v_est = (g_rows ** 2).mean(0)
 
     def cos(a, b):
-        return (a / np.linalg.norm(a, axis=1, keepdims=True)) @ \
-            (b / np.linalg.norm(b, axis=1, keepdims=True)).T
+        return unit_rows(a) @ unit_rows(b).T
 
     timed("grad-dot (lora)", lambda: g_q @ g_rows.T)
     timed("grad-cos (lora)", lambda: cos(g_q, g_rows))

@@ -138,9 +138,7 @@ def _verify_text(train_file, model, adapter, query_file, trace, remove, top_k, n
     result = verify_text(train_file, model, adapter, the_query, remove=rows,
                          n_random=n_random, recipe_file=recipe_file, cache=cache)
     if lds_subsets:
-        from datablame.data.rows import load_rows
-
-        n = len(load_rows(train_file))
+        n = result["n_train"]
         scores, key, listed = scores_from_trace(trace, n)
         if listed < n:
             console.print(f"note: the trace lists {listed} of {n} rows; the others count as "

@@ -113,6 +113,7 @@ class TrackStar(Method):
 
     def _second_moments(self, adapter) -> np.ndarray | None:
         if self.second_moments == "none":
+            self.v_source = "none"
             return None
         saved = None
         lm = getattr(adapter, "lm", None)
