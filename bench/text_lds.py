@@ -187,6 +187,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--subsets", type=int, default=50)
     ap.add_argument("--out", default="bench/results/text_lds.json")
+    ap.add_argument("--no-magic", action="store_true",
+                    help="skip MAGIC (a replay of the fine-tune per run; its scores are "
+                         "cached in the workdir once computed)")
     args = ap.parse_args()
     from datablame.data.rows import load_rows
     from datablame.data.template import PromptTemplate
@@ -286,6 +289,10 @@ def main() -> None:
     for name in ("grad-cos (lora-b)", "retrieval", "bm25", "idf-overlap"):
         scores[f"1/(1 + rank) of {name}"] = np.array([1.0 / (1 + ranks(s))
                                                        for s in scores[name]])
+    if not args.no_magic:
+        for through, name in (("exact", "magic (replayed fine-tune)"),
+                              ("first-order", "magic, first order (replayed Adam TracIn)")):
+            timed(name, lambda t=through: _magic(root, train, recipe, q_texts, t))
     # the trace default end to end: `datablame index --gradients` + `trace --all-rows`
     if not (root / f"index-{TAG}" / "gradients" / "manifest.json").exists():
         build_index(root / "train.jsonl", root / f"index-{TAG}",
@@ -328,6 +335,22 @@ def main() -> None:
            "loss_std_median": float(np.median(actual.std(0))), "table": table}
     Path(args.out).write_text(json.dumps(with_provenance(out), indent=2))
     print(f"wrote {args.out}")
+
+
+def _magic(root: Path, train, recipe, q_texts, through: str) -> np.ndarray:
+    """MAGIC scores of every query, cached: they cost about a fine-tune per query. A
+    removal check (methods/magic.py) is saved beside them."""
+    from datablame.methods.magic import FineTuneReplay
+
+    cache = root / f"magic-{TAG}-{through}.npy"
+    if cache.exists():
+        return np.load(cache)
+    replay = FineTuneReplay(train, root / "base", recipe)
+    scores = replay.scores(q_texts, through=through)
+    np.save(cache, scores)
+    check = replay.removal_check(scores, q_texts)
+    (root / f"magic-{TAG}-{through}.json").write_text(json.dumps(check))
+    return scores
 
 
 def _retrieval(embedder, row_texts, q_texts) -> np.ndarray:

@@ -270,11 +270,14 @@ class Tracer:
 
     def run(self, query: Query | str, *, method: str = "grad", all_rows: bool = False,
             top_k: int = 50, alignment: str = "cosine", rank_by: str = "fused",
-            checksum: bool = True, rerank: int = 100, checkpoints: list | None = None
-            ) -> pd.DataFrame:
+            checksum: bool = True, rerank: int = 100, checkpoints: list | None = None,
+            recipe: str | os.PathLike | None = None) -> pd.DataFrame:
         """One query by the chosen path: `method` "grad" (gradient alignment, fused with
-        retrieval) over retrieved candidates or, with `all_rows`, the gradient store; any
-        other LM method over the candidates (or every row)."""
+        retrieval) over retrieved candidates or, with `all_rows`, the gradient store;
+        "magic" (every row, by replaying the fine-tune: `recipe` if the adapter has none);
+        any other LM method over the candidates (or every row)."""
+        if method == "magic":
+            return self.trace_magic(query, top_k=top_k, recipe=recipe)
         if method != "grad":
             return self.trace_method(query, method=method, top_k=top_k, all_rows=all_rows,
                                      checkpoints=checkpoints)
@@ -448,6 +451,35 @@ class Tracer:
         df = _ranked_frame(self.rows, cand_ids[order], scores[order], "dot",
                            {"distance": distances[order].astype(float)})
         self._describe(df, query, q_text, method)
+        return df
+
+    def trace_magic(self, query: Query | str, top_k: int = 50,
+                    recipe: str | os.PathLike | None = None) -> pd.DataFrame:
+        """Score every row by MAGIC (methods/magic.py): replay the adapter's fine-tune from
+        its recipe and differentiate the query's loss by each row's weight. Refused unless
+        the replay reproduces the adapter: scores of another training run would not be
+        this model's. Costs a few fine-tunes per query: small adapters and data only."""
+        from datablame.methods.magic import FineTuneReplay
+        from datablame.text_verify import check_recipe_rows
+
+        if self.options.adapter is None:
+            raise UserError("magic replays a LoRA fine-tune: pass the --adapter it made")
+        query, q_text = self._prepare(query, top_k)
+        recipe_obj = check_recipe_rows(self.rows, self.options.model, self.options.adapter,
+                                       recipe)
+        replay = getattr(self, "_replay", None)
+        if replay is None:
+            replay = self._replay = FineTuneReplay(self.rows, self.options.model, recipe_obj)
+        scores = replay.scores([q_text], adapter_dir=self.options.adapter)[0]
+        check = replay.removal_check(scores[None], [q_text])
+        replay.check_smooth(check)
+        order = np.argsort(-scores, kind="stable")[:top_k]
+        df = _ranked_frame(self.rows, order, scores[order], "dot", {})
+        df["reading"] = [f"{s:+.2g} loss if removed" for s in scores[order]]
+        self._describe(df, query, q_text, (
+            f"magic (replayed fine-tune, {len(replay.steps)} steps; check: dropping "
+            f"{check['dropped']} random rows changed the loss by {check['actual'][0]:+.3g}, "
+            f"predicted {check['predicted'][0]:+.3g})"))
         return df
 
     def _describe(self, df: pd.DataFrame, query: Query, q_text: FormattedText, method: str

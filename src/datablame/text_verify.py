@@ -161,6 +161,28 @@ def _rows_and_recipe(train_file, adapter_dir, recipe_file):
     return rows, recipe, recorded
 
 
+def check_recipe_rows(rows, base_dir, adapter_dir, recipe_file=None) -> Recipe:
+    """The recipe that replays `adapter_dir` on every row of `rows` from `base_dir`; refused
+    when what finetune recorded says it was trained on other rows, a subset, or another
+    base (a hand-written recipe is taken at its word: the replay's check catches it)."""
+    from datablame.store.content_digest import dir_digest
+
+    recipe, own = resolve_recipe(adapter_dir, recipe_file)
+    if own:
+        recorded = json.loads((Path(adapter_dir) / RECIPE_FILE).read_text())
+        if recorded.get("data_fingerprint") not in (None, rows.fingerprint()):
+            raise UserError(f"the adapter {adapter_dir} was fine-tuned on other rows than "
+                            "the index's (data fingerprints differ)")
+        if recorded.get("rows_kept", len(rows)) != len(rows):
+            raise UserError(f"the adapter {adapter_dir} was fine-tuned on "
+                            f"{recorded['rows_kept']} of the {len(rows)} rows: replay needs "
+                            "an adapter trained on all of them")
+        if recorded.get("base_digest") not in (None, dir_digest(base_dir)):
+            raise UserError(f"the adapter {adapter_dir} was fine-tuned from another base "
+                            f"model than {base_dir} (content differs)")
+    return recipe
+
+
 def lds_text(train_file, base_dir, adapter_dir, query, scores: np.ndarray, *,
              n_subsets: int, recipe_file=None, cache=None, seed: int = 0) -> dict:
     """Linear datamodeling score of one query's row scores: re-fine-tune with the recipe on

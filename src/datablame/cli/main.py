@@ -213,9 +213,14 @@ def trace(
                                               "measured best) or gradient (the seed's "
                                               "order).")] = "fused",
     method: Annotated[str, typer.Option(help="grad (cosine/dot alignment, default), or "
-                                             "datainf, trak, tracin on exact LoRA gradients "
-                                             "of the candidates (all rows with --all-rows).")
+                                             "datainf, trak, tracin, trackstar on exact LoRA "
+                                             "gradients of the candidates (all rows with "
+                                             "--all-rows), or magic (every row, by replaying "
+                                             "the fine-tune: small models).")
                       ] = "grad",
+    recipe: Annotated[Optional[Path], typer.Option(help="For magic: how the adapter was "  # noqa: UP045
+                                                        "fine-tuned, if it has no "
+                                                        "datablame_recipe.json.")] = None,
     checkpoint: Annotated[list[str], typer.Option(help="For tracin: ADAPTER_DIR:LR of a "
                                                        "checkpoint (repeatable).")
                           ] = [],  # noqa: B006
@@ -270,13 +275,21 @@ def trace(
         check_at_least(name, value, least)
     check_alignment(alignment)
     check_rank_by(rank_by)
-    if method != "grad" and method not in LM_METHODS:
+    if method not in ("grad", "magic", *LM_METHODS):
         _fail(f"method '{method}' does not run on a language model here (use grad, "
-              f"{', '.join(LM_METHODS)})")
+              f"{', '.join(LM_METHODS)}, magic)")
+    if method == "magic" and adapter is None:
+        _fail("magic replays a LoRA fine-tune: pass the --adapter it made")
+    if recipe is not None and method != "magic":
+        _fail("--recipe is only used with --method magic (verify takes its own --recipe)")
+    if recipe is not None:
+        from datablame.models.lora_finetune import Recipe
+
+        Recipe.from_file(recipe)  # a broken recipe fails before the model loads
     ckpts = _parse_checkpoints(checkpoint)
     from datablame.methods.registry import METHODS
 
-    takes_checkpoints = method != "grad" and METHODS[method].needs_checkpoints
+    takes_checkpoints = method in LM_METHODS and METHODS[method].needs_checkpoints
     if takes_checkpoints and not ckpts:
         _fail(f"{method} needs checkpoints: --checkpoint ADAPTER_DIR:LR (repeatable)")
     if ckpts and not takes_checkpoints:
@@ -324,7 +337,7 @@ def trace(
             the_query = Query(item.answer, item.prompt, item.focus, as_written=as_written)
         df = tracer.run(the_query, method=method, all_rows=all_rows, top_k=top_k,
                         alignment=alignment, rank_by=rank_by, checksum=checksum,
-                        rerank=rerank, checkpoints=ckpts or None)
+                        rerank=rerank, checkpoints=ckpts or None, recipe=recipe)
         df.attrs["generated"] = item.answer is None
         return df
 

@@ -170,6 +170,50 @@ def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=gen).tolist()
 
 
+def step_batches(n: int, recipe: Recipe) -> list[list[int]]:
+    """The rows (0..n-1, positions among the rows kept) of every optimizer step, in the
+    order `finetune` takes them."""
+    return [order[start:start + recipe.batch_size]
+            for epoch in range(recipe.epochs)
+            for order in [_epoch_order(n, recipe.seed, epoch)]
+            for start in range(0, n, recipe.batch_size)]
+
+
+def learning_rates(recipe: Recipe, total: int) -> list[float]:
+    """The learning rate of each of `total` steps under the recipe's schedule."""
+    dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=recipe.lr)
+    sched = _scheduler(dummy, recipe, total)
+    out = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()"
+        for _ in range(total):
+            out.append(float(dummy.param_groups[0]["lr"]))
+            sched.step()
+    return out
+
+
+def lora_model(lm, recipe: Recipe):
+    """(PEFT model, names of its LoRA parameters) initialised from the recipe's seed:
+    `finetune` and its replay (methods/magic.py) start from the same adapter."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(recipe.seed)
+    lora = LoraConfig(r=recipe.rank, lora_alpha=recipe.alpha, lora_dropout=recipe.dropout,
+                      target_modules=list(recipe.target_modules) or None,
+                      task_type="CAUSAL_LM")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # fan_in_fan_out notices for GPT-2's Conv1D
+        try:
+            model = get_peft_model(lm.model, lora)
+        except ValueError as exc:
+            raise UserError(f"recipe: {str(exc).splitlines()[0]}") from None
+    names = [n for n, p in model.named_parameters() if "lora_" in n]
+    params = dict(model.named_parameters())
+    for n in names:
+        params[n].requires_grad_(True)
+    return model, names
+
+
 def _scheduler(opt, recipe: Recipe, total: int):
     from transformers import get_scheduler
 
@@ -214,8 +258,6 @@ def finetune(rows, base_dir: str | os.PathLike, out_dir: str | os.PathLike,
 
     `out_dir` must be new, empty or an adapter this function wrote; work goes to a sibling
     `.partial` directory, saved at every epoch, so an interrupted run resumes there."""
-    from peft import LoraConfig, get_peft_model
-
     from datablame.models.hf_causal_lm import CausalLMAdapter
     from datablame.store.content_digest import dir_digest
 
@@ -237,25 +279,13 @@ def finetune(rows, base_dir: str | os.PathLike, out_dir: str | os.PathLike,
 
     lm = CausalLMAdapter(base_dir, None, params="all", max_length=recipe.max_length,
                          loss_on=recipe.loss_on)
-    torch.manual_seed(recipe.seed)
-    lora = LoraConfig(r=recipe.rank, lora_alpha=recipe.alpha, lora_dropout=recipe.dropout,
-                      target_modules=list(recipe.target_modules) or None,
-                      task_type="CAUSAL_LM")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # fan_in_fan_out notices for GPT-2's Conv1D
-        try:
-            model = get_peft_model(lm.model, lora)
-        except ValueError as exc:
-            raise UserError(f"recipe: {str(exc).splitlines()[0]}") from None
+    model, names = lora_model(lm, recipe)
     if done_epochs:
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
         set_peft_model_state_dict(model, load_file(str(partial / "adapter_model.safetensors")))
-    names = [n for n, p in model.named_parameters() if "lora_" in n]
     params = dict(model.named_parameters())
-    for n in names:
-        params[n].requires_grad_(True)
     trainable = [params[n] for n in names]
     opt = torch.optim.AdamW(trainable, lr=recipe.lr, weight_decay=recipe.weight_decay)
     per_epoch = (len(texts) + recipe.batch_size - 1) // recipe.batch_size
