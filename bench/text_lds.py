@@ -190,7 +190,14 @@ def main() -> None:
     ap.add_argument("--no-magic", action="store_true",
                     help="skip MAGIC (a replay of the fine-tune per run; its scores are "
                          "cached in the workdir once computed)")
+    ap.add_argument("--epochs", type=int, help="override the recipe's epochs (e.g. a short, "
+                    "smooth fine-tune, where MAGIC's derivative is meant to hold)")
+    ap.add_argument("--lr", type=float, help="override the recipe's learning rate")
     args = ap.parse_args()
+    global RECIPE, TAG
+    RECIPE = {**RECIPE, **({"epochs": args.epochs} if args.epochs else {}),
+              **({"lr": args.lr} if args.lr else {})}
+    TAG = hashlib.sha256(json.dumps(RECIPE, sort_keys=True).encode()).hexdigest()[:10]
     from datablame.data.rows import load_rows
     from datablame.data.template import PromptTemplate
     from datablame.features.embeddings import Embedder
@@ -333,6 +340,11 @@ def main() -> None:
            "subsets": args.subsets, "recipe": RECIPE, "retrain_seconds": retrain_s,
            "gradient_ms_per_text": grad_s / (len(rows) + len(queries)) * 1000,
            "loss_std_median": float(np.median(actual.std(0))), "table": table}
+    for path in sorted(root.glob(f"magic-{TAG}-*.json")):
+        check, variant = json.loads(path.read_text()), path.stem.removeprefix(f"magic-{TAG}-")
+        print(f"magic {variant}: dropping {check['dropped']} random rows, "
+              f"median |predicted| / (|actual| + 0.01) = {check['ratio']:.3g}")
+        out.setdefault("magic_removal_check", {})[variant] = check
     Path(args.out).write_text(json.dumps(with_provenance(out), indent=2))
     print(f"wrote {args.out}")
 
@@ -342,14 +354,18 @@ def _magic(root: Path, train, recipe, q_texts, through: str) -> np.ndarray:
     removal check (methods/magic.py) is saved beside them."""
     from datablame.methods.magic import FineTuneReplay
 
-    cache = root / f"magic-{TAG}-{through}.npy"
-    if cache.exists():
+    cache, check_path = root / f"magic-{TAG}-{through}.npy", root / f"magic-{TAG}-{through}.json"
+    if cache.exists() and check_path.exists():
         return np.load(cache)
     replay = FineTuneReplay(train, root / "base", recipe)
-    scores = replay.scores(q_texts, through=through)
-    np.save(cache, scores)
+    if cache.exists():  # scores saved, check not yet: the check needs the final losses
+        scores = np.load(cache)
+        replay.final_losses = replay.query_losses(replay.run(), q_texts)
+    else:
+        scores = replay.scores(q_texts, through=through)
+        np.save(cache, scores)
     check = replay.removal_check(scores, q_texts)
-    (root / f"magic-{TAG}-{through}.json").write_text(json.dumps(check))
+    check_path.write_text(json.dumps(check))
     return scores
 
 
