@@ -12,6 +12,7 @@ Flow: rows -> model adapter -> features -> store -> method -> ranked rows.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from datablame import progress
+from datablame.data.chat import ChatOptions, ChatTemplate
 from datablame.data.template import ALPACA_TEMPLATE, FormattedText, PromptTemplate
 from datablame.errors import UserError, check_at_least
 from datablame.methods.families import FAMILY_METHODS
@@ -37,16 +39,19 @@ def build_index(
     train_file: str | os.PathLike,
     out: str | os.PathLike,
     *,
-    template: str = ALPACA_TEMPLATE,
+    template: str | ChatTemplate | None = None,
     response_field: str | None = None,
+    chat: ChatOptions | None = None,
     embedder: str | None = None,
     index_type: str = "flat",
     batch_size: int = 64,
     device: str = "cpu",
     gradients: GradientOptions | None = None,
 ) -> dict:
-    """Embed every training row (formatted with `template`) into a FAISS index at `out`;
-    with `gradients`, also store every row's projected loss gradient (see `GradientOptions`).
+    """Embed every training row (formatted with `template`, Alpaca by default) into a FAISS
+    index at `out`; with `gradients`, also store every row's projected loss gradient (see
+    `GradientOptions`). Chat rows (a `messages` or `conversations` field) are rendered with
+    a chat template: `chat`'s source, else the gradient model's tokenizer's own.
 
     An existing index built from the same rows, template and embedder is kept as is, so
     adding (or resuming) a gradient store does not re-embed. Returns the index manifest.
@@ -62,26 +67,31 @@ def build_index(
     check_at_least("--batch-size", batch_size, 1)
     if gradients is not None:
         gradients.check()
+    if chat is not None:
+        chat.check()
     check_out_dir(Path(out), {"training file": Path(train_file)})
     real_out = Path(os.path.realpath(out))  # a symlinked index is rebuilt where it lives
     with IndexLock(real_out) as lock:
         return _build_index_locked(train_file, real_out, lock, template=template,
-                                   response_field=response_field, embedder=embedder,
+                                   response_field=response_field, chat=chat,
+                                   embedder=embedder,
                                    index_type=index_type, batch_size=batch_size,
                                    device=device, gradients=gradients)
 
 
-def _build_index_locked(train_file: str | os.PathLike, out: Path, lock, *, template: str,
-                        response_field: str | None, embedder: str | None, index_type: str,
+def _build_index_locked(train_file: str | os.PathLike, out: Path, lock, *,
+                        template: str | ChatTemplate | None, response_field: str | None,
+                        chat: ChatOptions | None, embedder: str | None, index_type: str,
                         batch_size: int, device: str, gradients: GradientOptions | None
                         ) -> dict:
     from datablame.data.rows import load_rows
     from datablame.features.embeddings import Embedder, resolve_embedder
     from datablame.store.retrieval_index import load_index, save_index
 
-    tmpl = PromptTemplate(template, response_field)
     rows = load_rows(train_file)
-    rows.require_fields(tmpl.fields, tmpl.response_field, tmpl.optional)
+    tmpl = resolve_template(template, response_field, rows, chat,
+                            gradients.model if gradients is not None else None)
+    tmpl.check_rows(rows)
     out = Path(out)
     manifest = None
     if (out / "manifest.json").exists():
@@ -112,6 +122,34 @@ def _build_index_locked(train_file: str | os.PathLike, out: Path, lock, *, templ
                                  store_dtype=g.store_dtype, projection=g.projection,
                                  progress=advance)
     return manifest
+
+
+def resolve_template(template: str | ChatTemplate | None, response_field: str | None, rows,
+                     chat: ChatOptions | None, model_dir: str | os.PathLike | None):
+    """The template rows are formatted with: a chat template when asked for or when the
+    rows are conversations, else `template` (Alpaca by default)."""
+    from datablame.data.chat import CHAT_FIELDS, chat_field
+
+    if isinstance(template, ChatTemplate):
+        return template
+    field_name = chat_field(rows.columns)
+    if chat is None and (template is not None or field_name is None):
+        return PromptTemplate(template or ALPACA_TEMPLATE, response_field)
+    if template is not None:
+        raise UserError("give either a prompt template (--template) or a chat template "
+                        "(--chat-template), not both")
+    if field_name is None:
+        raise UserError(f"{rows.path}: a chat template formats conversations, and the rows "
+                        f"have no {' or '.join(repr(f) for f in CHAT_FIELDS)} field (they "
+                        f"have {', '.join(rows.columns)})")
+    source = chat.source if chat is not None and chat.source is not None else model_dir
+    if source is None:
+        raise UserError(f"{rows.path}: the rows are conversations ('{field_name or 'messages'}')"
+                        ": pass the model whose chat template formats them (--model, or "
+                        "--chat-template MODEL_DIR|FILE.jinja)")
+    turns = chat.assistant_turns if chat is not None else "all"
+    return ChatTemplate.from_model(source, messages_field=field_name or "messages",
+                                   assistant_turns=turns)
 
 
 @dataclass(frozen=True)
@@ -162,7 +200,7 @@ class Query:
         if self.as_written or self.prompt or self.split_from_text:
             return self
         fields = template.parse(self.output)
-        if fields is None or not fields.get(template.response_field, "").strip():
+        if fields is None or not str(fields.get(template.response_field, "")).strip():
             return self
         output = fields.pop(template.response_field)
         return Query(output, {k: v for k, v in fields.items() if v}, self.focus,
@@ -190,7 +228,8 @@ class Query:
         if at < 0:
             raise UserError(f"focus '{self.focus}' is not part of the traced output")
         start = text.response_start + at
-        return FormattedText(text.text, start, start + len(self.focus))
+        return dataclasses.replace(text, response_start=start,
+                                   response_end=start + len(self.focus), spans=None)
 
 
 LM_METHODS = tuple(FAMILY_METHODS["causal-lm"])
@@ -227,6 +266,8 @@ class Tracer:
         self.options = LMOptions(model, adapter, params=params, dtype=dtype, device=device,
                                  max_length=max_length, loss_on=loss_on)
         self.model = self.options.load()
+        if hasattr(self.template, "check_tokenizer"):  # a chat index: the same template
+            self.template.check_tokenizer(self.model.tokenizer, model)
         self.batch_size = batch_size
         self._embedder = None
 
@@ -260,9 +301,9 @@ class Tracer:
         if unknown:
             raise UserError(f"query field(s) {', '.join(sorted(unknown))} are not in the "
                             f"index's template (fields: {', '.join(self.template.fields)})")
-        shell = self.template.format({**prompt, self.template.response_field: ""})
         answer = greedy(self.model.model, self.model.tokenizer,
-                        shell.text[: shell.response_start], max_new_tokens)
+                        self.template.generation_prompt(prompt), max_new_tokens,
+                        add_special_tokens=self.template.add_special_tokens)
         if not answer.strip():
             raise UserError("the model generated nothing for this prompt (it ended at "
                             "once): nothing to trace")

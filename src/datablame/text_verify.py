@@ -70,7 +70,8 @@ def _evaluate(base_dir, adapter_dir, query, prompt: str, answer: str, recipe: Re
     lm = CausalLMAdapter(base_dir, adapter_dir, max_length=recipe.max_length,
                          loss_on=recipe.loss_on)
     loss = float(lm.losses([query])[0])
-    generation = greedy(lm.model, lm.tokenizer, prompt, max_new_tokens)
+    generation = greedy(lm.model, lm.tokenizer, prompt, max_new_tokens,
+                        add_special_tokens=query.add_special_tokens)
     return {"loss": loss, "generation": generation, "says": says(generation, answer)}
 
 
@@ -103,10 +104,11 @@ def verify_text(train_file, base_dir, adapter_dir, query, *, remove: list[int],
                         "random removals of the same size")
     if n_random < 1:
         raise UserError("--random needs at least 1 random removal to compare with")
-    template = recipe.prompt_template()
+    template = recipe.prompt_template(base_dir, rows.columns)
     q: FormattedText = query.formatted(template)
     prompt = q.text[:q.response_start]
-    answer = q.text[q.response_start:q.response_end]
+    resolved = query.resolved(template)
+    answer = resolved.focus or resolved.output  # the words, without a chat's end-of-turn
     budget = max_new_tokens or len(_words(answer)) + 8
 
     rng = np.random.default_rng(seed)
@@ -200,7 +202,7 @@ def lds_text(train_file, base_dir, adapter_dir, query, scores: np.ndarray, *,
     if n_subsets < 5:
         raise UserError(f"--lds-subsets {n_subsets}: a rank correlation needs at least 5 "
                         "retrainings (20 or more to read it)")
-    q = query.formatted(recipe.prompt_template())
+    q = query.formatted(recipe.prompt_template(base_dir, rows.columns))
     tmp = Path(tempfile.mkdtemp(prefix="datablame-lds-")) if cache is None else None
     cache_dir = Path(cache) if cache is not None else tmp
 

@@ -81,12 +81,20 @@ def index(
                                                       "as fit ~1 GB).")] = 0,
     shard_rows: Annotated[int, typer.Option(help="Rows per gradient shard.")] = 4096,
     store_dtype: Annotated[str, typer.Option(help="fp16 or fp32 on disk.")] = "fp16",
+    chat_template: Annotated[Optional[Path], typer.Option(help="Chat rows: the model "  # noqa: UP045
+                             "directory whose tokenizer's chat template renders them, or a "
+                             ".jinja file (default: --model).")] = None,
+    chat_turns: Annotated[str, typer.Option(help="Chat rows: the loss covers all assistant "
+                                                 "turns or the last.")] = "all",
 ) -> None:
     """Embed every training row into a FAISS index; with --gradients, a gradient store too.
 
-    Rerunning an interrupted --gradients build continues where it stopped.
+    Rows with a `messages` (or ShareGPT `conversations`) field are chat rows, rendered with
+    the model's chat template, the loss on the assistant's turns. Rerunning an interrupted
+    --gradients build continues where it stopped.
     """
-    from datablame.data.template import ALPACA_TEMPLATE, unescape
+    from datablame.data.chat import ChatOptions
+    from datablame.data.template import unescape
     from datablame.text import GradientOptions, build_index
 
     if template_file is not None:
@@ -107,9 +115,16 @@ def index(
                                     seed=seed, shard_rows=shard_rows,
                                     batch_size=grad_batch_size, store_dtype=store_dtype,
                                     projection=projection)
-    elif model is not None or adapter is not None:
-        _fail("--model/--adapter are only used with --gradients")
-    manifest = build_index(train_file, out, template=template or ALPACA_TEMPLATE,
+    elif adapter is not None:
+        _fail("--adapter is only used with --gradients")
+    chat = None
+    if chat_template is not None or chat_turns != "all" or (model and not grad_opts):
+        chat = ChatOptions(chat_template or model, chat_turns)
+        chat.check()
+        if template:
+            _fail("give either a prompt template (--template) or a chat template "
+                  "(--chat-template), not both")
+    manifest = build_index(train_file, out, template=template or None, chat=chat,
                            response_field=response_field or None, embedder=embedder or None,
                            index_type=index_type, batch_size=batch_size, gradients=grad_opts)
     console.print(f"indexed {manifest['data']['rows']} rows from {train_file} -> {out} "
@@ -127,9 +142,11 @@ def _parse_fields(items: list[str]) -> dict[str, str]:
     return fields
 
 
-def _read_query_file(path: Path, response_field: str, need_answer: bool = True
+def _read_query_file(path: Path, template, need_answer: bool = True
                      ) -> tuple[str, dict[str, str]]:
-    """A .json object (the response field plus prompt fields) or plain text."""
+    """A .json object (the response field plus prompt fields, or a chat conversation that
+    ends with the answer) or plain text."""
+    response_field = template.response_field
     if not path.is_file():
         _fail(f"query file not found: {path}")
     text = path.read_text(encoding="utf-8")
@@ -138,10 +155,16 @@ def _read_query_file(path: Path, response_field: str, need_answer: bool = True
             obj = json.loads(text)
         except json.JSONDecodeError as exc:
             _fail(f"{path}: not valid JSON ({exc.msg})")
+        if isinstance(obj, dict) and need_answer:
+            try:
+                obj = template.split_answer(obj)
+            except UserError as exc:
+                _fail(f"{path}: {exc}")
         if not isinstance(obj, dict) or (need_answer and response_field not in obj):
             _fail(f"{path}: expected a JSON object with a '{response_field}' field")
         output = str(obj.pop(response_field, ""))
-        return output, {k: "" if v is None else str(v) for k, v in obj.items()}
+        return output, {k: v if isinstance(v, list) else "" if v is None else str(v)
+                        for k, v in obj.items()}
     return text.rstrip("\n"), {}
 
 
@@ -242,7 +265,7 @@ def trace(
     score them by gradient alignment, order by gradient + retrieval rank (--rank-by)."""
     from datablame.cli.render import print_results, results_json, wide_console
     from datablame.data.queries import QueryLine, read_queries
-    from datablame.data.template import PromptTemplate
+    from datablame.data.template import template_from_json
     from datablame.errors import check_at_least
     from datablame.methods.fusion import check_rank_by
     from datablame.methods.gradient_alignment import check_alignment
@@ -267,7 +290,8 @@ def trace(
             is_json_with("query", "results")
         check_output_file(out, "--out", ours=ours)
     # Everything that can be checked without the model is checked before loading it.
-    if query_file is None and queries is None and not generate and not query.strip():
+    if query_file is None and queries is None and not generate and not query.strip() \
+            and not field:
         _fail("the query is empty: pass the model output to trace")
     for name, value, least in (("--top-k", top_k, 1), ("--show", show, 1),
                                ("--batch-size", batch_size, 1), ("--rerank", rerank, 0),
@@ -297,8 +321,12 @@ def trace(
               f"({', '.join(n for n in LM_METHODS if METHODS[n].needs_checkpoints)})")
     check_options(params=params, dtype=dtype, device=device, max_length=max_length,
                   loss_on=loss_on)
-    template = PromptTemplate.from_json(read_manifest(index_dir)["template"])
+    template = template_from_json(read_manifest(index_dir)["template"])
     prompt = _parse_fields(field)
+    if query_file is None and queries is None and not generate and not query.strip():
+        # a chat conversation given whole: its last (assistant) turn is the answer
+        prompt = template.split_answer(prompt)
+        query = str(prompt.pop(template.response_field, "") or "")
     lines = []
     if queries is not None:
         if prompt or focus:
@@ -306,11 +334,14 @@ def trace(
         lines = read_queries(queries, template, generate=generate)
         for item in lines:  # empty answers, unknown fields, focus: before the model loads
             if item.answer is not None:
-                Query(item.answer, item.prompt, item.focus, as_written=as_written
-                      ).resolved(template).formatted(template)
+                try:
+                    Query(item.answer, item.prompt, item.focus, as_written=as_written
+                          ).resolved(template).formatted(template)
+                except UserError as exc:
+                    _fail(f"{queries}, line {item.line}: {exc}")
     else:
         if query_file is not None:
-            query, file_prompt = _read_query_file(query_file, template.response_field,
+            query, file_prompt = _read_query_file(query_file, template,
                                                   need_answer=not generate)
             prompt = {**file_prompt, **prompt}
         if generate:

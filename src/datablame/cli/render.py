@@ -13,7 +13,24 @@ READING_STYLE = {"strong": "bold green", "related": "green", "unrelated": "dim",
                  "opposing": "red"}
 
 
+def _conversation(value: list) -> str | None:
+    """A chat row in a table cell: the answer it taught first, then the question."""
+    from datablame.data.chat import normalize_messages
+    from datablame.errors import UserError
+
+    try:
+        turns = normalize_messages(value)
+    except UserError:
+        return None
+    asked = next((t["content"] for t in reversed(turns) if t["role"] == "user"), "")
+    said = next((t["content"] for t in reversed(turns) if t["role"] == "assistant"), "")
+    asked = asked if len(asked) <= 24 else asked[:23] + "…"
+    return f"{said} ← {asked}" if asked else said
+
+
 def _preview(value: object, width: int = 48) -> str:
+    if isinstance(value, list):
+        value = _conversation(value) or value
     text = "" if value is None else " ".join(str(value).split())
     return text if len(text) <= width else text[: width - 1] + "…"
 

@@ -117,20 +117,21 @@ def _verify_text(train_file, model, adapter, query_file, trace, remove, top_k, n
         fail("LDS needs every row's score for the query: give a --trace results file "
              "(trace --all-rows --top-k <rows>)")
     recipe, _ = resolve_recipe(adapter, recipe_file)  # before any row is read
-    template = recipe.prompt_template()
+    template = recipe.prompt_template(model)
     prompt = _parse_fields(fields)
     the_query = None
     if trace is not None:
         rows = rows_from_trace(trace, top_k)
         saved = json.loads(trace.read_text())
         if saved.get("query") is not None:
-            the_query = Query(str(saved["query"]), {k: str(v) for k, v in
+            the_query = Query(str(saved["query"]), {k: v if isinstance(v, list) else str(v)
+                                                   for k, v in
                                                    (saved.get("prompt") or {}).items()},
                               saved.get("focus") or None)
     else:
         rows = parse_rows(remove, "--remove")
     if query_file is not None:
-        output, file_prompt = _read_query_file(query_file, template.response_field)
+        output, file_prompt = _read_query_file(query_file, template)
         the_query = Query(output, {**file_prompt, **prompt})
     if the_query is None:
         fail("give the query with --query (or a --trace results file that holds it)")

@@ -34,6 +34,11 @@ def _text(value: object) -> str:
     return "" if value is None else str(value)
 
 
+def _value(value: object) -> object:
+    """A prompt field's value: text, or a chat conversation kept as its list of turns."""
+    return value if isinstance(value, list) else _text(value)
+
+
 def read_queries(path: Path, template: PromptTemplate, *, generate: bool = False
                  ) -> list[QueryLine]:
     """Every query of a JSONL file, checked against the index's template."""
@@ -64,9 +69,15 @@ def read_queries(path: Path, template: PromptTemplate, *, generate: bool = False
                 raise UserError(f"{where}: field(s) {', '.join(unknown)} are not in the "
                                 f"index's template (fields: {', '.join(template.fields)}"
                                 f"; also allowed: {', '.join(extras)})")
+            if not generate:
+                try:
+                    obj = template.split_answer(obj)  # a chat ending with the answer
+                except UserError as exc:
+                    raise UserError(f"{where}: {exc}") from None
             answer = obj.pop(answer_field, None)
             if generate:
-                if not any(_text(v).strip() for v in obj.values()):
+                if not any(v if isinstance(v, list) else _text(v).strip()
+                           for v in obj.values()):
                     asked = ", ".join(f for f in template.fields if f != answer_field)
                     raise UserError(f"{where}: --generate needs the prompt fields the model "
                                     f"answers ({asked})")
@@ -76,7 +87,7 @@ def read_queries(path: Path, template: PromptTemplate, *, generate: bool = False
                                 "to trace what the model answers)")
             focus = meta.get("focus")
             out.append(QueryLine(n, None if answer is None else _text(answer),
-                                 {k: _text(v) for k, v in obj.items()}, meta.get("id"),
+                                 {k: _value(v) for k, v in obj.items()}, meta.get("id"),
                                  None if focus is None else _text(focus)))
     if not out:
         raise UserError(f"{path} holds no queries")

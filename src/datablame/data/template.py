@@ -35,6 +35,15 @@ class FormattedText:
     text: str
     response_start: int  # character offset of the response field in `text`
     response_end: int | None = None  # end of the traced span (None: the end of the text)
+    spans: tuple[tuple[int, int], ...] | None = None  # several traced spans (chat turns)
+    add_special_tokens: bool = True  # False: the text already holds BOS/EOS (chat templates)
+
+    def traced_spans(self) -> tuple[tuple[int, int], ...]:
+        """Character ranges whose tokens' loss is traced."""
+        if self.spans is not None:
+            return self.spans
+        return ((self.response_start,
+                 len(self.text) if self.response_end is None else self.response_end),)
 
 
 def _text(value: object) -> str:
@@ -59,6 +68,8 @@ class PromptTemplate:
     `### Input:` block. Empty and null values are empty. The response field is the last
     placeholder unless named.
     """
+
+    add_special_tokens = True  # the tokenizer adds its BOS, as in training
 
     def __init__(self, template: str = ALPACA_TEMPLATE, response_field: str | None = None):
         raw = _placeholders(template)
@@ -106,6 +117,18 @@ class PromptTemplate:
         if marker in text:  # response field used twice: keep the first as the traced span
             text = text.replace(marker, values[self.response_field])
         return FormattedText(text=text, response_start=start if start >= 0 else 0)
+
+    def check_rows(self, rows) -> None:
+        """Every field the template needs is in the data (see `Rows.require_fields`)."""
+        rows.require_fields(self.fields, self.response_field, self.optional)
+
+    def generation_prompt(self, prompt: dict[str, str]) -> str:
+        """The text the model continues to answer `prompt`: everything before the answer."""
+        shell = self.format({**prompt, self.response_field: ""})
+        return shell.text[: shell.response_start]
+
+    def split_answer(self, fields: dict) -> dict:
+        return fields
 
     def parse(self, text: str) -> dict[str, str] | None:
         """Split a text formatted with this template back into its fields, or None.
@@ -155,3 +178,12 @@ class PromptTemplate:
     @classmethod
     def from_json(cls, data: dict[str, str]) -> PromptTemplate:
         return cls(data["template"], data.get("response_field"))
+
+
+def template_from_json(data: dict):
+    """The template a manifest recorded: a `{field}` prompt template or a chat template."""
+    if "chat" in data:
+        from datablame.data.chat import ChatTemplate
+
+        return ChatTemplate.from_json(data)
+    return PromptTemplate.from_json(data)

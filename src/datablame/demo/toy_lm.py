@@ -59,10 +59,68 @@ def train_tokenizer(texts: list[str], out_dir: Path):
     return fast
 
 
+# A ChatML-style template that, like Mistral's and Llama-2's, refuses turns that do not
+# alternate user / assistant (system turns aside).
+CHATML_TEMPLATE = (
+    "{{ bos_token }}{% set ns = namespace(turn=0) %}{% for m in messages %}"
+    "{% if m['role'] != 'system' %}{% if (m['role'] == 'user') != (ns.turn % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant') }}"
+    "{% endif %}{% set ns.turn = ns.turn + 1 %}{% endif %}"
+    "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CHAT_SPECIALS = ["<pad>", "<s>", "<|im_start|>", "<|im_end|>"]
+
+
+def train_bpe_tokenizer(texts: list[str], out_dir: Path, *, vocab_size: int = 600,
+                        chat_template: str | None = CHATML_TEMPLATE, pad: bool = True,
+                        padding_side: str = "right"):
+    """A byte-level BPE tokenizer (GPT-2 / Llama-3 / Qwen style) with ChatML specials and a
+    chat template, saved as a PreTrainedTokenizerFast; `pad=False` leaves it without a pad
+    token, as many base models ship."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=CHAT_SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>",
+                                   eos_token="<|im_end|>",
+                                   pad_token="<pad>" if pad else None,
+                                   additional_special_tokens=["<|im_start|>"])
+    fast.padding_side = padding_side
+    if chat_template is not None:
+        fast.chat_template = chat_template
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+def toy_decoder_config(family: str, tokenizer, *, hidden: int = 64, layers: int = 2,
+                       positions: int = 128):
+    """A few-hundred-thousand-parameter config of a real decoder family: rotary positions,
+    grouped-query attention (2 key/value heads for 4 query heads), tied embeddings."""
+    from transformers import AutoConfig
+
+    kinds = {"llama": "llama", "qwen2": "qwen2", "mistral": "mistral"}
+    if family not in kinds:
+        raise ValueError(f"unknown family {family}")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else \
+        tokenizer.eos_token_id
+    return AutoConfig.for_model(
+        kinds[family], vocab_size=len(tokenizer), hidden_size=hidden,
+        intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=positions, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=pad)
+
+
 def _batches(tokenizer, texts: list[str], batch_size: int, generator: torch.Generator):
     order = torch.randperm(len(texts), generator=generator).tolist()
     for start in range(0, len(order), batch_size):
-        chunk = [texts[i] + " " + EOS for i in order[start : start + batch_size]]
+        chunk = [texts[i] + " " + tokenizer.eos_token for i in order[start : start + batch_size]]
         enc = tokenizer(chunk, return_tensors="pt", padding=True)
         labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
         yield enc["input_ids"], enc["attention_mask"], labels

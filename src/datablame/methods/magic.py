@@ -63,8 +63,8 @@ class FineTuneReplay:
         recipe = recipe.check()
         self.recipe = recipe
         self.n_rows = len(rows)
-        template = recipe.prompt_template()
-        rows.require_fields(template.fields, template.response_field, template.optional)
+        template = recipe.prompt_template(base_dir, rows.columns)
+        template.check_rows(rows)
         keep = list(range(len(rows))) if keep is None else sorted(int(i) for i in keep)
         self.lm = CausalLMAdapter(base_dir, None, params="all", max_length=recipe.max_length,
                                   loss_on=recipe.loss_on)

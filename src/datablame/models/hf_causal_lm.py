@@ -77,10 +77,13 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def greedy(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
+def greedy(model, tokenizer, prompt: str, max_new_tokens: int,
+           add_special_tokens: bool = True) -> str:
     """The model's own greedy continuation of `prompt` (special tokens dropped): what it
-    says, deterministically, which is what a user should trace."""
-    enc = tokenizer(prompt, return_tensors="pt").to(next(model.parameters()).device)
+    says, deterministically, which is what a user should trace. A chat prompt holds its own
+    BOS (`add_special_tokens=False`)."""
+    enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=add_special_tokens
+                    ).to(next(model.parameters()).device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else \
         tokenizer.eos_token_id
     with torch.no_grad():
@@ -304,32 +307,33 @@ class CausalLMAdapter:
     def encode(self, examples: Sequence[FormattedText]) -> EncodedBatch:
         """Tokenize, right-pad, and label only the tokens whose loss is traced."""
         tok = self.tokenizer
-        enc = tok(
-            [e.text for e in examples],
-            add_special_tokens=True,
-            truncation=False,
-            return_offsets_mapping=True,
-        )
+        encoded: list = [None] * len(examples)
+        for special in (True, False):  # chat texts carry their own BOS, as in training
+            which = [i for i, e in enumerate(examples) if e.add_special_tokens == special]
+            if which:
+                enc = tok([examples[i].text for i in which], add_special_tokens=special,
+                          truncation=False, return_offsets_mapping=True)
+                for j, i in enumerate(which):
+                    encoded[i] = (enc["input_ids"][j], enc["offset_mapping"][j])
         rows, labels, cut = [], [], []
         bos = tok.bos_token_id
-        for ids, offsets, ex in zip(enc["input_ids"], enc["offset_mapping"], examples,
-                                    strict=True):
+        for (ids, offsets), ex in zip(encoded, examples, strict=True):
             lab = list(ids)
             if self.loss_on == "response" or ex.response_end is not None:
-                # A token belongs to the response when it ends after the response starts
-                # (and, for a focused span, starts before the span ends); special tokens
-                # (offset (0, 0)) before it are prompt.
-                stop = len(ex.text) if ex.response_end is None else ex.response_end
+                # A token is traced when it overlaps a traced span (the response, a focused
+                # part of it, or a chat's assistant turns); special tokens the tokenizer adds
+                # (offset (0, 0)) are prompt.
+                spans = ex.traced_spans()
                 lab = [
-                    t if (end > ex.response_start and begin < stop) else -100
+                    t if any(end > lo and begin < hi for lo, hi in spans) else -100
                     for t, (begin, end) in zip(ids, offsets, strict=True)
                 ]
             how = ""
             if len(ids) > self.max_length:
                 first = next((i for i, (_, end) in enumerate(offsets)
                               if end > ex.response_start), len(ids))
-                prefix = 1 if bos is not None and ids[0] == bos and offsets[0] == (0, 0) \
-                    else 0
+                prefix = 1 if bos is not None and ids[0] == bos and \
+                    (offsets[0] == (0, 0) or not ex.add_special_tokens) else 0
                 window, how = _window(len(ids), first, self.max_length, prefix)
                 keep = [*range(prefix), *window]
                 ids, lab = [ids[i] for i in keep], [lab[i] for i in keep]

@@ -32,6 +32,7 @@ from datablame.errors import UserError
 from datablame.store.atomic import write_json_atomic
 
 RECIPE_FILE = "datablame_recipe.json"
+CHAT = "chat"  # recipe template: render rows with the base model's chat template
 OPTIMIZER_FILE = "optimizer_state.safetensors"
 SCHEDULES = ("constant", "linear", "cosine")
 # Fields a hand-written recipe must state: they decide what the adapter learns, and a
@@ -54,8 +55,9 @@ class Recipe:
     seed: int = 0
     loss_on: str = "response"  # response | text
     max_length: int | None = None  # None: 512, or the model's positions if fewer
-    template: str = ALPACA_TEMPLATE
+    template: str = ALPACA_TEMPLATE  # or "chat": the base model's own chat template
     response_field: str | None = None  # None: the template's last field
+    chat_turns: str = "all"  # chat rows: the loss on all assistant turns, or the last
 
     def check(self) -> Recipe:
         for name in ("rank", "epochs", "batch_size", "max_length"):
@@ -68,12 +70,24 @@ class Recipe:
         if self.schedule not in SCHEDULES:
             raise UserError(f"recipe: unknown schedule '{self.schedule}' (use "
                             f"{', '.join(SCHEDULES)})")
+        if self.chat_turns not in ("all", "last"):
+            raise UserError(f"recipe: chat_turns must be all or last, got '{self.chat_turns}'")
         if self.loss_on not in ("response", "text"):
             raise UserError(f"recipe: loss_on must be response or text, got '{self.loss_on}'")
         return self
 
-    def prompt_template(self) -> PromptTemplate:
-        return PromptTemplate(self.template, self.response_field)
+    def prompt_template(self, base_dir: str | os.PathLike | None = None,
+                        columns: list[str] | None = None):
+        """How rows become text: the `{field}` template, or with `template: chat` the base
+        model's chat template (conversations in `columns`' messages/conversations field)."""
+        if self.template != CHAT:
+            return PromptTemplate(self.template, self.response_field)
+        from datablame.data.chat import ChatTemplate, chat_field
+
+        if base_dir is None:
+            raise UserError("recipe: template chat needs the base model's directory")
+        return ChatTemplate.from_model(base_dir, messages_field=chat_field(columns or [])
+                                       or "messages", assistant_turns=self.chat_turns)
 
     def to_json(self) -> dict:
         data = asdict(self)
@@ -264,8 +278,8 @@ def finetune(rows, base_dir: str | os.PathLike, out_dir: str | os.PathLike,
     recipe = (recipe or Recipe()).check()
     out = Path(out_dir)
     check_out_dir(out)
-    template = recipe.prompt_template()
-    rows.require_fields(template.fields, template.response_field, template.optional)
+    template = recipe.prompt_template(base_dir, rows.columns)
+    template.check_rows(rows)
     keep = list(range(len(rows))) if keep is None else sorted(int(i) for i in keep)
     if not keep:
         raise UserError("no training rows left to fine-tune on")

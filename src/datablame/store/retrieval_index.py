@@ -24,7 +24,7 @@ import numpy as np
 
 from datablame import __version__
 from datablame.data.rows import Rows
-from datablame.data.template import PromptTemplate
+from datablame.data.template import PromptTemplate, template_from_json
 from datablame.errors import UserError
 from datablame.store.atomic import atomic_dir, write_json_atomic
 from datablame.store.content_digest import sha256_file
@@ -73,7 +73,7 @@ class RetrievalIndex:
 
     @property
     def template(self) -> PromptTemplate:
-        return PromptTemplate.from_json(self.manifest["template"])
+        return template_from_json(self.manifest["template"])
 
     @property
     def data_path(self) -> Path:
