@@ -151,3 +151,58 @@ def test_custom_template_and_response_field():
         PromptTemplate("no placeholders")
     with pytest.raises(UserError):
         PromptTemplate("{a}", response_field="b")
+
+
+def test_dataset_directories_shards_and_globs_load_as_datasets_users_expect(tmp_path):
+    """A `save_to_disk` DatasetDict (train by default, --split to pick), one saved Dataset,
+    a folder of Hub-style Parquet shards (train-* beside test-*: the train shards, in name
+    order) and a glob; each reloads by what the manifest records (path + split)."""
+    import datasets
+
+    rows = [{"instruction": f"Say {i}.", "input": "", "output": f"Number {i}."}
+            for i in range(30)]
+    ds = datasets.Dataset.from_list(rows)
+    datasets.DatasetDict({"train": ds.select(range(20)), "test": ds.select(range(20, 30))}
+                         ).save_to_disk(str(tmp_path / "dd"))
+    ds.save_to_disk(str(tmp_path / "one"))
+    shards = tmp_path / "shards" / "data"
+    shards.mkdir(parents=True)
+    for k in (2, 0, 1):  # written out of order: read in name order
+        ds.select(range(k * 10, k * 10 + 10)).to_parquet(
+            str(shards / f"train-{k:05d}-of-00003.parquet"))
+    ds.select(range(3)).to_parquet(str(shards / "test-00000-of-00001.parquet"))
+
+    def outputs(r):
+        return [rec["output"] for rec in (r.records if hasattr(r, "records") else r)]
+
+    assert outputs(load_rows(tmp_path / "dd")) == outputs(ds)[:20]
+    test = load_rows(tmp_path / "dd", split="test")
+    assert outputs(test) == outputs(ds)[20:] and test.split == "test"
+    assert outputs(load_rows(tmp_path / "one")) == outputs(ds)
+    train = load_rows(tmp_path / "shards")
+    assert outputs(train) == outputs(ds) and train.split == "train"
+    assert outputs(load_rows(tmp_path / "shards", split="test")) == outputs(ds)[:3]
+    pattern = str(shards / "train-*.parquet")
+    assert outputs(load_rows(pattern)) == outputs(ds)
+    for rows_ in (test, train, load_rows(pattern)):
+        again = load_rows(rows_.path, split=rows_.split)
+        assert again.fingerprint() == rows_.fingerprint()
+    for args, needle in (((tmp_path / "dd", "valid"), "no split 'valid' (splits: train, test)"),
+                         ((tmp_path / "one", "train"), "holds one dataset, not splits"),
+                         ((tmp_path / "shards", "dev"), "no .jsonl, .json, .csv or .parquet "
+                                                        "files for split 'dev'"),
+                         ((str(tmp_path / "none" / "*.jsonl"),), "no .jsonl"),
+                         ((tmp_path / "dd" / "dataset_dict.json", "train"),
+                          "selects a split of a dataset directory")):
+        with pytest.raises(UserError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+            load_rows(*args)
+
+
+def test_an_index_inside_its_data_directory_is_refused(tmp_path):
+    from datablame.text import build_index
+
+    (tmp_path / "data").mkdir()
+    write_jsonl(tmp_path / "data" / "part-0.jsonl", ROWS)
+    with pytest.raises(UserError, match="inside the data directory"):
+        build_index(tmp_path / "data", tmp_path / "data" / "idx")
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["part-0.jsonl"]

@@ -47,6 +47,7 @@ def build_index(
     batch_size: int = 64,
     device: str = "cpu",
     gradients: GradientOptions | None = None,
+    split: str | None = None,
 ) -> dict:
     """Embed every training row (formatted with `template`, Alpaca by default) into a FAISS
     index at `out`; with `gradients`, also store every row's projected loss gradient (see
@@ -70,25 +71,29 @@ def build_index(
     if chat is not None:
         chat.check()
     check_out_dir(Path(out), {"training file": Path(train_file)})
+    if Path(train_file).is_dir() and Path(os.path.realpath(train_file)) in \
+            Path(os.path.realpath(out)).parents:
+        raise UserError(f"--out {out} is inside the data directory {train_file}: its files "
+                        "would be read as rows next time; put the index elsewhere")
     real_out = Path(os.path.realpath(out))  # a symlinked index is rebuilt where it lives
     with IndexLock(real_out) as lock:
         return _build_index_locked(train_file, real_out, lock, template=template,
                                    response_field=response_field, chat=chat,
                                    embedder=embedder,
                                    index_type=index_type, batch_size=batch_size,
-                                   device=device, gradients=gradients)
+                                   device=device, gradients=gradients, split=split)
 
 
 def _build_index_locked(train_file: str | os.PathLike, out: Path, lock, *,
                         template: str | ChatTemplate | None, response_field: str | None,
                         chat: ChatOptions | None, embedder: str | None, index_type: str,
-                        batch_size: int, device: str, gradients: GradientOptions | None
-                        ) -> dict:
+                        batch_size: int, device: str, gradients: GradientOptions | None,
+                        split: str | None = None) -> dict:
     from datablame.data.rows import load_rows
     from datablame.features.embeddings import Embedder, resolve_embedder
     from datablame.store.retrieval_index import load_index, save_index
 
-    rows = load_rows(train_file)
+    rows = load_rows(train_file, split=split)
     tmpl = resolve_template(template, response_field, rows, chat,
                             gradients.model if gradients is not None else None)
     tmpl.check_rows(rows)
@@ -260,7 +265,8 @@ class Tracer:
             raise UserError(f"the training file this index was built from, "
                             f"{self.index.data_path}, is not there (moved?): pass its new "
                             "path with --data")
-        self.rows = load_rows(data or self.index.data_path)
+        self.rows = load_rows(data or self.index.data_path,
+                              split=self.index.manifest["data"].get("split"))
         self.index.check_rows(self.rows)
         self.template = self.index.template
         self.options = LMOptions(model, adapter, params=params, dtype=dtype, device=device,

@@ -48,8 +48,11 @@ def _main(
 @app.command()
 def index(
     train_file: Annotated[Path, typer.Argument(help="Training rows: .jsonl, .json, .csv or "
-                                                    ".parquet.")],
+                                                    ".parquet; a folder or glob of such "
+                                                    "shards; a save_to_disk directory.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Index directory to write.")],
+    split: Annotated[str, typer.Option(help="The split of a dataset directory (default: "
+                                            "train, or every shard).")] = "",
     template: Annotated[str, typer.Option(help="Prompt template with {field} placeholders "
                                                "(default: Alpaca).")] = "",
     template_file: Annotated[Optional[Path], typer.Option(help="Read the template from a "  # noqa: UP045
@@ -126,7 +129,8 @@ def index(
                   "(--chat-template), not both")
     manifest = build_index(train_file, out, template=template or None, chat=chat,
                            response_field=response_field or None, embedder=embedder or None,
-                           index_type=index_type, batch_size=batch_size, gradients=grad_opts)
+                           index_type=index_type, batch_size=batch_size, gradients=grad_opts,
+                           split=split or None)
     console.print(f"indexed {manifest['data']['rows']} rows from {train_file} -> {out} "
                   f"({manifest['index_type']}, {manifest['embedder']}, dim {manifest['dim']})",
                   highlight=False)

@@ -6,6 +6,7 @@ Every artifact records the rows' content fingerprint so it can refuse stale data
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -30,6 +31,8 @@ class Rows:
     path: Path
     records: list[dict]
     line_numbers: list[int] | None = None  # JSONL: 1-based line of each row id
+    split: str | None = None  # the split of a dataset directory these rows are
+    files: list[Path] | None = None  # a folder of shards: the files, in row order
 
     def __len__(self) -> int:
         return len(self.records)
@@ -90,13 +93,126 @@ def _check_jsonl(path: Path) -> list[int]:
     return lines
 
 
-def load_rows(path: str | os.PathLike) -> Rows:
-    """Load JSONL / JSON / CSV / Parquet rows with `datasets`, in file order."""
+def load_rows(path: str | os.PathLike, split: str | None = None) -> Rows:
+    """Load rows with `datasets`, in order: a JSONL / JSON / CSV / Parquet file, a folder
+    (or glob) of such shards (sorted by name; `split` keeps the shards named for it, as
+    the Hub's `train-00000-of-00004.parquet` layout), or a directory written by
+    `save_to_disk` (a `DatasetDict`'s `split`, "train" by default)."""
+    text = str(path)
+    if any(c in text for c in "*?[") and not Path(path).exists():
+        files = sorted(Path(f) for f in glob.glob(text, recursive=True))
+        root = Path(os.path.commonpath([str(f.parent) for f in files])) if files else Path(".")
+        rows = _load_shards(root, files, split, where=f"pattern {text}")
+        rows.path = Path(os.path.abspath(text))  # reloaded by the pattern, not the folder
+        return rows
     path = Path(path)
     if not path.exists():
         raise UserError(f"training file not found: {path}")
     if path.is_dir():
-        raise UserError(f"training file is a directory: {path}")
+        if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
+            return _load_saved(path, split)
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in
+                       FORMATS and not any(part.startswith(".") for part in
+                                           p.relative_to(path).parts))
+        return _load_shards(path, files, split, where=f"directory {path}")
+    if split is not None:
+        raise UserError(f"--split selects a split of a dataset directory; {path} is one file")
+    return _load_file(path)
+
+
+def _load_saved(path: Path, split: str | None) -> Rows:
+    """A dataset `save_to_disk` wrote: one `Dataset`, or a `DatasetDict` of splits."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    try:
+        ds = datasets.load_from_disk(str(path), keep_in_memory=True)
+    except Exception as exc:
+        raise UserError(f"{path}: could not be read as a saved dataset "
+                        f"({_last_line(exc)})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        want = split or "train"
+        if want not in ds:
+            raise UserError(f"{path}: no split '{want}' (splits: {', '.join(ds)}); pass "
+                            "--split")
+        ds, split = ds[want], want
+    elif split is not None:
+        raise UserError(f"{path} holds one dataset, not splits: drop --split {split}")
+    records = ds.to_list()
+    if not records:
+        raise UserError(f"{path}: the dataset has no rows")
+    return Rows(path=path, records=records, split=split)
+
+
+def _load_shards(path: Path, files: list[Path], split: str | None, where: str) -> Rows:
+    """Shards of one format, read as one dataset in name order."""
+    files = [f for f in files if f.is_file() and f.suffix.lower() in FORMATS]
+    found = {_split_of(f, path) for f in files} - {None}
+    if split is None and len(found) > 1:  # train-* beside test-*: the training split
+        if "train" not in found:
+            raise UserError(f"{where}: shards of splits {', '.join(sorted(found))}; pass "
+                            "--split")
+        split = "train"
+    if split is not None:
+        files = [f for f in files if _split_of(f, path) == split]
+    if not files:
+        what = f" for split '{split}'" if split else ""
+        raise UserError(f"{where}: no .jsonl, .json, .csv or .parquet files{what}")
+    kinds = {FORMATS[f.suffix.lower()] for f in files}
+    if len(kinds) > 1:
+        raise UserError(f"{where}: shards of several formats ({', '.join(sorted(kinds))}); "
+                        "keep one format per folder")
+    if len(files) == 1:  # its line numbers name bad rows; reloaded by the folder + split
+        rows = _load_file(files[0])
+        rows.path, rows.split, rows.files = path, split, files
+        return rows
+    for f in files:
+        if f.stat().st_size == 0:
+            raise UserError(f"{f}: the file is empty")
+        if FORMATS[f.suffix.lower()] == "json" and (f.suffix.lower() == ".jsonl" or
+                                                    not _is_json_document(f)):
+            try:
+                _check_jsonl(f)
+            except UnicodeDecodeError as exc:
+                raise UserError(f"{f}: not UTF-8 text ({exc.reason})") from None
+    records = _read_with_datasets(kinds.pop(), [str(f) for f in files], where)
+    return Rows(path=path, records=records, split=split, files=files)
+
+
+SPLITS = ("train", "test", "validation", "valid", "eval", "dev")
+
+
+def _split_of(file: Path, root: Path) -> str | None:
+    """The split a shard is named for: a folder `train/` or a name `train-00000-of-...`."""
+    parts = file.relative_to(root).parts if file.is_relative_to(root) else (file.name,)
+    for part in (*parts[:-1], file.name):
+        head = part.split("-", 1)[0].split(".", 1)[0].split("_", 1)[0].lower()
+        if head in SPLITS or part.lower() in SPLITS:
+            return head if head in SPLITS else part.lower()
+    return None
+
+
+def _last_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+
+
+def _read_with_datasets(kind: str, data_files, where: str) -> list[dict]:
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    try:
+        ds = datasets.load_dataset(kind, data_files=data_files, split="train",
+                                   keep_in_memory=True)
+    except Exception as exc:  # datasets wraps parser errors in many types
+        raise UserError(f"{where}: could not be read as {kind} ({_last_line(exc)})") from None
+    records = ds.to_list()
+    if not records:
+        raise UserError(f"{where}: the file has no rows")
+    return records
+
+
+def _load_file(path: Path) -> Rows:
     suffix = path.suffix.lower()
     if suffix not in FORMATS:
         raise UserError(
@@ -113,20 +229,7 @@ def load_rows(path: str | os.PathLike) -> Rows:
     if line_numbers is not None and not line_numbers:
         raise UserError(f"{path}: the file has no rows")
 
-    import datasets
-
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
-    try:
-        ds = datasets.load_dataset(
-            FORMATS[suffix], data_files=str(path), split="train", keep_in_memory=True
-        )
-    except Exception as exc:  # datasets wraps parser errors in many types
-        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{path}: could not be read as {FORMATS[suffix]} ({reason})") from None
-    records = ds.to_list()
-    if not records:
-        raise UserError(f"{path}: the file has no rows")
+    records = _read_with_datasets(FORMATS[suffix], str(path), str(path))
     if line_numbers is not None and len(line_numbers) != len(records):
         line_numbers = None  # datasets disagreed on row count; fall back to row ids only
     return Rows(path=path, records=records, line_numbers=line_numbers)

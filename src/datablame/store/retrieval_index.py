@@ -127,6 +127,7 @@ def save_index(out: Path, vectors: np.ndarray, rows: Rows, template: PromptTempl
             "rows": len(rows),
             "fingerprint": rows.fingerprint(),
             "columns": rows.columns,
+            "split": rows.split,
         },
         "template": template.to_json(),
         "embedder": embedder_name,
