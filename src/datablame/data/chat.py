@@ -56,8 +56,9 @@ def normalize_messages(value: object) -> list[dict[str, str]]:
     for n, turn in enumerate(value, start=1):
         if not isinstance(turn, dict):
             raise UserError(f"turn {n} is not an object with a role and a content")
-        role = turn.get("role", turn.get("from"))
-        content = turn.get("content", turn.get("value"))
+        # keys absent or null alike: Arrow gives every turn of a column every key seen
+        role = turn.get("role") if turn.get("role") is not None else turn.get("from")
+        content = turn.get("content") if turn.get("content") is not None else turn.get("value")
         if role is None or str(role).lower() not in ROLES:
             raise UserError(f"turn {n} has role {role!r} (use user, assistant, system, tool; "
                             "or ShareGPT's human, gpt)")
