@@ -115,6 +115,11 @@ def _build_index_locked(train_file: str | os.PathLike, out: Path, lock, *,
             vectors = enc.encode(texts, batch_size=batch_size, progress=advance)
         manifest = save_index(out, vectors, rows, tmpl, enc.name, index_type,
                               before_swap=lock.adopt)
+    from datablame.store.span_index import build_span_index, span_index_is_current
+
+    if not span_index_is_current(out, rows.fingerprint(), tmpl):
+        span = build_span_index(out, rows, tmpl, rows.fingerprint())
+        progress.note(f"verbatim spans: {span['tokens']:,} words of trained text indexed")
     if gradients is not None:
         from datablame.features.gradients import build_gradient_store
 
@@ -531,6 +536,16 @@ class Tracer:
 
     def _describe(self, df: pd.DataFrame, query: Query, q_text: FormattedText, method: str
                   ) -> None:
+        from datablame.store.span_index import longest_common_run, traced_texts
+
+        # how much of the answer each row holds word for word: a copy, whatever the score
+        answer = query.focus or query.output
+        copied = [max((longest_common_run(answer, t) for t in
+                       traced_texts(self.template, self.rows.records[int(r)])), default=0)
+                  for r in df["row"]]
+        at = next((i for i, c in enumerate(df.columns) if str(c).startswith("field:")),
+                  len(df.columns))
+        df.insert(at, "copied", copied)
         df.attrs.update(query=query.output, prompt=query.prompt, focus=query.focus,
                         text=q_text.text,
                         method=method, loss_on=self.model.loss_on,
@@ -564,3 +579,38 @@ def trace(
     """One-shot trace; see `Tracer` to keep the model loaded across queries."""
     tracer = Tracer(index_dir, model, adapter, **options)
     return tracer.trace(Query(query, prompt or {}), top_k=top_k)
+
+
+def verbatim_spans(index_dir: str | os.PathLike, query: Query | str, *, min_words: int = 7,
+                   max_rows: int = 20, data: str | os.PathLike | None = None) -> dict:
+    """Every maximal span of the query's answer (at least `min_words` words) that occurs
+    word for word in a training row's trained text, rarest first, with the rows holding it.
+    No model: a string match, not an influence estimate (trace says which of the rows the
+    gradient also blames)."""
+    from datablame.data.rows import load_rows
+    from datablame.store.retrieval_index import load_index
+    from datablame.store.span_index import SpanIndex
+
+    check_at_least("--min-words", min_words, 1)
+    check_at_least("--max-rows", max_rows, 1)
+    index = load_index(index_dir)
+    template = index.template
+    spans = SpanIndex(index_dir, index.manifest["data"]["fingerprint"], template)
+    query = Query(query) if isinstance(query, str) else query
+    resolved = query.resolved(template)
+    answer = resolved.focus or resolved.output
+    if not answer.strip():
+        raise UserError("the query is empty: pass the model output to look for")
+    found = spans.find(answer, min_words=min_words, max_rows=max_rows)
+    covered = np.zeros(len(answer), dtype=bool)
+    for s in found:
+        covered[s.start:s.end] = True
+    letters = np.array([not c.isspace() for c in answer])
+    result = {"query": answer, "min_words": min_words, "rows": index.manifest["data"]["rows"],
+              "copied_fraction": float(covered[letters].mean()) if letters.any() else 0.0,
+              "spans": [dict(vars(s)) for s in found]}
+    if data is not None or index.data_path.exists():  # the rows' text, for showing them
+        rows = load_rows(data or index.data_path, split=index.manifest["data"].get("split"))
+        index.check_rows(rows)
+        result["row_fields"] = {r: rows.records[r] for s in found for r in s.rows[:3]}
+    return result

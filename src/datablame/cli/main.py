@@ -394,6 +394,75 @@ def trace(
         write_jsonl_atomic(out, done)
 
 
+@app.command()
+def spans(
+    index_dir: Annotated[Path, typer.Argument(help="Index directory ('datablame index').")],
+    query: Annotated[str, typer.Option(help="The model output to look for in the rows (or the "
+                                            "whole formatted text / chat JSON).")] = "",
+    query_file: Annotated[Optional[Path], typer.Option(help="Read the output from a file "  # noqa: UP045
+                                                            "(.json: template fields).")
+                          ] = None,
+    min_words: Annotated[int, typer.Option(help="Shortest span reported, in words (chosen on "
+                                                "held-out text: bench/spans.py).")] = 7,
+    max_rows: Annotated[int, typer.Option(help="Rows listed per span.")] = 20,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    out: Annotated[Optional[Path], typer.Option(help="Write the JSON here.")] = None,  # noqa: UP045
+    data: Annotated[Optional[Path], typer.Option(help="The training file, if it moved.")  # noqa: UP045
+                    ] = None,
+) -> None:
+    """Verbatim copies: every stretch of an output, at least --min-words words, that occurs
+    word for word in a training row (the trained text: the answer field, or a chat's
+    assistant turns), with the rows that hold it. A string match, no model needed."""
+    from datablame.outputs import check_output_file, is_json_with
+    from datablame.store.atomic import write_json_atomic
+    from datablame.store.retrieval_index import read_manifest
+    from datablame.text import Query, verbatim_spans
+
+    if bool(query) == bool(query_file):
+        _fail("give the output to look for with one of --query or --query-file")
+    if out is not None:
+        check_output_file(out, "--out", ours=is_json_with("query", "spans"))
+    prompt: dict = {}
+    if query_file is not None:
+        from datablame.data.template import template_from_json
+
+        template = template_from_json(read_manifest(index_dir)["template"])
+        query, prompt = _read_query_file(query_file, template)
+    result = verbatim_spans(index_dir, Query(query, prompt), min_words=min_words,
+                            max_rows=max_rows, data=data)
+    if out is not None:
+        write_json_atomic(out, result)
+    if as_json:
+        print(json.dumps(result, indent=2, ensure_ascii=False, default=str))
+        return
+    _print_spans(result)
+
+
+def _print_spans(result: dict) -> None:
+    from rich.table import Table
+
+    found = result["spans"]
+    share = f"{result['copied_fraction']:.0%} of the output"
+    if not found:
+        console.print(f"no span of {result['min_words']}+ words of the output occurs verbatim "
+                      f"in the {result['rows']} rows", highlight=False)
+        return
+    table = Table(title=f"verbatim spans ({len(found)}, covering {share}; rarest first)",
+                  header_style="bold")
+    for name, justify in (("words", "right"), ("rarity", "right"), ("times", "right"),
+                          ("rows", "left"), ("span", "left")):
+        table.add_column(name, justify=justify, no_wrap=name != "span",
+                         overflow="fold" if name == "span" else "ellipsis")
+    for s in found:
+        rows = ", ".join(map(str, s["rows"][:8])) + (" ..." if len(s["rows"]) > 8 else "")
+        table.add_row(str(s["words"]), f"{s['surprisal']:.0f}", str(s["occurrences"]), rows,
+                      s["text"])
+    console.print(table)
+    console.print("rarity: bits (the words' unigram surprisal in the rows: long and rare is "
+                  "high); a string match, not a causal claim: `trace` scores the rows",
+                  highlight=False)
+
+
 app.command("tabular")(tabular_commands.tabular)
 app.command("verify")(verify_commands.verify)
 app.command("finetune")(verify_commands.finetune)

@@ -49,6 +49,8 @@ def results_table(df: pd.DataFrame, show: int = 5, title: str | None = None) -> 
     for c in ranks:
         table.add_column(c.split("_")[0][:4] + " rank", justify="right", no_wrap=True,
                          min_width=9)
+    if "copied" in df:
+        table.add_column("copied", justify="right", no_wrap=True, min_width=6)
     width = 36 if not ranks else 24
     for f in fields:
         table.add_column(f.removeprefix("field:"), overflow="ellipsis", no_wrap=True,
@@ -61,6 +63,8 @@ def results_table(df: pd.DataFrame, show: int = 5, title: str | None = None) -> 
             d = r["distance"]
             cells.append("-" if d != d else f"{max(d, 0.0):.3f}")  # NaN: not retrieved
         cells += [str(r[c]) for c in ranks]
+        if "copied" in df:
+            cells.append(str(r["copied"]))
         cells += [_preview(r[f]) for f in fields]
         table.add_row(*cells)
     return table
