@@ -118,8 +118,7 @@ def _build_index_locked(train_file: str | os.PathLike, out: Path, lock, *,
     from datablame.store.span_index import build_span_index, span_index_is_current
 
     if not span_index_is_current(out, rows.fingerprint(), tmpl):
-        span = build_span_index(out, rows, tmpl, rows.fingerprint())
-        progress.note(f"verbatim spans: {span['tokens']:,} words of trained text indexed")
+        build_span_index(out, rows, tmpl, rows.fingerprint())
     if gradients is not None:
         from datablame.features.gradients import build_gradient_store
 
