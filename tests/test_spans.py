@@ -128,3 +128,24 @@ def test_spans_refuses_bad_input_in_one_line(span_index, tmp_path, monkeypatch, 
     (tmp_path / "stale" / "spans" / "manifest.json").write_text(json.dumps(manifest))
     code, _, err = run_cli(monkeypatch, capsys, "spans", tmp_path / "stale", "--query", "x")
     _assert_one_line_error(code, err, "was built from other rows than the index")
+
+
+@pytest.mark.slow
+def test_spans_with_the_model_says_the_copied_row_also_taught_it(demo_assets, monkeypatch,
+                                                                 capsys):
+    """On the demo model: the culprit, copied word for word, is also the row the gradient
+    aligns with (strong); every matched row gets its reading."""
+    root, info = demo_assets
+    rows = [json.loads(line) for line in (root / "train.jsonl").read_text().splitlines()]
+    culprit = info["culprit_row"]
+    formatted = PromptTemplate().format(rows[culprit]).text
+    code, out, err = run_cli(monkeypatch, capsys, "spans", root / "index", "--query",
+                             formatted, "--model", root / "base", "--adapter",
+                             root / "adapter", "--json")
+    assert code in (0, None), err
+    result = json.loads(out)
+    held = {r for s in result["spans"] for r in s["rows"]}
+    assert result["spans"][0]["rows"] == [culprit]
+    grads = {int(k): v for k, v in result["gradient"].items()}
+    assert set(grads) == held
+    assert grads[culprit]["reading"] == "strong", grads[culprit]

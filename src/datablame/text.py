@@ -345,13 +345,26 @@ class Tracer:
             raise UserError("top-k must be at least 1")
         resolved = query.resolved(self.template)
         if resolved.split_from_text and not query.split_from_text:
-            shown = ", ".join(f"{k}={v[:40]!r}" for k, v in resolved.prompt.items())
+            shown = ", ".join(f"{k}=<{len(v)} turns>" if isinstance(v, list) else
+                              f"{k}={v[:40]!r}" for k, v in resolved.prompt.items())
             progress.note(f"read the query as a formatted prompt and answer ({shown}; "
                           f"answer {resolved.output[:40]!r}); pass --as-written to trace "
                           "the text as one answer")
         q_text = resolved.formatted(self.template)
         self.model.check_scored(q_text, what="the query")
         return resolved, q_text
+
+    def score_rows(self, query: Query | str, row_ids: list[int], alignment: str = "cosine"
+                   ) -> np.ndarray:
+        """The gradient alignment of the query with these rows (exact gradients), e.g. the
+        rows `spans` found a copy in: did the copied row also teach the answer?"""
+        from datablame.methods.gradient_alignment import align
+
+        _, q_text = self._prepare(query, 1)
+        texts = [q_text] + [self.row_text(int(i)) for i in row_ids]
+        grads = self.model.gradients(texts, batch_size=self.batch_size,
+                                     names=["the query", *map(int, row_ids)])
+        return align(grads[0], grads[1:], alignment)
 
     def trace(self, query: Query | str, top_k: int = 50, alignment: str = "cosine",
               rank_by: str = "fused") -> pd.DataFrame:
@@ -581,11 +594,13 @@ def trace(
 
 
 def verbatim_spans(index_dir: str | os.PathLike, query: Query | str, *, min_words: int = 7,
-                   max_rows: int = 20, data: str | os.PathLike | None = None) -> dict:
+                   max_rows: int = 20, data: str | os.PathLike | None = None,
+                   tracer: Tracer | None = None) -> dict:
     """Every maximal span of the query's answer (at least `min_words` words) that occurs
     word for word in a training row's trained text, rarest first, with the rows holding it.
-    No model: a string match, not an influence estimate (trace says which of the rows the
-    gradient also blames)."""
+    A string match, not an influence estimate; with a `tracer` (the model), each matched
+    row also gets its gradient alignment with the answer: copied *and* taught it, or
+    copied-looking but not what the model learned the answer from."""
     from datablame.data.rows import load_rows
     from datablame.store.retrieval_index import load_index
     from datablame.store.span_index import SpanIndex
@@ -612,4 +627,11 @@ def verbatim_spans(index_dir: str | os.PathLike, query: Query | str, *, min_word
         rows = load_rows(data or index.data_path, split=index.manifest["data"].get("split"))
         index.check_rows(rows)
         result["row_fields"] = {r: rows.records[r] for s in found for r in s.rows[:3]}
+    if tracer is not None and found:
+        from datablame.methods.gradient_alignment import reading
+
+        matched = sorted({r for s in found for r in s.rows})
+        scores = tracer.score_rows(query, matched)
+        result["gradient"] = {int(r): {"score": float(v), "reading": reading(float(v))}
+                              for r, v in zip(matched, scores, strict=True)}
     return result

@@ -409,10 +409,16 @@ def spans(
     out: Annotated[Optional[Path], typer.Option(help="Write the JSON here.")] = None,  # noqa: UP045
     data: Annotated[Optional[Path], typer.Option(help="The training file, if it moved.")  # noqa: UP045
                     ] = None,
+    model: Annotated[Optional[Path], typer.Option(help="Base model directory: also score "  # noqa: UP045
+                                                       "each matched row by its gradient "
+                                                       "alignment with the output.")] = None,
+    adapter: Annotated[Optional[Path], typer.Option(help="PEFT LoRA adapter directory.")  # noqa: UP045
+                       ] = None,
 ) -> None:
     """Verbatim copies: every stretch of an output, at least --min-words words, that occurs
     word for word in a training row (the trained text: the answer field, or a chat's
-    assistant turns), with the rows that hold it. A string match, no model needed."""
+    assistant turns), with the rows that hold it. A string match, no model needed; with
+    --model, each matched row's gradient alignment says whether it also taught the output."""
     from datablame.outputs import check_output_file, is_json_with
     from datablame.store.atomic import write_json_atomic
     from datablame.store.retrieval_index import read_manifest
@@ -428,8 +434,15 @@ def spans(
 
         template = template_from_json(read_manifest(index_dir)["template"])
         query, prompt = _read_query_file(query_file, template)
+    if adapter is not None and model is None:
+        _fail("--adapter needs --model (the base model it adapts)")
+    tracer = None
+    if model is not None:
+        from datablame.text import Tracer
+
+        tracer = Tracer(index_dir, model, adapter, data=data)
     result = verbatim_spans(index_dir, Query(query, prompt), min_words=min_words,
-                            max_rows=max_rows, data=data)
+                            max_rows=max_rows, data=data, tracer=tracer)
     if out is not None:
         write_json_atomic(out, result)
     if as_json:
@@ -453,14 +466,22 @@ def _print_spans(result: dict) -> None:
                           ("rows", "left"), ("span", "left")):
         table.add_column(name, justify=justify, no_wrap=name != "span",
                          overflow="fold" if name == "span" else "ellipsis")
+    grads = result.get("gradient", {})
+
+    def shown(r: int) -> str:
+        g = grads.get(r)
+        return f"{r} ({g['reading']} {g['score']:.2f})" if g else str(r)
+
     for s in found:
-        rows = ", ".join(map(str, s["rows"][:8])) + (" ..." if len(s["rows"]) > 8 else "")
+        rows = ", ".join(map(shown, s["rows"][:8])) + (" ..." if len(s["rows"]) > 8 else "")
         table.add_row(str(s["words"]), f"{s['surprisal']:.0f}", str(s["occurrences"]), rows,
                       s["text"])
     console.print(table)
+    tail = ("rows: (gradient reading, cosine with the output): copied and taught it, or "
+            "copied-looking but not what the model learned it from" if grads else
+            "a string match, not a causal claim: --model (or `trace`) scores the rows")
     console.print("rarity: bits (the words' unigram surprisal in the rows: long and rare is "
-                  "high); a string match, not a causal claim: `trace` scores the rows",
-                  highlight=False)
+                  f"high); {tail}", highlight=False)
 
 
 app.command("tabular")(tabular_commands.tabular)
