@@ -142,3 +142,42 @@ def test_a_chaotic_fine_tune_is_refused_not_scored(tiny):
     assert check["ratio"] > 1e3
     with pytest.raises(UserError, match="too chaotic"):
         wild.check_smooth(check)
+
+
+def test_a_queries_file_is_traced_with_one_replay(tiny, tmp_path, monkeypatch, capsys):
+    """--queries with --method magic: one forward replay and one reverse pass for every
+    line (the removal check adds one more replay), and each line's scores equal the
+    query traced alone."""
+    from datablame.methods import magic
+    from datablame.text import build_index
+
+    root, _, _, _ = tiny
+    build_index(root / "train.jsonl", tmp_path / "index")
+    lines = [{"instruction": f"What is item {i}?", "output": f"Item {i} is {COLORS[i]}."}
+             for i in (0, 3, 5)]
+    write_jsonl(tmp_path / "q.jsonl", lines)
+    calls = []
+    real_scores = magic.FineTuneReplay.scores
+
+    def counted(self, queries, **kwargs):
+        calls.append(len(queries))
+        return real_scores(self, queries, **kwargs)
+
+    monkeypatch.setattr(magic.FineTuneReplay, "scores", counted)
+    base = ["trace", tmp_path / "index", "--model", root / "base", "--adapter",
+            root / "adapter", "--method", "magic", "--top-k", "8"]
+    code, out, err = run_cli(monkeypatch, capsys, *base, "--queries", tmp_path / "q.jsonl",
+                             "--json")
+    assert code == 0, err
+    assert calls == [3]
+    batched = [json.loads(line) for line in out.strip().splitlines()]
+    for line, record in zip(lines, batched, strict=True):
+        code, out, err = run_cli(monkeypatch, capsys, *base, "--json", "--field",
+                                 f"instruction={line['instruction']}", "--query",
+                                 line["output"])
+        alone = {r["row"]: r["score"] for r in json.loads(out)["results"]}
+        together = {r["row"]: r["score"] for r in record["results"]}
+        assert alone.keys() == together.keys()
+        assert np.allclose([alone[k] for k in alone], [together[k] for k in alone],
+                           rtol=1e-4, atol=1e-7)
+    assert [r["results"][0]["row"] for r in batched] == [0, 3, 5]

@@ -522,29 +522,39 @@ class Tracer:
         """Score every row by MAGIC (methods/magic.py): replay the adapter's fine-tune from
         its recipe and differentiate the query's loss by each row's weight. Refused unless
         the replay reproduces the adapter: scores of another training run would not be
-        this model's. Costs a few fine-tunes per query: small adapters and data only."""
+        this model's. Costs a few fine-tunes per call: small adapters and data only."""
+        return self.trace_magic_many([query], top_k=top_k, recipe=recipe)[0]
+
+    def trace_magic_many(self, queries: list[Query | str], top_k: int = 50,
+                         recipe: str | os.PathLike | None = None) -> list[pd.DataFrame]:
+        """`trace_magic` for many queries at the price of one: one forward replay, one
+        reverse pass and one removal check serve them all."""
         from datablame.methods.magic import FineTuneReplay
         from datablame.text_verify import check_recipe_rows
 
         if self.options.adapter is None:
             raise UserError("magic replays a LoRA fine-tune: pass the --adapter it made")
-        query, q_text = self._prepare(query, top_k)
+        prepared = [self._prepare(q, top_k) for q in queries]
+        q_texts = [q_text for _, q_text in prepared]
         recipe_obj = check_recipe_rows(self.rows, self.options.model, self.options.adapter,
                                        recipe)
         replay = getattr(self, "_replay", None)
         if replay is None:
             replay = self._replay = FineTuneReplay(self.rows, self.options.model, recipe_obj)
-        scores = replay.scores([q_text], adapter_dir=self.options.adapter)[0]
-        check = replay.removal_check(scores[None], [q_text])
+        all_scores = replay.scores(q_texts, adapter_dir=self.options.adapter)
+        check = replay.removal_check(all_scores, q_texts)
         replay.check_smooth(check)
-        order = np.argsort(-scores, kind="stable")[:top_k]
-        df = _ranked_frame(self.rows, order, scores[order], "dot", {})
-        df["reading"] = [f"{s:+.2g} loss if removed" for s in scores[order]]
-        self._describe(df, query, q_text, (
-            f"magic (replayed fine-tune, {len(replay.steps)} steps; check: dropping "
-            f"{check['dropped']} random rows changed the loss by {check['actual'][0]:+.3g}, "
-            f"predicted {check['predicted'][0]:+.3g})"))
-        return df
+        frames = []
+        for i, ((query, q_text), scores) in enumerate(zip(prepared, all_scores, strict=True)):
+            order = np.argsort(-scores, kind="stable")[:top_k]
+            df = _ranked_frame(self.rows, order, scores[order], "dot", {})
+            df["reading"] = [f"{s:+.2g} loss if removed" for s in scores[order]]
+            self._describe(df, query, q_text, (
+                f"magic (replayed fine-tune, {len(replay.steps)} steps; check: dropping "
+                f"{check['dropped']} random rows changed the loss by "
+                f"{check['actual'][i]:+.3g}, predicted {check['predicted'][i]:+.3g})"))
+            frames.append(df)
+        return frames
 
     def _describe(self, df: pd.DataFrame, query: Query, q_text: FormattedText, method: str
                   ) -> None:
