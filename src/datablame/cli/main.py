@@ -15,6 +15,7 @@ from typing import Annotated, Optional
 import typer
 
 from datablame import __version__, progress
+from datablame.cli import audit as audit_commands
 from datablame.cli import tabular as tabular_commands
 from datablame.cli import verify as verify_commands
 from datablame.cli.console import console, fail
@@ -494,6 +495,7 @@ def _print_spans(result: dict) -> None:
                   f"high); {tail}", highlight=False)
 
 
+app.add_typer(audit_commands.app, name="audit")
 app.command("tabular")(tabular_commands.tabular)
 app.command("verify")(verify_commands.verify)
 app.command("finetune")(verify_commands.finetune)
