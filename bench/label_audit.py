@@ -120,7 +120,8 @@ def main() -> None:
         both = [r for r in rows if "self-influence precision" in r]
         summary[part]["paired (where both apply)"] = {
             n: float(np.mean([r[f"{n} precision"] for r in both])) for n in SCORERS}
-        print(part, {k: round(v, 3) for k, v in summary[part].items()})
+        print(part, {k: round(v, 3) if isinstance(v, float) else
+                     {n: round(x, 3) for n, x in v.items()} for k, v in summary[part].items()})
     out = {"flip": args.flip, "seeds": args.seeds, "table": table, "summary": summary}
     Path(args.out).write_text(json.dumps(with_provenance(out), indent=2))
     print(f"wrote {args.out}")
