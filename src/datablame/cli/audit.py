@@ -39,9 +39,11 @@ def labels(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     out: Annotated[Optional[Path], typer.Option(help="Write the JSON here.")] = None,  # noqa: UP045
 ) -> None:
-    """Rows whose label looks wrong, most suspicious first: out-of-fold loss (confident
-    learning's self-confidence), training loss and self-influence side by side; with
-    --eval, retrain without the top-k and without k random rows and compare."""
+    """Rows whose label looks wrong, most suspicious first, and the proof by retraining.
+
+    Out-of-fold loss (confident learning's self-confidence), training loss and
+    self-influence side by side; with --eval, retrain without the top-k and without k
+    random rows and compare."""
     import json
 
     from datablame.audit import label_audit

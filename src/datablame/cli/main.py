@@ -426,10 +426,12 @@ def spans(
     adapter: Annotated[Optional[Path], typer.Option(help="PEFT LoRA adapter directory.")  # noqa: UP045
                        ] = None,
 ) -> None:
-    """Verbatim copies: every stretch of an output, at least --min-words words, that occurs
-    word for word in a training row (the trained text: the answer field, or a chat's
-    assistant turns), with the rows that hold it. A string match, no model needed; with
-    --model, each matched row's gradient alignment says whether it also taught the output."""
+    """Verbatim copies: stretches of an output found word for word in training rows.
+
+    Every span of at least --min-words words that occurs in a row's trained text (the
+    answer field, or a chat's assistant turns), with the rows that hold it. A string match,
+    no model needed; with --model, each matched row's gradient alignment says whether it
+    also taught the output."""
     from datablame.outputs import check_output_file, is_json_with
     from datablame.store.atomic import write_json_atomic
     from datablame.store.retrieval_index import read_manifest
