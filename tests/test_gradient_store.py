@@ -357,3 +357,20 @@ def test_the_store_imports_no_model():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_rebuilding_the_retrieval_index_keeps_the_gradient_store(tmp_path, random_lora_model):
+    """Another index type (or embedder) rebuilds the FAISS part in a new directory; the
+    gradient store, computed for the same rows, model and template, moves with it."""
+    from datablame.store.gradient_store import GradientStore
+    from datablame.text import GradientOptions, build_index
+
+    base, adapter = random_lora_model
+    data = write_jsonl(tmp_path / "t.jsonl", ROWS)
+    build_index(data, tmp_path / "idx", gradients=GradientOptions(base, adapter, proj_dim=64))
+    shards = _files(tmp_path / "idx" / "gradients")
+    manifest = build_index(data, tmp_path / "idx", index_type="hnsw")
+    assert manifest["index_type"] == "hnsw"
+    assert _files(tmp_path / "idx" / "gradients") == shards
+    GradientStore.load(tmp_path / "idx", verify=True)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".idx.")]

@@ -113,8 +113,16 @@ def _build_index_locked(train_file: str | os.PathLike, out: Path, lock, *,
         enc = Embedder(embedder, device=device)
         with progress.task("embedding rows", len(texts)) as advance:
             vectors = enc.encode(texts, batch_size=batch_size, progress=advance)
+        # A rebuilt retrieval index (another embedder or index type) keeps the gradient
+        # store: moved aside (a sibling, never deleted) and back once the new index is in
+        # place; the store checks its own rows, model and template when it is loaded.
+        kept = out.parent / f".{out.name}.gradients-kept"
+        if (out / "gradients").is_dir() and not kept.exists():
+            os.replace(out / "gradients", kept)
         manifest = save_index(out, vectors, rows, tmpl, enc.name, index_type,
                               before_swap=lock.adopt)
+        if kept.is_dir() and not (out / "gradients").exists():
+            os.replace(kept, out / "gradients")
     from datablame.store.span_index import build_span_index, span_index_is_current
 
     if not span_index_is_current(out, rows.fingerprint(), tmpl):
