@@ -83,3 +83,35 @@ def test_audit_labels_refuses_bad_input_in_one_line(flipped, tmp_path, monkeypat
     code, _, err = run_cli(monkeypatch, capsys, *base, "--target", "label", "--eval",
                            unlabeled)
     _assert_one_line_error(code, err, "need the label column 'label'")
+
+
+def test_prune_writes_the_kept_and_removed_rows_and_retrains(flipped, tmp_path, monkeypatch,
+                                                             capsys):
+    """The kept and removed files are the training file's rows, split (same columns, same
+    values, same order); the proof retrains without them and without random rows."""
+    root, _ = flipped
+    base = ["audit", "prune", root / "train.csv", "--model", root / "model.json",
+            "--target", "label", "--eval", root / "eval.csv", "--fraction", "0.1"]
+    code, out, err = run_cli(monkeypatch, capsys, *base, "--kept", tmp_path / "kept.csv",
+                             "--removed", tmp_path / "removed.csv", "--json")
+    assert code in (0, None), err
+    result = json.loads(out)
+    gone = sorted(r["row"] for r in result["pruned"])
+    assert len(gone) == 40 and result["scorer"] == "loss-easy"
+    train = pd.read_csv(root / "train.csv")
+    kept, removed = pd.read_csv(tmp_path / "kept.csv"), pd.read_csv(tmp_path / "removed.csv")
+    pd.testing.assert_frame_equal(removed, train.iloc[gone].reset_index(drop=True))
+    pd.testing.assert_frame_equal(kept, train.drop(index=gone).reset_index(drop=True))
+    runs = result["runs"]
+    assert set(runs) == {"all rows", "without suspects", "without random rows"}
+    assert runs["without suspects"]["accuracy"] >= runs["all rows"]["accuracy"] - 0.03
+    # never overwrites a file it did not write; bad fractions and scorers in one line
+    code, _, err = run_cli(monkeypatch, capsys, *base, "--kept", tmp_path / "kept.csv")
+    _assert_one_line_error(code, err, "refusing to overwrite")
+    assert pd.read_csv(tmp_path / "kept.csv").equals(kept)
+    code, _, err = run_cli(monkeypatch, capsys, *base[:-2], "--fraction", "0.7")
+    _assert_one_line_error(code, err, "--fraction must be in (0, 0.5)")
+    code, _, err = run_cli(monkeypatch, capsys, *base, "--scorer", "x")
+    _assert_one_line_error(code, err, "unknown scorer 'x'")
+    code, _, err = run_cli(monkeypatch, capsys, *base, "--kept", tmp_path / "kept.parquet")
+    _assert_one_line_error(code, err, "--kept must end in .csv")

@@ -144,3 +144,42 @@ def label_audit(t: TabularTask, x_eval=None, y_eval=None, *, scorer: str = DEFAU
         result["proof"] = prove(t, order[:top_k], x_eval, y_eval, n_random=n_random,
                                 seed=seed)
     return result
+
+
+PRUNE_SCORERS = ("influence", "loss-easy", "loss-hard")
+
+
+def contribution_scores(t: TabularTask, x_eval, y_eval, *, scorer: str = "influence",
+                        method: str = "auto") -> np.ndarray:
+    """Each training row's value to the evaluation set, higher = worth keeping.
+
+    `influence`: the sum over evaluation rows of the method's score (positive = training
+    on the row lowers that row's loss); `loss-easy`: minus the training loss (the EL2N
+    rule for abundant data: easy rows teach little, drop them first); `loss-hard`: the
+    training loss (hard rows first out: the rule for small, noisy data)."""
+    if scorer not in PRUNE_SCORERS:
+        raise UserError(f"unknown scorer '{scorer}' (use {', '.join(PRUNE_SCORERS)})")
+    if scorer != "influence":
+        loss = np.asarray(t.adapter.query_losses(t.x_train, t.y_train), dtype=float)
+        return loss if scorer == "loss-easy" else -loss
+    est = t.fit(method)
+    evaluation = TabularTask(t.model, t.adapter, t.x_train, t.y_train, x_eval, t.config)
+    scores, _, _ = evaluation.scores(est, y_eval)
+    return np.asarray(scores, dtype=float).sum(0)
+
+
+def prune_audit(t: TabularTask, x_eval, y_eval, *, fraction: float = 0.1,
+                scorer: str = "loss-easy", n_random: int = 3, seed: int = 0,
+                method: str = "auto") -> dict:
+    """The `fraction` of rows worth least to the evaluation set, and the proof: retrain
+    without them vs without as many random rows vs with every row."""
+    if not 0 < fraction < 0.5:
+        raise UserError(f"--fraction must be in (0, 0.5), got {fraction}")
+    value = contribution_scores(t, x_eval, y_eval, scorer=scorer, method=method)
+    n = len(t.y_train)
+    k = max(1, round(fraction * n))
+    order = np.argsort(value, kind="stable")  # least valuable first
+    result = prove(t, order[:k], x_eval, y_eval, n_random=n_random, seed=seed)
+    result.update(scorer=scorer, fraction=fraction, n_train=n,
+                  pruned=[{"row": int(r), "value": float(value[r])} for r in order[:k]])
+    return result

@@ -11,7 +11,7 @@ import typer
 from datablame.cli.console import console, fail
 from datablame.errors import check_at_least
 
-app = typer.Typer(help="Audits over the whole training set: label errors.",
+app = typer.Typer(help="Audits over the whole training set: label errors, dead weight.",
                   no_args_is_help=True)
 
 
@@ -104,3 +104,94 @@ def _print(result: dict) -> None:
                   f"suspects, the evaluation loss is {runs['without suspects']['loss']:.4f} vs "
                   f"{runs['without random rows']['loss']:.4f} without as many random rows",
                   highlight=False)
+
+
+@app.command("prune")
+def prune(
+    train_file: Annotated[Path, typer.Argument(help="Training rows (.csv / .parquet).")],
+    model: Annotated[Path, typer.Option(help="The trained model (as for 'tabular').")],
+    target: Annotated[str, typer.Option(help="The target column.")],
+    eval_file: Annotated[Path, typer.Option("--eval", help="Held-out rows with targets: what "
+                                                          "the rows are worth to, and the "
+                                                          "judge of the proof.")],
+    fraction: Annotated[float, typer.Option(help="Share of the rows to remove.")] = 0.1,
+    scorer: Annotated[str, typer.Option(help="loss-easy (drop the easiest rows: measured "
+                                             "best), loss-hard, or influence (the method's "
+                                             "influence on the --eval rows).")
+                      ] = "loss-easy",
+    kept: Annotated[Optional[Path], typer.Option(help="Write the rows kept here, in the "  # noqa: UP045
+                                                      "training file's format.")] = None,
+    removed: Annotated[Optional[Path], typer.Option(help="Write the rows removed here.")  # noqa: UP045
+                       ] = None,
+    n_random: Annotated[int, typer.Option("--random", help="Random removals of as many rows "
+                                                          "to compare with.")] = 3,
+    method: Annotated[str, typer.Option(help="Method for --scorer influence.")] = "auto",
+    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow a .pkl/.joblib "
+                                               "model (unpickling runs its code).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    out: Annotated[Optional[Path], typer.Option(help="Write the JSON here.")] = None,  # noqa: UP045
+) -> None:
+    """Dead weight: the rows the model does as well without, proven by retraining.
+
+    Removes --fraction of the rows by --scorer, retrains, and compares the evaluation loss
+    and accuracy with every row and with as many random rows removed; --kept writes the
+    rows to keep in the training file's format, --removed the ones that went."""
+    import json
+
+    from datablame.audit import PRUNE_SCORERS, prune_audit
+    from datablame.cli.tabular import load_task
+    from datablame.data.rows import load_table
+    from datablame.outputs import check_output_file, is_json_with
+    from datablame.store.atomic import write_json_atomic
+
+    for what, path in (("training file", train_file), ("model file", model),
+                       ("evaluation file", eval_file)):
+        if not Path(path).exists():
+            fail(f"{what} not found: {path}")
+    if scorer not in PRUNE_SCORERS:
+        fail(f"unknown scorer '{scorer}' (use {', '.join(PRUNE_SCORERS)})")
+    if not 0 < fraction < 0.5:
+        fail(f"--fraction must be in (0, 0.5), got {fraction}")
+    check_at_least("--random", n_random, 1)
+    suffix = Path(train_file).suffix.lower()
+    for option, path in (("--kept", kept), ("--removed", removed)):
+        if path is not None:
+            check_output_file(path, option, suffix=suffix, ours=lambda p: False,
+                              what=" (the training file's format)")
+    if out is not None:
+        check_output_file(out, "--out", ours=is_json_with("scorer", "pruned"))
+    t, _, y_eval = load_task(train_file, target, model, eval_file, trust_pickle, method)
+    if y_eval is None:
+        fail(f"{eval_file}: the evaluation rows need the target column '{target}'")
+    result = prune_audit(t, t.x_query, t.query_targets(y_eval), fraction=fraction,
+                         scorer=scorer, n_random=n_random, method=method)
+    table, _ = load_table(train_file)
+    gone = sorted(r["row"] for r in result["pruned"])
+    for path, part in ((kept, table.drop(index=table.index[gone])),
+                       (removed, table.iloc[gone])):
+        if path is not None:
+            tmp = path.with_name(f".{path.name}.partial")
+            (part.to_csv(tmp, index=False) if suffix == ".csv" else part.to_parquet(tmp))
+            tmp.replace(path)
+    if out is not None:
+        write_json_atomic(out, result)
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    runs = result["runs"]
+    console.print(f"removed {len(gone)} of {result['n_train']} rows ({fraction:.0%}, "
+                  f"{scorer}); the model retrained:", highlight=False)
+    for name in ("all rows", "without suspects", "without random rows"):
+        r = runs[name]
+        acc = f", accuracy {r['accuracy']:.3f}" if "accuracy" in r else ""
+        label = "without the pruned" if name == "without suspects" else name
+        sd = f" (± {r['spread']['loss']:.3f})" if "spread" in r else ""
+        console.print(f"{label:>20}: eval loss {r['loss']:.4f}{sd}{acc}", highlight=False)
+    verdict = "CONFIRMED" if result["verdict"] == "confirmed" else "NOT CONFIRMED"
+    console.print(f"{verdict}: the pruned rows were worth less than random ones"
+                  if verdict == "CONFIRMED" else
+                  f"{verdict}: removing them is no better than removing random rows",
+                  highlight=False)
+    for option, path in (("kept", kept), ("removed", removed)):
+        if path is not None:
+            console.print(f"rows {option}: {path}", highlight=False)
