@@ -115,3 +115,23 @@ def test_prune_writes_the_kept_and_removed_rows_and_retrains(flipped, tmp_path, 
     _assert_one_line_error(code, err, "unknown scorer 'x'")
     code, _, err = run_cli(monkeypatch, capsys, *base, "--kept", tmp_path / "kept.parquet")
     _assert_one_line_error(code, err, "--kept must end in .csv")
+
+
+def test_prune_by_influence_is_judged_on_rows_it_was_not_chosen_on(flipped):
+    """Influence on the evaluation rows chooses the rows; judged on those same rows the
+    choice would look good by construction, so half the rows choose, the other half
+    judge."""
+    import xgboost as xgb
+
+    from datablame.audit import prune_audit
+    from datablame.tabular import task
+
+    root, _ = flipped
+    train, held = pd.read_csv(root / "train.csv"), pd.read_csv(root / "eval.csv")
+    x, y = train.drop(columns=["label"]), train["label"].to_numpy()
+    model = xgb.XGBClassifier(n_estimators=20, max_depth=3).fit(x, y)
+    t = task(model, x, y, held.drop(columns=["label"]))
+    result = prune_audit(t, held.drop(columns=["label"]), held["label"].to_numpy(),
+                         scorer="influence", n_random=1)
+    assert result["judged_on"] == len(held) - len(held) // 2
+    assert len(result["pruned"]) == 40

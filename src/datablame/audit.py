@@ -175,11 +175,20 @@ def prune_audit(t: TabularTask, x_eval, y_eval, *, fraction: float = 0.1,
     without them vs without as many random rows vs with every row."""
     if not 0 < fraction < 0.5:
         raise UserError(f"--fraction must be in (0, 0.5), got {fraction}")
-    value = contribution_scores(t, x_eval, y_eval, scorer=scorer, method=method)
+    m = len(y_eval)
+    choose = judge = np.arange(m)
+    if scorer == "influence":  # rows chosen on one half of the evaluation set, judged on
+        if m < 4:              # the other: judged on the rows they were chosen for, any
+            raise UserError("--scorer influence needs at least 4 evaluation rows")
+        perm = np.random.default_rng(seed).permutation(m)  # choice would look good
+        choose, judge = np.sort(perm[: m // 2]), np.sort(perm[m // 2:])
+    value = contribution_scores(t, _take(x_eval, choose), np.asarray(y_eval)[choose],
+                                scorer=scorer, method=method)
     n = len(t.y_train)
     k = max(1, round(fraction * n))
     order = np.argsort(value, kind="stable")  # least valuable first
-    result = prove(t, order[:k], x_eval, y_eval, n_random=n_random, seed=seed)
-    result.update(scorer=scorer, fraction=fraction, n_train=n,
+    result = prove(t, order[:k], _take(x_eval, judge), np.asarray(y_eval)[judge],
+                   n_random=n_random, seed=seed)
+    result.update(scorer=scorer, fraction=fraction, n_train=n, judged_on=int(len(judge)),
                   pruned=[{"row": int(r), "value": float(value[r])} for r in order[:k]])
     return result

@@ -117,8 +117,8 @@ def prune(
     fraction: Annotated[float, typer.Option(help="Share of the rows to remove.")] = 0.1,
     scorer: Annotated[str, typer.Option(help="loss-easy (drop the easiest rows: measured "
                                              "best), loss-hard, or influence (the method's "
-                                             "influence on the --eval rows).")
-                      ] = "loss-easy",
+                                             "influence on half the --eval rows, judged on "
+                                             "the other half).")] = "loss-easy",
     kept: Annotated[Optional[Path], typer.Option(help="Write the rows kept here, in the "  # noqa: UP045
                                                       "training file's format.")] = None,
     removed: Annotated[Optional[Path], typer.Option(help="Write the rows removed here.")  # noqa: UP045
