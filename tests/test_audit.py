@@ -135,3 +135,70 @@ def test_prune_by_influence_is_judged_on_rows_it_was_not_chosen_on(flipped):
                          scorer="influence", n_random=1)
     assert result["judged_on"] == len(held) - len(held) // 2
     assert len(result["pruned"]) == 40
+
+
+@pytest.fixture(scope="module")
+def biased(tmp_path_factory):
+    """A loan table (string groups, numeric income) where 60 high-income group-B rows were
+    planted as denied: a LightGBM model trained on it denies group B more often."""
+    import lightgbm as lgb
+
+    root = tmp_path_factory.mktemp("fair")
+    rng = np.random.default_rng(0)
+
+    def make(n, plant):
+        df = pd.DataFrame({"income": rng.normal(50, 12, n).round(1),
+                           "group": rng.choice(["A", "B"], n),
+                           "age": rng.integers(20, 70, n).astype(float)})
+        df["approved"] = (df["income"] + rng.normal(0, 4, n) > 50).astype(int)
+        planted = np.flatnonzero((df["group"] == "B") & (df["income"] > 52))[:60] if plant \
+            else np.array([], dtype=int)
+        df.loc[planted, "approved"] = 0
+        return df, planted
+
+    train, planted = make(600, True)
+    held, _ = make(400, False)
+    train.to_csv(root / "train.csv", index=False)
+    held.to_csv(root / "eval.csv", index=False)
+    x = train.drop(columns=["approved"]).astype({"group": "category"})
+    model = lgb.LGBMClassifier(n_estimators=60, num_leaves=7, verbose=-1)
+    model.fit(x, train["approved"])
+    model.booster_.save_model(str(root / "model.txt"))
+    return root, set(int(i) for i in planted)
+
+
+def test_fairness_finds_the_planted_rows_and_removing_them_closes_the_gap(
+        biased, monkeypatch, capsys):
+    root, planted = biased
+    base = ["audit", "fairness", root / "train.csv", "--model", root / "model.txt",
+            "--target", "approved", "--group", "group", "--eval", root / "eval.csv",
+            "--top-k", "60"]
+    code, out, err = run_cli(monkeypatch, capsys, *base, "--json")
+    assert code in (0, None), err
+    result = json.loads(out)
+    assert (result["advantaged"], result["disadvantaged"]) == ("A", "B")
+    flagged = {r["row"] for r in result["ranked"]}
+    assert len(flagged & planted) >= 45, len(flagged & planted)  # measured 55 of 60
+    top = result["patterns"][0]
+    assert "approved=0" in top["pattern"] and "income >" in top["pattern"]
+    assert top["flagged"] / top["rows"] > 0.8
+    proof = result["proof"]
+    assert proof["all rows"]["gap"] > 0.1
+    assert proof["without flagged"]["gap"] < proof["without random rows"]["gap"] / 2
+    assert proof["verdict"] == "confirmed"
+    code, out, err = run_cli(monkeypatch, capsys, *base, "--metric", "eq-opportunity")
+    assert code in (0, None), err
+    assert "eq-opportunity between group=A (advantaged) and group=B" in out + err
+
+
+def test_fairness_refuses_bad_input_in_one_line(biased, monkeypatch, capsys):
+    root, _ = biased
+    base = ["audit", "fairness", root / "train.csv", "--model", root / "model.txt",
+            "--target", "approved", "--eval", root / "eval.csv"]
+    code, _, err = run_cli(monkeypatch, capsys, *base, "--group", "colour")
+    _assert_one_line_error(code, err, "no group column 'colour'")
+    code, _, err = run_cli(monkeypatch, capsys, *base, "--group", "group", "--metric", "x")
+    _assert_one_line_error(code, err, "unknown metric 'x'")
+    code, _, err = run_cli(monkeypatch, capsys, *base, "--group", "group", "--favorable",
+                           "yes")
+    _assert_one_line_error(code, err, "--favorable yes is not a label")

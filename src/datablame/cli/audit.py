@@ -11,7 +11,7 @@ import typer
 from datablame.cli.console import console, fail
 from datablame.errors import check_at_least
 
-app = typer.Typer(help="Audits over the whole training set: label errors, dead weight.",
+app = typer.Typer(help="Audits over the whole training set: label errors, dead weight, fairness.",
                   no_args_is_help=True)
 
 
@@ -195,3 +195,94 @@ def prune(
     for option, path in (("kept", kept), ("removed", removed)):
         if path is not None:
             console.print(f"rows {option}: {path}", highlight=False)
+
+
+@app.command("fairness")
+def fairness(
+    train_file: Annotated[Path, typer.Argument(help="Training rows (.csv / .parquet).")],
+    model: Annotated[Path, typer.Option(help="The trained classifier (as for 'tabular').")],
+    target: Annotated[str, typer.Option(help="The label column.")],
+    group: Annotated[str, typer.Option(help="The column naming each row's group (a column "
+                                            "of the model's features).")],
+    eval_file: Annotated[Path, typer.Option("--eval", help="Held-out rows with labels: where "
+                                                          "the gap is measured.")],
+    metric: Annotated[str, typer.Option(help="dp-gap (favourable-label rate) or "
+                                             "eq-opportunity (among rows whose true label "
+                                             "is favourable).")] = "dp-gap",
+    favorable: Annotated[str, typer.Option(help="The favourable label.")] = "1",
+    top_k: Annotated[int, typer.Option(help="Rows flagged (and removed for the proof).")
+                     ] = 20,
+    n_random: Annotated[int, typer.Option("--random", help="Random removals of as many rows "
+                                                          "to compare with.")] = 3,
+    method: Annotated[str, typer.Option(help="Scoring method (auto: the family's default).")
+                      ] = "auto",
+    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow a .pkl/.joblib "
+                                               "model (unpickling runs its code).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    out: Annotated[Optional[Path], typer.Option(help="Write the JSON here.")] = None,  # noqa: UP045
+) -> None:
+    """Unfair decisions: the training rows that widen the gap between groups, and the proof.
+
+    Each row's influence on the favourable-label probability of the advantaged group's
+    evaluation rows minus the disadvantaged group's; the readable patterns that describe
+    the top rows; the gap after retraining without them vs without as many random rows."""
+    import json
+
+    import numpy as np
+
+    from datablame.audit import FAIRNESS_METRICS, fairness_audit
+    from datablame.cli.tabular import load_task
+    from datablame.data.rows import load_table
+    from datablame.outputs import check_output_file, is_json_with
+    from datablame.store.atomic import write_json_atomic
+
+    for what, path in (("training file", train_file), ("model file", model),
+                       ("evaluation file", eval_file)):
+        if not Path(path).exists():
+            fail(f"{what} not found: {path}")
+    if metric not in FAIRNESS_METRICS:
+        fail(f"unknown metric '{metric}' (use {', '.join(FAIRNESS_METRICS)})")
+    for option, value, least in (("--top-k", top_k, 1), ("--random", n_random, 1)):
+        check_at_least(option, value, least)
+    if out is not None:
+        check_output_file(out, "--out", ours=is_json_with("metric", "patterns"))
+    train_table, _ = load_table(train_file)
+    eval_table, _ = load_table(eval_file)
+    for name, table in (("training", train_table), ("evaluation", eval_table)):
+        if group not in table.columns:
+            fail(f"the {name} rows have no group column '{group}' (columns: "
+                 f"{', '.join(map(str, table.columns))})")
+    t, _, y_eval = load_task(train_file, target, model, eval_file, trust_pickle, method)
+    if y_eval is None:
+        fail(f"{eval_file}: the evaluation rows need the label column '{target}'")
+    labels = np.unique(t.y_train)
+    chosen = next((v for v in labels if str(v) == favorable), None)
+    if chosen is None:
+        fail(f"--favorable {favorable} is not a label of the training rows (labels: "
+             f"{', '.join(map(str, labels))})")
+    result = fairness_audit(t, t.x_query, t.query_targets(y_eval),
+                            eval_table[group].to_numpy(), train_table, metric=metric,
+                            favorable=chosen, top_k=top_k, n_random=n_random, method=method)
+    result["favorable"] = favorable
+    if out is not None:
+        write_json_atomic(out, result)
+    if as_json:
+        print(json.dumps(result, indent=2, default=str))
+        return
+    console.print(f"{metric} between {group}={result['advantaged']} (advantaged) and "
+                  f"{group}={result['disadvantaged']}, favourable label {favorable}",
+                  highlight=False)
+    console.print(f"the {top_k} rows that widen it most are described by:", highlight=False)
+    for p in result["patterns"]:
+        console.print(f"  {p['pattern']}: {p['flagged']} of its {p['rows']} rows",
+                      highlight=False)
+    proof = result["proof"]
+    for name in ("all rows", "without flagged", "without random rows"):
+        r = proof[name]
+        sd = f" (± {r['gap_spread']:.3f})" if "gap_spread" in r else ""
+        console.print(f"{name:>20}: gap {r['gap']:+.3f}{sd}, decisions gap "
+                      f"{r['decision_gap']:+.3f}, accuracy {r['accuracy']:.3f}",
+                      highlight=False)
+    console.print(f"{proof['verdict'].upper()}: retrained without the {top_k} flagged rows the "
+                  f"gap is {proof['without flagged']['gap']:+.3f}, without as many random rows "
+                  f"{proof['without random rows']['gap']:+.3f}", highlight=False)
