@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from datablame.cli.console import console, fail
-from datablame.errors import check_at_least
+from datablame.errors import UserError, check_at_least
 
 app = typer.Typer(help="Audits over the whole training set: label errors, dead weight, fairness.",
                   no_args_is_help=True)
@@ -202,8 +202,9 @@ def fairness(
     train_file: Annotated[Path, typer.Argument(help="Training rows (.csv / .parquet).")],
     model: Annotated[Path, typer.Option(help="The trained classifier (as for 'tabular').")],
     target: Annotated[str, typer.Option(help="The label column.")],
-    group: Annotated[str, typer.Option(help="The column naming each row's group (a column "
-                                            "of the model's features).")],
+    group: Annotated[str, typer.Option(help="The column naming each row's group (a model "
+                                            "feature, or a protected attribute the model "
+                                            "was not trained on).")],
     eval_file: Annotated[Path, typer.Option("--eval", help="Held-out rows with labels: where "
                                                           "the gap is measured.")],
     metric: Annotated[str, typer.Option(help="dp-gap (favourable-label rate) or "
@@ -252,7 +253,25 @@ def fairness(
         if group not in table.columns:
             fail(f"the {name} rows have no group column '{group}' (columns: "
                  f"{', '.join(map(str, table.columns))})")
-    t, _, y_eval = load_task(train_file, target, model, eval_file, trust_pickle, method)
+    try:
+        t, _, y_eval = load_task(train_file, target, model, eval_file, trust_pickle, method)
+    except UserError as first:
+        # a protected attribute the model was not trained on: read the tables without it
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            paths = []
+            for name, table in (("train", train_table), ("eval", eval_table)):
+                path = Path(tmp) / f"{name}{Path(train_file).suffix.lower()}"
+                part = table.drop(columns=[group])
+                (part.to_csv(path, index=False) if path.suffix == ".csv"
+                 else part.to_parquet(path))
+                paths.append(path)
+            try:
+                t, _, y_eval = load_task(paths[0], target, model, paths[1], trust_pickle,
+                                         method)
+            except UserError:
+                raise first from None
     if y_eval is None:
         fail(f"{eval_file}: the evaluation rows need the label column '{target}'")
     labels = np.unique(t.y_train)
