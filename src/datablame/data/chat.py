@@ -163,6 +163,13 @@ class ChatTemplate:
         return FormattedText(full, spans[0][0], spans[-1][1] if is_query else None,
                              spans=tuple(spans), add_special_tokens=False)
 
+    def trained_texts(self, row: dict) -> list[str]:
+        """The words of the traced assistant turns, without the template's markup: what a
+        verbatim copy is compared with."""
+        messages, is_query = self._messages(row)
+        said = [m["content"] for m in messages if m["role"] == "assistant"]
+        return said[-1:] if is_query or self.assistant_turns == "last" else said
+
     def generation_prompt(self, prompt: dict) -> str:
         """What the model is given to answer: the conversation plus the assistant header."""
         messages = normalize_messages(prompt.get(self.messages_field))

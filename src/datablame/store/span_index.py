@@ -43,7 +43,10 @@ def words(text: str) -> list[tuple[str, int, int]]:
 
 
 def traced_texts(template, record: dict) -> list[str]:
-    """What a row trained the model to say: the text of its traced spans."""
+    """What a row trained the model to say: the text of its traced spans (a chat's
+    assistant turns without the template's end-of-turn markup)."""
+    if hasattr(template, "trained_texts"):
+        return template.trained_texts(record)
     formatted = template.format(record)
     return [formatted.text[a:b] for a, b in formatted.traced_spans()]
 
