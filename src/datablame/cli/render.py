@@ -51,7 +51,7 @@ def results_table(df: pd.DataFrame, show: int = 5, title: str | None = None) -> 
                          min_width=9)
     if "copied" in df:
         table.add_column("copied", justify="right", no_wrap=True, min_width=6)
-    width = 36 if not ranks else 24
+    width = (36 if not ranks else 24) - (4 if "copied" in df else 0)
     for f in fields:
         table.add_column(f.removeprefix("field:"), overflow="ellipsis", no_wrap=True,
                          max_width=width)
