@@ -16,19 +16,12 @@ import json
 from pathlib import Path
 
 import numpy as np
-from label_audit import models
+from label_audit import datasets, models
 from provenance import with_provenance
 
 from datablame.audit import PRUNE_SCORERS, contribution_scores, evaluate, fitted_adapter
 from datablame.errors import UserError
 from datablame.tabular import task
-
-
-def datasets():
-    from sklearn.datasets import load_breast_cancer, load_digits, load_wine
-
-    return {"breast_cancer (tuning)": load_breast_cancer(return_X_y=True),
-            "wine": load_wine(return_X_y=True), "digits": load_digits(return_X_y=True)}
 
 
 def main() -> None:

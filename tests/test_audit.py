@@ -52,10 +52,7 @@ def test_flipped_labels_come_first_and_removing_them_is_proven(flipped, monkeypa
     top = [r["row"] for r in result["ranked"]]
     precision = len(flips & set(top)) / 40
     assert precision >= 0.6, precision  # random: 0.10
-    # every scorer is reported, and each beats chance on its own
-    for name in ("oof-loss", "loss", "self-influence"):
-        by = sorted(result["ranked"], key=lambda r: -r[name])
-        assert all(name in r for r in result["ranked"]) and by
+    assert all({"oof-loss", "loss", "self-influence"} <= set(r) for r in result["ranked"])
     runs = result["proof"]["runs"]
     assert runs["without suspects"]["loss"] < runs["without random rows"]["loss"]
     assert runs["without suspects"]["accuracy"] >= runs["all rows"]["accuracy"]
@@ -67,6 +64,19 @@ def test_flipped_labels_come_first_and_removing_them_is_proven(flipped, monkeypa
                              root / "eval.csv", "--top-k", "40", "--scorer", "oof-loss")
     assert code in (0, None), err
     assert "CONFIRMED" in out + err and "suspected label errors (oof-loss" in out + err
+
+
+def test_every_label_scorer_finds_the_flipped_rows_on_its_own(flipped):
+    """Each scorer's own top 40 (measured: oof-loss 34, loss 33, self-influence 36 of 40
+    flipped; random would give 4)."""
+    from datablame.audit import SCORERS, label_audit
+    from datablame.cli.tabular import load_task
+
+    root, flips = flipped
+    t, _, _ = load_task(root / "train.csv", "label", root / "model.json", root / "train.csv")
+    for scorer in SCORERS:
+        top = {r["row"] for r in label_audit(t, scorer=scorer, top_k=40)["ranked"]}
+        assert len(top & flips) >= 28, (scorer, len(top & flips))
 
 
 def test_audit_labels_refuses_bad_input_in_one_line(flipped, tmp_path, monkeypatch, capsys):

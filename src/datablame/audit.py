@@ -85,37 +85,40 @@ def evaluate(adapter, x_eval, y_eval) -> dict:
     return result
 
 
+def compare_removal(t: TabularTask, removed: np.ndarray, measure, key: str, *,
+                    n_random: int = 3, seed: int = 0) -> tuple[dict, dict, dict, dict, bool]:
+    """Retrain on every row, without `removed`, and without as many random rows (`n_random`
+    seeds); `measure(adapter)` -> numbers of each model. Returns (every row, without them,
+    the random removals' mean, their spread, confirmed): confirmed when removing them
+    lowers `key` by more than the random removals' spread and not above every row's."""
+    check_at_least("--random", n_random, 1)
+    n = len(t.y_train)
+    removed = np.asarray(removed)
+    if 2 * len(removed) > n:
+        raise UserError(f"removing {len(removed)} of {n} rows leaves too few to compare")
+    everything = np.arange(n)
+    base = measure(fitted_adapter(t, everything, seed))
+    cut = measure(fitted_adapter(t, np.setdiff1d(everything, removed), seed))
+    rng = np.random.default_rng(seed)
+    randoms = [measure(fitted_adapter(t, np.setdiff1d(everything, rng.choice(
+        n, len(removed), replace=False)), seed)) for _ in range(n_random)]
+    mean = {k: float(np.mean([r[k] for r in randoms])) for k in randoms[0]}
+    spread = {k: float(np.std([r[k] for r in randoms])) for k in randoms[0]}
+    confirmed = cut[key] < mean[key] - spread[key] and cut[key] <= base[key]
+    return base, cut, mean, spread, confirmed
+
+
 def prove(t: TabularTask, suspects: np.ndarray, x_eval, y_eval, *, n_random: int = 3,
           seed: int = 0) -> dict:
     """Retrain without the suspects and without as many random rows (`n_random` seeds);
     the evaluation loss and accuracy of each, next to the model trained on every row."""
-    check_at_least("--random", n_random, 1)
-    n = len(t.y_train)
-    suspects = np.asarray(suspects)
-    if 2 * len(suspects) > n:
-        raise UserError(f"removing {len(suspects)} of {n} rows leaves too few to compare")
-    everything = np.arange(n)
-    runs = {"all rows": evaluate(fitted_adapter(t, everything, seed), x_eval, y_eval),
-            "without suspects": evaluate(fitted_adapter(t, np.setdiff1d(everything, suspects),
-                                                        seed), x_eval, y_eval)}
-    rng = np.random.default_rng(seed)
-    random_runs = []
-    for _ in range(n_random):
-        drop = rng.choice(n, len(suspects), replace=False)
-        random_runs.append(evaluate(fitted_adapter(t, np.setdiff1d(everything, drop), seed),
-                                    x_eval, y_eval))
-    runs["without random rows"] = {k: float(np.mean([r[k] for r in random_runs]))
-                                   for k in random_runs[0]}
-    runs["without random rows"]["spread"] = {k: float(np.std([r[k] for r in random_runs]))
-                                             for k in random_runs[0]}
-    base, cut, rand = (runs["all rows"], runs["without suspects"],
-                       runs["without random rows"])
-    # the suspects' removal must beat removing as many random rows by more than their
-    # spread, and not hurt against keeping every row: then they were worse than average
-    better = cut["loss"] < rand["loss"] - rand["spread"]["loss"] and \
-        cut["loss"] <= base["loss"]
+    base, cut, mean, spread, confirmed = compare_removal(
+        t, suspects, lambda adapter: evaluate(adapter, x_eval, y_eval), "loss",
+        n_random=n_random, seed=seed)
+    runs = {"all rows": base, "without suspects": cut,
+            "without random rows": {**mean, "spread": spread}}
     return {"runs": runs, "removed": [int(r) for r in suspects],
-            "verdict": "confirmed" if better else "not confirmed"}
+            "verdict": "confirmed" if confirmed else "not confirmed"}
 
 
 def label_audit(t: TabularTask, x_eval=None, y_eval=None, *, scorer: str = DEFAULT_SCORER,
@@ -329,24 +332,18 @@ def fairness_audit(t: TabularTask, x_eval, y_eval, groups_eval, frame, *, metric
     flagged = np.zeros(len(widen), dtype=bool)
     flagged[order[:top_k]] = True
 
-    def gap_of(rows, s):
-        return group_gap(fitted_adapter(t, rows, s), x_eval, y_eval, groups_eval,
-                         metric=metric, favorable=favorable, advantaged=advantaged,
+    def gap_of(adapter):
+        return group_gap(adapter, x_eval, y_eval, groups_eval, metric=metric,
+                         favorable=favorable, advantaged=advantaged,
                          disadvantaged=disadvantaged)
 
+    base, cut, rand, spread, confirmed = compare_removal(
+        t, order[:top_k], gap_of, "gap", n_random=n_random, seed=seed)
     n = len(t.y_train)
-    everything = np.arange(n)
-    base, cut = gap_of(everything, seed), gap_of(np.setdiff1d(everything, order[:top_k]), seed)
-    rng = np.random.default_rng(seed)
-    randoms = [gap_of(np.setdiff1d(everything, rng.choice(n, top_k, replace=False)), seed)
-               for _ in range(n_random)]
-    rand = {k: float(np.mean([r[k] for r in randoms])) for k in randoms[0]}
-    spread = float(np.std([r["gap"] for r in randoms]))
-    confirmed = cut["gap"] < rand["gap"] - spread and cut["gap"] < base["gap"]
     return {"metric": metric, "favorable": favorable, "advantaged": advantaged,
             "disadvantaged": disadvantaged, "n_train": n,
             "ranked": [{"row": int(r), "widens_gap": float(widen[r])} for r in order[:top_k]],
             "patterns": readable_patterns(frame, flagged),
             "proof": {"all rows": base, "without flagged": cut, "without random rows":
-                      {**rand, "gap_spread": spread},
+                      {**rand, "gap_spread": spread["gap"]},
                       "verdict": "confirmed" if confirmed else "not confirmed"}}

@@ -366,12 +366,17 @@ class Tracer:
                    ) -> np.ndarray:
         """The gradient alignment of the query with these rows (exact gradients), e.g. the
         rows `spans` found a copy in: did the copied row also teach the answer?"""
+        _, q_text = self._prepare(query, 1)
+        return self._align_rows(q_text, row_ids, alignment)
+
+    def _align_rows(self, q_text: FormattedText, row_ids, alignment: str) -> np.ndarray:
+        """Exact gradient alignment of the query text with each of these rows."""
         from datablame.methods.gradient_alignment import align
 
-        _, q_text = self._prepare(query, 1)
         texts = [q_text] + [self.row_text(int(i)) for i in row_ids]
-        grads = self.model.gradients(texts, batch_size=self.batch_size,
-                                     names=["the query", *map(int, row_ids)])
+        with progress.task("gradients", len(texts)) as advance:
+            grads = self.model.gradients(texts, batch_size=self.batch_size, progress=advance,
+                                         names=["the query", *map(int, row_ids)])
         return align(grads[0], grads[1:], alignment)
 
     def trace(self, query: Query | str, top_k: int = 50, alignment: str = "cosine",
@@ -381,16 +386,10 @@ class Tracer:
         gradient alone (`rank_by="gradient"`, the seed's order; bench/facts.py compares
         them). `score` is always the signed gradient alignment.
         """
-        from datablame.methods.gradient_alignment import align
-
         check_rank_by(rank_by)
         query, q_text = self._prepare(query, top_k)
         cand_ids, distances = self.retrieve(query, top_k)
-        texts = [q_text] + [self.row_text(int(i)) for i in cand_ids]
-        with progress.task("gradients", len(texts)) as advance:
-            grads = self.model.gradients(texts, batch_size=self.batch_size, progress=advance,
-                                         names=["the query", *map(int, cand_ids)])
-        scores = align(grads[0], grads[1:], alignment)
+        scores = self._align_rows(q_text, cand_ids, alignment)
         order = np.argsort(-scores, kind="stable")
         ret_rank = np.arange(1, len(scores) + 1)
         extra: dict = {}

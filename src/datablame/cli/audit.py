@@ -15,6 +15,24 @@ app = typer.Typer(help="Audits over the whole training set: label errors, dead w
                   no_args_is_help=True)
 
 
+def _check_files(train_file, model, eval_file) -> None:
+    """The inputs exist, before a model or a row is read."""
+    for what, path in (("training file", train_file), ("model file", model),
+                       ("evaluation file", eval_file)):
+        if path is not None and not Path(path).exists():
+            fail(f"{what} not found: {path}")
+
+
+def _print_loss_runs(runs: dict, names: dict[str, str]) -> None:
+    """One line per retrained model: evaluation loss (± the random removals' spread) and
+    accuracy; `names` maps the result's run names to the labels shown."""
+    for name, label in names.items():
+        r = runs[name]
+        acc = f", accuracy {r['accuracy']:.3f}" if "accuracy" in r else ""
+        sd = f" (± {r['spread']['loss']:.3f})" if "spread" in r else ""
+        console.print(f"{label:>20}: eval loss {r['loss']:.4f}{sd}{acc}", highlight=False)
+
+
 @app.command("labels")
 def labels(
     train_file: Annotated[Path, typer.Argument(help="Training rows (.csv / .parquet) with "
@@ -51,10 +69,7 @@ def labels(
     from datablame.outputs import check_output_file, is_json_with
     from datablame.store.atomic import write_json_atomic
 
-    for what, path in (("training file", train_file), ("model file", model),
-                       ("evaluation file", eval_file)):
-        if path is not None and not Path(path).exists():
-            fail(f"{what} not found: {path}")
+    _check_files(train_file, model, eval_file)
     for option, value, least in (("--top-k", top_k, 1), ("--folds", folds, 2),
                                  ("--random", n_random, 1)):
         check_at_least(option, value, least)
@@ -94,12 +109,8 @@ def _print(result: dict) -> None:
         return
     p = result["proof"]
     runs = p["runs"]
-    for name in ("all rows", "without suspects", "without random rows"):
-        r = runs[name]
-        acc = f", accuracy {r['accuracy']:.3f}" if "accuracy" in r else ""
-        spread = r.get("spread")
-        sd = f" (± {spread['loss']:.3f})" if spread else ""
-        console.print(f"{name:>20}: eval loss {r['loss']:.4f}{sd}{acc}", highlight=False)
+    _print_loss_runs(runs, {name: name for name in
+                            ("all rows", "without suspects", "without random rows")})
     console.print(f"{p['verdict'].upper()}: retrained without the {len(p['removed'])} "
                   f"suspects, the evaluation loss is {runs['without suspects']['loss']:.4f} vs "
                   f"{runs['without random rows']['loss']:.4f} without as many random rows",
@@ -144,10 +155,7 @@ def prune(
     from datablame.outputs import check_output_file, is_json_with
     from datablame.store.atomic import write_json_atomic
 
-    for what, path in (("training file", train_file), ("model file", model),
-                       ("evaluation file", eval_file)):
-        if not Path(path).exists():
-            fail(f"{what} not found: {path}")
+    _check_files(train_file, model, eval_file)
     if scorer not in PRUNE_SCORERS:
         fail(f"unknown scorer '{scorer}' (use {', '.join(PRUNE_SCORERS)})")
     if not 0 < fraction < 0.5:
@@ -181,12 +189,8 @@ def prune(
     runs = result["runs"]
     console.print(f"removed {len(gone)} of {result['n_train']} rows ({fraction:.0%}, "
                   f"{scorer}); the model retrained:", highlight=False)
-    for name in ("all rows", "without suspects", "without random rows"):
-        r = runs[name]
-        acc = f", accuracy {r['accuracy']:.3f}" if "accuracy" in r else ""
-        label = "without the pruned" if name == "without suspects" else name
-        sd = f" (± {r['spread']['loss']:.3f})" if "spread" in r else ""
-        console.print(f"{label:>20}: eval loss {r['loss']:.4f}{sd}{acc}", highlight=False)
+    _print_loss_runs(runs, {"all rows": "all rows", "without suspects": "without the pruned",
+                            "without random rows": "without random rows"})
     verdict = "CONFIRMED" if result["verdict"] == "confirmed" else "NOT CONFIRMED"
     console.print(f"{verdict}: the pruned rows were worth less than random ones"
                   if verdict == "CONFIRMED" else
@@ -237,10 +241,7 @@ def fairness(
     from datablame.outputs import check_output_file, is_json_with
     from datablame.store.atomic import write_json_atomic
 
-    for what, path in (("training file", train_file), ("model file", model),
-                       ("evaluation file", eval_file)):
-        if not Path(path).exists():
-            fail(f"{what} not found: {path}")
+    _check_files(train_file, model, eval_file)
     if metric not in FAIRNESS_METRICS:
         fail(f"unknown metric '{metric}' (use {', '.join(FAIRNESS_METRICS)})")
     for option, value, least in (("--top-k", top_k, 1), ("--random", n_random, 1)):

@@ -372,20 +372,18 @@ def trace(
             return the_query
         return Query(item.answer, item.prompt, item.focus, as_written=as_written)
 
+    # magic over a queries file: one replay serves every line, traced up front
+    batched = iter(tracer.trace_magic_many([as_query(item) for item in lines], top_k=top_k,
+                                           recipe=recipe)) \
+        if method == "magic" and queries is not None else None
+
     def one(item: QueryLine):
-        df = tracer.run(as_query(item), method=method, all_rows=all_rows, top_k=top_k,
-                        alignment=alignment, rank_by=rank_by, checksum=checksum,
-                        rerank=rerank, checkpoints=ckpts or None, recipe=recipe)
+        df = next(batched) if batched is not None else tracer.run(
+            as_query(item), method=method, all_rows=all_rows, top_k=top_k,
+            alignment=alignment, rank_by=rank_by, checksum=checksum, rerank=rerank,
+            checkpoints=ckpts or None, recipe=recipe)
         df.attrs["generated"] = item.answer is None
         return df
-
-    if method == "magic" and queries is not None:  # one replay serves every line
-        frames = tracer.trace_magic_many([as_query(item) for item in lines], top_k=top_k,
-                                         recipe=recipe)
-        for item, df in zip(lines, frames, strict=True):
-            df.attrs["generated"] = item.answer is None
-        ready = iter(frames)
-        one = lambda item: next(ready)  # noqa: E731
 
     if queries is None:
         df = one(lines[0])

@@ -32,7 +32,6 @@ class Rows:
     records: list[dict]
     line_numbers: list[int] | None = None  # JSONL: 1-based line of each row id
     split: str | None = None  # the split of a dataset directory these rows are
-    files: list[Path] | None = None  # a folder of shards: the files, in row order
 
     def __len__(self) -> int:
         return len(self.records)
@@ -164,7 +163,7 @@ def _load_shards(path: Path, files: list[Path], split: str | None, where: str) -
                         "keep one format per folder")
     if len(files) == 1:  # its line numbers name bad rows; reloaded by the folder + split
         rows = _load_file(files[0])
-        rows.path, rows.split, rows.files = path, split, files
+        rows.path, rows.split = path, split
         return rows
     for f in files:
         if f.stat().st_size == 0:
@@ -176,7 +175,7 @@ def _load_shards(path: Path, files: list[Path], split: str | None, where: str) -
             except UnicodeDecodeError as exc:
                 raise UserError(f"{f}: not UTF-8 text ({exc.reason})") from None
     records = _read_with_datasets(kinds.pop(), [str(f) for f in files], where)
-    return Rows(path=path, records=records, split=split, files=files)
+    return Rows(path=path, records=records, split=split)
 
 
 SPLITS = ("train", "test", "validation", "valid", "eval", "dev")
