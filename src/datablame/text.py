@@ -369,6 +369,45 @@ class Tracer:
         _, q_text = self._prepare(query, 1)
         return self._align_rows(q_text, row_ids, alignment)
 
+    def token_scores(self, query: Query | str, row_ids: list[int], alignment: str = "cosine",
+                     max_row_tokens: int = 512) -> dict:
+        """Each word's share of each row's gradient score, both ways: the query's answer
+        words (which words this row taught) and the row's own trained words (which of its
+        words taught the answer). The shares of one row add up to its score, because the
+        loss is a mean over tokens and the alignment is linear in each gradient. Rows whose
+        trained text is longer than `max_row_tokens` get answer shares only."""
+        from datablame.methods.gradient_alignment import check_alignment
+
+        check_alignment(alignment)
+        _, q_text = self._prepare(query, 1)
+        q_parts = self.model.token_gradients(q_text, batch_size=self.batch_size)
+        if q_parts is None:
+            return {}
+        q_spans, q_grads = q_parts
+        g_q = q_grads.astype(np.float64).sum(0)
+        q_norm = float(np.linalg.norm(g_q)) or 1.0
+        texts = [self.row_text(int(r)) for r in row_ids]
+        with progress.task("per-token scores", len(texts)) as advance:
+            row_grads = self.model.gradients(texts, batch_size=self.batch_size,
+                                             names=list(map(int, row_ids))).astype(np.float64)
+            answer = _traced_words(q_text, q_spans)
+            result: dict = {"alignment": alignment, "answer": {"text": answer["text"],
+                                                              "shares": {}}, "rows": {}}
+            for r, text, g_r in zip(row_ids, texts, row_grads, strict=True):
+                scale = 1.0 if alignment == "dot" else \
+                    1.0 / (q_norm * (float(np.linalg.norm(g_r)) or 1.0))
+                result["answer"]["shares"][str(int(r))] = answer["assign"](
+                    (q_grads @ g_r) * scale)
+                parts = self.model.token_gradients(text, batch_size=self.batch_size) \
+                    if self.model.encode([text]).input_ids.shape[1] <= max_row_tokens else None
+                if parts is not None:
+                    own = _traced_words(text, parts[0])
+                    result["rows"][str(int(r))] = {"text": own["text"],
+                                                   "shares": own["assign"]((parts[1] @ g_q)
+                                                                           * scale)}
+                advance(1)
+        return result
+
     def _align_rows(self, q_text: FormattedText, row_ids, alignment: str) -> np.ndarray:
         """Exact gradient alignment of the query text with each of these rows."""
         from datablame.methods.gradient_alignment import align
@@ -578,7 +617,50 @@ class Tracer:
         df.attrs.update(query=query.output, prompt=query.prompt, focus=query.focus,
                         text=q_text.text,
                         method=method, loss_on=self.model.loss_on,
-                        params=self.model.params_spec, num_params=self.model.num_params)
+                        params=self.model.params_spec, num_params=self.model.num_params,
+                        response_field=self.template.response_field,
+                        index=str(self.index.path), model=str(self.options.model),
+                        adapter=None if self.options.adapter is None
+                        else str(self.options.adapter),
+                        rows=len(self.rows.records))
+
+
+def _traced_words(formatted: FormattedText, token_spans: list[tuple[int, int]]) -> dict:
+    """The traced text of `formatted` (its spans joined by newlines) and a function that
+    sums per-token values into its words (a token goes to the word it overlaps most;
+    tokens outside every word, such as an end-of-turn marker, to the nearest word)."""
+    from bisect import bisect_right
+
+    from datablame.store.span_index import words
+
+    pieces, starts, ends, at = [], [], [], 0
+    for a, b in formatted.traced_spans():
+        piece = formatted.text[a:b]
+        for _, ws, we in words(piece):
+            starts.append(a + ws)
+            ends.append(a + we)
+        pieces.append(piece)
+        at += len(piece) + 1
+    text = "\n".join(pieces)
+
+    def assign(values) -> list[float]:
+        out = [0.0] * len(starts)
+        if not starts:
+            return out
+        for (b, e), v in zip(token_spans, values, strict=True):
+            i = max(bisect_right(starts, b) - 1, 0)
+            best, best_overlap = i, -1
+            for j in range(i, min(i + 4, len(starts))):
+                overlap = min(e, ends[j]) - max(b, starts[j])
+                if overlap > best_overlap:
+                    best, best_overlap = j, overlap
+            if best_overlap <= 0:  # between or after words: the nearest one
+                best = min(range(max(i - 1, 0), min(i + 2, len(starts))),
+                           key=lambda j: min(abs(b - ends[j]), abs(starts[j] - e)))
+            out[best] += float(v)
+        return out
+
+    return {"text": text, "assign": assign}
 
 
 def _ranked_frame(rows, row_ids, scores, alignment: str, extra: dict) -> pd.DataFrame:

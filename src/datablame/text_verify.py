@@ -231,7 +231,9 @@ def lds_text(train_file, base_dir, adapter_dir, query, scores: np.ndarray, *,
     return {"lds": rho, "ci95": [float(np.percentile(boots, 2.5)),
                                  float(np.percentile(boots, 97.5))],
             "subsets": n_subsets, "query_loss": {"min": float(actual.min()),
-                                                 "max": float(actual.max())}}
+                                                 "max": float(actual.max())},
+            "points": [{"query": 0, "predicted": predicted.tolist(),
+                        "actual": actual.tolist()}]}
 
 
 def scores_from_trace(path: str | os.PathLike, n: int) -> tuple[np.ndarray, str, int]:

@@ -92,7 +92,10 @@ def lds(scores: np.ndarray, subsets: SubsetRetraining) -> dict:
              for _ in range(1000)]
     return {"lds": float(per_query.mean()), "ci95": [float(np.percentile(boots, 2.5)),
                                                      float(np.percentile(boots, 97.5))],
-            "per_query": per_query.tolist(), "subsets": int(len(subsets.masks))}
+            "per_query": per_query.tolist(), "subsets": int(len(subsets.masks)),
+            "points": [{"query": q, "predicted": predicted[:, q].tolist(),
+                        "actual": actual[:, q].tolist()}
+                       for q in range(min(actual.shape[1], POINTS_QUERIES))]}
 
 
 def leave_one_out(retrain: Retrain, n_train: int, rows, seed: int = 0) -> dict:
@@ -107,25 +110,37 @@ def leave_one_out(retrain: Retrain, n_train: int, rows, seed: int = 0) -> dict:
     return {"base_loss": base.tolist(), "delta": out}
 
 
+def curve_ks(k: int) -> list[int]:
+    """The removal sizes of a remove-top-k curve, up to k: 1, a quarter, a half, all."""
+    return sorted({max(1, k // 4), max(1, k // 2), k} | ({1} if k >= 4 else set()))
+
+
 def remove_top_k(retrain: Retrain, n_train: int, query_scores: np.ndarray, query: int, k: int,
-                 seeds=(0, 1, 2)) -> dict:
-    """Loss change of query `query` after removing its top-k rows vs k random rows."""
+                 seeds=(0, 1, 2), curve: bool = True) -> dict:
+    """Loss change of query `query` after removing its top-k rows vs k random rows, and
+    (`curve`) the same at smaller k: does the loss rise with each blamed row removed?"""
     everything = np.arange(n_train)
-    top = np.argsort(-np.asarray(query_scores))[:k]
-    results = {"top_k": [], "random_k": [], "k": k, "query": int(query)}
-    with progress.task("remove-top-k", 3 * len(seeds)) as advance:
+    order = np.argsort(-np.asarray(query_scores))
+    ks = curve_ks(k) if curve else [k]
+    points = {size: {"k": size, "top_k": [], "random_k": []} for size in ks}
+    with progress.task("remove-top-k", len(seeds) * (1 + 2 * len(ks))) as advance:
         for s in seeds:
             base = retrain(everything, s)[query]
-            results["top_k"].append(float(retrain(np.setdiff1d(everything, top), s)[query]
-                                          - base))
             advance(1)
-            rand = np.random.default_rng(1000 + s).choice(n_train, k, replace=False)
-            results["random_k"].append(float(retrain(np.setdiff1d(everything, rand), s)[query]
-                                             - base))
-            advance(2)
+            for size in ks:
+                top = order[:size]
+                points[size]["top_k"].append(float(
+                    retrain(np.setdiff1d(everything, top), s)[query] - base))
+                rand = np.random.default_rng(1000 + s).choice(n_train, size, replace=False)
+                points[size]["random_k"].append(float(
+                    retrain(np.setdiff1d(everything, rand), s)[query] - base))
+                advance(2)
+    results = {**points[k], "query": int(query)}
     for key in ("top_k", "random_k"):
         results[f"{key}_mean"] = float(np.mean(results[key]))
         results[f"{key}_std"] = float(np.std(results[key]))
+    if curve:
+        results["curve"] = [points[size] for size in ks]
     return results
 
 
@@ -142,6 +157,8 @@ def remove_top_k_verdict(result: dict) -> tuple[str, str]:
                     f"removing {k} random rows {numbers}{tail}: these scores do not find the "
                     "rows this query rests on")
 
+
+POINTS_QUERIES = 20  # queries whose (predicted, actual) pairs the result keeps, for plots
 
 # LDS (Spearman, 1 = perfect) -> a word: below 0.1 none, then weak, moderate, strong.
 LDS_READINGS = ((0.6, "strong"), (0.3, "moderate"), (0.1, "weak"))

@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from datablame.cli.console import console, fail
+from datablame.cli.report import HTML_HELP, check_html, write_report
 from datablame.errors import UserError, check_at_least
 
 app = typer.Typer(help="Audits over the whole training set: label errors, dead weight, fairness.",
@@ -56,6 +57,7 @@ def labels(
                                                "model (unpickling runs its code).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     out: Annotated[Optional[Path], typer.Option(help="Write the JSON here.")] = None,  # noqa: UP045
+    html: Annotated[Optional[Path], typer.Option(help=HTML_HELP)] = None,  # noqa: UP045
 ) -> None:
     """Rows whose label looks wrong, most suspicious first, and the proof by retraining.
 
@@ -75,7 +77,8 @@ def labels(
         check_at_least(option, value, least)
     if out is not None:
         check_output_file(out, "--out", ours=is_json_with("scorer", "ranked"))
-    t, _, y_eval = load_task(train_file, target, model, eval_file or train_file, trust_pickle,
+    check_html(html)
+    t, x_train, y_eval = load_task(train_file, target, model, eval_file or train_file, trust_pickle,
                              method)
     if eval_file is not None and y_eval is None:
         fail(f"{eval_file}: the evaluation rows need the label column '{target}'")
@@ -85,6 +88,7 @@ def labels(
                          method=method)
     if out is not None:
         write_json_atomic(out, result)
+    write_report(html, result, table=x_train)
     if as_json:
         print(json.dumps(result, indent=2))
         return
@@ -141,6 +145,7 @@ def prune(
                                                "model (unpickling runs its code).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     out: Annotated[Optional[Path], typer.Option(help="Write the JSON here.")] = None,  # noqa: UP045
+    html: Annotated[Optional[Path], typer.Option(help=HTML_HELP)] = None,  # noqa: UP045
 ) -> None:
     """Dead weight: the rows the model does as well without, proven by retraining.
 
@@ -168,6 +173,7 @@ def prune(
                               what=" (the training file's format)")
     if out is not None:
         check_output_file(out, "--out", ours=is_json_with("scorer", "pruned"))
+    check_html(html)
     t, _, y_eval = load_task(train_file, target, model, eval_file, trust_pickle, method)
     if y_eval is None:
         fail(f"{eval_file}: the evaluation rows need the target column '{target}'")
@@ -183,6 +189,7 @@ def prune(
             tmp.replace(path)
     if out is not None:
         write_json_atomic(out, result)
+    write_report(html, result, table=table)
     if as_json:
         print(json.dumps(result, indent=2))
         return
@@ -225,6 +232,7 @@ def fairness(
                                                "model (unpickling runs its code).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     out: Annotated[Optional[Path], typer.Option(help="Write the JSON here.")] = None,  # noqa: UP045
+    html: Annotated[Optional[Path], typer.Option(help=HTML_HELP)] = None,  # noqa: UP045
 ) -> None:
     """Unfair decisions: the training rows that widen the gap between groups, and the proof.
 
@@ -248,6 +256,7 @@ def fairness(
         check_at_least(option, value, least)
     if out is not None:
         check_output_file(out, "--out", ours=is_json_with("metric", "patterns"))
+    check_html(html)
     train_table, _ = load_table(train_file)
     eval_table, _ = load_table(eval_file)
     for name, table in (("training", train_table), ("evaluation", eval_table)):
@@ -286,6 +295,7 @@ def fairness(
     result["favorable"] = favorable
     if out is not None:
         write_json_atomic(out, result)
+    write_report(html, result, table=train_table)
     if as_json:
         print(json.dumps(result, indent=2, default=str))
         return

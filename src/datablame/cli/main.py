@@ -16,6 +16,7 @@ import typer
 
 from datablame import __version__, progress
 from datablame.cli import audit as audit_commands
+from datablame.cli import report as report_commands
 from datablame.cli import tabular as tabular_commands
 from datablame.cli import verify as verify_commands
 from datablame.cli.console import console, fail
@@ -265,6 +266,12 @@ def trace(
                                            "--field / in the query file.")] = False,
     max_new_tokens: Annotated[int, typer.Option(help="With --generate: tokens to generate "
                                                      "at most.")] = 64,
+    html: Annotated[Optional[Path], typer.Option(help="Also write a self-contained HTML "  # noqa: UP045
+                                                      "report here (with per-token scores "
+                                                      "of the shown rows).")] = None,
+    token_scores: Annotated[bool, typer.Option("--token-scores", help="Each word's share of "
+                                               "the shown rows' scores, in the JSON (grad "
+                                               "method).")] = False,
 ) -> None:
     """Rows behind a model output: retrieve candidates (or score every row with --all-rows),
     score them by gradient alignment, order by gradient + retrieval rank (--rank-by)."""
@@ -294,6 +301,13 @@ def trace(
         ours = is_jsonl_with("query", "results") if queries else \
             is_json_with("query", "results")
         check_output_file(out, "--out", ours=ours)
+    if html is not None:
+        from datablame.report import check_html_path
+
+        check_html_path(html)
+    if token_scores and method != "grad":
+        _fail("--token-scores splits a gradient-alignment score into words: it needs "
+              "--method grad")
     # Everything that can be checked without the model is checked before loading it.
     if query_file is None and queries is None and not generate and not query.strip() \
             and not field:
@@ -385,22 +399,47 @@ def trace(
         df.attrs["generated"] = item.answer is None
         return df
 
+    def with_tokens(df, record: dict, wanted: bool) -> dict:
+        """Per-word shares of the shown rows' scores (grad method only: the others do
+        not split into tokens)."""
+        if wanted and method == "grad" and len(df):
+            traced = Query(df.attrs["query"], df.attrs["prompt"], df.attrs["focus"],
+                           as_written=True)
+            record["token_scores"] = tracer.token_scores(
+                traced, [int(r) for r in df["row"][:show]], alignment)
+        return record
+
     if queries is None:
         df = one(lines[0])
+        record = with_tokens(df, results_json(df), token_scores or html is not None)
         if out is not None:
-            write_json_atomic(out, results_json(df))
+            write_json_atomic(out, record)
+        if html is not None:
+            from datablame.report import write_html
+
+            write_html(html, record, show=show)
         print_results(df, show, as_json, wide_console())
+        if html is not None:
+            console.print(f"report written to {html}", highlight=False)
         return
-    done = []
+    done, pages = [], []
     for item in lines:
         df = one(item)
-        record = {"line": item.line, **({"id": item.id} if item.id is not None else {}),
-                  **results_json(df)}
+        record = with_tokens(df, {"line": item.line, **({"id": item.id} if item.id is not
+                                                       None else {}), **results_json(df)},
+                             token_scores or html is not None)
+        if html is not None:
+            pages.append(dict(record))
         record["results"] = record["results"][:show] if not as_json else record["results"]
         done.append(record)
         print(json.dumps(record, ensure_ascii=False), flush=True)
     if out is not None:
         write_jsonl_atomic(out, done)
+    if html is not None:
+        from datablame.report import write_html
+
+        write_html(html, pages, show=show)
+        console.print(f"report written to {html}", highlight=False)
 
 
 @app.command()
@@ -423,6 +462,8 @@ def spans(
                                                        "alignment with the output.")] = None,
     adapter: Annotated[Optional[Path], typer.Option(help="PEFT LoRA adapter directory.")  # noqa: UP045
                        ] = None,
+    html: Annotated[Optional[Path], typer.Option(help="Also write a self-contained HTML "  # noqa: UP045
+                                                      "report here.")] = None,
 ) -> None:
     """Verbatim copies: stretches of an output found word for word in training rows.
 
@@ -439,6 +480,9 @@ def spans(
         _fail("give the output to look for with one of --query or --query-file")
     if out is not None:
         check_output_file(out, "--out", ours=is_json_with("query", "spans"))
+    from datablame.cli.report import check_html, write_report
+
+    check_html(html)
     prompt: dict = {}
     if query_file is not None:
         from datablame.data.template import template_from_json
@@ -456,6 +500,7 @@ def spans(
                             max_rows=max_rows, data=data, tracer=tracer)
     if out is not None:
         write_json_atomic(out, result)
+    write_report(html, json.loads(json.dumps(result, default=str)))
     if as_json:
         print(json.dumps(result, indent=2, ensure_ascii=False, default=str))
         return
@@ -499,6 +544,7 @@ app.add_typer(audit_commands.app, name="audit")
 app.command("tabular")(tabular_commands.tabular)
 app.command("verify")(verify_commands.verify)
 app.command("finetune")(verify_commands.finetune)
+app.command("report")(report_commands.report)
 
 
 @app.command()

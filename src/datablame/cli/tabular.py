@@ -15,6 +15,7 @@ from typing import Annotated, Optional
 import typer
 
 from datablame.cli.console import console
+from datablame.cli.report import HTML_HELP
 from datablame.errors import UserError, check_at_least
 from datablame.methods.families import methods_help
 from datablame.methods.registry import METHODS, check_fits
@@ -174,11 +175,43 @@ def tabular(
     out: Annotated[Optional[Path], typer.Option(help="Write the full (n_query x n_train) "  # noqa: UP045
                                                      "score matrix to this .npy file.")
                    ] = None,
+    html: Annotated[Optional[Path], typer.Option(help=HTML_HELP)] = None,  # noqa: UP045
 ) -> None:
     """Rank the training rows behind each query row of a tabular model."""
-    df, _ = run_tabular(train_file, target, model, query, method=method, top_k=top_k,
-                        true_label=true_label, trust_pickle=trust_pickle, out=out)
+    from datablame.cli.report import check_html, write_report
+
+    check_html(html)
+    df, scores = run_tabular(train_file, target, model, query, method=method, top_k=top_k,
+                             true_label=true_label, trust_pickle=trust_pickle, out=out)
     _print_tabular(df, as_json)
+    if html is not None:
+        write_report(html, tabular_result(df, scores, query, target, train_file), show=top_k)
+
+
+def tabular_result(df, scores, query_file, target: str, train_file) -> dict:
+    """What a tabular page shows: the ranked rows, each query row's own features (to set
+    the rows' beside), and the distribution of its scores over the training rows."""
+    import json
+
+    import numpy as np
+
+    from datablame.data.rows import load_table
+
+    queries, _ = load_table(query_file)
+    train, _ = load_table(train_file, target)
+    spread = {str(c): float(train[c].std()) for c in train.columns
+              if np.issubdtype(train[c].dtype, np.number)}
+    info = {}
+    for q in sorted(set(df["query"])):
+        record = json.loads(queries.iloc[int(q)].to_json())
+        info[str(q)] = {"features": {k: v for k, v in record.items() if k != target},
+                        "target": record.get(target),
+                        "distribution": np.sort(np.asarray(scores[int(q)]))[::-1][:200]
+                        .tolist()}
+    return {"kind": "tabular", "method": df.attrs.get("method"),
+            "explains": EXPLAINS.get(df.attrs.get("explains"), df.attrs.get("explains")),
+            "queries": info, "spread": spread,
+            "results": json.loads(df.to_json(orient="records"))}
 
 
 def _print_tabular(df, as_json: bool) -> None:

@@ -14,6 +14,7 @@ from typing import Annotated, Optional
 import typer
 
 from datablame.cli.console import console, fail
+from datablame.cli.report import HTML_HELP, check_html, write_report
 from datablame.cli.tabular import parse_rows, print_verify, run_verify
 from datablame.errors import check_at_least
 from datablame.methods.families import methods_help
@@ -67,13 +68,15 @@ def verify(
                                                    rich_help_panel=TEXT)] = None,
     field: Annotated[list[str], typer.Option(help="Prompt field of the query, NAME=VALUE.",
                                              rich_help_panel=TEXT)] = [],  # noqa: B006
+    html: Annotated[Optional[Path], typer.Option(help=HTML_HELP)] = None,  # noqa: UP045
 ) -> None:
     """Check an attribution against retraining. Tabular: LDS, remove-top-k, leave-one-out.
     LM: re-fine-tune without the blamed rows and without random rows; does the model still
     say it?"""
+    check_html(html)
     if model.is_dir():
         _verify_text(train_file, model, adapter, query, trace, remove, remove_top_k, random,
-                     recipe, field, out, cache, lds_subsets or 0)
+                     recipe, field, out, cache, lds_subsets or 0, html)
         return
     lds_subsets = 50 if lds_subsets is None else lds_subsets
     if not target:
@@ -85,10 +88,11 @@ def verify(
                         loo_rows=parse_rows(loo), out=out, cache=cache,
                         trust_pickle=trust_pickle)
     print_verify(result, out)
+    write_report(html, result)
 
 
 def _verify_text(train_file, model, adapter, query_file, trace, remove, top_k, n_random,
-                 recipe_file, fields, out, cache, lds_subsets) -> None:
+                 recipe_file, fields, out, cache, lds_subsets, html=None) -> None:
     from datablame.cli.main import _parse_fields, _read_query_file
     from datablame.outputs import check_output_dir, check_output_file, is_json_with
     from datablame.store.atomic import write_json_atomic
@@ -161,6 +165,7 @@ def _verify_text(train_file, model, adapter, query_file, trace, remove, top_k, n
                       f"{lds['ci95'][0]:.2f} to {lds['ci95'][1]:.2f})", highlight=False,
                       soft_wrap=True)
     console.print(f"results written to {out}", highlight=False)
+    write_report(html, result)
 
 
 def finetune(

@@ -438,6 +438,33 @@ class CausalLMAdapter:
                           "(empty answer?): their gradient is zero and they cannot be found",
                           stacklevel=3)
 
+    def token_gradients(self, example: FormattedText, batch_size: int = 16
+                        ) -> tuple[list[tuple[int, int]], np.ndarray] | None:
+        """Each traced token's part of the example's gradient: (character spans in
+        `example.text`, (T, d) gradients) whose rows sum to `gradients([example])[0]` (the
+        loss is the mean over traced tokens, so each part is one token's gradient / T).
+        None for a text cut to fit max length (its offsets no longer line up)."""
+        batch = self.encode([example])
+        if batch.cut[0]:
+            return None
+        labels = batch.labels[0]
+        positions = [int(p) for p in (labels[1:] != -100).nonzero()[:, 0] + 1]
+        if not positions:
+            return None
+        offsets = self.tokenizer(example.text, add_special_tokens=example.add_special_tokens,
+                                 return_offsets_mapping=True)["offset_mapping"]
+        parts = []
+        for start in range(0, len(positions), batch_size):
+            take = positions[start:start + batch_size]
+            ids = batch.input_ids.repeat(len(take), 1)
+            one = torch.full_like(ids, -100)
+            for i, p in enumerate(take):
+                one[i, p] = labels[p]
+            parts.append(self._batch_gradients(EncodedBatch(ids, one, [""] * len(take)),
+                                               "auto"))
+        grads = np.concatenate(parts) / len(positions)
+        return [tuple(offsets[p]) for p in positions], grads
+
     def check_scored(self, example: FormattedText, what: str = "the query") -> None:
         """Refuse a text whose traced tokens are all gone: every row would score 0."""
         batch = self.encode([example])
