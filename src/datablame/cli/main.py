@@ -545,6 +545,7 @@ app.command("tabular")(tabular_commands.tabular)
 app.command("verify")(verify_commands.verify)
 app.command("finetune")(verify_commands.finetune)
 app.command("report")(report_commands.report)
+app.command("serve")(report_commands.serve)
 
 
 @app.command()

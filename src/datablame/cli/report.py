@@ -67,3 +67,69 @@ def report(
 
         table = load_table(data)[0]
     write_report(out, result, table=table, show=show)
+
+
+def serve(
+    index_dir: Annotated[Path, typer.Argument(help="Index directory built by 'index'.")],
+    model: Annotated[Path, typer.Option(help="Base model directory (Hugging Face).")],
+    adapter: Annotated[Optional[Path], typer.Option(help="PEFT LoRA adapter directory.")  # noqa: UP045
+                       ] = None,
+    queries: Annotated[Optional[Path], typer.Option(help="A queries file (JSONL, as trace "  # noqa: UP045
+                                                         "--queries) to pick from.")] = None,
+    data: Annotated[Optional[Path], typer.Option(help="Training file (default: the one "  # noqa: UP045
+                                                      "recorded in the index).")] = None,
+    host: Annotated[str, typer.Option(help="Address to bind: loopback only unless "
+                                           "--allow-remote.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port (0: a free one, printed).")] = 0,
+    allow_remote: Annotated[bool, typer.Option("--allow-remote", help="Bind an address "
+                                               "other machines can reach (they will see "
+                                               "your training rows).")] = False,
+    top_k: Annotated[int, typer.Option(help="Candidates retrieved per trace.")] = 50,
+    show: Annotated[int, typer.Option(help="Rows opened and shaded per word.")] = 10,
+    params: Annotated[str, typer.Option(help="Parameters to differentiate (as trace).")
+                      ] = "auto",
+    dtype: Annotated[str, typer.Option(help="fp32, bf16 or fp16.")] = "fp32",
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """A local web UI: type or pick an output, trace it, click through the rows, flip
+    methods, download the report. Binds 127.0.0.1; reads no file but the index, the
+    model and the paths given here."""
+    from datablame.errors import check_at_least
+    from datablame.report.server import TraceSession, check_bind, index_has_gradients, make_server
+    from datablame.store.retrieval_index import read_manifest
+    from datablame.text import LM_METHODS, Tracer
+
+    check_bind(host, allow_remote)
+    check_at_least("--top-k", top_k, 1)
+    check_at_least("--show", show, 1)
+    if not 0 <= port <= 65535:
+        fail(f"--port must be 0 to 65535, got {port}")
+    lines = None
+    if queries is not None:
+        from datablame.data.queries import read_queries
+        from datablame.data.template import template_from_json
+
+        lines = read_queries(queries, template_from_json(read_manifest(index_dir)["template"]),
+                             generate=None)  # a line without an answer: the model's own
+    methods = ["grad", *[m for m in LM_METHODS if m != "tracin"]]  # tracin: checkpoints
+    from datablame.models.lora_finetune import RECIPE_FILE
+
+    if adapter is not None and (adapter / RECIPE_FILE).is_file():
+        methods.append("magic")  # replays a datablame fine-tune: needs its recipe
+    tracer = Tracer(index_dir, model, adapter, data=data, params=params, dtype=dtype,
+                    device=device)
+    session = TraceSession(tracer, methods=methods, queries=lines, top_k=top_k, show=show,
+                           all_rows_available=index_has_gradients(index_dir))
+    try:
+        server = make_server(session, host, port, allow_remote)
+    except OSError as exc:
+        fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
+    shown_host = f"[{host}]" if ":" in host else host
+    console.print(f"serving http://{shown_host}:{server.server_address[1]}/ "
+                  "(Ctrl-C stops)", highlight=False, soft_wrap=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()

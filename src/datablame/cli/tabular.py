@@ -194,13 +194,14 @@ def tabular_result(df, scores, query_file, target: str, train_file) -> dict:
     import json
 
     import numpy as np
+    import pandas as pd
 
     from datablame.data.rows import load_table
 
     queries, _ = load_table(query_file)
     train, _ = load_table(train_file, target)
     spread = {str(c): float(train[c].std()) for c in train.columns
-              if np.issubdtype(train[c].dtype, np.number)}
+              if pd.api.types.is_numeric_dtype(train[c])}
     info = {}
     for q in sorted(set(df["query"])):
         record = json.loads(queries.iloc[int(q)].to_json())

@@ -39,9 +39,10 @@ def _value(value: object) -> object:
     return value if isinstance(value, list) else _text(value)
 
 
-def read_queries(path: Path, template: PromptTemplate, *, generate: bool = False
+def read_queries(path: Path, template: PromptTemplate, *, generate: bool | None = False
                  ) -> list[QueryLine]:
-    """Every query of a JSONL file, checked against the index's template."""
+    """Every query of a JSONL file, checked against the index's template. `generate`
+    True: every line's answer is generated; None: a line without an answer's."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"queries file not found: {path}")
@@ -73,9 +74,10 @@ def read_queries(path: Path, template: PromptTemplate, *, generate: bool = False
                 try:
                     obj = template.split_answer(obj)  # a chat ending with the answer
                 except UserError as exc:
-                    raise UserError(f"{where}: {exc}") from None
+                    if generate is not None:
+                        raise UserError(f"{where}: {exc}") from None
             answer = obj.pop(answer_field, None)
-            if generate:
+            if generate or (generate is None and not _text(answer).strip()):
                 if not any(v if isinstance(v, list) else _text(v).strip()
                            for v in obj.values()):
                     asked = ", ".join(f for f in template.fields if f != answer_field)

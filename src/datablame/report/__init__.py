@@ -69,18 +69,22 @@ def load_result(path: str | os.PathLike):
     return lines
 
 
-def render(result, *, source: str | None = None, show: int = 10) -> str:
-    """The page for `result` (what a command wrote with --out), as an HTML string."""
+def render(result, *, source: str | None = None, show: int = 10, ui: dict | None = None
+           ) -> str:
+    """The page for `result` (what a command wrote with --out), as an HTML string; with
+    `ui`, `serve`'s form above it (`result` None: the form alone)."""
     import jinja2
 
     from datablame import __version__
-    from datablame.report.views import build
+    from datablame.report.views import SIGN, build
 
-    page = build(kind_of(result), result, show=show)
+    page = build(kind_of(result), result, show=show) if result is not None else \
+        {"title": "datablame", "subtitle": "trace an output to the training rows behind it",
+         "convention": SIGN, "sections": []}
     env = jinja2.Environment(loader=jinja2.PackageLoader("datablame", "report"),
                              autoescape=True, trim_blocks=True, lstrip_blocks=True)
     return env.get_template("page.html").render(version=__version__, source=source,
-                                                fold=600, fold_preview=240, **page)
+                                                fold=600, fold_preview=240, ui=ui, **page)
 
 
 def is_our_report(path: Path) -> bool:

@@ -115,7 +115,7 @@ def token_view(text: str, marks: list[bool] | None = None,
     for i in range(1, len(out) - 1):  # one highlight over a marked run, gaps included
         if out[i].get("space") and out[i - 1]["mark"] and out[i + 1]["mark"]:
             out[i]["mark"] = True
-    return {"tokens": out}
+    return {"tokens": out, "length": len(text), "preview": text}
 
 
 def shared_marks(answer: str, row_text: str, n: int = SHARED_RUN) -> tuple[list, list]:
