@@ -147,9 +147,13 @@ def test_verify_confirms_the_planted_culprit_by_re_fine_tuning(facts, tmp_path, 
               tmp_path / "adapter", "--query", facts / "query.json", "--random", "2",
               "--cache", tmp_path / "cache"]
     code, _, err = run_cli(monkeypatch, capsys, *common, "--remove", "0", "--out",
-                           tmp_path / "v.json")
+                           tmp_path / "v.json", "--html", tmp_path / "v.html")
     assert code in (0, None), err
     result = json.loads((tmp_path / "v.json").read_text())
+    page = (tmp_path / "v.html").read_text()  # every run's answer and loss, and the verdict
+    assert "CONFIRMED" in page and page.count("<svg") >= 1
+    for run in result["runs"].values():
+        assert f"{run['loss']:.4f}" in page
     assert result["original"]["says"] and result["runs"]["all-rows"]["says"]
     assert result["runs"]["all-rows"]["is_the_adapter"]  # no retraining needed for it
     assert not result["runs"]["without-blamed"]["says"]

@@ -214,7 +214,12 @@ def test_tabular_verify_and_audit_reports_in_a_browser(loans, tmp_path, browser,
                         "--remove-top-k", "8"]),
             ("labels", ["audit", "labels", t / "train.csv", "--target", "approved",
                         "--model", t / "model.txt", "--eval", t / "eval.csv",
-                        "--top-k", "10"])):
+                        "--top-k", "10"]),
+            ("fairness", ["audit", "fairness", t / "train.csv", "--target", "approved",
+                          "--model", t / "model.txt", "--eval", t / "eval.csv", "--group",
+                          "region"]),
+            ("prune", ["audit", "prune", t / "train.csv", "--target", "approved", "--model",
+                       t / "model.txt", "--eval", t / "eval.csv"])):
         pages[name] = tmp_path / f"{name}.html"
         code, _, err = run_cli(monkeypatch, capsys, *args, "--html", pages[name])
         assert code in (0, None), f"{name}: {err}"
@@ -247,6 +252,24 @@ def test_tabular_verify_and_audit_reports_in_a_browser(loans, tmp_path, browser,
     assert suspects.count() == 10
     # the rows' content from the training table, next to their scores
     assert tab.locator("th", has_text="income").count() == 1
+    tab.close()
+
+    tab = open_page(browser, pages["fairness"].as_uri())
+    assert tab.requests == [pages["fairness"].as_uri()]
+    # the gap and accuracy before / after removal, and the patterns found
+    gap = tab.locator("section", has_text="The gap before and after removal")
+    assert gap.locator("svg").count() == 2
+    assert "without flagged" in gap.inner_text()
+    patterns = tab.locator("section", has_text="Readable patterns").locator("tbody tr")
+    assert patterns.count() >= 1
+    assert any(op in patterns.first.inner_text() for op in ("<=", ">", "="))
+    assert tab.locator("section", has_text="Rows that widen").locator("tbody tr").count() == 20
+    tab.close()
+
+    tab = open_page(browser, pages["prune"].as_uri())
+    pruned = tab.locator("section", has_text="Pruned rows").locator("tbody tr")
+    assert pruned.count() == 20  # 10% of 200
+    assert tab.locator("section", has_text="Retrained without").locator("svg").count() == 2
     tab.close()
 
 

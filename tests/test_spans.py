@@ -87,9 +87,13 @@ def test_spans_finds_the_copied_row_in_every_query_form(span_index, tmp_path, mo
     copied = rows[culprit]["output"]
     output = f"As requested: {copied} Hope this helps with your application."
     code, out, err = run_cli(monkeypatch, capsys, "spans", root / "idx", "--query", output,
-                             "--json", "--out", tmp_path / "s.json")
+                             "--json", "--out", tmp_path / "s.json", "--html",
+                             tmp_path / "s.html")
     assert code in (0, None), err
     result = json.loads(out)
+    page = (tmp_path / "s.html").read_text()  # the copied words marked, the row listed
+    assert f'data-row="{culprit}"' in page
+    assert page.count("<mark>") >= len(words(rows[culprit]["output"]))
     top = result["spans"][0]
     assert top["rows"] == [culprit] and top["text"] == copied
     assert top["words"] == len(words(copied)) and top["occurrences"] == 1

@@ -406,12 +406,11 @@ def verify_text_page(result: dict, show: int) -> dict:
              for name, run in runs.items()]
     blocks = [_p(result.get("summary", ""), "verdict " + ("pass" if result.get("verdict") in
                                                           ("confirmed", "pass") else "fail")),
-              _kv([*[(f"prompt: {k}", _value(v)) for k, v in (q.get("prompt") or {}).items()],
+              _kv([*_prompt_pairs(q.get("prompt")),
                    ("answer traced", q.get("answer")),
                    ("rows removed", ", ".join(map(str, result.get("removed", []))))]),
               _plot(plots.bars({n: r["loss"] for n, r in runs.items()}, "query loss after "
-                               "re-fine-tuning", highlight=next(
-                                   (n for n in runs if n.startswith("without top")), None))),
+                               "re-fine-tuning", highlight="without-blamed")),
               _table(["run", "rows removed", "loss", "says it", "the model's answer"], table,
                      numeric=("loss",))]
     sections = [{"title": "Re-fine-tuned without the blamed rows", "blocks": blocks}]
@@ -420,6 +419,13 @@ def verify_text_page(result: dict, show: int) -> dict:
                          _lds_blocks(result["lds"])})
     return {"title": "datablame verify (language model)", "convention": SIGN,
             "subtitle": "does the model still say it without the rows?", "sections": sections}
+
+
+def _prompt_pairs(prompt) -> list[tuple[str, object]]:
+    """A query's prompt for the page: its fields, or the formatted text as one."""
+    if isinstance(prompt, dict):
+        return [(f"prompt: {k}", _value(v)) for k, v in prompt.items()]
+    return [("prompt (as the model saw it)", prompt)] if prompt else []
 
 
 def spans_page(result: dict, show: int) -> dict:
