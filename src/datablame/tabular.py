@@ -259,3 +259,43 @@ def ranked_rows(scores: np.ndarray, x_train, y_train, top_k: int, est, x_query, 
     df.attrs.update(method=est.name, explains=explains, all_zero_queries=zero,
                     n_queries=len(scores))
     return df
+
+
+def group_rows(scores: np.ndarray, x_train, y_train, top_k: int, queries=None
+               ) -> pd.DataFrame:
+    """The training rows behind a set of query rows together (a group question, e.g.
+    every row the model got wrong): the mean of each row's scores over the queries,
+    ranked; `helps` counts the queries a row pushes toward what is explained and
+    `opposes` those it pushes away from, `strongest_query` is where it weighs most."""
+    check_at_least("top_k", top_k, 1)
+    queries = np.arange(len(scores)) if queries is None else np.asarray(queries, dtype=int)
+    if len(queries) == 0:
+        raise UserError("no query rows to aggregate over")
+    part = np.asarray(scores, dtype=float)[queries]
+    mean = part.mean(axis=0)
+    if not isinstance(x_train, pd.DataFrame):
+        arr = np.asarray(x_train)
+        x_train = pd.DataFrame(arr, columns=[f"x{j}" for j in range(arr.shape[1])])
+    target = as_array(y_train).reshape(len(x_train), -1)[:, 0]
+    top = np.argsort(-mean, kind="stable")[:min(top_k, len(mean))]
+    frame = pd.DataFrame({
+        "rank": np.arange(1, len(top) + 1), "row": top, "score": mean[top],
+        "helps": (part[:, top] > ZERO).sum(axis=0), "opposes": (part[:, top] < -ZERO).sum(axis=0),
+        "strongest_query": queries[np.argmax(np.abs(part[:, top]), axis=0)],
+        "target": target[top]})
+    df = pd.concat([frame, x_train.iloc[top].reset_index(drop=True)], axis=1)
+    df.attrs.update(group=[int(q) for q in queries], n_queries=len(scores))
+    return df
+
+
+def wrong_queries(task: TabularTask, y_query) -> np.ndarray:
+    """Indices of the query rows the model gets wrong (a classifier's predicted label is
+    not the query's own)."""
+    if task.adapter.is_regression:
+        raise UserError("--only-wrong needs a classifier: a regression prediction is never "
+                        "simply wrong (pick the query rows with the largest error yourself)")
+    if y_query is None:
+        raise UserError("--only-wrong needs the target column in the query rows")
+    truth = task.query_targets(y_query).reshape(len(task.x_query), -1)[:, 0]
+    predicted = np.asarray(task.predicted()).reshape(len(task.x_query), -1)[:, 0]
+    return np.flatnonzero(predicted != truth)

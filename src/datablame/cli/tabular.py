@@ -9,6 +9,7 @@ them (`data/tables.py`).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -112,23 +113,39 @@ def load_task(train_file, target, model_file, query_file, trust_pickle=False,
 
 def run_tabular(train_file, target, model_file, query_file, *, method: str = "auto",
                 top_k: int = 5, true_label: bool = False, trust_pickle: bool = False,
-                out=None):
+                out=None, aggregate: bool = False, only_wrong: bool = False):
     """(ranked rows DataFrame, full score matrix); `out` (.npy) gets the score matrix, at
-    exactly that path."""
+    exactly that path. `aggregate`: one ranking for the query rows together;
+    `only_wrong`: only the query rows the model gets wrong."""
     check_tabular_options(train_file, model_file, query_file, method=method, top_k=top_k,
                           out=out)
     task, x_train, y_query = load_task(train_file, target, model_file, query_file,
                                        trust_pickle, method)
     if true_label and y_query is None:
         raise UserError(f"--true-label needs the target column '{target}' in the query rows")
+    chosen = None
+    if only_wrong:
+        from datablame.tabular import wrong_queries
+
+        chosen = wrong_queries(task, y_query)
+        if len(chosen) == 0:
+            raise UserError("the model gets every query row right: nothing for --only-wrong")
     est = task.fit(method)
     scores, yq, explains = task.scores(est, y_query if true_label else None)
     if out is not None:
         from datablame.outputs import save_npy
 
         save_npy(Path(out), scores)
-    return ranked_rows(scores, x_train, task.y_train, top_k, est, task.x_query, yq,
-                       explains), scores
+    if aggregate:
+        from datablame.tabular import group_rows
+
+        df = group_rows(scores, x_train, task.y_train, top_k, chosen)
+        df.attrs.update(method=est.name, explains=explains)
+        return df, scores
+    df = ranked_rows(scores, x_train, task.y_train, top_k, est, task.x_query, yq, explains)
+    if chosen is not None:
+        df = df[df["query"].isin(chosen)].reset_index(drop=True)
+    return df, scores
 
 
 def run_verify(train_file, target, model_file, query_file, *, method: str, lds_subsets: int,
@@ -176,13 +193,27 @@ def tabular(
                                                      "score matrix to this .npy file.")
                    ] = None,
     html: Annotated[Optional[Path], typer.Option(help=HTML_HELP)] = None,  # noqa: UP045
+    aggregate: Annotated[bool, typer.Option("--aggregate", help="One ranking for the query "
+                                            "rows together (mean score over them): the "
+                                            "rows behind a group of outputs.")] = False,
+    only_wrong: Annotated[bool, typer.Option("--only-wrong", help="Only the query rows the "
+                                             "model gets wrong (needs their target "
+                                             "column); with --aggregate: the rows behind "
+                                             "its errors.")] = False,
 ) -> None:
-    """Rank the training rows behind each query row of a tabular model."""
+    """Rank the training rows behind each query row of a tabular model (or behind a group
+    of them: --aggregate)."""
     from datablame.cli.report import check_html, write_report
 
     check_html(html)
     df, scores = run_tabular(train_file, target, model, query, method=method, top_k=top_k,
-                             true_label=true_label, trust_pickle=trust_pickle, out=out)
+                             true_label=true_label, trust_pickle=trust_pickle, out=out,
+                             aggregate=aggregate, only_wrong=only_wrong)
+    if aggregate:
+        _print_group(df, as_json)
+        if html is not None:
+            write_report(html, group_result(df), show=top_k)
+        return
     _print_tabular(df, as_json)
     if html is not None:
         write_report(html, tabular_result(df, scores, query, target, train_file), show=top_k)
@@ -213,6 +244,54 @@ def tabular_result(df, scores, query_file, target: str, train_file) -> dict:
             "explains": EXPLAINS.get(df.attrs.get("explains"), df.attrs.get("explains")),
             "queries": info, "spread": spread,
             "results": json.loads(df.to_json(orient="records"))}
+
+
+def group_result(df) -> dict:
+    """What a group page shows: the rows behind the query rows together."""
+    import json
+
+    return {"kind": "tabular-group", "method": df.attrs.get("method"),
+            "explains": EXPLAINS.get(df.attrs.get("explains"), df.attrs.get("explains")),
+            "group": df.attrs["group"], "n_queries": df.attrs["n_queries"],
+            "results": json.loads(df.to_json(orient="records"))}
+
+
+def _print_group(df, as_json: bool) -> None:
+    """One table: the rows behind the group of query rows, with how many each helps."""
+    from rich.table import Table
+
+    from datablame.cli.render import wide_console
+
+    if as_json:
+        print(json.dumps(group_result(df), indent=2))
+        return
+    table_console = wide_console()
+    group = df.attrs["group"]
+    which = "every query row" if len(group) == df.attrs["n_queries"] else \
+        f"query rows {_rows_text(group)}"
+    fixed = ["rank", "row", "score", "helps", "opposes", "strongest_query", "target"]
+    features = [c for c in df.columns if c not in fixed]
+    shown = features[: max(0, (table_console.width - 10 * len(fixed)) // 13)]
+    table = Table(title=f"rows behind {which} together ({df.attrs.get('method', '')}; "
+                        f"explains {EXPLAINS.get(df.attrs.get('explains'), '')}; mean score "
+                        f"over {len(group)})")
+    for c in [*fixed, *shown]:
+        table.add_column(c.replace("_", " "), justify="right" if c not in shown else "left")
+    n = len(group)
+    for rec in df.to_dict(orient="records"):
+        table.add_row(*[f"{rec['score']:.4g}" if c == "score" else
+                        f"{rec[c]}/{n}" if c in ("helps", "opposes") else
+                        f"{rec[c]:.6g}" if isinstance(rec[c], float) else str(rec[c])
+                        for c in [*fixed, *shown]])
+    table_console.print(table)
+    if len(shown) < len(features):
+        console.print(f"{len(features) - len(shown)} more feature columns: --json or --html",
+                      highlight=False)
+
+
+def _rows_text(rows: list[int], most: int = 12) -> str:
+    text = ", ".join(map(str, rows[:most]))
+    return text + (f" … ({len(rows)})" if len(rows) > most else "")
 
 
 def _print_tabular(df, as_json: bool) -> None:

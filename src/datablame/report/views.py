@@ -347,6 +347,30 @@ def tabular_page(result, show: int) -> dict:
             "sections": sections}
 
 
+def tabular_group_page(result: dict, show: int) -> dict:
+    """The rows behind a group of query rows together: mean score, how many of the
+    queries each helps or opposes, the rows' features."""
+    rows = result["results"]
+    n = len(result["group"])
+    fixed = ("rank", "row", "score", "helps", "opposes", "strongest_query", "target")
+    features = [k for k in (rows[0] if rows else {}) if k not in fixed]
+    table = [[str(r["rank"]), str(r["row"]), _num(r["score"]), f"{r['helps']}/{n}",
+              f"{r['opposes']}/{n}", str(r["strongest_query"]), _num(r.get("target")),
+              *[_feature(r.get(f)) for f in features]] for r in rows]
+    heads = ["rank", "row", "mean score", "helps", "opposes", "strongest query", "target"]
+    which = "every query row" if n == result.get("n_queries") else \
+        f"{n} of {result.get('n_queries')} query rows: " + ", ".join(map(str, result["group"]))
+    blocks = [_kv([("query rows", which), ("method", result.get("method")),
+                   ("explains", result.get("explains"))])]
+    if rows:
+        blocks.append(_plot(plots.score_distribution([r["score"] for r in rows],
+                                                     min(show, len(rows)), "mean score")))
+    blocks.append(_table([*heads, *features], table, numeric=heads[:-1]))
+    return {"title": "datablame tabular (a group of queries)", "convention": SIGN,
+            "subtitle": "training rows behind the query rows together",
+            "sections": [{"title": "Rows behind the group", "blocks": blocks}]}
+
+
 def _lds_blocks(lds: dict) -> list[dict]:
     low, high = lds["ci95"]
     blocks = [_kv([("LDS (Spearman, 1 = perfect)", f"{lds['lds']:.3f}"),
@@ -558,6 +582,7 @@ def audit_fairness_page(result: dict, show: int) -> dict:
 
 PAGES: dict[str, Callable] = {
     "trace": trace_page, "traces": traces_page, "tabular": tabular_page,
+    "tabular-group": tabular_group_page,
     "verify": verify_page, "verify-text": verify_text_page, "spans": spans_page,
     "audit-labels": audit_labels_page, "audit-prune": audit_prune_page,
     "audit-fairness": audit_fairness_page,

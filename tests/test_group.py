@@ -1,0 +1,81 @@
+"""Group questions: the training rows behind many outputs together (e.g. every query row
+the model gets wrong), for tabular and text models."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tests.test_cli import _assert_one_line_error, run_cli
+
+
+@pytest.fixture(scope="module")
+def planted_errors(tmp_path_factory):
+    """A pocket of 13 training rows labelled wrong (x0 > 1.6, x1 > 0: label 0 where the
+    rule says 1) that a LightGBM model learns: evaluation rows in that pocket come out
+    wrong, and the planted rows are what made them wrong."""
+    import lightgbm as lgb
+
+    root = tmp_path_factory.mktemp("group")
+    rng = np.random.default_rng(1)
+    n = 400
+    x = rng.normal(size=(n, 3))
+    y = (x[:, 0] + x[:, 1] > 0).astype(int)
+    pocket = np.flatnonzero((x[:, 0] > 1.6) & (x[:, 1] > 0))
+    y[pocket] = 0
+    cols = ["x0", "x1", "x2"]
+    pd.DataFrame(x, columns=cols).assign(label=y).to_csv(root / "train.csv", index=False)
+    xe = np.r_[rng.normal(size=(40, 3)), np.c_[rng.uniform(1.7, 2.6, 12),
+                                                  rng.uniform(0.1, 1.0, 12),
+                                                  rng.normal(size=12)]]
+    ye = (xe[:, 0] + xe[:, 1] > 0).astype(int)
+    pd.DataFrame(xe, columns=cols).assign(label=ye).to_csv(root / "eval.csv", index=False)
+    model = lgb.LGBMClassifier(n_estimators=60, num_leaves=8, min_child_samples=5,
+                               verbose=-1).fit(pd.DataFrame(x, columns=cols), y)
+    model.booster_.save_model(str(root / "model.txt"))
+    return root, set(int(i) for i in pocket)
+
+
+def test_rows_behind_every_wrong_answer_are_the_planted_pocket(planted_errors, monkeypatch,
+                                                               capsys):
+    root, pocket = planted_errors
+    common = ["tabular", root / "train.csv", "--target", "label", "--model",
+              root / "model.txt", "--query", root / "eval.csv"]
+    code, out, err = run_cli(monkeypatch, capsys, *common, "--aggregate", "--only-wrong",
+                             "--top-k", "30", "--json", "--out", root / "scores.npy")
+    assert code in (0, None), err
+    result = json.loads(out)
+    wrong = result["group"]
+    assert len(wrong) >= 8  # the pocket's evaluation rows, mostly
+    top = [r["row"] for r in result["results"]]
+    assert pocket <= set(top)  # every planted row among the top 30
+    hits = len(set(top[:len(pocket)]) & pocket)
+    assert hits >= 0.8 * len(pocket), f"{hits} of the top {len(pocket)} are planted"
+    # the group score is the mean of the per-query scores over exactly the wrong rows
+    scores = np.load(root / "scores.npy")
+    mean = scores[wrong].mean(axis=0)
+    np.testing.assert_allclose([r["score"] for r in result["results"]], mean[top],
+                               rtol=1e-6, atol=1e-12)
+    assert top == list(np.argsort(-mean, kind="stable")[:30])
+    first = result["results"][0]
+    assert first["helps"] == int((scores[wrong][:, first["row"]] > 1e-12).sum())
+    # the same question as a page
+    code, _, err = run_cli(monkeypatch, capsys, *common, "--aggregate", "--only-wrong",
+                           "--html", root / "group.html")
+    assert code in (0, None), err
+    assert f'"row": {top[0]}' not in (root / "group.html").read_text()  # a page, not JSON
+    assert "Rows behind the group" in (root / "group.html").read_text()
+
+
+def test_group_questions_refuse_what_they_cannot_answer(planted_errors, tmp_path,
+                                                        monkeypatch, capsys):
+    root, _ = planted_errors
+    pd.read_csv(root / "eval.csv").drop(columns="label").to_csv(tmp_path / "q.csv",
+                                                                index=False)
+    code, _, err = run_cli(monkeypatch, capsys, "tabular", root / "train.csv", "--target",
+                           "label", "--model", root / "model.txt", "--query",
+                           tmp_path / "q.csv", "--only-wrong", "--aggregate")
+    _assert_one_line_error(code, err, "needs the target column")
