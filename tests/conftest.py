@@ -53,3 +53,18 @@ def demo_assets(tmp_path_factory):
     info = build_assets(root, DemoConfig())
     build_index(root / "train.jsonl", root / "index")
     return root, info
+
+
+@pytest.fixture(scope="session")
+def gradient_index(demo_assets, tmp_path_factory):
+    """The demo index plus a gradient store over every row (default K)."""
+    import shutil
+
+    from datablame.text import GradientOptions, build_index
+
+    root, _ = demo_assets
+    idx = tmp_path_factory.mktemp("gradidx") / "idx"
+    shutil.copytree(root / "index", idx)
+    build_index(root / "train.jsonl", idx,  # keeps the existing retrieval index
+                gradients=GradientOptions(root / "base", root / "adapter", shard_rows=64))
+    return idx

@@ -79,3 +79,43 @@ def test_group_questions_refuse_what_they_cannot_answer(planted_errors, tmp_path
                            "label", "--model", root / "model.txt", "--query",
                            tmp_path / "q.csv", "--only-wrong", "--aggregate")
     _assert_one_line_error(code, err, "needs the target column")
+
+
+@pytest.mark.slow
+def test_rows_behind_several_text_outputs_together(demo_assets, gradient_index, tmp_path,
+                                                   monkeypatch, capsys):
+    """Two answers copied from two rows: those two rows lead the group ranking, and each
+    row's group score is the mean of its exact cosines with the two answers, by retrieval
+    candidates and over every row from the gradient store alike."""
+    from datablame.text import Query, Tracer
+
+    root, info = demo_assets
+    rows = [json.loads(line) for line in (root / "train.jsonl").read_text().splitlines()]
+    a, b = info["culprit_row"], 37
+    queries = [Query(rows[r]["output"], {"instruction": rows[r]["instruction"],
+                                         "input": rows[r]["input"]}) for r in (a, b)]
+    tracer = Tracer(gradient_index, root / "base", root / "adapter")
+    for all_rows in (False, True):
+        group = tracer.trace_group(queries, top_k=20, all_rows=all_rows, names=["a", "b"])
+        assert set(group["row"][:2]) == {a, b}, all_rows
+        each = [tracer.score_rows(q, list(group["row"])) for q in queries]
+        np.testing.assert_allclose(group["score"], np.mean(each, axis=0), atol=1e-6)
+        assert group["score"].is_monotonic_decreasing
+        lead = group.set_index("row").loc[a]
+        assert lead["strongest_query"] == "a" and lead["helps"] >= 1
+
+    lines = tmp_path / "q.jsonl"
+    lines.write_text("".join(json.dumps({"id": n, **rows[r]}) + "\n"
+                             for n, r in (("a", a), ("b", b))))
+    code, out, err = run_cli(monkeypatch, capsys, "trace", gradient_index, "--model",
+                             root / "base", "--adapter", root / "adapter", "--queries", lines,
+                             "--aggregate", "--json", "--out", tmp_path / "g.json", "--html",
+                             tmp_path / "g.html")
+    assert code in (0, None), err
+    result = json.loads((tmp_path / "g.json").read_text())
+    assert {r["row"] for r in result["results"][:2]} == {a, b}
+    assert [q["name"] for q in result["queries"]] == ["a", "b"]
+    assert "Ranked rows" in (tmp_path / "g.html").read_text()
+    code, _, err = run_cli(monkeypatch, capsys, "trace", gradient_index, "--model",
+                           root / "base", "--query", "x", "--aggregate")
+    _assert_one_line_error(code, err, "--aggregate ranks the rows behind a --queries file")

@@ -59,21 +59,6 @@ def test_trace_uses_the_index_template_for_gradients(demo_assets, tmp_path):
     assert not np.allclose(align(grads[0], alpaca), expected, atol=1e-3)
 
 
-@pytest.fixture(scope="module")
-def gradient_index(demo_assets, tmp_path_factory):
-    """The demo index plus a gradient store over every row (default K)."""
-    import shutil
-
-    from datablame.text import GradientOptions
-
-    root, _ = demo_assets
-    idx = tmp_path_factory.mktemp("gradidx") / "idx"
-    shutil.copytree(root / "index", idx)
-    build_index(root / "train.jsonl", idx,  # keeps the existing retrieval index
-                gradients=GradientOptions(root / "base", root / "adapter", shard_rows=64))
-    return idx
-
-
 def test_all_rows_gradient_index_puts_the_culprit_first(demo_assets, gradient_index):
     root, info = demo_assets
     tracer = Tracer(gradient_index, root / "base", root / "adapter")

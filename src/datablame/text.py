@@ -408,6 +408,64 @@ class Tracer:
                 advance(1)
         return result
 
+    def trace_group(self, queries: list[Query], *, top_k: int = 50, all_rows: bool = False,
+                    rerank: int = 100, checksum: bool = True, names: list | None = None
+                    ) -> pd.DataFrame:
+        """The rows behind many outputs together (a group question, e.g. every answer a
+        reviewer marked wrong): each row's mean gradient cosine over the queries, exact.
+
+        Candidates: the union of each query's `top_k` retrieved rows or, with `all_rows`,
+        the gradient store's best rows for the sum of the queries' unit projected
+        gradients (its cosine with a row, times the sum's norm, is the row's summed
+        projected cosine over the queries: one pass over the store), the best
+        max(`top_k`, `rerank`) of them, every candidate then scored exactly. `helps` /
+        `opposes` count the queries a row's gradient agrees / disagrees with
+        (|cosine| > 0.1), `strongest_query` names the one it weighs most on."""
+        from datablame.methods.gradient_alignment import align
+
+        if not queries:
+            raise UserError("no queries to aggregate over")
+        names = names if names is not None else list(range(1, len(queries) + 1))
+        prepared = [self._prepare(q, top_k)[1] for q in queries]
+        with progress.task("query gradients", len(prepared)) as advance:
+            q_grads = self.model.gradients(prepared, batch_size=self.batch_size,
+                                           progress=advance, names=[f"query {n}" for n in names])
+        if all_rows:
+            from datablame.store.gradient_store import GradientStore
+
+            store = GradientStore.load(self.index.path, verify=checksum)
+            store.check_compatible(self.model.identity(), self.template, self.rows)
+            projected = store.projector.project(q_grads)
+            unit = projected / np.maximum(np.linalg.norm(projected, axis=1, keepdims=True),
+                                          1e-30)
+            depth = min(len(self.rows), max(top_k, rerank))
+            candidates, _ = store.top_k(unit.sum(axis=0), depth, "cosine")
+        else:
+            found: dict[int, None] = {}
+            for q in queries:
+                for r in self.retrieve(q.resolved(self.template), top_k)[0]:
+                    found.setdefault(int(r), None)
+            candidates = np.fromiter(found, dtype=int)
+        with progress.task("gradients", len(candidates)) as advance:
+            row_grads = self.model.gradients([self.row_text(int(i)) for i in candidates],
+                                             batch_size=self.batch_size, progress=advance,
+                                             names=list(map(int, candidates)))
+        per_query = np.stack([align(g, row_grads, "cosine") for g in q_grads])
+        mean = per_query.mean(axis=0)
+        order = np.argsort(-mean, kind="stable")[:top_k]
+        strongest = np.argmax(np.abs(per_query[:, order]), axis=0)
+        extra = {"helps": (per_query[:, order] > 0.1).sum(axis=0),
+                 "opposes": (per_query[:, order] < -0.1).sum(axis=0),
+                 "strongest_query": [names[i] for i in strongest]}
+        df = _ranked_frame(self.rows, candidates[order], mean[order], "cosine", extra)
+        df.attrs.update(group=[str(n) for n in names], method="grad-cosine, mean over the "
+                        "queries", candidates=int(len(candidates)),
+                        candidates_from="gradient store" if all_rows else "retrieval",
+                        index=str(self.index.path), model=str(self.options.model),
+                        adapter=None if self.options.adapter is None
+                        else str(self.options.adapter), rows=len(self.rows.records))
+        return df
+
     def _align_rows(self, q_text: FormattedText, row_ids, alignment: str) -> np.ndarray:
         """Exact gradient alignment of the query text with each of these rows."""
         from datablame.methods.gradient_alignment import align

@@ -272,6 +272,11 @@ def trace(
     token_scores: Annotated[bool, typer.Option("--token-scores", help="Each word's share of "
                                                "the shown rows' scores, in the JSON (grad "
                                                "method).")] = False,
+    aggregate: Annotated[bool, typer.Option("--aggregate", help="With --queries: one "
+                                            "ranking for all the queries together (mean "
+                                            "gradient cosine): the rows behind a group of "
+                                            "outputs, e.g. every answer marked wrong.")
+                         ] = False,
 ) -> None:
     """Rows behind a model output: retrieve candidates (or score every row with --all-rows),
     score them by gradient alignment, order by gradient + retrieval rank (--rank-by)."""
@@ -298,13 +303,16 @@ def trace(
         _fail("--generate traces the model's own answer: give its prompt with --field, "
               "not --query")
     if out is not None:  # before minutes of loading and gradients, not after
-        ours = is_jsonl_with("query", "results") if queries else \
-            is_json_with("query", "results")
+        ours = is_json_with("queries", "results") if aggregate else \
+            is_jsonl_with("query", "results") if queries else is_json_with("query", "results")
         check_output_file(out, "--out", ours=ours)
     if html is not None:
         from datablame.report import check_html_path
 
         check_html_path(html)
+    if aggregate and (queries is None or method != "grad" or alignment != "cosine"):
+        _fail("--aggregate ranks the rows behind a --queries file together, by the mean "
+              "gradient cosine: it needs --queries and --method grad (cosine)")
     if token_scores and method != "grad":
         _fail("--token-scores splits a gradient-alignment score into words: it needs "
               "--method grad")
@@ -409,6 +417,12 @@ def trace(
                 traced, [int(r) for r in df["row"][:show]], alignment)
         return record
 
+    if aggregate:
+        _trace_group(tracer, [as_query(item) for item in lines],
+                     [item.id if item.id is not None else item.line for item in lines],
+                     top_k=top_k, all_rows=all_rows, rerank=rerank, checksum=checksum,
+                     show=show, as_json=as_json, out=out, html=html)
+        return
     if queries is None:
         df = one(lines[0])
         record = with_tokens(df, results_json(df), token_scores or html is not None)
@@ -440,6 +454,41 @@ def trace(
 
         write_html(html, pages, show=show)
         console.print(f"report written to {html}", highlight=False)
+
+
+def _trace_group(tracer, queries, names, *, top_k, all_rows, rerank, checksum, show,
+                 as_json, out, html) -> None:
+    """`trace --queries --aggregate`: one table (and JSON / page) for the group."""
+    from datablame.cli.render import results_json, wide_console
+    from datablame.store.atomic import write_json_atomic
+
+    df = tracer.trace_group(queries, top_k=top_k, all_rows=all_rows, rerank=rerank,
+                            checksum=checksum, names=names)
+    record = {"kind": "trace-group", **results_json(df),
+              "queries": [{"name": str(n), "answer": q.output, "prompt": q.prompt}
+                          for n, q in zip(names, queries, strict=True)]}
+    record.pop("query", None)
+    if out is not None:
+        write_json_atomic(out, record)
+    if html is not None:
+        from datablame.report import write_html
+
+        write_html(html, record, show=show)
+    if as_json:
+        print(json.dumps(record, indent=2, ensure_ascii=False, default=str))
+    else:
+        wide_console().print(results_table_for_group(df, show))
+    if html is not None:
+        console.print(f"report written to {html}", highlight=False)
+
+
+def results_table_for_group(df, show: int):
+    from datablame.cli.render import results_table
+
+    return results_table(df, show, title=f"training rows behind {len(df.attrs['group'])} "
+                                         f"outputs together ({df.attrs['method']}; "
+                                         f"{df.attrs['candidates']} candidates from "
+                                         f"{df.attrs['candidates_from']})")
 
 
 @app.command()

@@ -51,7 +51,10 @@ def results_table(df: pd.DataFrame, show: int = 5, title: str | None = None) -> 
                          min_width=9)
     if "copied" in df:
         table.add_column("copied", justify="right", no_wrap=True, min_width=6)
-    width = (36 if not ranks else 24) - (4 if "copied" in df else 0)
+    group = [c for c in ("helps", "opposes", "strongest_query") if c in df]
+    for c in group:  # a group question: how many of the queries each row agrees with
+        table.add_column(c.replace("_", " "), justify="right", no_wrap=True, min_width=6)
+    width = (36 if not ranks else 24) - (4 if "copied" in df else 0) - 8 * len(group)
     for f in fields:
         table.add_column(f.removeprefix("field:"), overflow="ellipsis", no_wrap=True,
                          max_width=width)
@@ -65,6 +68,8 @@ def results_table(df: pd.DataFrame, show: int = 5, title: str | None = None) -> 
         cells += [str(r[c]) for c in ranks]
         if "copied" in df:
             cells.append(str(r["copied"]))
+        n = len(df.attrs.get("group", ()))
+        cells += [f"{r[c]}/{n}" if c != "strongest_query" else str(r[c]) for c in group]
         cells += [_preview(r[f]) for f in fields]
         table.add_row(*cells)
     return table

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from datablame.errors import UserError
 
-KINDS = ("trace", "traces", "tabular", "tabular-group", "verify", "verify-text", "spans",
-         "audit-labels", "audit-prune", "audit-fairness")
+KINDS = ("trace", "traces", "trace-group", "tabular", "tabular-group", "verify",
+         "verify-text", "spans", "audit-labels", "audit-prune", "audit-fairness")
 
 
 def kind_of(result) -> str:

@@ -277,6 +277,35 @@ def traces_page(results: list[dict], show: int) -> dict:
             "subtitle": f"{len(results)} outputs traced", "sections": sections}
 
 
+def trace_group_page(result: dict, show: int) -> dict:
+    """The rows behind many outputs together: the outputs, then the rows by mean cosine
+    with how many of the outputs each agrees / disagrees with."""
+    queries = result.get("queries", [])
+    results = result.get("results", [])
+    n = len(queries)
+    listed = [[q["name"], q["answer"]] for q in queries]
+    sections = [{"title": f"The {n} outputs traced together", "blocks": [
+        _kv([("method", result.get("method")), ("model", result.get("model")),
+             ("adapter", result.get("adapter")), ("index", result.get("index")),
+             ("candidates", f"{result.get('candidates')} rows from "
+                            f"{result.get('candidates_from')}")]),
+        _table(["query", "answer"], listed)]}]
+    if results:
+        for r in results:
+            r.setdefault("reason", f"agrees with {r.get('helps')} of the {n} outputs, "
+                                   f"opposes {r.get('opposes')}; weighs most on query "
+                                   f"{r.get('strongest_query')}")
+        sections.append({"title": "Mean score of the rows listed", "blocks": [_plot(
+            plots.score_distribution([r["score"] for r in results], min(show, len(results)),
+                                     "mean score"))]})
+        answer_field = result.get("response_field") or _answer_field(results)
+        sections.append({"title": "Ranked rows", "blocks": [ranked_rows(
+            results, answer=None, answer_field=answer_field, show=show, block_id="rows0",
+            legend="score: the row's gradient cosine averaged over the outputs")]})
+    return {"title": "datablame trace (a group of outputs)", "convention": SIGN,
+            "subtitle": "training rows behind many outputs together", "sections": sections}
+
+
 def _feature(value) -> str:
     return f"{value:.6g}" if isinstance(value, float) else _num(value)
 
@@ -581,7 +610,8 @@ def audit_fairness_page(result: dict, show: int) -> dict:
 
 
 PAGES: dict[str, Callable] = {
-    "trace": trace_page, "traces": traces_page, "tabular": tabular_page,
+    "trace": trace_page, "traces": traces_page, "trace-group": trace_group_page,
+    "tabular": tabular_page,
     "tabular-group": tabular_group_page,
     "verify": verify_page, "verify-text": verify_text_page, "spans": spans_page,
     "audit-labels": audit_labels_page, "audit-prune": audit_prune_page,
