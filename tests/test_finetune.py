@@ -167,6 +167,26 @@ def test_verify_confirms_the_planted_culprit_by_re_fine_tuning(facts, tmp_path, 
     assert code in (0, None), err
     assert json.loads((tmp_path / "v2.json").read_text())["verdict"] != "confirmed"
 
+    # the fix: a new adapter without row 0 that no longer says Mirth, and the rows kept
+    fix = ["fix", facts / "train.jsonl", "--model", facts / "base", "--adapter",
+           tmp_path / "adapter", "--query", facts / "query.json"]
+    code, out, err = run_cli(monkeypatch, capsys, *fix, "--remove", "0", "--out",
+                             tmp_path / "fixed", "--kept", tmp_path / "kept.jsonl", "--json")
+    assert code in (0, None), err
+    fixed = json.loads(out)
+    assert fixed["verdict"] == "fixed" and fixed["before"]["says"]
+    assert not fixed["after"]["says"] and fixed["after"]["loss"] > fixed["before"]["loss"]
+    assert fixed["adapter_is_the_recipe"]  # finetune made it: the change is the row's
+    assert (tmp_path / "fixed" / "adapter_model.safetensors").is_file()
+    train = (facts / "train.jsonl").read_text().splitlines()
+    assert (tmp_path / "kept.jsonl").read_text().splitlines() == train[1:]
+    # the fixed adapter is what it says: verify's retraining without row 0 is the same run
+    assert fixed["after"]["loss"] == pytest.approx(result["runs"]["without-blamed"]["loss"],
+                                                   rel=1e-5)
+    code, _, err = run_cli(monkeypatch, capsys, *fix, "--remove", "0", "--out",
+                           facts)  # a directory holding other things
+    _assert_one_line_error(code, err, str(facts))
+
 
 @pytest.mark.slow
 def test_lds_by_re_fine_tuning_on_halves_credits_the_planted_culprit(facts, tmp_path,

@@ -70,6 +70,39 @@ def test_rows_behind_every_wrong_answer_are_the_planted_pocket(planted_errors, m
     assert "Rows behind the group" in (root / "group.html").read_text()
 
 
+def test_fix_without_the_rows_behind_the_errors_makes_them_right(planted_errors, tmp_path,
+                                                                monkeypatch, capsys):
+    """The group's top rows, removed and retrained: the wrong answers turn right, while
+    removing as many random rows or retraining on every row leaves them wrong."""
+    root, pocket = planted_errors
+    common = ["--target", "label", "--model", root / "model.txt", "--query",
+              root / "eval.csv"]
+    code, out, err = run_cli(monkeypatch, capsys, "tabular", root / "train.csv", *common,
+                             "--aggregate", "--only-wrong", "--top-k", str(len(pocket)),
+                             "--json")
+    assert code in (0, None), err
+    (tmp_path / "group.json").write_text(out)
+    code, out, err = run_cli(monkeypatch, capsys, "fix", root / "train.csv", *common,
+                             "--trace", tmp_path / "group.json", "--top-k", str(len(pocket)),
+                             "--kept", tmp_path / "kept.csv", "--json")
+    assert code in (0, None), err
+    fixed = json.loads(out)
+    wrong = fixed["wrong"]
+    assert wrong["retrained on every row"] == wrong["original model"] >= 8
+    assert wrong["retrained without them"] <= 0.25 * wrong["original model"]
+    assert all(wrong[k] >= 0.75 * wrong["original model"] for k in wrong
+               if k.startswith("without random"))
+    kept = pd.read_csv(tmp_path / "kept.csv")
+    train = pd.read_csv(root / "train.csv")
+    assert len(kept) == len(train) - len(fixed["removed"])
+    pd.testing.assert_frame_equal(kept, train.drop(index=fixed["removed"]).reset_index(
+        drop=True))
+    # the printed table names each query row that moved
+    code, out, err = run_cli(monkeypatch, capsys, "fix", root / "train.csv", *common,
+                             "--remove", ",".join(map(str, fixed["removed"])))
+    assert code in (0, None) and "wrong answers:" in " ".join((out + err).split())
+
+
 def test_group_questions_refuse_what_they_cannot_answer(planted_errors, tmp_path,
                                                         monkeypatch, capsys):
     root, _ = planted_errors
@@ -79,6 +112,14 @@ def test_group_questions_refuse_what_they_cannot_answer(planted_errors, tmp_path
                            "label", "--model", root / "model.txt", "--query",
                            tmp_path / "q.csv", "--only-wrong", "--aggregate")
     _assert_one_line_error(code, err, "needs the target column")
+    code, _, err = run_cli(monkeypatch, capsys, "fix", root / "train.csv", "--target",
+                           "label", "--model", root / "model.txt", "--query",
+                           root / "eval.csv", "--remove", "3,900")
+    _assert_one_line_error(code, err, "out of range")
+    code, _, err = run_cli(monkeypatch, capsys, "fix", root / "train.csv", "--target",
+                           "label", "--model", root / "model.txt", "--query",
+                           root / "eval.csv")
+    _assert_one_line_error(code, err, "exactly one of --remove or --trace")
 
 
 @pytest.mark.slow

@@ -299,3 +299,101 @@ def wrong_queries(task: TabularTask, y_query) -> np.ndarray:
     truth = task.query_targets(y_query).reshape(len(task.x_query), -1)[:, 0]
     predicted = np.asarray(task.predicted()).reshape(len(task.x_query), -1)[:, 0]
     return np.flatnonzero(predicted != truth)
+
+
+def fix_tabular(t: TabularTask, remove, y_query=None, *, n_random: int = 3,
+                seed: int = 0) -> dict:
+    """Retrain with the model's own settings without `remove` and show each query row's
+    prediction before and after (and, for a classifier, the probability of the label it
+    predicted before), next to retraining on every row and without as many random rows:
+    a prediction that flips only without the chosen rows was theirs."""
+    from datablame.audit import fitted_adapter
+
+    n = len(t.y_train)
+    remove = np.array(sorted(set(int(r) for r in remove)), dtype=int)
+    if len(remove) == 0:
+        raise UserError("nothing to remove: give the rows with --remove or --trace")
+    bad = [int(r) for r in remove if not 0 <= r < n]
+    if bad:
+        raise UserError(f"rows out of range (0..{n - 1}): {bad}")
+    if 2 * len(remove) > n:
+        raise UserError(f"removing {len(remove)} of {n} rows leaves too few to compare with "
+                        "random removals of the same size")
+    check_at_least("--random", n_random, 1)
+    regression = t.adapter.is_regression
+
+    def flat(values) -> np.ndarray:
+        values = values.numpy() if hasattr(values, "numpy") else np.asarray(values)
+        return values.reshape(len(t.x_query), -1)[:, 0]
+
+    before = flat(t.predicted())
+    label = t.predicted()
+
+    def look(adapter) -> dict:
+        out = {"prediction": flat(adapter.predict_targets(t.x_query)).tolist()}
+        if not regression:
+            out["p_before_label"] = np.exp(-np.asarray(adapter.query_losses(
+                t.x_query, label), dtype=float)).tolist()
+        return out
+
+    everything = np.arange(n)
+    runs = {"original model": look(t.adapter),
+            "retrained on every row": look(fitted_adapter(t, everything, seed)),
+            "retrained without them": look(fitted_adapter(t, np.setdiff1d(everything, remove),
+                                                          seed))}
+    rng = np.random.default_rng(seed)
+    for s in range(n_random):
+        rand = rng.choice(n, len(remove), replace=False)
+        runs[f"without random rows {s}"] = look(fitted_adapter(
+            t, np.setdiff1d(everything, rand), seed))
+
+    def moved(run: dict) -> np.ndarray:
+        after = np.asarray(run["prediction"], dtype=float if regression else object)
+        if regression:
+            return np.abs(after - before.astype(float))
+        return (after != before).astype(float)
+
+    control = runs["retrained on every row"]
+    queries = []
+    for q in range(len(t.x_query)):
+        item = {"query": q, "before": _plain(before[q]),
+                "after": _plain(runs["retrained without them"]["prediction"][q])}
+        if not regression:
+            item["p_before_label"] = {"before": runs["original model"]["p_before_label"][q],
+                                      "after": runs["retrained without them"]
+                                      ["p_before_label"][q]}
+        queries.append(item)
+    random_moves = [moved(r) for name, r in runs.items() if name.startswith("without random")]
+    changed = moved(runs["retrained without them"])
+    result = {"n_train": n, "removed": remove.tolist(), "regression": regression,
+              "queries": queries, "runs": runs,
+              "changed": changed.tolist(), "changed_by_random": np.mean(random_moves, 0).tolist(),
+              "control_changed": moved(control).tolist()}
+    if y_query is not None and not regression:
+        truth = t.query_targets(y_query).reshape(len(t.x_query), -1)[:, 0]
+
+        def wrong(run: dict) -> int:
+            return int((np.asarray(run["prediction"], dtype=object) != truth).sum())
+
+        result["wrong"] = {name: wrong(run) for name, run in runs.items()}
+        for item, right in zip(queries, truth, strict=True):
+            item["true"] = _plain(right)
+    what = "mean |change| of the prediction" if regression else "predictions changed"
+    total = float(changed.sum()) if not regression else float(changed.mean())
+    by_random = float(np.mean([m.sum() if not regression else m.mean()
+                               for m in random_moves]))
+    by_control = float(moved(control).sum() if not regression else moved(control).mean())
+    result["summary"] = (f"{what}: {total:.4g} without the {len(remove)} rows, "
+                         f"{by_random:.4g} on average without {len(remove)} random rows, "
+                         f"{by_control:.4g} retrained on every row")
+    if "wrong" in result:
+        w = result["wrong"]
+        rand = float(np.mean([v for k, v in w.items() if k.startswith("without random")]))
+        result["summary"] += (f"; wrong answers: {w['original model']} before, "
+                              f"{w['retrained without them']} without the rows, "
+                              f"{rand:.3g} without random rows")
+    return result
+
+
+def _plain(value):
+    return value.item() if hasattr(value, "item") else value

@@ -313,3 +313,54 @@ def _trace_results(path: Path) -> list[dict]:
                                                 for r in results):
         raise UserError(f"{path}: not a trace results file (no ranked rows with a 'row')")
     return results
+
+
+def fix_text(train_file, base_dir, adapter_dir, query, *, remove: list[int], out_dir,
+             recipe_file=None, max_new_tokens: int | None = None) -> dict:
+    """Wrong facts, fixed: re-fine-tune with the adapter's recipe without `remove` into
+    `out_dir` (a new adapter the user keeps) and say what the model answers to the
+    query's prompt before and after. No random controls: `verify` is the proof that the
+    change is the rows' and not any removal's."""
+    rows, recipe, recorded = _rows_and_recipe(train_file, adapter_dir, recipe_file)
+    n = len(rows)
+    remove = sorted(set(int(r) for r in remove))
+    if not remove:
+        raise UserError("nothing to remove: give the rows with --remove or --trace")
+    bad = [r for r in remove if not 0 <= r < n]
+    if bad:
+        raise UserError(f"rows out of range (0..{n - 1}): {bad}")
+    if len(remove) >= n:
+        raise UserError(f"removing {len(remove)} of {n} rows leaves nothing to train on")
+    template = recipe.prompt_template(base_dir, rows.columns)
+    q = query.formatted(template)
+    prompt = q.text[:q.response_start]
+    resolved = query.resolved(template)
+    answer = resolved.focus or resolved.output
+    budget = max_new_tokens or len(_words(answer)) + 8
+    before = _evaluate(base_dir, adapter_dir, q, prompt, answer, recipe, budget)
+    dropped = set(remove)
+    summary = finetune(rows, base_dir, out_dir, recipe,
+                       keep=[i for i in range(n) if i not in dropped])
+    after = _evaluate(base_dir, out_dir, q, prompt, answer, recipe, budget)
+    shown = answer if len(answer) <= 60 else answer[:57] + "..."
+    which = ("row " if len(remove) == 1 else "rows ") + ", ".join(map(str, remove))
+    if not before["says"]:
+        verdict, text = "nothing-to-fix", (f"the model does not say '{shown}' to begin with "
+                                           f"(it says '{before['generation']}')")
+    elif not after["says"]:
+        verdict, text = "fixed", (f"FIXED: without {which} the model no longer says "
+                                  f"'{shown}'; it says '{after['generation']}'")
+    else:
+        verdict, text = "not-fixed", (f"NOT FIXED: without {which} the model still says "
+                                      f"'{shown}'")
+    text += f" (query loss {before['loss']:.3f} -> {after['loss']:.3f})"
+    same_recipe = _is_all_rows_run(recorded, base_dir, recipe, n)
+    if not same_recipe:
+        text += ("; note: the adapter was not made by this recipe on every row, so part of "
+                 "the change may be the recipe's ('verify' compares with a retrain on every "
+                 "row)")
+    return {"query": {"prompt": prompt, "answer": answer}, "n_train": n, "removed": remove,
+            "adapter": str(adapter_dir), "fixed_adapter": str(out_dir),
+            "recipe": recipe.to_json(), "steps": summary["steps"], "before": before,
+            "after": after, "adapter_is_the_recipe": same_recipe, "verdict": verdict,
+            "summary": text}

@@ -593,6 +593,7 @@ app.add_typer(audit_commands.app, name="audit")
 app.command("tabular")(tabular_commands.tabular)
 app.command("verify")(verify_commands.verify)
 app.command("finetune")(verify_commands.finetune)
+app.command("fix")(verify_commands.fix)
 app.command("report")(report_commands.report)
 app.command("serve")(report_commands.serve)
 

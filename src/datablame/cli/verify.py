@@ -195,3 +195,188 @@ def finetune(
     console.print(f"fine-tuned {summary['rows_kept']} rows x {the_recipe.epochs} epochs "
                   f"({summary['steps']} steps, final batch loss {summary['final_loss']:.4f}) "
                   f"-> {out}", highlight=False, soft_wrap=True)
+
+
+def fix(
+    train_file: Annotated[Path, typer.Argument(help="Training rows (as for 'verify').")],
+    model: Annotated[Path, typer.Option(help="A tabular model file, or a base LM directory.")],
+    remove: Annotated[str, typer.Option(help="Comma-separated rows to remove.")] = "",
+    trace: Annotated[Optional[Path], typer.Option(help="A results file (trace / tabular "  # noqa: UP045
+                                                       "--json / --out): remove its top "
+                                                       "--top-k rows (each query's).")
+                     ] = None,
+    top_k: Annotated[int, typer.Option(help="With --trace: how many of its top rows.")] = 1,
+    query: Annotated[Optional[Path], typer.Option(help="LM: a .json query (prompt fields + "  # noqa: UP045
+                                                       "answer) or text, if the trace does "
+                                                       "not hold it. Tabular: query rows.")
+                     ] = None,
+    field: Annotated[list[str], typer.Option(help="LM: prompt field of the query, "
+                                                  "NAME=VALUE.")] = [],  # noqa: B006
+    adapter: Annotated[Optional[Path], typer.Option(help="LM: the PEFT adapter that says "  # noqa: UP045
+                                                         "the wrong thing.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="LM: the fixed adapter's directory "  # noqa: UP045
+                                                     "(new or empty).")] = None,
+    recipe: Annotated[Optional[Path], typer.Option(help="LM: how the adapter was "  # noqa: UP045
+                                                        "fine-tuned (default: its saved "
+                                                        "recipe).")] = None,
+    target: Annotated[str, typer.Option(help="Tabular: target column.")] = "",
+    random: Annotated[int, typer.Option(help="Tabular: random removals of as many rows to "
+                                             "compare with.")] = 3,
+    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow a .pkl/.joblib "
+                                               "model.")] = False,
+    kept: Annotated[Optional[Path], typer.Option(help="Write the training rows that stay, in "  # noqa: UP045
+                                                      "the training file's format.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    result_file: Annotated[Optional[Path], typer.Option("--result", help="Write the JSON "  # noqa: UP045
+                                                        "result here.")] = None,
+) -> None:
+    """Wrong facts, fixed: retrain without the rows a trace blamed and show what the model
+    says before and after (an LM: the new adapter is kept in --out; a tabular model: each
+    query row's prediction, next to retraining without random rows)."""
+    from datablame.outputs import check_output_file, is_json_with
+    from datablame.store.atomic import write_json_atomic
+
+    if not train_file.exists():
+        fail(f"training file not found: {train_file}")
+    if bool(remove) == bool(trace):
+        fail("give the rows to remove with exactly one of --remove or --trace")
+    check_at_least("--top-k", top_k, 1)
+    suffix = train_file.suffix.lower()
+    if kept is not None:
+        check_output_file(kept, "--kept", suffix=suffix, ours=lambda p: False,
+                          what=" (the training file's format)")
+    if result_file is not None:
+        check_output_file(result_file, "--result", ours=is_json_with("removed", "summary"))
+    rows = parse_rows(remove, "--remove") if remove else _rows_of(trace, top_k)
+    if model.is_dir():
+        result = _fix_text(train_file, model, adapter, out, trace, query, field, recipe,
+                           rows)
+    else:
+        if out is not None or adapter is not None:
+            fail("--out and --adapter are for a language model; a tabular fix reports the "
+                 "predictions (--kept writes the rows to retrain on)")
+        if not target or query is None:
+            fail("a tabular model needs --target and --query (the rows it got wrong)")
+        result = _fix_tabular(train_file, target, model, query, rows, random, trust_pickle)
+    if kept is not None:
+        _write_kept(train_file, kept, result["removed"])
+    if result_file is not None:
+        write_json_atomic(result_file, result)
+    if as_json:
+        print(json.dumps(result, indent=2, default=str))
+        return
+    _print_fix(result)
+
+
+def _rows_of(results_file: Path, top_k: int) -> list[int]:
+    """The top-k rows of a trace (or of each query of a tabular result)."""
+    from datablame.text_verify import _trace_results
+
+    ranked = _trace_results(results_file)
+    if any("query" in r and isinstance(r["query"], int) for r in ranked):
+        return sorted({int(r["row"]) for r in ranked if int(r.get("rank", 1)) <= top_k})
+    return [int(r["row"]) for r in sorted(ranked, key=lambda r: r.get("rank", 0))[:top_k]]
+
+
+def _fix_text(train_file, model, adapter, out, trace, query_file, fields, recipe_file,
+              rows) -> dict:
+    from datablame.cli.main import _parse_fields, _read_query_file
+    from datablame.models.lora_finetune import check_out_dir
+    from datablame.text import Query
+    from datablame.text_verify import fix_text, resolve_recipe
+
+    if adapter is None or out is None:
+        fail("a language model fix needs --adapter (the one that says it) and --out (the "
+             "fixed adapter's directory)")
+    check_out_dir(out)
+    recipe, _ = resolve_recipe(adapter, recipe_file)
+    template = recipe.prompt_template(model)
+    prompt = _parse_fields(fields)
+    the_query = None
+    if trace is not None:
+        saved = json.loads(trace.read_text())
+        if isinstance(saved, dict) and saved.get("query") is not None:
+            the_query = Query(str(saved["query"]), {k: v if isinstance(v, list) else str(v)
+                                                   for k, v in
+                                                   (saved.get("prompt") or {}).items()},
+                              saved.get("focus") or None)
+    if query_file is not None:
+        output, file_prompt = _read_query_file(query_file, template)
+        the_query = Query(output, {**file_prompt, **prompt})
+    if the_query is None:
+        fail("give the wrong answer with --query (or a --trace results file that holds it)")
+    the_query.formatted(template)  # empty, unknown fields
+    return fix_text(train_file, model, adapter, the_query, remove=rows, out_dir=out,
+                    recipe_file=recipe_file)
+
+
+def _fix_tabular(train_file, target, model, query, rows, n_random, trust_pickle) -> dict:
+    from datablame.cli.tabular import load_task
+    from datablame.tabular import fix_tabular
+
+    for what, path in (("model file", model), ("query file", query)):
+        if not Path(path).exists():
+            fail(f"{what} not found: {path}")
+    t, _, y_query = load_task(train_file, target, model, query, trust_pickle)
+    return fix_tabular(t, rows, y_query, n_random=n_random)
+
+
+def _write_kept(train_file: Path, kept: Path, removed: list[int]) -> None:
+    """The training rows that stay, in the training file's own format (atomically)."""
+    from datablame.data.rows import load_rows, load_table
+
+    suffix = train_file.suffix.lower()
+    tmp = kept.with_name(f".{kept.name}.partial")
+    gone = set(removed)
+    if suffix in (".csv", ".parquet"):
+        table, _ = load_table(train_file)
+        part = table.drop(index=table.index[sorted(gone)])
+        part.to_csv(tmp, index=False) if suffix == ".csv" else part.to_parquet(tmp)
+    else:
+        records = load_rows(train_file).records
+        with open(tmp, "w", encoding="utf-8") as fh:
+            if suffix == ".json":
+                json.dump([r for i, r in enumerate(records) if i not in gone], fh,
+                          ensure_ascii=False)
+            else:
+                for i, r in enumerate(records):
+                    if i not in gone:
+                        fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+    tmp.replace(kept)
+
+
+def _print_fix(result: dict) -> None:
+    if "before" in result:  # a language model
+        for name, run in (("before", result["before"]), ("after", result["after"])):
+            console.print(f"{name:>7}: loss {run['loss']:.3f}, says "
+                          f"{'yes' if run['says'] else 'no '}: {run['generation'][:100]!r}",
+                          highlight=False, soft_wrap=True)
+        console.print(result["summary"], highlight=False, soft_wrap=True)
+        console.print(f"fixed adapter: {result['fixed_adapter']}", highlight=False)
+        return
+    from rich.table import Table
+
+    moved = [i for i, q in enumerate(result["queries"])
+             if result["changed"][i] > 0 or result["changed_by_random"][i] > 0]
+    table = Table(title=f"query rows whose prediction moved, before and after removing "
+                        f"{len(result['removed'])} rows")
+    truth = "true" in (result["queries"][0] if result["queries"] else {})
+    heads = ["query", *(["true"] if truth else []), "before", "after",
+             *(("p(before label) before", "after") if not result["regression"] else ()),
+             "moved by random rows"]
+    for c in heads:
+        table.add_column(c, justify="right")
+    for i in moved:
+        q = result["queries"][i]
+        cells = [str(q["query"]), *([str(q["true"])] if truth else []), str(q["before"]),
+                 str(q["after"])]
+        if not result["regression"]:
+            cells += [f"{q['p_before_label']['before']:.3f}",
+                      f"{q['p_before_label']['after']:.3f}"]
+        cells.append(f"{result['changed_by_random'][i]:.3g}")
+        table.add_row(*cells)
+    console.print(table)
+    if len(moved) < len(result["queries"]):
+        console.print(f"{len(result['queries']) - len(moved)} query rows moved in no run "
+                      "(--json has every one)", highlight=False)
+    console.print(result["summary"], highlight=False, soft_wrap=True)
