@@ -39,12 +39,13 @@ def _take(a, rows):
     return a.iloc[rows] if hasattr(a, "iloc") else a[rows]
 
 
-def fitted_adapter(t: TabularTask, rows: np.ndarray, seed: int):
-    """The model's family retrained on `rows` with its own settings, as an adapter."""
+def fitted_adapter(t: TabularTask, rows: np.ndarray, seed: int, labels=None):
+    """The model's family retrained on `rows` with its own settings, as an adapter
+    (`labels`: every training row's label to train with instead of the given ones)."""
     from datablame.models import loading
 
     rows = np.sort(np.asarray(rows))
-    x, y = _take(t.x_train, rows), _take(t.y_train, rows)
+    x, y = _take(t.x_train, rows), _take(t.y_train if labels is None else labels, rows)
     if t.family == "torch":
         from datablame.models.torch_files import trainer_from_config
 
@@ -57,20 +58,29 @@ def fitted_adapter(t: TabularTask, rows: np.ndarray, seed: int):
 
 
 def suspicion_scores(t: TabularTask, *, folds: int = 5, seed: int = 0,
-                     method: str = "auto") -> dict[str, np.ndarray]:
-    """Every scorer that applies to this model, one value per training row."""
+                     method: str = "auto", suggested: dict | None = None
+                     ) -> dict[str, np.ndarray]:
+    """Every scorer that applies to this model, one value per training row; `suggested`
+    (a dict) gets "label": each row's out-of-fold predicted label, the label to relabel
+    it with (confident learning's suggestion)."""
     check_at_least("--folds", folds, 2)
     n = len(t.y_train)
     if n < 2 * folds:
         raise UserError(f"{n} rows are too few for {folds}-fold out-of-sample losses")
     out = {"loss": np.asarray(t.adapter.query_losses(t.x_train, t.y_train), dtype=float)}
     oof = np.empty(n)
+    labels = np.empty(n, dtype=object)
     perm = np.random.default_rng(seed).permutation(n)
     for k, fold in enumerate(np.array_split(perm, folds)):
         rest = np.setdiff1d(perm, fold)
         adapter = fitted_adapter(t, rest, seed + k)
         oof[fold] = adapter.query_losses(_take(t.x_train, fold), t.y_train[fold])
+        predicted = adapter.predict_targets(_take(t.x_train, fold))
+        predicted = predicted.numpy() if hasattr(predicted, "numpy") else predicted
+        labels[fold] = list(np.asarray(predicted).reshape(len(fold), -1)[:, 0])
     out["oof-loss"] = oof
+    if suggested is not None:
+        suggested["label"] = labels
     with contextlib.suppress(NotImplementedError, UserError):  # no self-influence here
         out["self-influence"] = np.asarray(t.fit(method).self_influence(), dtype=float)
     return out
@@ -121,6 +131,31 @@ def prove(t: TabularTask, suspects: np.ndarray, x_eval, y_eval, *, n_random: int
             "verdict": "confirmed" if confirmed else "not confirmed"}
 
 
+def relabelled(t: TabularTask, suspects, suggested) -> np.ndarray:
+    """The training labels with each suspect's replaced by its suggested label."""
+    labels = np.array(t.y_train, copy=True)
+    for r in suspects:
+        labels[r] = np.asarray(suggested[r]).astype(labels.dtype)
+    return labels
+
+
+def prove_relabel(t: TabularTask, suspects, suggested, x_eval, y_eval, proof: dict, *,
+                  seed: int = 0) -> dict:
+    """Add to a removal proof the model retrained on every row with the suspects
+    relabelled to their suggested labels: keeping the rows with a corrected label may
+    beat dropping them. Confirmed when it beats the random removals by more than their
+    spread and is no worse than every row as given."""
+    labels = relabelled(t, suspects, suggested)
+    changed = int(sum(labels[r] != t.y_train[r] for r in suspects))
+    run = evaluate(fitted_adapter(t, np.arange(len(t.y_train)), seed, labels), x_eval,
+                   y_eval)
+    rand, base = proof["runs"]["without random rows"], proof["runs"]["all rows"]
+    ok = run["loss"] < rand["loss"] - rand["spread"]["loss"] and run["loss"] <= base["loss"]
+    proof["runs"]["suspects relabelled"] = {**run, "relabelled": changed}
+    proof["relabel_verdict"] = "confirmed" if ok else "not confirmed"
+    return proof
+
+
 def label_audit(t: TabularTask, x_eval=None, y_eval=None, *, scorer: str = DEFAULT_SCORER,
                 top_k: int = 20, folds: int = 5, n_random: int = 3, seed: int = 0,
                 method: str = "auto") -> dict:
@@ -132,7 +167,8 @@ def label_audit(t: TabularTask, x_eval=None, y_eval=None, *, scorer: str = DEFAU
     if t.adapter.is_regression:
         raise UserError("label audits need a classifier: a regression target has no wrong "
                         "label, only a far one (trace it with 'tabular')")
-    scores = suspicion_scores(t, folds=folds, seed=seed, method=method)
+    suggested: dict = {}
+    scores = suspicion_scores(t, folds=folds, seed=seed, method=method, suggested=suggested)
     if scorer == "auto":
         scorer = "self-influence" if "self-influence" in scores else "oof-loss"
     if scorer not in scores:
@@ -141,12 +177,19 @@ def label_audit(t: TabularTask, x_eval=None, y_eval=None, *, scorer: str = DEFAU
     order = np.argsort(-scores[scorer], kind="stable")
     result = {"scorer": scorer, "n_train": int(len(t.y_train)),
               "ranked": [{"row": int(r), "label": t.y_train[r].item(),
+                          "suggested": _plain(suggested["label"][r]),
                           **{k: float(v[r]) for k, v in scores.items()}}
                          for r in order[:top_k]]}
     if x_eval is not None:
         result["proof"] = prove(t, order[:top_k], x_eval, y_eval, n_random=n_random,
                                 seed=seed)
+        prove_relabel(t, order[:top_k], suggested["label"], x_eval, y_eval,
+                      result["proof"], seed=seed)
     return result
+
+
+def _plain(value):
+    return value.item() if hasattr(value, "item") else value
 
 
 PRUNE_SCORERS = ("influence", "loss-easy", "loss-hard")

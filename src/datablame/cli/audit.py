@@ -58,6 +58,11 @@ def labels(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     out: Annotated[Optional[Path], typer.Option(help="Write the JSON here.")] = None,  # noqa: UP045
     html: Annotated[Optional[Path], typer.Option(help=HTML_HELP)] = None,  # noqa: UP045
+    relabelled: Annotated[Optional[Path], typer.Option(help="Write the training rows with "  # noqa: UP045
+                                                            "the top-k suspects relabelled "
+                                                            "to their suggested label (the "
+                                                            "training file's format).")
+                          ] = None,
 ) -> None:
     """Rows whose label looks wrong, most suspicious first, and the proof by retraining.
 
@@ -77,6 +82,9 @@ def labels(
         check_at_least(option, value, least)
     if out is not None:
         check_output_file(out, "--out", ours=is_json_with("scorer", "ranked"))
+    if relabelled is not None:
+        check_output_file(relabelled, "--relabelled", suffix=Path(train_file).suffix.lower(),
+                          ours=lambda p: False, what=" (the training file's format)")
     check_html(html)
     t, x_train, y_eval = load_task(train_file, target, model, eval_file or train_file, trust_pickle,
                              method)
@@ -88,11 +96,27 @@ def labels(
                          method=method)
     if out is not None:
         write_json_atomic(out, result)
+    if relabelled is not None:
+        _write_relabelled(train_file, target, relabelled, result["ranked"])
     write_report(html, result, table=x_train)
     if as_json:
-        print(json.dumps(result, indent=2))
+        print(json.dumps(result, indent=2, default=str))
         return
     _print(result)
+
+
+def _write_relabelled(train_file: Path, target: str, path: Path, ranked: list[dict]) -> None:
+    """The training table with each listed suspect's label replaced by its suggestion."""
+    from datablame.data.rows import load_table
+
+    table, _ = load_table(train_file)
+    column = table[target].copy()
+    for r in ranked:
+        column.iloc[r["row"]] = r["suggested"]
+    table[target] = column
+    tmp = path.with_name(f".{path.name}.partial")
+    table.to_csv(tmp, index=False) if path.suffix.lower() == ".csv" else table.to_parquet(tmp)
+    tmp.replace(path)
 
 
 def _print(result: dict) -> None:
@@ -101,10 +125,10 @@ def _print(result: dict) -> None:
     scorers = [k for k in ("oof-loss", "loss", "self-influence") if k in result["ranked"][0]]
     table = Table(title=f"suspected label errors ({result['scorer']}, of "
                         f"{result['n_train']} rows)", header_style="bold")
-    for name in ("rank", "row", "label", *scorers):
+    for name in ("rank", "row", "label", "suggested", *scorers):
         table.add_column(name, justify="right", no_wrap=True)
     for i, r in enumerate(result["ranked"], start=1):
-        table.add_row(str(i), str(r["row"]), str(r["label"]),
+        table.add_row(str(i), str(r["row"]), str(r["label"]), str(r.get("suggested", "")),
                       *[f"{r[s]:.3g}" for s in scorers])
     console.print(table)
     if "proof" not in result:
@@ -114,11 +138,17 @@ def _print(result: dict) -> None:
     p = result["proof"]
     runs = p["runs"]
     _print_loss_runs(runs, {name: name for name in
-                            ("all rows", "without suspects", "without random rows")})
+                            ("all rows", "without suspects", "suspects relabelled",
+                             "without random rows") if name in runs})
     console.print(f"{p['verdict'].upper()}: retrained without the {len(p['removed'])} "
                   f"suspects, the evaluation loss is {runs['without suspects']['loss']:.4f} vs "
                   f"{runs['without random rows']['loss']:.4f} without as many random rows",
                   highlight=False)
+    if "suspects relabelled" in runs:
+        r = runs["suspects relabelled"]
+        console.print(f"relabel {p['relabel_verdict'].upper()}: kept with their suggested "
+                      f"labels ({r['relabelled']} changed), the evaluation loss is "
+                      f"{r['loss']:.4f}", highlight=False)
 
 
 @app.command("prune")

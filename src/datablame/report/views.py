@@ -545,6 +545,9 @@ def audit_labels_page(result: dict, show: int) -> dict:
         sections.append({"title": "Retrained without the suspects", "blocks": [
             _p(f"verdict: {proof['verdict']}", "verdict " + ("pass" if proof["verdict"] ==
                                                               "confirmed" else "fail")),
+            *([_p(f"relabelled instead of removed: {proof['relabel_verdict']}",
+                  "verdict " + ("pass" if proof["relabel_verdict"] == "confirmed"
+                                else "fail"))] if "relabel_verdict" in proof else []),
             _runs_plot(proof["runs"], "loss", "held-out loss", "without suspects"),
             _runs_plot(proof["runs"], "accuracy", "held-out accuracy", "without suspects")]})
     sections.append(_audit_rows(result, result["ranked"], result["scorer"],
