@@ -268,3 +268,44 @@ def test_fairness_reads_a_protected_attribute_the_model_never_saw(biased, tmp_pa
     assert result["proof"]["all rows"]["gap"] > 0.05
     assert len({r["row"] for r in result["ranked"]} & planted) >= 30
     assert result["proof"]["verdict"] == "confirmed"
+
+
+def test_an_audit_rerun_from_its_cache_retrains_nothing(flipped, tmp_path, monkeypatch,
+                                                        capsys):
+    """Every retraining's numbers are saved as it finishes: a second run (e.g. after an
+    interruption) takes them from the cache, retrains nothing and says the same."""
+    import datablame.audit as audit
+
+    root, _ = flipped
+    args = ["audit", "labels", root / "train.csv", "--model", root / "model.json",
+            "--target", "label", "--eval", root / "eval.csv", "--top-k", "40", "--json",
+            "--cache", tmp_path / "cache"]
+    code, first, err = run_cli(monkeypatch, capsys, *args)
+    assert code in (0, None), err
+    saved = list((tmp_path / "cache").glob("audit-*.json"))
+    assert len(saved) == 1
+    entries = json.loads(saved[0].read_text())["entries"]
+    assert len(entries) == 5 + 5 + 1  # folds, every row / without / 3 random, relabelled
+
+    def no_retraining(*a, **k):
+        raise AssertionError("retrained although the cache had it")
+
+    monkeypatch.setattr(audit, "fitted_adapter", no_retraining)
+    code, second, err = run_cli(monkeypatch, capsys, *args)
+    assert code in (0, None), err
+    assert json.loads(second) == json.loads(first)
+    # an interrupted run: the cache lost its last entries; only those are retrained
+    kept = dict(list(entries.items())[:6])
+    saved[0].write_text(json.dumps({"task": json.loads(saved[0].read_text())["task"],
+                                    "entries": kept}))
+    monkeypatch.undo()
+    code, third, err = run_cli(monkeypatch, capsys, *args)
+    assert code in (0, None), err
+    assert json.loads(third) == json.loads(first)
+    # another model's audit in the same cache directory gets its own file
+    other = tmp_path / "other.json"
+    other.write_text((root / "model.json").read_text().replace('"40"', '"40" '))
+    code, _, err = run_cli(monkeypatch, capsys, *[other if a == root / "model.json" else a
+                                                  for a in args])
+    assert code in (0, None), err
+    assert len(list((tmp_path / "cache").glob("audit-*.json"))) == 2

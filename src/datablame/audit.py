@@ -23,6 +23,10 @@ seeds), and compare the evaluation loss and accuracy.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
+from contextvars import ContextVar
+from pathlib import Path
 
 import numpy as np
 
@@ -57,6 +61,89 @@ def fitted_adapter(t: TabularTask, rows: np.ndarray, seed: int, labels=None):
     return loading.adapter_for(loading.retrainer(t.model)(x, y), x, y)
 
 
+class RetrainCache:
+    """The numbers measured on each retraining, written to one JSON file as each
+    finishes, so an interrupted audit resumes where it stopped. Entries are keyed by
+    what was retrained (rows kept, labels, seed) and what was measured; the file by the
+    task (model and tables, by content), so a cache directory can serve several."""
+
+    def __init__(self, directory: str | Path, task_key: str):
+        from datablame.outputs import check_output_dir
+
+        self.path = check_output_dir(directory, "--cache") / f"audit-{task_key[:16]}.json"
+        self.entries: dict = {}
+        if self.path.exists():
+            try:
+                saved = json.loads(self.path.read_text())
+            except ValueError:
+                raise UserError(f"{self.path} is damaged (not JSON): remove it to start "
+                                "over") from None
+            if saved.get("task") != task_key:
+                raise UserError(f"{self.path} belongs to another task")
+            self.entries = saved["entries"]
+        self.task_key = task_key
+        self.hits = 0
+
+    def get(self, key: str, compute):
+        if key in self.entries:
+            self.hits += 1
+            return self.entries[key]
+        value = compute()
+        self.entries[key] = value
+        from datablame.store.atomic import write_json_atomic
+
+        write_json_atomic(self.path, {"task": self.task_key, "entries": self.entries})
+        return value
+
+
+_CACHE: ContextVar[RetrainCache | None] = ContextVar("audit_retrain_cache", default=None)
+
+
+@contextlib.contextmanager
+def retrain_cache(cache: RetrainCache | None):
+    """Retrainings inside the block are looked up in / saved to `cache` (None: none)."""
+    token = _CACHE.set(cache)
+    try:
+        yield cache
+    finally:
+        _CACHE.reset(token)
+
+
+def digest(*parts) -> str:
+    """A short content key of arrays / tables / plain values."""
+    h = hashlib.sha256()
+    for part in parts:
+        if hasattr(part, "detach"):  # a torch tensor
+            part = part.detach().cpu().numpy()
+        if hasattr(part, "to_numpy"):  # a pandas table or column
+            import pandas as pd
+
+            part = pd.util.hash_pandas_object(part, index=False).to_numpy()
+        if isinstance(part, np.ndarray):
+            h.update(np.ascontiguousarray(part if part.dtype != object else
+                                          part.astype(str)).tobytes())
+        else:
+            h.update(repr(part).encode())
+        h.update(b"|")
+    return h.hexdigest()[:20]
+
+
+def measured(t: TabularTask, rows: np.ndarray, seed: int, measure, what: str,
+             labels=None):
+    """`measure` of the model retrained on `rows` (with `labels`), from the active
+    retrain cache when it has it. `what` names the measure and what it was measured on."""
+    cache = _CACHE.get()
+
+    def compute():
+        return measure(fitted_adapter(t, rows, seed, labels))
+
+    if cache is None:
+        return compute()
+    key = f"{what}|{digest(np.sort(np.asarray(rows)))}|" \
+          f"{'' if labels is None else digest(np.asarray(labels))}|{seed}"
+    return cache.get(key, compute)
+
+
 def suspicion_scores(t: TabularTask, *, folds: int = 5, seed: int = 0,
                      method: str = "auto", suggested: dict | None = None
                      ) -> dict[str, np.ndarray]:
@@ -73,11 +160,18 @@ def suspicion_scores(t: TabularTask, *, folds: int = 5, seed: int = 0,
     perm = np.random.default_rng(seed).permutation(n)
     for k, fold in enumerate(np.array_split(perm, folds)):
         rest = np.setdiff1d(perm, fold)
-        adapter = fitted_adapter(t, rest, seed + k)
-        oof[fold] = adapter.query_losses(_take(t.x_train, fold), t.y_train[fold])
-        predicted = adapter.predict_targets(_take(t.x_train, fold))
-        predicted = predicted.numpy() if hasattr(predicted, "numpy") else predicted
-        labels[fold] = list(np.asarray(predicted).reshape(len(fold), -1)[:, 0])
+
+        def on_fold(adapter, fold=fold):
+            predicted = adapter.predict_targets(_take(t.x_train, fold))
+            predicted = predicted.numpy() if hasattr(predicted, "numpy") else predicted
+            return {"loss": np.asarray(adapter.query_losses(_take(t.x_train, fold),
+                                                            t.y_train[fold])).tolist(),
+                    "label": [_plain(v) for v in
+                              np.asarray(predicted).reshape(len(fold), -1)[:, 0]]}
+
+        got = measured(t, rest, seed + k, on_fold, f"oof-fold:{digest(fold)}")
+        oof[fold] = got["loss"]
+        labels[fold] = got["label"]
     out["oof-loss"] = oof
     if suggested is not None:
         suggested["label"] = labels
@@ -96,9 +190,11 @@ def evaluate(adapter, x_eval, y_eval) -> dict:
 
 
 def compare_removal(t: TabularTask, removed: np.ndarray, measure, key: str, *,
-                    n_random: int = 3, seed: int = 0) -> tuple[dict, dict, dict, dict, bool]:
+                    n_random: int = 3, seed: int = 0, what: str = ""
+                    ) -> tuple[dict, dict, dict, dict, bool]:
     """Retrain on every row, without `removed`, and without as many random rows (`n_random`
-    seeds); `measure(adapter)` -> numbers of each model. Returns (every row, without them,
+    seeds); `measure(adapter)` -> numbers of each model (`what` names it for the retrain
+    cache: the measure and the rows it is taken on). Returns (every row, without them,
     the random removals' mean, their spread, confirmed): confirmed when removing them
     lowers `key` by more than the random removals' spread and not above every row's."""
     check_at_least("--random", n_random, 1)
@@ -107,11 +203,12 @@ def compare_removal(t: TabularTask, removed: np.ndarray, measure, key: str, *,
     if 2 * len(removed) > n:
         raise UserError(f"removing {len(removed)} of {n} rows leaves too few to compare")
     everything = np.arange(n)
-    base = measure(fitted_adapter(t, everything, seed))
-    cut = measure(fitted_adapter(t, np.setdiff1d(everything, removed), seed))
+    base = measured(t, everything, seed, measure, what)
+    cut = measured(t, np.setdiff1d(everything, removed), seed, measure, what)
     rng = np.random.default_rng(seed)
-    randoms = [measure(fitted_adapter(t, np.setdiff1d(everything, rng.choice(
-        n, len(removed), replace=False)), seed)) for _ in range(n_random)]
+    randoms = [measured(t, np.setdiff1d(everything, rng.choice(n, len(removed),
+                                                               replace=False)),
+                        seed, measure, what) for _ in range(n_random)]
     mean = {k: float(np.mean([r[k] for r in randoms])) for k in randoms[0]}
     spread = {k: float(np.std([r[k] for r in randoms])) for k in randoms[0]}
     confirmed = cut[key] < mean[key] - spread[key] and cut[key] <= base[key]
@@ -124,7 +221,7 @@ def prove(t: TabularTask, suspects: np.ndarray, x_eval, y_eval, *, n_random: int
     the evaluation loss and accuracy of each, next to the model trained on every row."""
     base, cut, mean, spread, confirmed = compare_removal(
         t, suspects, lambda adapter: evaluate(adapter, x_eval, y_eval), "loss",
-        n_random=n_random, seed=seed)
+        n_random=n_random, seed=seed, what=f"eval:{digest(x_eval, y_eval)}")
     runs = {"all rows": base, "without suspects": cut,
             "without random rows": {**mean, "spread": spread}}
     return {"runs": runs, "removed": [int(r) for r in suspects],
@@ -147,8 +244,9 @@ def prove_relabel(t: TabularTask, suspects, suggested, x_eval, y_eval, proof: di
     spread and is no worse than every row as given."""
     labels = relabelled(t, suspects, suggested)
     changed = int(sum(labels[r] != t.y_train[r] for r in suspects))
-    run = evaluate(fitted_adapter(t, np.arange(len(t.y_train)), seed, labels), x_eval,
-                   y_eval)
+    run = measured(t, np.arange(len(t.y_train)), seed,
+                   lambda adapter: evaluate(adapter, x_eval, y_eval),
+                   f"eval:{digest(x_eval, y_eval)}", labels=labels)
     rand, base = proof["runs"]["without random rows"], proof["runs"]["all rows"]
     ok = run["loss"] < rand["loss"] - rand["spread"]["loss"] and run["loss"] <= base["loss"]
     proof["runs"]["suspects relabelled"] = {**run, "relabelled": changed}
@@ -381,7 +479,9 @@ def fairness_audit(t: TabularTask, x_eval, y_eval, groups_eval, frame, *, metric
                          disadvantaged=disadvantaged)
 
     base, cut, rand, spread, confirmed = compare_removal(
-        t, order[:top_k], gap_of, "gap", n_random=n_random, seed=seed)
+        t, order[:top_k], gap_of, "gap", n_random=n_random, seed=seed,
+        what=f"gap:{metric}:{favorable!r}:{advantaged!r}:{disadvantaged!r}:"
+             f"{digest(x_eval, y_eval, np.asarray(groups_eval).astype(str))}")
     n = len(t.y_train)
     return {"metric": metric, "favorable": favorable, "advantaged": advantaged,
             "disadvantaged": disadvantaged, "n_train": n,

@@ -3,17 +3,45 @@ with the proof by retraining (datablame/audit.py)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
+from datablame.audit import retrain_cache
 from datablame.cli.console import console, fail
 from datablame.cli.report import HTML_HELP, check_html, write_report
 from datablame.errors import UserError, check_at_least
 
 app = typer.Typer(help="Audits over the whole training set: label errors, dead weight, fairness.",
                   no_args_is_help=True)
+
+
+CACHE_HELP = ("Keep each retraining's numbers here, so an interrupted audit resumes and a "
+              "rerun retrains nothing.")
+
+
+def _retrain_cache(cache: Path | None, *files, **settings):
+    """The audit's retrain cache (None: none), keyed by the files' content and the
+    settings that change what is retrained or measured."""
+    if cache is None:
+        return None
+    from datablame.audit import RetrainCache
+    from datablame.store.content_digest import sha256_file
+
+    parts = []
+    for f in files:
+        if f is None:
+            continue
+        parts.append(sha256_file(Path(f)))
+        sidecar = Path(f).with_suffix(".json")  # a torch model's settings
+        if sidecar != Path(f) and sidecar.is_file():
+            parts.append(sha256_file(sidecar))
+    key = hashlib.sha256(json.dumps([parts, sorted(settings.items())], default=str)
+                         .encode()).hexdigest()
+    return RetrainCache(cache, key)
 
 
 def _check_files(train_file, model, eval_file) -> None:
@@ -58,6 +86,7 @@ def labels(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     out: Annotated[Optional[Path], typer.Option(help="Write the JSON here.")] = None,  # noqa: UP045
     html: Annotated[Optional[Path], typer.Option(help=HTML_HELP)] = None,  # noqa: UP045
+    cache: Annotated[Optional[Path], typer.Option(help=CACHE_HELP)] = None,  # noqa: UP045
     relabelled: Annotated[Optional[Path], typer.Option(help="Write the training rows with "  # noqa: UP045
                                                             "the top-k suspects relabelled "
                                                             "to their suggested label (the "
@@ -90,10 +119,12 @@ def labels(
                              method)
     if eval_file is not None and y_eval is None:
         fail(f"{eval_file}: the evaluation rows need the label column '{target}'")
-    result = label_audit(t, t.x_query if eval_file is not None else None,
-                         t.query_targets(y_eval) if eval_file is not None else None,
-                         scorer=scorer, top_k=top_k, folds=folds, n_random=n_random,
-                         method=method)
+    with retrain_cache(_retrain_cache(cache, train_file, model, eval_file, target=target,
+                                      method=method, folds=folds)):
+        result = label_audit(t, t.x_query if eval_file is not None else None,
+                             t.query_targets(y_eval) if eval_file is not None else None,
+                             scorer=scorer, top_k=top_k, folds=folds, n_random=n_random,
+                             method=method)
     if out is not None:
         write_json_atomic(out, result)
     if relabelled is not None:
@@ -176,6 +207,7 @@ def prune(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     out: Annotated[Optional[Path], typer.Option(help="Write the JSON here.")] = None,  # noqa: UP045
     html: Annotated[Optional[Path], typer.Option(help=HTML_HELP)] = None,  # noqa: UP045
+    cache: Annotated[Optional[Path], typer.Option(help=CACHE_HELP)] = None,  # noqa: UP045
 ) -> None:
     """Dead weight: the rows the model does as well without, proven by retraining.
 
@@ -207,8 +239,10 @@ def prune(
     t, _, y_eval = load_task(train_file, target, model, eval_file, trust_pickle, method)
     if y_eval is None:
         fail(f"{eval_file}: the evaluation rows need the target column '{target}'")
-    result = prune_audit(t, t.x_query, t.query_targets(y_eval), fraction=fraction,
-                         scorer=scorer, n_random=n_random, method=method)
+    with retrain_cache(_retrain_cache(cache, train_file, model, eval_file, target=target,
+                                      method=method, scorer=scorer, fraction=fraction)):
+        result = prune_audit(t, t.x_query, t.query_targets(y_eval), fraction=fraction,
+                             scorer=scorer, n_random=n_random, method=method)
     table, _ = load_table(train_file)
     gone = sorted(r["row"] for r in result["pruned"])
     for path, part in ((kept, table.drop(index=table.index[gone])),
@@ -263,6 +297,7 @@ def fairness(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     out: Annotated[Optional[Path], typer.Option(help="Write the JSON here.")] = None,  # noqa: UP045
     html: Annotated[Optional[Path], typer.Option(help=HTML_HELP)] = None,  # noqa: UP045
+    cache: Annotated[Optional[Path], typer.Option(help=CACHE_HELP)] = None,  # noqa: UP045
 ) -> None:
     """Unfair decisions: the training rows that widen the gap between groups, and the proof.
 
@@ -319,9 +354,12 @@ def fairness(
     if chosen is None:
         fail(f"--favorable {favorable} is not a label of the training rows (labels: "
              f"{', '.join(map(str, labels))})")
-    result = fairness_audit(t, t.x_query, t.query_targets(y_eval),
-                            eval_table[group].to_numpy(), train_table, metric=metric,
-                            favorable=chosen, top_k=top_k, n_random=n_random, method=method)
+    with retrain_cache(_retrain_cache(cache, train_file, model, eval_file, target=target,
+                                      method=method, group=group)):
+        result = fairness_audit(t, t.x_query, t.query_targets(y_eval),
+                                eval_table[group].to_numpy(), train_table, metric=metric,
+                                favorable=chosen, top_k=top_k, n_random=n_random,
+                                method=method)
     result["favorable"] = favorable
     if out is not None:
         write_json_atomic(out, result)
