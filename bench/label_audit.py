@@ -62,6 +62,24 @@ def flip(y: np.ndarray, rate: float, rng) -> tuple[np.ndarray, np.ndarray]:
     return flipped, mask
 
 
+def cleanlab_scores(make, x, labels, seed: int):
+    """cleanlab's ranking (1 - label quality, higher = more suspicious) and the rows its
+    `find_label_issues` flags, from 5-fold out-of-sample probabilities of the same model
+    family; None where cleanlab is not installed (`pip install -e '.[bench]'`)."""
+    try:
+        from cleanlab.filter import find_label_issues
+        from cleanlab.rank import get_label_quality_scores
+    except ImportError:
+        return None
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+
+    folds = StratifiedKFold(5, shuffle=True, random_state=seed)
+    probs = cross_val_predict(make(), x, labels, cv=folds, method="predict_proba")
+    quality = get_label_quality_scores(labels, probs)
+    flagged = find_label_issues(labels, probs, return_indices_ranked_by="self_confidence")
+    return 1.0 - quality, np.asarray(flagged, dtype=int)
+
+
 def main() -> None:
     from sklearn.model_selection import train_test_split
 
@@ -90,6 +108,15 @@ def main() -> None:
                         top = np.argsort(-scores[name], kind="stable")[:k]
                         row[f"{name} precision"] = float(mask[top].mean())
                         row[f"{name} auc"] = mislabel_auc(scores[name], mask)
+                cl = cleanlab_scores(make, xt, noisy, seed)
+                if cl is not None:  # cleanlab's own workflow: 5-fold out-of-sample probs
+                    ranking, flagged = cl
+                    top = np.argsort(-ranking, kind="stable")[:k]
+                    row["cleanlab precision"] = float(mask[top].mean())
+                    row["cleanlab auc"] = mislabel_auc(ranking, mask)
+                    row["cleanlab flagged"] = int(len(flagged))
+                    row["cleanlab flagged precision"] = float(mask[flagged].mean()) \
+                        if len(flagged) else float("nan")
                 chosen = "self-influence" if "self-influence" in scores else "oof-loss"
                 row["auto"] = chosen
                 row["auto precision"] = row[f"{chosen} precision"]
@@ -104,7 +131,7 @@ def main() -> None:
                     (np.asarray(clean.predict_targets(xe)).reshape(-1) == ye).mean())
                 table.append(row)
                 shown = "  ".join(f"{n} {row.get(f'{n} precision', float('nan')):.2f}"
-                                  for n in SCORERS)
+                                  for n in (*SCORERS, "cleanlab"))
                 print(f"{data_name:24s} {model_name:20s} seed {seed}  precision@10%: {shown}"
                       f"  acc all {row['accuracy all rows']:.3f} -suspects "
                       f"{row['accuracy without suspects']:.3f} -random "
@@ -117,6 +144,10 @@ def main() -> None:
                                                         for r in rows]))
                          for n in SCORERS for m in ("precision", "auc")}
         summary[part]["auto precision"] = float(np.mean([r["auto precision"] for r in rows]))
+        for m in ("precision", "auc", "flagged precision"):
+            if any(f"cleanlab {m}" in r for r in rows):
+                summary[part][f"cleanlab {m}"] = float(np.nanmean(
+                    [r.get(f"cleanlab {m}", np.nan) for r in rows]))
         both = [r for r in rows if "self-influence precision" in r]
         summary[part]["paired (where both apply)"] = {
             n: float(np.mean([r[f"{n} precision"] for r in both])) for n in SCORERS}

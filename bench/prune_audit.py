@@ -3,7 +3,8 @@
     .venv/bin/python bench/prune_audit.py [--seeds 2] [--out bench/results/prune_audit.json]
 
 Real data shipped with scikit-learn (breast cancer: the tuning set; wine and digits: held
-out), a model of each family, 10% and 20% of the training rows removed by each scorer
+out), a model of each family (logistic regression, scikit-learn gradient boosting,
+XGBoost, a torch MLP), 10% and 30% (`--fractions`) of the training rows removed by each scorer
 (influence on a validation split, loss-easy, loss-hard) or at random (3 seeds), the model
 retrained, and its accuracy and loss on a *test* split that no scorer saw (the validation
 split chooses the rows, the test split judges them).
@@ -24,27 +25,45 @@ from datablame.errors import UserError
 from datablame.tabular import task
 
 
+def torch_task(xt, yt, xv):
+    """A torch MLP (one hidden layer of 32) trained with its own settings, which the audit
+    retrains with (`fitted_adapter` reads the config's 'train' entry)."""
+    from datablame.models.torch_files import trainer_from_config
+
+    config = {"type": "mlp", "layers": [xt.shape[1], 32, int(yt.max()) + 1], "loss": "ce",
+              "train": {"optimizer": "lbfgs", "epochs": 30, "l2": 0.01}}
+    xt, xv = xt.astype(np.float32), xv.astype(np.float32)
+    model = trainer_from_config(config).fit(xt, yt.astype(np.int64))
+    return task(model, xt, yt.astype(np.int64), xv, loss="ce", l2=0.01, config=config)
+
+
 def main() -> None:
     from sklearn.model_selection import train_test_split
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--out", default="bench/results/prune_audit.json")
+    ap.add_argument("--fractions", default="0.1,0.3")
     args = ap.parse_args()
+    fractions = [float(f) for f in args.fractions.split(",")]
     table = []
     for data_name, (x, y) in datasets().items():
         x = (x - x.mean(0)) / (x.std(0) + 1e-9)
-        for model_name, make in models().items():
+        for model_name, make in {**models(), "torch mlp": None}.items():
             for seed in range(args.seeds):
                 xt, xrest, yt, yrest = train_test_split(x, y, test_size=0.4, random_state=seed,
                                                         stratify=y)
                 xv, xs, yv, ys = train_test_split(xrest, yrest, test_size=0.5,
                                                   random_state=seed, stratify=yrest)
-                t = task(make().fit(xt, yt), xt, yt, xv)
+                if make is None:  # torch: float32 features, int64 labels
+                    xt, xv, xs = (a.astype(np.float32) for a in (xt, xv, xs))
+                    yt, yv, ys = (a.astype(np.int64) for a in (yt, yv, ys))
+                t = torch_task(xt, yt, xv) if make is None else \
+                    task(make().fit(xt, yt), xt, yt, xv)
                 n = len(yt)
                 everything = np.arange(n)
                 base = evaluate(fitted_adapter(t, everything, seed), xs, ys)
-                for fraction in (0.1, 0.2):
+                for fraction in fractions:
                     k = round(fraction * n)
                     row = {"data": data_name, "model": model_name, "seed": seed,
                            "fraction": fraction, "all rows": base["accuracy"]}

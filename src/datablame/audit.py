@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from datablame import progress
 from datablame.errors import UserError, check_at_least
 from datablame.tabular import TabularTask
 
@@ -158,6 +159,18 @@ def suspicion_scores(t: TabularTask, *, folds: int = 5, seed: int = 0,
     oof = np.empty(n)
     labels = np.empty(n, dtype=object)
     perm = np.random.default_rng(seed).permutation(n)
+    with progress.task("out-of-fold retraining", folds) as advance:
+        _out_of_fold(t, perm, folds, seed, oof, labels, advance)
+    out["oof-loss"] = oof
+    if suggested is not None:
+        suggested["label"] = labels
+    with contextlib.suppress(NotImplementedError, UserError):  # no self-influence here
+        out["self-influence"] = np.asarray(t.fit(method).self_influence(), dtype=float)
+    return out
+
+
+def _out_of_fold(t: TabularTask, perm, folds: int, seed: int, oof, labels, advance) -> None:
+    """Each fold's losses and predicted labels from the model retrained without it."""
     for k, fold in enumerate(np.array_split(perm, folds)):
         rest = np.setdiff1d(perm, fold)
 
@@ -172,12 +185,7 @@ def suspicion_scores(t: TabularTask, *, folds: int = 5, seed: int = 0,
         got = measured(t, rest, seed + k, on_fold, f"oof-fold:{digest(fold)}")
         oof[fold] = got["loss"]
         labels[fold] = got["label"]
-    out["oof-loss"] = oof
-    if suggested is not None:
-        suggested["label"] = labels
-    with contextlib.suppress(NotImplementedError, UserError):  # no self-influence here
-        out["self-influence"] = np.asarray(t.fit(method).self_influence(), dtype=float)
-    return out
+        advance(1)
 
 
 def evaluate(adapter, x_eval, y_eval) -> dict:
@@ -203,12 +211,16 @@ def compare_removal(t: TabularTask, removed: np.ndarray, measure, key: str, *,
     if 2 * len(removed) > n:
         raise UserError(f"removing {len(removed)} of {n} rows leaves too few to compare")
     everything = np.arange(n)
-    base = measured(t, everything, seed, measure, what)
-    cut = measured(t, np.setdiff1d(everything, removed), seed, measure, what)
     rng = np.random.default_rng(seed)
-    randoms = [measured(t, np.setdiff1d(everything, rng.choice(n, len(removed),
-                                                               replace=False)),
-                        seed, measure, what) for _ in range(n_random)]
+    plans = [everything, np.setdiff1d(everything, removed)] + [
+        np.setdiff1d(everything, rng.choice(n, len(removed), replace=False))
+        for _ in range(n_random)]
+    done = []
+    with progress.task("retraining", len(plans)) as advance:
+        for rows in plans:
+            done.append(measured(t, rows, seed, measure, what))
+            advance(1)
+    base, cut, randoms = done[0], done[1], done[2:]
     mean = {k: float(np.mean([r[k] for r in randoms])) for k in randoms[0]}
     spread = {k: float(np.std([r[k] for r in randoms])) for k in randoms[0]}
     confirmed = cut[key] < mean[key] - spread[key] and cut[key] <= base[key]
