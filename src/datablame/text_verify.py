@@ -89,27 +89,16 @@ def verify_text(train_file, base_dir, adapter_dir, query, *, remove: list[int],
     """Retrain without `remove` (the rows a trace blamed) and without `n_random` random sets
     of as many rows; `query` is a `datablame.text.Query` (prompt fields + answer, or the
     whole formatted text). Returns JSON-able results with a verdict."""
-    from datablame.data.template import FormattedText
 
     rows, recipe, recorded = _rows_and_recipe(train_file, adapter_dir, recipe_file)
     n = len(rows)
-    remove = sorted(set(int(r) for r in remove))
-    if not remove:
-        raise UserError("nothing to remove: give the rows a trace blamed (--remove or --trace)")
-    bad = [r for r in remove if not 0 <= r < n]
-    if bad:
-        raise UserError(f"rows out of range (0..{n - 1}): {bad}")
+    remove = _checked_removal(remove, n)
     if len(remove) * 2 > n:
         raise UserError(f"removing {len(remove)} of {n} rows leaves too few to compare with "
                         "random removals of the same size")
     if n_random < 1:
         raise UserError("--random needs at least 1 random removal to compare with")
-    template = recipe.prompt_template(base_dir, rows.columns)
-    q: FormattedText = query.formatted(template)
-    prompt = q.text[:q.response_start]
-    resolved = query.resolved(template)
-    answer = resolved.focus or resolved.output  # the words, without a chat's end-of-turn
-    budget = max_new_tokens or len(_words(answer)) + 8
+    q, prompt, answer, budget = _query_parts(query, recipe, base_dir, rows, max_new_tokens)
 
     rng = np.random.default_rng(seed)
     blamed = set(remove)
@@ -147,6 +136,27 @@ def verify_text(train_file, base_dir, adapter_dir, query, *, remove: list[int],
             shutil.rmtree(tmp, ignore_errors=True)
     result["verdict"], result["summary"] = _verdict(result)
     return result
+
+
+def _checked_removal(remove, n: int) -> list[int]:
+    """The rows to remove, sorted and unique, inside the training rows."""
+    remove = sorted(set(int(r) for r in remove))
+    if not remove:
+        raise UserError("nothing to remove: give the rows with --remove or --trace")
+    bad = [r for r in remove if not 0 <= r < n]
+    if bad:
+        raise UserError(f"rows out of range (0..{n - 1}): {bad}")
+    return remove
+
+
+def _query_parts(query, recipe: Recipe, base_dir, rows, max_new_tokens: int | None):
+    """(the query as the recipe's template formats it, its prompt text, the answer's
+    words without a chat's end-of-turn, a generation budget)."""
+    template = recipe.prompt_template(base_dir, rows.columns)
+    q = query.formatted(template)
+    resolved = query.resolved(template)
+    answer = resolved.focus or resolved.output
+    return q, q.text[:q.response_start], answer, max_new_tokens or len(_words(answer)) + 8
 
 
 def _rows_and_recipe(train_file, adapter_dir, recipe_file):
@@ -323,20 +333,10 @@ def fix_text(train_file, base_dir, adapter_dir, query, *, remove: list[int], out
     change is the rows' and not any removal's."""
     rows, recipe, recorded = _rows_and_recipe(train_file, adapter_dir, recipe_file)
     n = len(rows)
-    remove = sorted(set(int(r) for r in remove))
-    if not remove:
-        raise UserError("nothing to remove: give the rows with --remove or --trace")
-    bad = [r for r in remove if not 0 <= r < n]
-    if bad:
-        raise UserError(f"rows out of range (0..{n - 1}): {bad}")
+    remove = _checked_removal(remove, n)
     if len(remove) >= n:
         raise UserError(f"removing {len(remove)} of {n} rows leaves nothing to train on")
-    template = recipe.prompt_template(base_dir, rows.columns)
-    q = query.formatted(template)
-    prompt = q.text[:q.response_start]
-    resolved = query.resolved(template)
-    answer = resolved.focus or resolved.output
-    budget = max_new_tokens or len(_words(answer)) + 8
+    q, prompt, answer, budget = _query_parts(query, recipe, base_dir, rows, max_new_tokens)
     before = _evaluate(base_dir, adapter_dir, q, prompt, answer, recipe, budget)
     dropped = set(remove)
     summary = finetune(rows, base_dir, out_dir, recipe,

@@ -93,10 +93,9 @@ def verify(
 
 def _verify_text(train_file, model, adapter, query_file, trace, remove, top_k, n_random,
                  recipe_file, fields, out, cache, lds_subsets, html=None) -> None:
-    from datablame.cli.main import _parse_fields, _read_query_file
+    from datablame.cli.main import _parse_fields
     from datablame.outputs import check_output_dir, check_output_file, is_json_with
     from datablame.store.atomic import write_json_atomic
-    from datablame.text import Query
     from datablame.text_verify import (
         lds_text,
         resolve_recipe,
@@ -123,23 +122,9 @@ def _verify_text(train_file, model, adapter, query_file, trace, remove, top_k, n
     recipe, _ = resolve_recipe(adapter, recipe_file)  # before any row is read
     template = recipe.prompt_template(model)
     prompt = _parse_fields(fields)
-    the_query = None
-    if trace is not None:
-        rows = rows_from_trace(trace, top_k)
-        saved = json.loads(trace.read_text())
-        if saved.get("query") is not None:
-            the_query = Query(str(saved["query"]), {k: v if isinstance(v, list) else str(v)
-                                                   for k, v in
-                                                   (saved.get("prompt") or {}).items()},
-                              saved.get("focus") or None)
-    else:
-        rows = parse_rows(remove, "--remove")
-    if query_file is not None:
-        output, file_prompt = _read_query_file(query_file, template)
-        the_query = Query(output, {**file_prompt, **prompt})
-    if the_query is None:
-        fail("give the query with --query (or a --trace results file that holds it)")
-    the_query.formatted(template)  # empty, unknown fields
+    rows = rows_from_trace(trace, top_k) if trace is not None else \
+        parse_rows(remove, "--remove")
+    the_query = text_query(trace, query_file, prompt, template, "the query")
     result = verify_text(train_file, model, adapter, the_query, remove=rows,
                          n_random=n_random, recipe_file=recipe_file, cache=cache)
     if lds_subsets:
@@ -280,9 +265,8 @@ def _rows_of(results_file: Path, top_k: int) -> list[int]:
 
 def _fix_text(train_file, model, adapter, out, trace, query_file, fields, recipe_file,
               rows) -> dict:
-    from datablame.cli.main import _parse_fields, _read_query_file
+    from datablame.cli.main import _parse_fields
     from datablame.models.lora_finetune import check_out_dir
-    from datablame.text import Query
     from datablame.text_verify import fix_text, resolve_recipe
 
     if adapter is None or out is None:
@@ -291,7 +275,18 @@ def _fix_text(train_file, model, adapter, out, trace, query_file, fields, recipe
     check_out_dir(out)
     recipe, _ = resolve_recipe(adapter, recipe_file)
     template = recipe.prompt_template(model)
-    prompt = _parse_fields(fields)
+    the_query = text_query(trace, query_file, _parse_fields(fields), template,
+                           "the wrong answer")
+    return fix_text(train_file, model, adapter, the_query, remove=rows, out_dir=out,
+                    recipe_file=recipe_file)
+
+
+def text_query(trace, query_file, prompt: dict, template, what: str):
+    """The query a text verify or fix is about: a --query file (with --field prompt
+    fields), else the one a --trace results file holds; checked against the template."""
+    from datablame.cli.main import _read_query_file
+    from datablame.text import Query
+
     the_query = None
     if trace is not None:
         saved = json.loads(trace.read_text())
@@ -304,10 +299,9 @@ def _fix_text(train_file, model, adapter, out, trace, query_file, fields, recipe
         output, file_prompt = _read_query_file(query_file, template)
         the_query = Query(output, {**file_prompt, **prompt})
     if the_query is None:
-        fail("give the wrong answer with --query (or a --trace results file that holds it)")
+        fail(f"give {what} with --query (or a --trace results file that holds it)")
     the_query.formatted(template)  # empty, unknown fields
-    return fix_text(train_file, model, adapter, the_query, remove=rows, out_dir=out,
-                    recipe_file=recipe_file)
+    return the_query
 
 
 def _fix_tabular(train_file, target, model, query, rows, n_random, trust_pickle) -> dict:
