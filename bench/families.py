@@ -2,8 +2,9 @@
 
     .venv/bin/python bench/families.py [--hidden 64] [--rows 16] [--out bench/results/families.json]
 
-For GPT-2, Llama, Qwen2 and Mistral (random weights, built here from their transformers
-configs, byte-level BPE tokenizer with a ChatML template, LoRA r=8 on every linear layer)
+For GPT-2, Llama, Qwen2, Mistral (byte-level BPE tokenizer, ChatML template) and Gemma (a
+SentencePiece-style tokenizer with byte fallback, Gemma's turn format), random weights
+built here from their transformers configs, LoRA r=8 on every linear layer,
 on chat rows of about 128 and 512 tokens, in one run on the same rows:
 
 - max |cos(batched, per-row)| difference over rows: the one-backward hook path against one
@@ -27,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from provenance import with_provenance
 
-FAMILIES = ("gpt2", "llama", "qwen2", "mistral")
+FAMILIES = ("gpt2", "llama", "qwen2", "mistral", "gemma")
 WORDS = [
     "alpha", "beta", "gamma", "delta", "model", "data", "row", "trace", "blame",
     "gradient", "answer", "question", "capital", "city", "river", "mountain", "north",
@@ -47,11 +48,16 @@ def _build(root: Path, family: str, hidden: int, positions: int):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, GPT2Config
 
-    from datablame.demo.toy_lm import toy_decoder_config, train_bpe_tokenizer
+    from datablame.demo.toy_lm import (
+        toy_decoder_config,
+        train_bpe_tokenizer,
+        train_sentencepiece_tokenizer,
+    )
 
     rng = random.Random(0)
     corpus = [" ".join(rng.choice(WORDS) for _ in range(40)) for _ in range(200)]
-    tok = train_bpe_tokenizer(corpus, root / "base", vocab_size=400)
+    tok = train_sentencepiece_tokenizer(corpus, root / "base", vocab_size=400) \
+        if family == "gemma" else train_bpe_tokenizer(corpus, root / "base", vocab_size=400)
     torch.manual_seed(0)
     if family == "gpt2":
         config = GPT2Config(vocab_size=len(tok), n_positions=positions, n_embd=hidden,

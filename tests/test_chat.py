@@ -42,15 +42,25 @@ def _tokenizer_texts() -> list[str]:
 
 def _random_model(root, family: str, *, pad: bool = True, padding_side: str = "right",
                   lora: list[str] | None = None):
-    """A random tiny decoder of `family` (+ a random LoRA on `lora` modules) on disk."""
+    """A random tiny decoder of `family` (+ a random LoRA on `lora` modules) on disk:
+    byte-level BPE + ChatML for Llama / Qwen2 / Mistral, a SentencePiece-style tokenizer
+    (byte fallback, BOS added by the tokenizer) + Gemma's turn format for Gemma."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from datablame.demo.toy_lm import toy_decoder_config, train_bpe_tokenizer
+    from datablame.demo.toy_lm import (
+        toy_decoder_config,
+        train_bpe_tokenizer,
+        train_sentencepiece_tokenizer,
+    )
 
-    tok = train_bpe_tokenizer(_tokenizer_texts(), root / "base", pad=pad,
-                              padding_side=padding_side)
+    if family == "gemma":
+        tok = train_sentencepiece_tokenizer(_tokenizer_texts(), root / "base", pad=pad,
+                                            padding_side=padding_side)
+    else:
+        tok = train_bpe_tokenizer(_tokenizer_texts(), root / "base", pad=pad,
+                                  padding_side=padding_side)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(toy_decoder_config(family, tok, hidden=32))
     model.save_pretrained(root / "base")
@@ -112,6 +122,46 @@ def test_a_chat_rows_loss_covers_exactly_its_assistant_tokens(llama):
         assert ids[0] == lm.tokenizer.bos_token_id and ids[1] != lm.tokenizer.bos_token_id
 
 
+def test_gemma_turns_with_a_sentencepiece_tokenizer_trace_exactly_the_model_tokens(tmp_path):
+    """Gemma's format (the assistant speaks as "model", the system message folded into the
+    first user turn) through a SentencePiece-style tokenizer that adds BOS itself: the loss
+    covers each model turn's tokens and its <end_of_turn>, nothing else; BOS once."""
+    from datablame.data.chat import ChatTemplate
+    from datablame.models.hf_causal_lm import CausalLMAdapter
+
+    base, adapter = _random_model(tmp_path, "gemma", pad=False, padding_side="left",
+                                  lora=["q_proj", "v_proj"])
+    lm = CausalLMAdapter(base, adapter)
+    tok = lm.tokenizer
+    start, end = tok.convert_tokens_to_ids(["<start_of_turn>", "<end_of_turn>"])
+    # SentencePiece pieces depend on what precedes them: the header as it follows the mark
+    header = tok("<start_of_turn>model\n", add_special_tokens=False)["input_ids"][1:]
+    for turns, last_only in (("all", False), ("last", True)):
+        text = ChatTemplate.from_model(base, assistant_turns=turns).format(
+            {"messages": [SYSTEM, *TWO_TURNS]})
+        assert "<start_of_turn>user\nYou answer briefly.\n\nHi there." in text.text
+        batch = lm.encode([text])
+        ids = batch.input_ids[0].tolist()
+        traced = [label != -100 for label in batch.labels[0].tolist()]
+        want, inside, i = [False] * len(ids), False, 0
+        while i < len(ids):  # by token ids alone
+            if ids[i] == start and ids[i + 1: i + 1 + len(header)] == header:
+                i, inside = i + 1 + len(header), True
+                continue
+            want[i] = inside
+            inside = inside and ids[i] != end
+            i += 1
+        if last_only:
+            last = max(j for j, t in enumerate(ids) if t == start)
+            want = [w and j > last for j, w in enumerate(want)]
+        assert traced == want
+        said = tok.decode([t for t, m in zip(ids, traced, strict=True) if m])
+        assert said.replace(" ", "") == (
+            "ThecapitalofVeloriaisMirth.<end_of_turn>" if last_only else
+            "Hello,howcanIhelp?<end_of_turn>ThecapitalofVeloriaisMirth.<end_of_turn>")
+        assert ids[0] == tok.bos_token_id and tok.bos_token_id not in ids[1:]
+
+
 def test_sharegpt_conversations_render_like_messages(llama):
     from datablame.data.chat import ChatTemplate
 
@@ -125,18 +175,19 @@ def test_sharegpt_conversations_render_like_messages(llama):
     assert a == b and a.text.startswith("<s><|im_start|>system\nYou answer briefly.")
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "gemma"])
 @pytest.mark.parametrize("targets", [["q_proj", "k_proj", "v_proj", "o_proj"],
                                      ["gate_proj", "up_proj", "down_proj"],
                                      "all-linear"])
 def test_batched_gradients_equal_per_row_autograd(tmp_path, family, targets):
     """LoRA on attention only, MLP only and all linear layers; mixed lengths in one padded
-    batch; no pad token (the EOS pads) and a left-padding tokenizer."""
+    batch; no pad token (the EOS pads) and a left-padding tokenizer; Gemma with a
+    SentencePiece-style tokenizer, no pad token and left padding."""
     from datablame.data.chat import ChatTemplate
     from datablame.models.hf_causal_lm import CausalLMAdapter
 
     pad, side = {"llama": (True, "right"), "qwen2": (False, "right"),
-                 "mistral": (True, "left")}[family]
+                 "mistral": (True, "left"), "gemma": (False, "left")}[family]
     base, adapter = _random_model(tmp_path, family, pad=pad, padding_side=side, lora=targets)
     chat = ChatTemplate.from_model(base)
     texts = [chat.format(r) for r in (_fact("Veloria", "Mirth"), {"messages": TWO_TURNS},

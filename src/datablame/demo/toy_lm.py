@@ -101,20 +101,84 @@ def train_bpe_tokenizer(texts: list[str], out_dir: Path, *, vocab_size: int = 60
 def toy_decoder_config(family: str, tokenizer, *, hidden: int = 64, layers: int = 2,
                        positions: int = 128):
     """A few-hundred-thousand-parameter config of a real decoder family: rotary positions,
-    grouped-query attention (2 key/value heads for 4 query heads), tied embeddings."""
+    grouped-query attention (2 key/value heads for 4 query heads), tied embeddings; Gemma
+    also scales its embeddings by sqrt(hidden), adds 1 to its RMSNorm weights and uses a
+    head size of its own."""
     from transformers import AutoConfig
 
-    kinds = {"llama": "llama", "qwen2": "qwen2", "mistral": "mistral"}
+    kinds = {"llama": "llama", "qwen2": "qwen2", "mistral": "mistral", "gemma": "gemma"}
     if family not in kinds:
         raise ValueError(f"unknown family {family}")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else \
         tokenizer.eos_token_id
+    extra = {"head_dim": max(hidden // 4, 8)} if family == "gemma" else {}
     return AutoConfig.for_model(
         kinds[family], vocab_size=len(tokenizer), hidden_size=hidden,
         intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=positions, tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=pad)
+        pad_token_id=pad, **extra)
+
+
+# Gemma's turn format: the assistant speaks as "model", a system message is folded into
+# the first user turn, and roles must alternate.
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% set ns = namespace(system='') %}"
+    "{% if messages[0]['role'] == 'system' %}{% set ns.system = messages[0]['content'] + "
+    "'\n\n' %}{% set loop_messages = messages[1:] %}{% else %}"
+    "{% set loop_messages = messages %}{% endif %}"
+    "{% for m in loop_messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant') }}"
+    "{% endif %}{% set role = 'model' if m['role'] == 'assistant' else m['role'] %}"
+    "<start_of_turn>{{ role }}\n{% if loop.first %}{{ ns.system }}{% endif %}"
+    "{{ m['content'] | trim }}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+SENTENCEPIECE_SPECIALS = ["<pad>", "<unk>", "<bos>", "<eos>", "<start_of_turn>",
+                          "<end_of_turn>"]
+
+
+def train_sentencepiece_tokenizer(texts: list[str], out_dir: Path, *,
+                                  vocab_size: int = 600, pad: bool = False,
+                                  padding_side: str = "left",
+                                  chat_template: str | None = GEMMA_TEMPLATE):
+    """A SentencePiece-style tokenizer (Llama-2 / Gemma): BPE over "▁"-marked words with
+    byte fallback for characters it never saw, no pad token by default, left padding;
+    the chat template speaks Gemma's turns."""
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first",
+                                                 split=True)
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
+                                     decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size + 256,
+                                  special_tokens=SENTENCEPIECE_SPECIALS + byte_tokens)
+    tok.train_from_iterator(texts, trainer=trainer)
+    bos = tok.token_to_id("<bos>")  # like Llama-2 and Gemma: BOS added to every text
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", bos)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>",
+                                   eos_token="<eos>", unk_token="<unk>",
+                                   pad_token="<pad>" if pad else None,
+                                   additional_special_tokens=["<start_of_turn>",
+                                                              "<end_of_turn>"])
+    fast.padding_side = padding_side
+    if chat_template is not None:
+        fast.chat_template = chat_template
+    fast.save_pretrained(out_dir)
+    return fast
 
 
 def _batches(tokenizer, texts: list[str], batch_size: int, generator: torch.Generator):
