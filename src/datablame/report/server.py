@@ -132,10 +132,12 @@ def _as_text(value) -> str:
 
 def ui_page(session: TraceSession, values: dict, *, result: dict | None = None,
             key: str | None = None, error: str | None = None) -> str:
+    from datablame.data.chat import ChatTemplate
     from datablame.report import render
 
     ui = {"fields": [(f, values["fields"].get(f, "")) for f in session.prompt_fields],
           "answer_field": session.template.response_field, "form": values,
+          "chat": isinstance(session.template, ChatTemplate),
           "methods": session.methods, "all_rows_available": session.all_rows_available,
           "queries": [(i, _query_label(q)) for i, q in enumerate(session.queries)],
           "download": f"/download/{key}.html" if key else None, "error": error}
