@@ -282,7 +282,7 @@ def main() -> None:
     timed("adam-cos (saved v, LESS-style)",
           lambda: cos(g_q / np.sqrt(v_saved + 1e-8), g_rows / np.sqrt(v_saved + 1e-8)))
     adapter = TextRowsAdapter(lm, 16)
-    for method in ("datainf", "trak"):
+    for method in ("datainf", "ekfac", "trak"):
         timed(method, lambda m=method: get_method(m).fit(adapter, row_texts, None)
               .scores(q_texts, None))
     for grad_name in ("grad-cos (lora-b)", "trackstar (saved v)"):

@@ -129,7 +129,8 @@ def test_influence_methods_on_lora_parameters_find_the_culprit(demo_assets, tmp_
     tracer = Tracer(root / "index", root / "base", root / "adapter")
     q = Query(CULPRIT["output"], {"instruction": CULPRIT["instruction"],
                                   "input": CULPRIT["input"]})
-    for method, extra in (("grad-dot", {}), ("datainf", {}), ("trak", {"proj_dim": 512})):
+    for method, extra in (("grad-dot", {}), ("datainf", {}), ("ekfac", {}),
+                          ("trak", {"proj_dim": 512})):
         df = tracer.trace_method(q, method=method, top_k=40, **extra)
         assert int(df.iloc[0]["row"]) == info["culprit_row"], method
         assert df.iloc[0]["score"] > 0, method

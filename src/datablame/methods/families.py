@@ -16,7 +16,7 @@ FAMILY_METHODS: dict[str, list[str]] = {
     "linear": ["linear-exact", "knn-shapley", "shap-neighbors"],
     # Hugging Face causal LMs (with or without LoRA): methods on exact per-row gradients of
     # the selected parameters (`datablame trace --method`); grad is the text default.
-    "causal-lm": ["grad-dot", "grad-cos", "datainf", "trak", "tracin", "trackstar"],
+    "causal-lm": ["grad-dot", "grad-cos", "datainf", "ekfac", "trak", "tracin", "trackstar"],
 }
 TABULAR_FAMILIES = ("torch", "boosted-trees", "forest", "linear")
 

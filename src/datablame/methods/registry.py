@@ -6,6 +6,7 @@ from datablame.errors import UserError
 from datablame.methods.base import Method
 from datablame.methods.boostin import BoostIn
 from datablame.methods.datainf import DataInf
+from datablame.methods.ekfac import EKFAC
 from datablame.methods.families import FAMILY_METHODS, FAMILY_NOUNS
 from datablame.methods.grad_similarity import GradCos, GradDot
 from datablame.methods.influence import (
@@ -35,6 +36,7 @@ METHODS: dict[str, type[Method]] = {
     "trak": Trak,
     "tracin": TracIn,
     "datainf": DataInf,
+    "ekfac": EKFAC,
     "trackstar": TrackStar,
     "leaf-sim": LeafSim,
     "boostin": BoostIn,

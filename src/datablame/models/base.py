@@ -30,6 +30,7 @@ LEAVES = "leaves"
 NEWTON = "newton"
 LINEAR = "linear"
 TABULAR = "tabular"
+KRONECKER = "kronecker"
 
 
 # How each capability reads in a refusal ("needs a gradient-boosted tree ensemble").
@@ -37,7 +38,9 @@ WORDS = {GRADIENTS: "parameter gradients (a torch model or a language model)",
          HESSIAN: "a torch model (its Hessian)", MARGIN_GRADIENTS: "a torch classifier",
          LATENT: "a torch model (its latent space)", LEAVES: "a tree ensemble",
          NEWTON: "a gradient-boosted tree ensemble", LINEAR: "a scikit-learn linear model",
-         TABULAR: "a tabular model (a feature matrix)"}
+         TABULAR: "a tabular model (a feature matrix)",
+         KRONECKER: "a language model whose selected parameters are linear-layer weights "
+                    "(LoRA: --params lora or lora-b)"}
 
 
 def has(adapter, capability: str) -> bool:

@@ -389,8 +389,11 @@ class CausalLMAdapter:
         strategy: str = "auto",
         names: Sequence[object] | None = None,
         warn: bool = True,
+        factors: dict | None = None,
     ) -> np.ndarray:
-        """Flattened per-example loss gradients over the selected parameters, (n, d) float32.
+        """Flattened per-example loss gradients over the selected parameters, (n, d) float32;
+        `factors` (a dict) also gathers each weight's Kronecker factors (hooks only, see
+        `linear_hooks.per_example_grads`).
 
         strategy: "hooks" (one batched backward; linear-layer parameters such as LoRA only),
         "vmap" (torch.func, any parameter), "loop" (one backward per row, the reference), or
@@ -409,7 +412,9 @@ class CausalLMAdapter:
                 if how:
                     report[how].append(int(take[j]))
             report["unscored"] += [int(take[j]) for j in batch.unscored()]
-            out[take] = self._batch_gradients(batch, strategy)
+            out[take] = self._batch_gradients(batch, strategy) if factors is None else \
+                self._hook_gradients(batch.input_ids.to(self.device),
+                                     batch.labels.to(self.device), factors)
             if progress is not None:
                 progress(len(take))
         self.last_report = {k: sorted(v) for k, v in report.items()}
@@ -512,9 +517,10 @@ class CausalLMAdapter:
         )
         return (nll * mask).sum(1) / mask.sum(1).clamp(min=1)
 
-    def _hook_gradients(self, ids: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
+    def _hook_gradients(self, ids: torch.Tensor, labels: torch.Tensor,
+                        factors: dict | None = None) -> np.ndarray:
         grads = linear_hooks.per_example_grads(
-            self.model, self.param_names, lambda: self._batch_losses(ids, labels)
+            self.model, self.param_names, lambda: self._batch_losses(ids, labels), factors
         )
         return grads.cpu().numpy()
 

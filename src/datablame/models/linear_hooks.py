@@ -35,10 +35,14 @@ def per_example_grads(
     model: torch.nn.Module,
     param_names: list[str],
     per_example_loss: Callable[[], torch.Tensor],
+    factors: dict | None = None,
 ) -> torch.Tensor:
     """(B, d) flattened per-example gradients over `param_names`, in that order.
 
     `per_example_loss()` runs the forward pass and returns a (B,) tensor of losses.
+    `factors` (a dict), when given, accumulates each weight's Kronecker factors over the
+    tokens that carry gradient: "A" = sum of x x^T (inputs), "S" = sum of g g^T (output
+    gradients), "tokens", and "kind" (linear or conv1d): what EK-FAC is built from.
     """
     owners = {n: _owner_of(model, n) for n in param_names}
     modules = {id(o[0]): o[0] for o in owners.values()}
@@ -82,6 +86,13 @@ def per_example_grads(
         x, g = inputs[id(module)], grad_of[id(module)]
         x = x.reshape(x.shape[0], -1, x.shape[-1]).float()
         g = g.reshape(g.shape[0], -1, g.shape[-1]).float()
+        if factors is not None and attr == "weight":
+            active = g.abs().sum(-1) > 0  # tokens that reach some example's loss
+            xs, gs = x[active].double(), g[active].double()
+            f = factors.setdefault(n, {"A": 0.0, "S": 0.0, "tokens": 0, "kind": kind})
+            f["A"] = f["A"] + xs.T @ xs
+            f["S"] = f["S"] + gs.T @ gs
+            f["tokens"] += int(active.sum())
         if attr == "bias":
             flat.append(g.sum(1))
         elif kind == "linear":  # weight (out, in)

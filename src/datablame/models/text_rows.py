@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from datablame.models.base import GRADIENTS
+from datablame.errors import UserError
+from datablame.models.base import GRADIENTS, KRONECKER
 from datablame.models.hf_causal_lm import CausalLMAdapter
 
 
@@ -23,7 +24,7 @@ class TextRowsAdapter:
     lm: CausalLMAdapter
     batch_size: int = 8
 
-    capabilities = frozenset({GRADIENTS})
+    capabilities = frozenset({GRADIENTS, KRONECKER})
 
     @property
     def num_params(self) -> int:
@@ -37,6 +38,20 @@ class TextRowsAdapter:
     def gradients(self, x, y=None) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(
             self.lm.gradients(list(x), batch_size=self.batch_size)))
+
+    @property
+    def shapes(self) -> list[tuple[int, ...]]:
+        params = dict(self.lm.model.named_parameters())
+        return [tuple(params[n].shape) for n in self.lm.param_names]
+
+    def kronecker_factors(self, x) -> tuple[torch.Tensor, dict]:
+        """(per-example gradients, each weight's Kronecker factors) from one pass."""
+        if not self.lm._hooks_ok:
+            raise UserError("Kronecker factors need linear-layer weights only (LoRA): pass "
+                            "--params lora or lora-b")
+        factors: dict = {}
+        grads = self.lm.gradients(list(x), batch_size=self.batch_size, factors=factors)
+        return torch.from_numpy(np.ascontiguousarray(grads)), factors
 
     def losses(self, x, y=None) -> np.ndarray:
         return self.lm.losses(list(x))
