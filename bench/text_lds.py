@@ -266,6 +266,8 @@ def main() -> None:
     def cos(a, b):
         return unit_rows(a) @ unit_rows(b).T
 
+    timed("representation cosine (last layer, answer tokens)",
+          lambda: cos(_representations(lm, q_texts), _representations(lm, row_texts)))
     timed("grad-dot (lora)", lambda: g_q @ g_rows.T)
     timed("grad-cos (lora)", lambda: cos(g_q, g_rows))
     timed("grad-cos (lora-b)", lambda: cos(g_q[:, is_b], g_rows[:, is_b]))
@@ -367,6 +369,22 @@ def _magic(root: Path, train, recipe, q_texts, through: str) -> np.ndarray:
     check = replay.removal_check(scores, q_texts)
     check_path.write_text(json.dumps(check))
     return scores
+
+
+def _representations(lm, texts) -> np.ndarray:
+    """Each text's last-layer hidden state averaged over its traced (answer) tokens, as
+    the fine-tuned model computes it: the representation-similarity baseline."""
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for text in texts:
+            batch = lm.encode([text])
+            hidden = lm.model(input_ids=batch.input_ids.to(lm.device),
+                              output_hidden_states=True).hidden_states[-1][0]
+            traced = (batch.labels[0] != -100).to(hidden.device)
+            out.append(hidden[traced].mean(0).double().cpu().numpy())
+    return np.stack(out)
 
 
 def _retrieval(embedder, row_texts, q_texts) -> np.ndarray:
