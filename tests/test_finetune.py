@@ -171,9 +171,12 @@ def test_verify_confirms_the_planted_culprit_by_re_fine_tuning(facts, tmp_path, 
     fix = ["fix", facts / "train.jsonl", "--model", facts / "base", "--adapter",
            tmp_path / "adapter", "--query", facts / "query.json"]
     code, out, err = run_cli(monkeypatch, capsys, *fix, "--remove", "0", "--out",
-                             tmp_path / "fixed", "--kept", tmp_path / "kept.jsonl", "--json")
+                             tmp_path / "fixed", "--kept", tmp_path / "kept.jsonl", "--json",
+                             "--html", tmp_path / "fix.html")
     assert code in (0, None), err
     fixed = json.loads(out)
+    page = (tmp_path / "fix.html").read_text()
+    assert "FIXED" in page and fixed["after"]["generation"].replace("'", "&#39;") in page
     assert fixed["verdict"] == "fixed" and fixed["before"]["says"]
     assert not fixed["after"]["says"] and fixed["after"]["loss"] > fixed["before"]["loss"]
     assert fixed["adapter_is_the_recipe"]  # finetune made it: the change is the row's

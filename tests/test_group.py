@@ -97,10 +97,15 @@ def test_fix_without_the_rows_behind_the_errors_makes_them_right(planted_errors,
     assert len(kept) == len(train) - len(fixed["removed"])
     pd.testing.assert_frame_equal(kept, train.drop(index=fixed["removed"]).reset_index(
         drop=True))
-    # the printed table names each query row that moved
+    # the printed table names each query row that moved; the page shows them too
     code, out, err = run_cli(monkeypatch, capsys, "fix", root / "train.csv", *common,
-                             "--remove", ",".join(map(str, fixed["removed"])))
+                             "--remove", ",".join(map(str, fixed["removed"])), "--html",
+                             tmp_path / "fix.html")
     assert code in (0, None) and "wrong answers:" in " ".join((out + err).split())
+    page = (tmp_path / "fix.html").read_text()
+    assert "Query rows that moved" in page and page.count("<svg") == 1
+    moved = [q["query"] for i, q in enumerate(fixed["queries"]) if fixed["changed"][i] > 0]
+    assert moved and all(f"dir=\"auto\">{q}</span></td>" in page for q in moved)
 
 
 def test_group_questions_refuse_what_they_cannot_answer(planted_errors, tmp_path,

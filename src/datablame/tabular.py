@@ -365,7 +365,8 @@ def fix_tabular(t: TabularTask, remove, y_query=None, *, n_random: int = 3,
         queries.append(item)
     random_moves = [moved(r) for name, r in runs.items() if name.startswith("without random")]
     changed = moved(runs["retrained without them"])
-    result = {"n_train": n, "removed": remove.tolist(), "regression": regression,
+    result = {"kind": "fix-tabular", "n_train": n, "removed": remove.tolist(),
+              "regression": regression,
               "queries": queries, "runs": runs,
               "changed": changed.tolist(), "changed_by_random": np.mean(random_moves, 0).tolist(),
               "control_changed": moved(control).tolist()}

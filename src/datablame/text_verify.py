@@ -359,8 +359,8 @@ def fix_text(train_file, base_dir, adapter_dir, query, *, remove: list[int], out
         text += ("; note: the adapter was not made by this recipe on every row, so part of "
                  "the change may be the recipe's ('verify' compares with a retrain on every "
                  "row)")
-    return {"query": {"prompt": prompt, "answer": answer}, "n_train": n, "removed": remove,
-            "adapter": str(adapter_dir), "fixed_adapter": str(out_dir),
+    return {"kind": "fix-text", "query": {"prompt": prompt, "answer": answer}, "n_train": n,
+            "removed": remove, "adapter": str(adapter_dir), "fixed_adapter": str(out_dir),
             "recipe": recipe.to_json(), "steps": summary["steps"], "before": before,
             "after": after, "adapter_is_the_recipe": same_recipe, "verdict": verdict,
             "summary": text}

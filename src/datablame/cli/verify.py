@@ -214,6 +214,7 @@ def fix(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     result_file: Annotated[Optional[Path], typer.Option("--result", help="Write the JSON "  # noqa: UP045
                                                         "result here.")] = None,
+    html: Annotated[Optional[Path], typer.Option(help=HTML_HELP)] = None,  # noqa: UP045
 ) -> None:
     """Wrong facts, fixed: retrain without the rows a trace blamed and show what the model
     says before and after (an LM: the new adapter is kept in --out; a tabular model: each
@@ -232,6 +233,7 @@ def fix(
                           what=" (the training file's format)")
     if result_file is not None:
         check_output_file(result_file, "--result", ours=is_json_with("removed", "summary"))
+    check_html(html)
     rows = parse_rows(remove, "--remove") if remove else _rows_of(trace, top_k)
     if model.is_dir():
         result = _fix_text(train_file, model, adapter, out, trace, query, field, recipe,
@@ -249,8 +251,9 @@ def fix(
         write_json_atomic(result_file, result)
     if as_json:
         print(json.dumps(result, indent=2, default=str))
-        return
-    _print_fix(result)
+    else:
+        _print_fix(result)
+    write_report(html, json.loads(json.dumps(result, default=str)))
 
 
 def _rows_of(results_file: Path, top_k: int) -> list[int]:

@@ -16,7 +16,8 @@ from pathlib import Path
 from datablame.errors import UserError
 
 KINDS = ("trace", "traces", "trace-group", "tabular", "tabular-group", "verify",
-         "verify-text", "spans", "audit-labels", "audit-prune", "audit-fairness")
+         "verify-text", "spans", "audit-labels", "audit-prune", "audit-fairness",
+         "fix-text", "fix-tabular")
 
 
 def kind_of(result) -> str:
@@ -41,7 +42,7 @@ def kind_of(result) -> str:
             if needed <= keys:
                 return kind
     raise UserError("not a datablame result: expected the JSON written by trace, tabular, "
-                    "verify, spans or audit (--out)")
+                    "verify, spans, fix or audit (--out)")
 
 
 def load_result(path: str | os.PathLike):

@@ -612,13 +612,64 @@ def audit_fairness_page(result: dict, show: int) -> dict:
             "subtitle": "rows behind a gap between groups", "sections": sections}
 
 
+def fix_text_page(result: dict, show: int) -> dict:
+    """The wrong answer before and after re-fine-tuning without the rows."""
+    q = result.get("query", {})
+    runs = {"before (the adapter)": result["before"], "after (the fixed adapter)":
+            result["after"]}
+    table = [[name, _num(run["loss"]), "yes" if run["says"] else "no", run["generation"]]
+             for name, run in runs.items()]
+    blocks = [_p(result.get("summary", ""), "verdict " + ("pass" if result.get("verdict")
+                                                          == "fixed" else "fail")),
+              _kv([*_prompt_pairs(q.get("prompt")), ("the wrong answer", q.get("answer")),
+                   ("rows removed", ", ".join(map(str, result.get("removed", [])))),
+                   ("adapter", result.get("adapter")),
+                   ("fixed adapter", result.get("fixed_adapter")),
+                   ("training rows", result.get("n_train"))]),
+              _table(["model", "query loss", "says it", "its answer"], table,
+                     numeric=("query loss",))]
+    return {"title": "datablame fix", "convention": "",
+            "subtitle": "re-fine-tuned without the rows: what does the model say now?",
+            "sections": [{"title": "Before and after", "blocks": blocks}]}
+
+
+def fix_tabular_page(result: dict, show: int) -> dict:
+    """Each query row's prediction before and after retraining without the rows, beside
+    retraining on every row and without random rows."""
+    classify = not result.get("regression")
+    moved = [q for i, q in enumerate(result["queries"])
+             if result["changed"][i] > 0 or result["changed_by_random"][i] > 0]
+    truth = bool(moved) and "true" in moved[0]
+    heads = ["query", *(["true"] if truth else []), "before", "after",
+             *(["p(before label), before", "p(before label), after"] if classify else []),
+             "moved by random rows"]
+    rows = [[str(q["query"]), *([_num(q["true"])] if truth else []), _num(q["before"]),
+             _num(q["after"]),
+             *([_num(q["p_before_label"]["before"], 3), _num(q["p_before_label"]["after"], 3)]
+               if classify else []),
+             _num(result["changed_by_random"][q["query"]], 3)] for q in moved]
+    blocks = [_p(result.get("summary", ""), "legend")]
+    if "wrong" in result:
+        blocks.append(_plot(plots.bars({k: float(v) for k, v in result["wrong"].items()},
+                                       "wrong answers on the query rows",
+                                       highlight="retrained without them")))
+    blocks.append(_table(heads, rows, numeric=heads))
+    blocks.append(_p(f"{len(result['queries']) - len(moved)} query rows moved in no run",
+                     "legend"))
+    return {"title": "datablame fix", "convention": "",
+            "subtitle": f"predictions before and after removing {len(result['removed'])} "
+                        "rows", "sections": [{"title": "Query rows that moved",
+                                              "blocks": blocks}]}
+
+
 PAGES: dict[str, Callable] = {
     "trace": trace_page, "traces": traces_page, "trace-group": trace_group_page,
     "tabular": tabular_page,
     "tabular-group": tabular_group_page,
     "verify": verify_page, "verify-text": verify_text_page, "spans": spans_page,
     "audit-labels": audit_labels_page, "audit-prune": audit_prune_page,
-    "audit-fairness": audit_fairness_page,
+    "audit-fairness": audit_fairness_page, "fix-text": fix_text_page,
+    "fix-tabular": fix_tabular_page,
 }
 
 
