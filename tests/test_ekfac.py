@@ -75,3 +75,20 @@ def test_a_conv1d_weight_scores_as_the_same_linear_weight():
                                linear.scores(list(range(3)), None), rtol=1e-9)
     # and a row's own score is positive: (1/n) g^T H^-1 g with H positive definite
     assert (np.diag(linear.scores(list(range(20)), None)) > 0).all()
+
+
+def test_without_the_correction_it_is_kfac_the_kronecker_product_of_the_factors():
+    """correct_eigenvalues=False: (S (x) A + damping I)^-1 exactly, S and A per token, for a
+    weight flattened row-major (out, in)."""
+    rng = np.random.default_rng(2)
+    xs = [torch.from_numpy(rng.normal(size=(int(t), 4))) for t in rng.integers(1, 5, 30)]
+    gs = [torch.from_numpy(rng.normal(size=(len(x), 3))) for x in xs]
+    method = EKFAC(correct_eigenvalues=False).fit(FactorsOnly(xs, gs), list(range(30)), None)
+    tokens = sum(len(x) for x in xs)
+    a = sum((x.T @ x).numpy() for x in xs) / tokens
+    s = sum((g.T @ g).numpy() for g in gs) / tokens
+    curvature = np.kron(s, a)
+    damping = 0.1 * np.outer(np.linalg.eigvalsh(s), np.linalg.eigvalsh(a)).mean()
+    v = rng.normal(size=(4, 12))
+    want = np.linalg.solve(curvature + damping * np.eye(12), v.T).T
+    np.testing.assert_allclose(method._solve(torch.from_numpy(v)).numpy(), want, rtol=1e-9)

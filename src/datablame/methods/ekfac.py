@@ -25,8 +25,9 @@ class EKFAC(_InverseHessianMethod):
     name = "ekfac"
     requires = (KRONECKER,)
 
-    def __init__(self, damping_scale: float = 0.1):
+    def __init__(self, damping_scale: float = 0.1, correct_eigenvalues: bool = True):
         self.damping_scale = damping_scale
+        self.correct_eigenvalues = correct_eigenvalues  # False: plain K-FAC eigenvalues
 
     def fit(self, adapter, x_train, y_train):
         Method.fit(self, adapter, x_train, y_train)
@@ -39,12 +40,15 @@ class EKFAC(_InverseHessianMethod):
             f = factors[name]
             a = f["A"] / max(f["tokens"], 1)
             s = f["S"] / max(f["tokens"], 1)
-            _, q_a = torch.linalg.eigh(a)
-            _, q_s = torch.linalg.eigh(s)
+            l_a, q_a = torch.linalg.eigh(a)
+            l_s, q_s = torch.linalg.eigh(s)
             conv = f["kind"] == "conv1d"  # weight stored (in, out): work on its transpose
             block = slice(start, start + size)
-            lam = (self._rotate(self._matrices(self.g_train[:, block], shape, conv),
-                                q_s, q_a) ** 2).mean(0)
+            if self.correct_eigenvalues:
+                lam = (self._rotate(self._matrices(self.g_train[:, block], shape, conv),
+                                    q_s, q_a) ** 2).mean(0)
+            else:  # K-FAC: the Kronecker product of the factors' eigenvalues, per token
+                lam = torch.outer(l_s.clamp(min=0), l_a.clamp(min=0))
             lam = lam + self.damping_scale * lam.mean().clamp(min=1e-30)
             self.blocks.append((block, shape, conv, q_s, q_a, lam))
             start += size
