@@ -46,9 +46,10 @@ def report(
                                                       "content.")] = None,
     show: Annotated[int, typer.Option(help="Rows opened (and shaded) at the top.")] = 10,
 ) -> None:
-    """A self-contained HTML page from a saved result: the query, the ranked rows with
-    their full content, the score distribution, the retraining curves, the audit's
-    groups and patterns."""
+    """A self-contained HTML page from a result saved with --out.
+
+    The query, the ranked rows with their full content, the score distribution, the
+    retraining curves, the audit's groups and patterns."""
     from datablame.errors import check_at_least
     from datablame.report import kind_of, load_result
 
@@ -91,9 +92,11 @@ def serve(
     dtype: Annotated[str, typer.Option(help="fp32, bf16 or fp16.")] = "fp32",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
 ) -> None:
-    """A local web UI: type or pick an output, trace it, click through the rows, flip
-    methods, download the report. Binds 127.0.0.1; reads no file but the index, the
-    model and the paths given here."""
+    """A local web UI to trace outputs, compare methods and download the page.
+
+    Type or pick an output, trace it, click through the rows, flip methods, download the
+    report. Binds 127.0.0.1; reads no file but the index, the model and the paths given
+    here."""
     from datablame.errors import check_at_least
     from datablame.report.server import TraceSession, check_bind, index_has_gradients, make_server
     from datablame.store.retrieval_index import read_manifest

@@ -201,8 +201,8 @@ def tabular(
                                              "column); with --aggregate: the rows behind "
                                              "its errors.")] = False,
 ) -> None:
-    """Rank the training rows behind each query row of a tabular model (or behind a group
-    of them: --aggregate)."""
+    """Rank the training rows behind each query row of a tabular model (--aggregate: a
+    group)."""
     from datablame.cli.report import check_html, write_report
 
     check_html(html)

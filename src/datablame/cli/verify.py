@@ -216,9 +216,11 @@ def fix(
                                                         "result here.")] = None,
     html: Annotated[Optional[Path], typer.Option(help=HTML_HELP)] = None,  # noqa: UP045
 ) -> None:
-    """Wrong facts, fixed: retrain without the rows a trace blamed and show what the model
-    says before and after (an LM: the new adapter is kept in --out; a tabular model: each
-    query row's prediction, next to retraining without random rows)."""
+    """Wrong facts, fixed: retrain without the blamed rows, show before and after.
+
+    A language model is re-fine-tuned with its recipe into a new adapter (--out) and the
+    answer generated again; a tabular model is retrained and each query row's prediction
+    shown next to retraining on every row and without random rows."""
     from datablame.outputs import check_output_file, is_json_with
     from datablame.store.atomic import write_json_atomic
 
