@@ -201,8 +201,9 @@ def tabular(
                                              "column); with --aggregate: the rows behind "
                                              "its errors.")] = False,
 ) -> None:
-    """Rank the training rows behind each query row of a tabular model (--aggregate: a
-    group)."""
+    """Rank the training rows behind each query row of a tabular model.
+
+    --aggregate ranks them for the query rows together (--only-wrong: the wrong ones)."""
     from datablame.cli.report import check_html, write_report
 
     check_html(html)
