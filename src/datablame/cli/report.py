@@ -37,7 +37,8 @@ def write_report(html: Path | None, result, *, table=None, show: int = 10) -> No
 def report(
     result_file: Annotated[Path, typer.Argument(help="A result saved with --out: trace "
                                                      "(.json, or .jsonl from --queries), "
-                                                     "verify, spans or audit.")],
+                                                     "verify, spans, audit; tabular "
+                                                     "--json; fix --result.")],
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="The .html file to "  # noqa: UP045
                                                 "write (default: beside the result).")
                    ] = None,
