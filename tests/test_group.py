@@ -165,3 +165,24 @@ def test_rows_behind_several_text_outputs_together(demo_assets, gradient_index, 
     code, _, err = run_cli(monkeypatch, capsys, "trace", gradient_index, "--model",
                            root / "base", "--query", "x", "--aggregate")
     _assert_one_line_error(code, err, "--aggregate ranks the rows behind a --queries file")
+
+
+def test_kept_rows_are_the_training_rows_as_written(tmp_path):
+    """--kept copies the rows that stay byte for byte (a JSON Lines row missing a key stays
+    missing it, 1 stays 1), in .jsonl, a .json list, and a .pq table alike."""
+    from datablame.cli.verify import _write_kept
+
+    lines = ['{"instruction": "a", "output": "x", "n": 1}', '{"instruction": "b", "output": "y"}',
+             '{"output": "z", "meta": {"k": [1, 2]}}']
+    (tmp_path / "t.jsonl").write_text("\n".join(lines) + "\n\n")
+    _write_kept(tmp_path / "t.jsonl", tmp_path / "k.jsonl", [0])
+    assert (tmp_path / "k.jsonl").read_text().splitlines() == lines[1:]
+    (tmp_path / "t.json").write_text(json.dumps([json.loads(ln) for ln in lines]))
+    _write_kept(tmp_path / "t.json", tmp_path / "k.json", [2])
+    assert json.loads((tmp_path / "k.json").read_text()) == [json.loads(ln)
+                                                               for ln in lines[:2]]
+    table = pd.DataFrame({"a": [1, 2, 3], "b": ["p", "q", "r"]})
+    table.to_parquet(tmp_path / "t.pq")
+    _write_kept(tmp_path / "t.pq", tmp_path / "k.pq", [1])
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "k.pq").reset_index(drop=True),
+                                  table.drop(index=1).reset_index(drop=True))

@@ -300,8 +300,10 @@ def served(demo_assets, tmp_path_factory):
     server.server_close()
 
 
-def fetch(url: str, host: str | None = None) -> tuple[int, str]:
-    request = urllib.request.Request(url, headers={"Host": host} if host else {})
+def fetch(url: str, host: str | None = None, headers: dict | None = None,
+          data: bytes | None = None) -> tuple[int, str]:
+    request = urllib.request.Request(url, data=data, headers={
+        **({"Host": host} if host else {}), **(headers or {})})
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
             return response.status, response.read().decode()
@@ -357,6 +359,19 @@ def test_serve_reads_no_path_and_answers_only_its_own_host(served):
     assert status == 400 and "give the output to trace" in json.loads(body)["error"]
     status, body = fetch(url + "/api/trace?pick=7")
     assert status == 400 and "no query number" in body
+    # another site's page cannot make it trace (an <img> or a form pointing here)
+    for headers in ({"Sec-Fetch-Site": "cross-site"}, {"Origin": "http://evil.example"}):
+        status, body = fetch(url + "/trace?answer=x", headers=headers)
+        assert status == 403 and "other sites" in body, headers
+    status, _ = fetch(url + "/api/trace?pick=0", headers={"Sec-Fetch-Site": "same-origin",
+                                                          "Origin": url})
+    assert status == 200
+    # malformed requests get an answer, not a dropped connection
+    status, _ = fetch(url + "/api/trace?" + "&".join(f"f{i}=1" for i in range(300)))
+    assert status == 400
+    status, _ = fetch(url + "/api/trace", data=b"answer=x",
+                      headers={"Content-Length": "abc"})
+    assert status == 400
 
 
 def test_serve_binds_loopback_unless_told(tmp_path, monkeypatch, capsys):

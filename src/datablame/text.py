@@ -380,30 +380,31 @@ class Tracer:
 
         check_alignment(alignment)
         _, q_text = self._prepare(query, 1)
-        q_parts = self.model.token_gradients(q_text, batch_size=self.batch_size)
-        if q_parts is None:
-            return {}
-        q_spans, q_grads = q_parts
-        g_q = q_grads.astype(np.float64).sum(0)
-        q_norm = float(np.linalg.norm(g_q)) or 1.0
         texts = [self.row_text(int(r)) for r in row_ids]
-        with progress.task("per-token scores", len(texts)) as advance:
+        with progress.task("per-token scores", len(texts) + 1) as advance:
+            g_q = self.model.gradients([q_text]).astype(np.float64)[0]
             row_grads = self.model.gradients(texts, batch_size=self.batch_size,
                                              names=list(map(int, row_ids))).astype(np.float64)
-            answer = _traced_words(q_text, q_spans)
+            # the answer's tokens against every row at once: (T_q, rows)
+            q_parts = self.model.token_gradients(q_text, row_grads, batch_size=self.batch_size)
+            advance(1)
+            if q_parts is None:
+                return {}
+            q_norm = float(np.linalg.norm(g_q)) or 1.0
+            answer = _traced_words(q_text, q_parts[0])
             result: dict = {"alignment": alignment, "answer": {"text": answer["text"],
                                                               "shares": {}}, "rows": {}}
-            for r, text, g_r in zip(row_ids, texts, row_grads, strict=True):
+            for j, (r, text, g_r) in enumerate(zip(row_ids, texts, row_grads, strict=True)):
                 scale = 1.0 if alignment == "dot" else \
                     1.0 / (q_norm * (float(np.linalg.norm(g_r)) or 1.0))
                 result["answer"]["shares"][str(int(r))] = answer["assign"](
-                    (q_grads @ g_r) * scale)
-                parts = self.model.token_gradients(text, batch_size=self.batch_size) \
+                    q_parts[1][:, j] * scale)
+                parts = self.model.token_gradients(text, g_q, batch_size=self.batch_size) \
                     if self.model.encode([text]).input_ids.shape[1] <= max_row_tokens else None
                 if parts is not None:
                     own = _traced_words(text, parts[0])
                     result["rows"][str(int(r))] = {"text": own["text"],
-                                                   "shares": own["assign"]((parts[1] @ g_q)
+                                                   "shares": own["assign"](parts[1][:, 0]
                                                                            * scale)}
                 advance(1)
         return result

@@ -321,26 +321,33 @@ def _fix_tabular(train_file, target, model, query, rows, n_random, trust_pickle)
 
 
 def _write_kept(train_file: Path, kept: Path, removed: list[int]) -> None:
-    """The training rows that stay, in the training file's own format (atomically)."""
-    from datablame.data.rows import load_rows, load_table
+    """The training rows that stay, in the training file's own format (atomically): a
+    JSON Lines / JSON file's rows are copied as written, not re-serialised."""
+    from datablame.data.rows import load_table
 
     suffix = train_file.suffix.lower()
     tmp = kept.with_name(f".{kept.name}.partial")
     gone = set(removed)
-    if suffix in (".csv", ".parquet"):
+    if suffix in (".csv", ".parquet", ".pq"):
         table, _ = load_table(train_file)
         part = table.drop(index=table.index[sorted(gone)])
         part.to_csv(tmp, index=False) if suffix == ".csv" else part.to_parquet(tmp)
+    elif suffix in (".jsonl", ".json"):
+        text = train_file.read_text(encoding="utf-8")
+        try:
+            document = json.loads(text) if suffix == ".json" else None
+        except json.JSONDecodeError:  # a .json file of JSON lines
+            document = None
+        if isinstance(document, list):
+            tmp.write_text(json.dumps([r for i, r in enumerate(document) if i not in gone],
+                                      ensure_ascii=False), encoding="utf-8")
+        else:
+            lines = [ln for ln in text.splitlines() if ln.strip()]
+            tmp.write_text("".join(ln + "\n" for i, ln in enumerate(lines)
+                                   if i not in gone), encoding="utf-8")
     else:
-        records = load_rows(train_file).records
-        with open(tmp, "w", encoding="utf-8") as fh:
-            if suffix == ".json":
-                json.dump([r for i, r in enumerate(records) if i not in gone], fh,
-                          ensure_ascii=False)
-            else:
-                for i, r in enumerate(records):
-                    if i not in gone:
-                        fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+        fail(f"--kept writes a .jsonl, .json, .csv or .parquet training file's format, not "
+             f"{train_file.name}'s")
     tmp.replace(kept)
 
 

@@ -443,12 +443,14 @@ class CausalLMAdapter:
                           "(empty answer?): their gradient is zero and they cannot be found",
                           stacklevel=3)
 
-    def token_gradients(self, example: FormattedText, batch_size: int = 16
-                        ) -> tuple[list[tuple[int, int]], np.ndarray] | None:
-        """Each traced token's part of the example's gradient: (character spans in
-        `example.text`, (T, d) gradients) whose rows sum to `gradients([example])[0]` (the
-        loss is the mean over traced tokens, so each part is one token's gradient / T).
-        None for a text cut to fit max length (its offsets no longer line up)."""
+    def token_gradients(self, example: FormattedText, against: np.ndarray,
+                        batch_size: int = 16) -> tuple[list[tuple[int, int]], np.ndarray] | None:
+        """Each traced token's part of the example's gradient, dotted with each vector of
+        `against` (k, d): (character spans in `example.text`, (T, k)) whose rows sum to
+        `gradients([example])[0] @ against.T` (the loss is the mean over traced tokens, so
+        each part is one token's gradient / T). A batch of token gradients is reduced as
+        it is computed: memory holds `batch_size` x d, never T x d. None for a text cut to
+        fit max length (its offsets no longer line up)."""
         batch = self.encode([example])
         if batch.cut[0]:
             return None
@@ -458,6 +460,7 @@ class CausalLMAdapter:
             return None
         offsets = self.tokenizer(example.text, add_special_tokens=example.add_special_tokens,
                                  return_offsets_mapping=True)["offset_mapping"]
+        against = np.asarray(against, dtype=np.float64).reshape(-1, self.num_params)
         parts = []
         for start in range(0, len(positions), batch_size):
             take = positions[start:start + batch_size]
@@ -465,10 +468,9 @@ class CausalLMAdapter:
             one = torch.full_like(ids, -100)
             for i, p in enumerate(take):
                 one[i, p] = labels[p]
-            parts.append(self._batch_gradients(EncodedBatch(ids, one, [""] * len(take)),
-                                               "auto"))
-        grads = np.concatenate(parts) / len(positions)
-        return [tuple(offsets[p]) for p in positions], grads
+            grads = self._batch_gradients(EncodedBatch(ids, one, [""] * len(take)), "auto")
+            parts.append(grads.astype(np.float64) @ against.T)
+        return [tuple(offsets[p]) for p in positions], np.concatenate(parts) / len(positions)
 
     def check_scored(self, example: FormattedText, what: str = "the query") -> None:
         """Refuse a text whose traced tokens are all gone: every row would score 0."""

@@ -88,7 +88,7 @@ def per_example_grads(
         g = g.reshape(g.shape[0], -1, g.shape[-1]).float()
         if factors is not None and attr == "weight":
             active = g.abs().sum(-1) > 0  # tokens that reach some example's loss
-            xs, gs = x[active].double(), g[active].double()
+            xs, gs = x[active].double().cpu(), g[active].double().cpu()  # beside g_train
             f = factors.setdefault(n, {"A": 0.0, "S": 0.0, "tokens": 0, "kind": kind})
             f["A"] = f["A"] + xs.T @ xs
             f["S"] = f["S"] + gs.T @ gs

@@ -20,7 +20,8 @@ def _figure(width: float = 6.4, height: float = 2.6):
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    plt.rcParams.update({"svg.fonttype": "none", "font.size": 9, "axes.spines.top": False,
+    plt.rcParams.update({"text.parse_math": False,  # a "$" in a run's name is text
+                         "svg.fonttype": "none", "font.size": 9, "axes.spines.top": False,
                          "axes.spines.right": False, "svg.hashsalt": "datablame"})
     return plt.subplots(figsize=(width, height), layout="constrained")
 

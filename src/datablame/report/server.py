@@ -24,7 +24,7 @@ from datablame.errors import UserError
 KEPT_RESULTS = 50  # traced results kept in memory for download
 MAX_REQUEST_BYTES = 1 << 20  # a query longer than 1 MiB is refused
 SERVED_CSP = ("default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; "
-              "img-src data:; form-action 'self'")
+              "img-src data:; form-action 'self'; frame-ancestors 'none'")
 
 
 def is_loopback(host: str) -> bool:
@@ -162,6 +162,7 @@ class Handler(BaseHTTPRequestHandler):
     allowed_hosts: set[str] | None  # None: any (served beyond loopback on purpose)
     server_version = "datablame"
     sys_version = ""
+    timeout = 30  # a connection that sends nothing does not hold its thread
 
     def log_message(self, format, *args) -> None:  # noqa: A002 - the base class's name
         pass  # a quiet terminal; errors reach the page
@@ -189,20 +190,47 @@ class Handler(BaseHTTPRequestHandler):
         self._route(urlsplit(self.path).query)
 
     def do_POST(self) -> None:  # noqa: N802
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > MAX_REQUEST_BYTES:
-            self._send(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "request too large",
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = -1
+        if not 0 <= length <= MAX_REQUEST_BYTES:
+            self._send(HTTPStatus.BAD_REQUEST, "a body of 0 to 1 MiB, with its length",
                        "text/plain; charset=utf-8")
             return
         body = self.rfile.read(length).decode("utf-8", errors="replace")
         self._route(body)
 
-    def _route(self, query: str) -> None:
+    def _foreign(self) -> str | None:
+        """Why this request must be refused, if it must: another Host (DNS rebinding), or
+        a request another site's page made (an <img> or form pointing here)."""
         if self.allowed_hosts is not None and \
                 self.headers.get("Host", "") not in self.allowed_hosts:
-            self._send(HTTPStatus.FORBIDDEN, "this server answers only on "
-                       + ", ".join(sorted(self.allowed_hosts)), "text/plain; charset=utf-8")
+            return "this server answers only on " + ", ".join(sorted(self.allowed_hosts))
+        if self.headers.get("Sec-Fetch-Site", "") == "cross-site":
+            return "requests from other sites are refused"
+        origin = self.headers.get("Origin")
+        if origin and self.allowed_hosts is not None and \
+                urlsplit(origin).netloc not in self.allowed_hosts:
+            return "requests from other sites are refused"
+        return None
+
+    def _route(self, query: str) -> None:
+        refused = self._foreign()
+        if refused:
+            self._send(HTTPStatus.FORBIDDEN, refused, "text/plain; charset=utf-8")
             return
+        try:
+            self._answer(query)
+        except ValueError as exc:  # a malformed query string
+            self._send(HTTPStatus.BAD_REQUEST, f"bad request: {exc}",
+                       "text/plain; charset=utf-8")
+        except Exception as exc:  # noqa: BLE001 - the page says what broke, the server lives
+            self._send(HTTPStatus.INTERNAL_SERVER_ERROR,
+                       f"the trace failed: {type(exc).__name__}: {exc}",
+                       "text/plain; charset=utf-8")
+
+    def _answer(self, query: str) -> None:
         path = urlsplit(self.path).path
         session = self.session
         try:
