@@ -170,7 +170,11 @@ def test_rows_behind_several_text_outputs_together(demo_assets, gradient_index, 
 def test_kept_rows_are_the_training_rows_as_written(tmp_path):
     """--kept copies the rows that stay byte for byte (a JSON Lines row missing a key stays
     missing it, 1 stays 1), in .jsonl, a .json list, and a .pq table alike."""
-    from datablame.cli.verify import _write_kept
+    from datablame.outputs import write_training_rows
+
+    def _write_kept(train, out, removed):  # what fix --kept writes
+        n = 3
+        write_training_rows(train, out, [i for i in range(n) if i not in set(removed)])
 
     lines = ['{"instruction": "a", "output": "x", "n": 1}', '{"instruction": "b", "output": "y"}',
              '{"output": "z", "meta": {"k": [1, 2]}}']

@@ -32,7 +32,7 @@ import numpy as np
 
 from datablame import progress
 from datablame.errors import UserError, check_at_least
-from datablame.tabular import TabularTask
+from datablame.tabular import TabularTask, plain
 
 SCORERS = ("oof-loss", "loss", "self-influence")
 # "auto": self-influence where the model's method has one, else the out-of-fold loss:
@@ -83,11 +83,9 @@ class RetrainCache:
                 raise UserError(f"{self.path} belongs to another task")
             self.entries = saved["entries"]
         self.task_key = task_key
-        self.hits = 0
 
     def get(self, key: str, compute):
         if key in self.entries:
-            self.hits += 1
             return self.entries[key]
         value = compute()
         self.entries[key] = value
@@ -179,7 +177,7 @@ def _out_of_fold(t: TabularTask, perm, folds: int, seed: int, oof, labels, advan
             predicted = predicted.numpy() if hasattr(predicted, "numpy") else predicted
             return {"loss": np.asarray(adapter.query_losses(_take(t.x_train, fold),
                                                             t.y_train[fold])).tolist(),
-                    "label": [_plain(v) for v in
+                    "label": [plain(v) for v in
                               np.asarray(predicted).reshape(len(fold), -1)[:, 0]]}
 
         got = measured(t, rest, seed + k, on_fold, f"oof-fold:{digest(fold)}")
@@ -287,7 +285,7 @@ def label_audit(t: TabularTask, x_eval=None, y_eval=None, *, scorer: str = DEFAU
     order = np.argsort(-scores[scorer], kind="stable")
     result = {"scorer": scorer, "n_train": int(len(t.y_train)),
               "ranked": [{"row": int(r), "label": t.y_train[r].item(),
-                          "suggested": _plain(suggested["label"][r]),
+                          "suggested": plain(suggested["label"][r]),
                           **{k: float(v[r]) for k, v in scores.items()}}
                          for r in order[:top_k]]}
     if x_eval is not None:
@@ -296,10 +294,6 @@ def label_audit(t: TabularTask, x_eval=None, y_eval=None, *, scorer: str = DEFAU
         prove_relabel(t, order[:top_k], suggested["label"], x_eval, y_eval,
                       result["proof"], seed=seed)
     return result
-
-
-def _plain(value):
-    return value.item() if hasattr(value, "item") else value
 
 
 PRUNE_SCORERS = ("influence", "loss-easy", "loss-hard")

@@ -84,3 +84,37 @@ def save_npy(path: Path, array) -> None:
     with open(tmp, "wb") as f:
         np.save(f, np.asarray(array))
     os.replace(tmp, path)
+
+
+def write_training_rows(train_file: str | os.PathLike, path: str | os.PathLike,
+                        rows, table=None) -> None:
+    """The training rows `rows` (ids, in order) written to `path` atomically in the
+    training file's own format: a table (.csv / .parquet / .pq) through pandas (`table`:
+    it already loaded), a JSON list or JSON Lines copied as written, not re-serialised."""
+    train_file, path = Path(train_file), Path(path)
+    suffix = train_file.suffix.lower()
+    rows = [int(r) for r in rows]
+    tmp = path.with_name(f".{path.name}.partial")
+    if suffix in (".csv", ".parquet", ".pq"):
+        if table is None:
+            from datablame.data.rows import load_table
+
+            table, _ = load_table(train_file)
+        part = table.iloc[rows]
+        part.to_csv(tmp, index=False) if suffix == ".csv" else part.to_parquet(tmp)
+    elif suffix in (".jsonl", ".json"):
+        text = train_file.read_text(encoding="utf-8")
+        try:
+            document = json.loads(text) if suffix == ".json" else None
+        except json.JSONDecodeError:  # a .json file of JSON lines
+            document = None
+        if isinstance(document, list):
+            tmp.write_text(json.dumps([document[i] for i in rows], ensure_ascii=False),
+                           encoding="utf-8")
+        else:
+            lines = [ln for ln in text.splitlines() if ln.strip()]
+            tmp.write_text("".join(lines[i] + "\n" for i in rows), encoding="utf-8")
+    else:
+        raise UserError(f"rows are written in a .jsonl, .json, .csv or .parquet training "
+                        f"file's format, not {train_file.name}'s")
+    tmp.replace(path)

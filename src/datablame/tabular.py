@@ -217,6 +217,17 @@ def verify_scores(t: TabularTask, scores: np.ndarray, y_query, *, method: str,
     return result
 
 
+def checked_removal(remove, n: int) -> list[int]:
+    """Rows to remove (fix, verify), sorted and unique, inside the `n` training rows."""
+    remove = sorted(set(int(r) for r in remove))
+    if not remove:
+        raise UserError("nothing to remove: give the rows with --remove or --trace")
+    bad = [r for r in remove if not 0 <= r < n]
+    if bad:
+        raise UserError(f"rows out of range (0..{n - 1}): {bad}")
+    return remove
+
+
 def check_removals(n: int, loo_rows, remove_k: int, option: str = "remove-top-k") -> None:
     """Leave-one-out rows inside the table, and a remove-top-k that leaves rows to train."""
     bad = [r for r in loo_rows if not 0 <= r < n]
@@ -310,12 +321,7 @@ def fix_tabular(t: TabularTask, remove, y_query=None, *, n_random: int = 3,
     from datablame.audit import fitted_adapter
 
     n = len(t.y_train)
-    remove = np.array(sorted(set(int(r) for r in remove)), dtype=int)
-    if len(remove) == 0:
-        raise UserError("nothing to remove: give the rows with --remove or --trace")
-    bad = [int(r) for r in remove if not 0 <= r < n]
-    if bad:
-        raise UserError(f"rows out of range (0..{n - 1}): {bad}")
+    remove = np.array(checked_removal(remove, n), dtype=int)
     if 2 * len(remove) > n:
         raise UserError(f"removing {len(remove)} of {n} rows leaves too few to compare with "
                         "random removals of the same size")
@@ -326,8 +332,8 @@ def fix_tabular(t: TabularTask, remove, y_query=None, *, n_random: int = 3,
         values = values.numpy() if hasattr(values, "numpy") else np.asarray(values)
         return values.reshape(len(t.x_query), -1)[:, 0]
 
-    before = flat(t.predicted())
     label = t.predicted()
+    before = flat(label)
 
     def look(adapter) -> dict:
         out = {"prediction": flat(adapter.predict_targets(t.x_query)).tolist()}
@@ -353,11 +359,11 @@ def fix_tabular(t: TabularTask, remove, y_query=None, *, n_random: int = 3,
             return np.abs(after - before.astype(float))
         return (after != before).astype(float)
 
-    control = runs["retrained on every row"]
+    control = moved(runs["retrained on every row"])
     queries = []
     for q in range(len(t.x_query)):
-        item = {"query": q, "before": _plain(before[q]),
-                "after": _plain(runs["retrained without them"]["prediction"][q])}
+        item = {"query": q, "before": plain(before[q]),
+                "after": plain(runs["retrained without them"]["prediction"][q])}
         if not regression:
             item["p_before_label"] = {"before": runs["original model"]["p_before_label"][q],
                                       "after": runs["retrained without them"]
@@ -369,7 +375,7 @@ def fix_tabular(t: TabularTask, remove, y_query=None, *, n_random: int = 3,
               "regression": regression,
               "queries": queries, "runs": runs,
               "changed": changed.tolist(), "changed_by_random": np.mean(random_moves, 0).tolist(),
-              "control_changed": moved(control).tolist()}
+              "control_changed": control.tolist()}
     if y_query is not None and not regression:
         truth = t.query_targets(y_query).reshape(len(t.x_query), -1)[:, 0]
 
@@ -378,12 +384,12 @@ def fix_tabular(t: TabularTask, remove, y_query=None, *, n_random: int = 3,
 
         result["wrong"] = {name: wrong(run) for name, run in runs.items()}
         for item, right in zip(queries, truth, strict=True):
-            item["true"] = _plain(right)
+            item["true"] = plain(right)
     what = "mean |change| of the prediction" if regression else "predictions changed"
     total = float(changed.sum()) if not regression else float(changed.mean())
     by_random = float(np.mean([m.sum() if not regression else m.mean()
                                for m in random_moves]))
-    by_control = float(moved(control).sum() if not regression else moved(control).mean())
+    by_control = float(control.sum() if not regression else control.mean())
     result["summary"] = (f"{what}: {total:.4g} without the {len(remove)} rows, "
                          f"{by_random:.4g} on average without {len(remove)} random rows, "
                          f"{by_control:.4g} retrained on every row")
@@ -396,5 +402,6 @@ def fix_tabular(t: TabularTask, remove, y_query=None, *, n_random: int = 3,
     return result
 
 
-def _plain(value):
+def plain(value):
+    """A NumPy scalar as the Python value JSON writes."""
     return value.item() if hasattr(value, "item") else value

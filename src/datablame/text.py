@@ -369,6 +369,13 @@ class Tracer:
         _, q_text = self._prepare(query, 1)
         return self._align_rows(q_text, row_ids, alignment)
 
+    def word_shares(self, df: pd.DataFrame, show: int, alignment: str = "cosine") -> dict:
+        """`token_scores` for a trace's result: its traced output against its first
+        `show` rows."""
+        traced = Query(df.attrs["query"], df.attrs["prompt"], df.attrs["focus"],
+                       as_written=True)
+        return self.token_scores(traced, [int(r) for r in df["row"][:show]], alignment)
+
     def token_scores(self, query: Query | str, row_ids: list[int], alignment: str = "cosine",
                      max_row_tokens: int = 512) -> dict:
         """Each word's share of each row's gradient score, both ways: the query's answer
@@ -427,9 +434,9 @@ class Tracer:
         if not queries:
             raise UserError("no queries to aggregate over")
         names = names if names is not None else list(range(1, len(queries) + 1))
-        prepared = [self._prepare(q, top_k)[1] for q in queries]
+        resolved, prepared = zip(*(self._prepare(q, top_k) for q in queries), strict=True)
         with progress.task("query gradients", len(prepared)) as advance:
-            q_grads = self.model.gradients(prepared, batch_size=self.batch_size,
+            q_grads = self.model.gradients(list(prepared), batch_size=self.batch_size,
                                            progress=advance, names=[f"query {n}" for n in names])
         if all_rows:
             from datablame.store.gradient_store import GradientStore
@@ -443,8 +450,8 @@ class Tracer:
             candidates, _ = store.top_k(unit.sum(axis=0), depth, "cosine")
         else:
             found: dict[int, None] = {}
-            for q in queries:
-                for r in self.retrieve(q.resolved(self.template), top_k)[0]:
+            for q in resolved:
+                for r in self.retrieve(q, top_k)[0]:
                     found.setdefault(int(r), None)
             candidates = np.fromiter(found, dtype=int)
         with progress.task("gradients", len(candidates)) as advance:

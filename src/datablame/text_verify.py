@@ -34,6 +34,7 @@ from datablame.models.lora_finetune import (
     recipe_of_adapter,
     rows_digest,
 )
+from datablame.tabular import checked_removal
 
 
 def _words(text: str) -> list[str]:
@@ -89,10 +90,9 @@ def verify_text(train_file, base_dir, adapter_dir, query, *, remove: list[int],
     """Retrain without `remove` (the rows a trace blamed) and without `n_random` random sets
     of as many rows; `query` is a `datablame.text.Query` (prompt fields + answer, or the
     whole formatted text). Returns JSON-able results with a verdict."""
-
     rows, recipe, recorded = _rows_and_recipe(train_file, adapter_dir, recipe_file)
     n = len(rows)
-    remove = _checked_removal(remove, n)
+    remove = checked_removal(remove, n)
     if len(remove) * 2 > n:
         raise UserError(f"removing {len(remove)} of {n} rows leaves too few to compare with "
                         "random removals of the same size")
@@ -136,17 +136,6 @@ def verify_text(train_file, base_dir, adapter_dir, query, *, remove: list[int],
             shutil.rmtree(tmp, ignore_errors=True)
     result["verdict"], result["summary"] = _verdict(result)
     return result
-
-
-def _checked_removal(remove, n: int) -> list[int]:
-    """The rows to remove, sorted and unique, inside the training rows."""
-    remove = sorted(set(int(r) for r in remove))
-    if not remove:
-        raise UserError("nothing to remove: give the rows with --remove or --trace")
-    bad = [r for r in remove if not 0 <= r < n]
-    if bad:
-        raise UserError(f"rows out of range (0..{n - 1}): {bad}")
-    return remove
 
 
 def _query_parts(query, recipe: Recipe, base_dir, rows, max_new_tokens: int | None):
@@ -333,7 +322,7 @@ def fix_text(train_file, base_dir, adapter_dir, query, *, remove: list[int], out
     change is the rows' and not any removal's."""
     rows, recipe, recorded = _rows_and_recipe(train_file, adapter_dir, recipe_file)
     n = len(rows)
-    remove = _checked_removal(remove, n)
+    remove = checked_removal(remove, n)
     if len(remove) >= n:
         raise UserError(f"removing {len(remove)} of {n} rows leaves nothing to train on")
     q, prompt, answer, budget = _query_parts(query, recipe, base_dir, rows, max_new_tokens)

@@ -219,7 +219,7 @@ def prune(
     from datablame.audit import PRUNE_SCORERS, prune_audit
     from datablame.cli.tabular import load_task
     from datablame.data.rows import load_table
-    from datablame.outputs import check_output_file, is_json_with
+    from datablame.outputs import check_output_file, is_json_with, write_training_rows
     from datablame.store.atomic import write_json_atomic
 
     _check_files(train_file, model, eval_file)
@@ -245,12 +245,10 @@ def prune(
                              scorer=scorer, n_random=n_random, method=method)
     table, _ = load_table(train_file)
     gone = sorted(r["row"] for r in result["pruned"])
-    for path, part in ((kept, table.drop(index=table.index[gone])),
-                       (removed, table.iloc[gone])):
+    staying = sorted(set(range(len(table))) - set(gone))
+    for path, part in ((kept, staying), (removed, gone)):
         if path is not None:
-            tmp = path.with_name(f".{path.name}.partial")
-            (part.to_csv(tmp, index=False) if suffix == ".csv" else part.to_parquet(tmp))
-            tmp.replace(path)
+            write_training_rows(train_file, path, part, table)
     if out is not None:
         write_json_atomic(out, result)
     write_report(html, result, table=table)

@@ -20,6 +20,7 @@ from datablame.cli import report as report_commands
 from datablame.cli import tabular as tabular_commands
 from datablame.cli import verify as verify_commands
 from datablame.cli.console import console, fail
+from datablame.cli.report import check_html, write_report
 from datablame.errors import UserError
 
 app = typer.Typer(
@@ -306,10 +307,7 @@ def trace(
         ours = is_json_with("queries", "results") if aggregate else \
             is_jsonl_with("query", "results") if queries else is_json_with("query", "results")
         check_output_file(out, "--out", ours=ours)
-    if html is not None:
-        from datablame.report import check_html_path
-
-        check_html_path(html)
+    check_html(html)
     if aggregate and (queries is None or method != "grad" or alignment != "cosine"):
         _fail("--aggregate ranks the rows behind a --queries file together, by the mean "
               "gradient cosine: it needs --queries and --method grad (cosine)")
@@ -407,14 +405,13 @@ def trace(
         df.attrs["generated"] = item.answer is None
         return df
 
-    def with_tokens(df, record: dict, wanted: bool) -> dict:
+    shares = (token_scores or html is not None) and method == "grad"
+
+    def with_tokens(df, record: dict) -> dict:
         """Per-word shares of the shown rows' scores (grad method only: the others do
         not split into tokens)."""
-        if wanted and method == "grad" and len(df):
-            traced = Query(df.attrs["query"], df.attrs["prompt"], df.attrs["focus"],
-                           as_written=True)
-            record["token_scores"] = tracer.token_scores(
-                traced, [int(r) for r in df["row"][:show]], alignment)
+        if shares and len(df):
+            record["token_scores"] = tracer.word_shares(df, show, alignment)
         return record
 
     if aggregate:
@@ -425,23 +422,17 @@ def trace(
         return
     if queries is None:
         df = one(lines[0])
-        record = with_tokens(df, results_json(df), token_scores or html is not None)
+        record = with_tokens(df, results_json(df))
         if out is not None:
             write_json_atomic(out, record)
-        if html is not None:
-            from datablame.report import write_html
-
-            write_html(html, record, show=show)
+        write_report(html, record, show=show)
         print_results(df, show, as_json, wide_console())
-        if html is not None:
-            console.print(f"report written to {html}", highlight=False)
         return
     done, pages = [], []
     for item in lines:
         df = one(item)
         record = with_tokens(df, {"line": item.line, **({"id": item.id} if item.id is not
-                                                       None else {}), **results_json(df)},
-                             token_scores or html is not None)
+                                                       None else {}), **results_json(df)})
         if html is not None:
             pages.append(dict(record))
         record["results"] = record["results"][:show] if not as_json else record["results"]
@@ -449,11 +440,7 @@ def trace(
         print(json.dumps(record, ensure_ascii=False), flush=True)
     if out is not None:
         write_jsonl_atomic(out, done)
-    if html is not None:
-        from datablame.report import write_html
-
-        write_html(html, pages, show=show)
-        console.print(f"report written to {html}", highlight=False)
+    write_report(html, pages, show=show)
 
 
 def _trace_group(tracer, queries, names, *, top_k, all_rows, rerank, checksum, show,
@@ -470,16 +457,11 @@ def _trace_group(tracer, queries, names, *, top_k, all_rows, rerank, checksum, s
     record.pop("query", None)
     if out is not None:
         write_json_atomic(out, record)
-    if html is not None:
-        from datablame.report import write_html
-
-        write_html(html, record, show=show)
+    write_report(html, record, show=show)
     if as_json:
         print(json.dumps(record, indent=2, ensure_ascii=False, default=str))
     else:
         wide_console().print(results_table_for_group(df, show))
-    if html is not None:
-        console.print(f"report written to {html}", highlight=False)
 
 
 def results_table_for_group(df, show: int):
@@ -529,8 +511,6 @@ def spans(
         _fail("give the output to look for with one of --query or --query-file")
     if out is not None:
         check_output_file(out, "--out", ours=is_json_with("query", "spans"))
-    from datablame.cli.report import check_html, write_report
-
     check_html(html)
     prompt: dict = {}
     if query_file is not None:

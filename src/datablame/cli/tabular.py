@@ -223,8 +223,6 @@ def tabular(
 def tabular_result(df, scores, query_file, target: str, train_file) -> dict:
     """What a tabular page shows: the ranked rows, each query row's own features (to set
     the rows' beside), and the distribution of its scores over the training rows."""
-    import json
-
     import numpy as np
     import pandas as pd
 
@@ -249,8 +247,6 @@ def tabular_result(df, scores, query_file, target: str, train_file) -> dict:
 
 def group_result(df) -> dict:
     """What a group page shows: the rows behind the query rows together."""
-    import json
-
     return {"kind": "tabular-group", "method": df.attrs.get("method"),
             "explains": EXPLAINS.get(df.attrs.get("explains"), df.attrs.get("explains")),
             "group": df.attrs["group"], "n_queries": df.attrs["n_queries"],

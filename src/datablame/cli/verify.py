@@ -221,7 +221,7 @@ def fix(
     A language model is re-fine-tuned with its recipe into a new adapter (--out) and the
     answer generated again; a tabular model is retrained and each query row's prediction
     shown next to retraining on every row and without random rows."""
-    from datablame.outputs import check_output_file, is_json_with
+    from datablame.outputs import check_output_file, is_json_with, write_training_rows
     from datablame.store.atomic import write_json_atomic
 
     if not train_file.exists():
@@ -248,7 +248,9 @@ def fix(
             fail("a tabular model needs --target and --query (the rows it got wrong)")
         result = _fix_tabular(train_file, target, model, query, rows, random, trust_pickle)
     if kept is not None:
-        _write_kept(train_file, kept, result["removed"])
+        gone = set(result["removed"])
+        write_training_rows(train_file, kept, [i for i in range(result["n_train"])
+                                               if i not in gone])
     if result_file is not None:
         write_json_atomic(result_file, result)
     if as_json:
@@ -260,12 +262,12 @@ def fix(
 
 def _rows_of(results_file: Path, top_k: int) -> list[int]:
     """The top-k rows of a trace (or of each query of a tabular result)."""
-    from datablame.text_verify import _trace_results
+    from datablame.text_verify import _trace_results, rows_from_trace
 
     ranked = _trace_results(results_file)
     if any("query" in r and isinstance(r["query"], int) for r in ranked):
         return sorted({int(r["row"]) for r in ranked if int(r.get("rank", 1)) <= top_k})
-    return [int(r["row"]) for r in sorted(ranked, key=lambda r: r.get("rank", 0))[:top_k]]
+    return rows_from_trace(results_file, top_k)
 
 
 def _fix_text(train_file, model, adapter, out, trace, query_file, fields, recipe_file,
@@ -310,45 +312,12 @@ def text_query(trace, query_file, prompt: dict, template, what: str):
 
 
 def _fix_tabular(train_file, target, model, query, rows, n_random, trust_pickle) -> dict:
-    from datablame.cli.tabular import load_task
+    from datablame.cli.tabular import _check_inputs, load_task
     from datablame.tabular import fix_tabular
 
-    for what, path in (("model file", model), ("query file", query)):
-        if not Path(path).exists():
-            fail(f"{what} not found: {path}")
+    _check_inputs(train_file, model, query, "auto")
     t, _, y_query = load_task(train_file, target, model, query, trust_pickle)
     return fix_tabular(t, rows, y_query, n_random=n_random)
-
-
-def _write_kept(train_file: Path, kept: Path, removed: list[int]) -> None:
-    """The training rows that stay, in the training file's own format (atomically): a
-    JSON Lines / JSON file's rows are copied as written, not re-serialised."""
-    from datablame.data.rows import load_table
-
-    suffix = train_file.suffix.lower()
-    tmp = kept.with_name(f".{kept.name}.partial")
-    gone = set(removed)
-    if suffix in (".csv", ".parquet", ".pq"):
-        table, _ = load_table(train_file)
-        part = table.drop(index=table.index[sorted(gone)])
-        part.to_csv(tmp, index=False) if suffix == ".csv" else part.to_parquet(tmp)
-    elif suffix in (".jsonl", ".json"):
-        text = train_file.read_text(encoding="utf-8")
-        try:
-            document = json.loads(text) if suffix == ".json" else None
-        except json.JSONDecodeError:  # a .json file of JSON lines
-            document = None
-        if isinstance(document, list):
-            tmp.write_text(json.dumps([r for i, r in enumerate(document) if i not in gone],
-                                      ensure_ascii=False), encoding="utf-8")
-        else:
-            lines = [ln for ln in text.splitlines() if ln.strip()]
-            tmp.write_text("".join(ln + "\n" for i, ln in enumerate(lines)
-                                   if i not in gone), encoding="utf-8")
-    else:
-        fail(f"--kept writes a .jsonl, .json, .csv or .parquet training file's format, not "
-             f"{train_file.name}'s")
-    tmp.replace(kept)
 
 
 def _print_fix(result: dict) -> None:

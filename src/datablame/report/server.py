@@ -114,10 +114,7 @@ class TraceSession:
             df.attrs["generated"] = bool(values["generate"])
             record = json.loads(json.dumps(results_json(df), default=str))
             if method == "grad" and len(df):
-                traced = Query(df.attrs["query"], df.attrs["prompt"], df.attrs["focus"],
-                               as_written=True)
-                record["token_scores"] = self.tracer.token_scores(
-                    traced, [int(r) for r in df["row"][:self.show]])
+                record["token_scores"] = self.tracer.word_shares(df, self.show)
             key = f"r{self._next}"
             self._next += 1
             self.results[key] = record
