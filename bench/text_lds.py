@@ -193,6 +193,12 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, help="override the recipe's epochs (e.g. a short, "
                     "smooth fine-tune, where MAGIC's derivative is meant to hold)")
     ap.add_argument("--lr", type=float, help="override the recipe's learning rate")
+    ap.add_argument("--same-schedule", action="store_true",
+                    help="retrain with the left-out rows at weight 0 in the full run's "
+                         "batches (single-model LDS, MAGIC's protocol) instead of "
+                         "re-batching the kept rows")
+    ap.add_argument("--fraction", type=float, default=0.5,
+                    help="share of the rows each retraining keeps (default 0.5)")
     args = ap.parse_args()
     global RECIPE, TAG
     RECIPE = {**RECIPE, **({"epochs": args.epochs} if args.epochs else {}),
@@ -229,13 +235,17 @@ def main() -> None:
 
     def retrain(keep: np.ndarray, seed: int) -> np.ndarray:
         out = runs / f"half-{rows_digest(keep)[:12]}"  # a killed run resumes in it
-        finetune(train, root / "base", out, recipe, keep=keep.tolist(), show_progress=False)
+        finetune(train, root / "base", out, recipe, keep=keep.tolist(),
+                 same_schedule=args.same_schedule, show_progress=False)
         losses = CausalLMAdapter(root / "base", out).losses(q_texts)
         shutil.rmtree(out, ignore_errors=True)
         return losses
 
-    subsets = SubsetRetraining(retrain, len(rows), n_subsets=args.subsets, fraction=0.5,
-                               seed=args.seed, cache=root / f"subset_losses-{TAG}.json")
+    protocol = ("-same-schedule" if args.same_schedule else "") + (
+        f"-keep{args.fraction:g}" if args.fraction != 0.5 else "")
+    subsets = SubsetRetraining(retrain, len(rows), n_subsets=args.subsets,
+                               fraction=args.fraction, seed=args.seed,
+                               cache=root / f"subset_losses-{TAG}{protocol}.json")
     t = time.time()
     actual = subsets.run()
     retrain_s = (time.time() - t) / max(1, args.subsets)
@@ -345,6 +355,9 @@ def main() -> None:
           f"one retraining {retrain_s:.1f} s")
     out = {"rows": len(rows), "queries": len(queries), "learned": int(sum(learned)),
            "subsets": args.subsets, "recipe": RECIPE, "retrain_seconds": retrain_s,
+           "protocol": {"kept_fraction": args.fraction,
+                        "retraining": "same schedule, left-out rows weigh 0"
+                        if args.same_schedule else "kept rows re-batched"},
            "gradient_ms_per_text": grad_s / (len(rows) + len(queries)) * 1000,
            "loss_std_median": float(np.median(actual.std(0))), "table": table}
     for path in sorted(root.glob(f"magic-{TAG}-*.json")):

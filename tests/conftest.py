@@ -12,6 +12,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(autouse=True)
+def _run_outside_the_checkout(tmp_path_factory, monkeypatch):
+    """Every test runs in an empty directory, so a default output path (verify.json,
+    trace.json) lands there and never in the checkout."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     with path.open("w", encoding="utf-8") as fh:
         for r in rows:

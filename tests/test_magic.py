@@ -58,6 +58,31 @@ def test_the_replay_reproduces_the_fine_tuned_adapter(tiny):
         other.check_reproduces(other.run(), root / "adapter")
 
 
+def test_same_schedule_retraining_is_the_replay_with_zero_weights(tiny):
+    """`finetune(keep=..., same_schedule=True)` is the counterfactual MAGIC differentiates:
+    the full run's batches with the left-out rows at weight 0; re-batching is another run."""
+    from datablame.methods.magic import FineTuneReplay
+    from datablame.models.lora_finetune import finetune
+
+    root, train, recipe, _ = tiny
+    keep = [0, 2, 3, 4, 6, 7]
+    finetune(train, root / "base", root / "same", recipe, keep=keep, same_schedule=True,
+             show_progress=False)
+    finetune(train, root / "base", root / "rebatched", recipe, keep=keep, show_progress=False)
+    finetune(train, root / "base", root / "same-all", recipe, same_schedule=True,
+             show_progress=False)
+    replay = FineTuneReplay(train, root / "base", recipe)
+    weights = np.zeros(len(train))
+    weights[keep] = 1.0
+    without = replay.run(weights)
+    assert replay.difference(without, root / "same") < 1e-5
+    assert replay.difference(without, root / "rebatched") > 1e-2
+    assert replay.difference(replay.run(), root / "same-all") < 1e-5
+    assert replay.difference(replay.run(), root / "same") > 1e-2  # the rows did matter
+    summary = json.loads((root / "same" / "datablame_recipe.json").read_text())
+    assert summary["rows_kept"] == 6 and "weigh 0" in summary["schedule"]
+
+
 def test_magic_scores_equal_finite_differences_of_the_row_weights(tiny):
     import torch
 

@@ -36,7 +36,13 @@ import torch
 from datablame import progress
 from datablame.data.template import FormattedText
 from datablame.errors import UserError
-from datablame.models.lora_finetune import Recipe, learning_rates, lora_model, step_batches
+from datablame.models.lora_finetune import (
+    Recipe,
+    learning_rates,
+    lora_model,
+    step_batches,
+    weighted_token_loss,
+)
 
 BETA1, BETA2, EPS = 0.9, 0.999, 1e-8  # torch.optim.AdamW's defaults, as finetune uses them
 # predicted / actual loss change past which a removal check calls the run chaotic
@@ -99,15 +105,7 @@ class FineTuneReplay:
         out = functional_call(self.model, self._params(theta), (input_ids,),
                               {"attention_mask": torch.ones_like(input_ids),
                                "use_cache": False})
-        logits = out.logits[:, :-1]
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        targets = labels[:, 1:]
-        mask = (targets != -100).to(logits.dtype)
-        nll = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), targets.clamp(min=0).reshape(-1),
-            reduction="none").view_as(mask)
-        return (weights * (nll * mask).sum(1)).sum() / (weights * mask.sum(1)).sum().clamp(
-            min=1e-12)
+        return weighted_token_loss(out.logits, labels, weights)
 
     def _adamw(self, theta, m, v, g, lr: float, k: int):
         wd = self.recipe.weight_decay

@@ -16,6 +16,7 @@ import torch
 
 from datablame.features.projection import RandomProjector
 from datablame.methods.base import Method
+from datablame.methods.trackstar import spectrum_scale
 from datablame.models.base import GRADIENTS, MARGIN_GRADIENTS, has
 
 
@@ -23,7 +24,12 @@ class Trak(Method):
     name = "trak"
     requires = (GRADIENTS,)
 
-    def __init__(self, proj_dim: int = 2048, ridge: float = 1e-3, models=None, seed: int = 0):
+    def __init__(self, proj_dim: int = 2048, ridge: float | None = None, models=None,
+                 seed: int = 0):
+        """`ridge`, in units of the mean non-zero eigenvalue of Phi^T Phi (None: 1e-3 for a
+        classifier or regressor's margin, the old default, unchanged where rows outnumber
+        dimensions; 10 for a language model's loss, chosen on bench/text_lds.py seed 0 among
+        1e-3 / 0.1 / 1 / 10, where a few hundred rows span a fraction of the projection)."""
         self.proj_dim, self.ridge, self.models, self.seed = proj_dim, ridge, models, seed
 
     def _features(self, adapter, x, y):
@@ -44,7 +50,9 @@ class Trak(Method):
         for m in self._models:
             phi, p = self._features(m, x_train, y_train)
             xtx = phi.T @ phi
-            lam = self.ridge * torch.trace(xtx) / xtx.shape[0]
+            ridge = self.ridge if self.ridge is not None else (
+                1e-3 if has(m, MARGIN_GRADIENTS) else 10.0)
+            lam = ridge * spectrum_scale(xtx.numpy(), len(phi))
             inv = torch.linalg.inv(xtx + lam * torch.eye(xtx.shape[0], dtype=xtx.dtype))
             self._fitted.append((m, phi, inv, 1 - p))
         return self

@@ -266,9 +266,14 @@ def _load_optimizer(opt, names: list[str], path: Path) -> None:
 
 def finetune(rows, base_dir: str | os.PathLike, out_dir: str | os.PathLike,
              recipe: Recipe | None = None, *, keep: list[int] | None = None,
-             show_progress: bool = True) -> dict:
+             same_schedule: bool = False, show_progress: bool = True) -> dict:
     """LoRA-fine-tune `base_dir` on `rows` (a `Rows`; `keep`: only these row ids) and save
     the adapter, its recipe and Adam's moments in `out_dir`. Returns the run's summary.
+
+    `same_schedule`: the rows left out keep their places in the full run's batches with
+    weight 0, so every step, learning rate and dropout draw is the full run's: the
+    single-model counterfactual that MAGIC's derivative predicts. Without it the kept rows
+    are re-batched, as a user retraining on less data would.
 
     `out_dir` must be new, empty or an adapter this function wrote; work goes to a sibling
     `.partial` directory, saved at every epoch, so an interrupted run resumes there."""
@@ -283,10 +288,16 @@ def finetune(rows, base_dir: str | os.PathLike, out_dir: str | os.PathLike,
     keep = list(range(len(rows))) if keep is None else sorted(int(i) for i in keep)
     if not keep:
         raise UserError("no training rows left to fine-tune on")
-    texts = [template.format(rows.records[i]) for i in keep]
+    scheduled = list(range(len(rows))) if same_schedule else keep
+    texts = [template.format(rows.records[i]) for i in scheduled]
+    kept = set(keep)
+    weights = (torch.tensor([float(i in kept) for i in scheduled]) if same_schedule
+               else None)
     identity = {"recipe": recipe.to_json(), "base_model": str(base_dir),
                 "base_digest": dir_digest(base_dir), "data_fingerprint": rows.fingerprint(),
                 "n_rows": len(rows), "rows_kept": len(keep), "rows_digest": rows_digest(keep),
+                **({"schedule": "same as on every row, left-out rows weigh 0"}
+                   if same_schedule else {}),
                 "datablame": __version__, "torch": torch.__version__}
     partial = out.with_name(f".{out.name}.partial")
     done_epochs = _resume_point(partial, identity)
@@ -318,8 +329,9 @@ def finetune(rows, base_dir: str | os.PathLike, out_dir: str | os.PathLike,
             torch.manual_seed(recipe.seed * 100_003 + epoch)  # dropout
             order = _epoch_order(len(texts), recipe.seed, epoch)
             for start in range(0, len(order), recipe.batch_size):
-                batch = [texts[i] for i in order[start:start + recipe.batch_size]]
-                loss = _batch_loss(model, lm, batch)
+                ids = order[start:start + recipe.batch_size]
+                loss = _batch_loss(model, lm, [texts[i] for i in ids],
+                                   None if weights is None else weights[ids])
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
@@ -336,14 +348,35 @@ def finetune(rows, base_dir: str | os.PathLike, out_dir: str | os.PathLike,
     return summary
 
 
-def _batch_loss(model, lm, batch: list[FormattedText]) -> torch.Tensor:
-    """Mean token loss over the batch's scored tokens, as HF computes it. An all-ones mask,
-    as for the traced gradients: right padding + causal attention hide pads from every real
-    token, and pads carry no label."""
+def _batch_loss(model, lm, batch: list[FormattedText],
+                weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean token loss over the batch's scored tokens, as HF computes it (with `weights`:
+    `weighted_token_loss`). An all-ones mask, as for the traced gradients: right padding +
+    causal attention hide pads from every real token, and pads carry no label."""
     enc = lm.encode(batch)
     ids = enc.input_ids.to(lm.device)
-    return model(input_ids=ids, attention_mask=torch.ones_like(ids),
-                 labels=enc.labels.to(lm.device), use_cache=False).loss
+    if weights is None:
+        return model(input_ids=ids, attention_mask=torch.ones_like(ids),
+                     labels=enc.labels.to(lm.device), use_cache=False).loss
+    logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
+    return weighted_token_loss(logits, enc.labels.to(lm.device), weights.to(logits.device))
+
+
+def weighted_token_loss(logits: torch.Tensor, labels: torch.Tensor,
+                        weights: torch.Tensor) -> torch.Tensor:
+    """sum_i w_i * (row i's token losses) / sum_i w_i * (row i's token count): with every
+    weight 1 it is HF's batch loss, and w_i = 0 is the batch without row i. A batch whose
+    weights are all 0 has loss 0 (AdamW still steps, on its moments)."""
+    logits = logits[:, :-1]
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    targets = labels[:, 1:]
+    mask = (targets != -100).to(logits.dtype)
+    nll = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), targets.clamp(min=0).reshape(-1),
+        reduction="none").view_as(mask)
+    weights = weights.to(logits.dtype)
+    return (weights * (nll * mask).sum(1)).sum() / (weights * mask.sum(1)).sum().clamp(
+        min=1e-12)
 
 
 def check_out_dir(out: Path) -> None:
