@@ -193,6 +193,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, help="override the recipe's epochs (e.g. a short, "
                     "smooth fine-tune, where MAGIC's derivative is meant to hold)")
     ap.add_argument("--lr", type=float, help="override the recipe's learning rate")
+    ap.add_argument("--eps-root", type=float,
+                    help="the recipe's adam_eps_root (a metasmooth fine-tune, e.g. 1e-8)")
     ap.add_argument("--same-schedule", action="store_true",
                     help="retrain with the left-out rows at weight 0 in the full run's "
                          "batches (single-model LDS, MAGIC's protocol) instead of "
@@ -202,7 +204,8 @@ def main() -> None:
     args = ap.parse_args()
     global RECIPE, TAG
     RECIPE = {**RECIPE, **({"epochs": args.epochs} if args.epochs else {}),
-              **({"lr": args.lr} if args.lr else {})}
+              **({"lr": args.lr} if args.lr else {}),
+              **({"adam_eps_root": args.eps_root} if args.eps_root else {})}
     TAG = hashlib.sha256(json.dumps(RECIPE, sort_keys=True).encode()).hexdigest()[:10]
     from datablame.data.rows import load_rows
     from datablame.data.template import PromptTemplate

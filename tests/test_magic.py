@@ -206,3 +206,49 @@ def test_a_queries_file_is_traced_with_one_replay(tiny, tmp_path, monkeypatch, c
         assert np.allclose([alone[k] for k in alone], [together[k] for k in alone],
                            rtol=1e-4, atol=1e-7)
     assert [r["results"][0]["row"] for r in batched] == [0, 3, 5]
+
+
+def test_smooth_adamw_is_torch_adamw_at_eps_root_0_and_bounds_near_zero_moments():
+    import torch
+
+    from datablame.models.lora_finetune import SmoothAdamW
+
+    torch.manual_seed(0)
+    grads = [torch.randn(5, 3) * (1e-6 if k % 2 else 1.0) for k in range(6)]
+    ours, theirs, smooth = (torch.nn.Parameter(torch.ones(5, 3)) for _ in range(3))
+    opts = [SmoothAdamW([ours], lr=1e-2, weight_decay=0.1, eps_root=0.0),
+            torch.optim.AdamW([theirs], lr=1e-2, weight_decay=0.1),
+            SmoothAdamW([smooth], lr=1e-2, weight_decay=0.1, eps_root=1e-4)]
+    for g in grads:
+        for p, opt in zip((ours, theirs, smooth), opts, strict=True):
+            p.grad = g.clone()
+            opt.step()
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
+    # with eps_root, steps where the gradient is ~0 move far less than AdamW's near-sign step
+    assert (smooth - 1).abs().sum() < (theirs - 1).abs().sum()
+
+
+def test_a_metasmooth_recipe_is_replayed_and_differentiated_exactly(tiny):
+    """adam_eps_root > 0: finetune's SmoothAdamW is what the replay runs, and the scores
+    are still the finite differences of the row weights."""
+    import torch
+
+    from datablame.methods.magic import FineTuneReplay
+    from datablame.models.lora_finetune import Recipe, finetune
+
+    root, train, _, query = tiny
+    recipe = Recipe.from_dict({**RECIPE, "adam_eps_root": 1e-6})
+    finetune(train, root / "base", root / "smooth", recipe, show_progress=False)
+    replay = FineTuneReplay(train, root / "base", recipe)
+    assert replay.difference(replay.run(), root / "smooth") < 1e-5
+    assert replay.difference(replay.run(), root / "adapter") > 1e-3  # another run
+    exact = FineTuneReplay(train, root / "base", recipe, dtype=torch.float64)
+    scores = exact.scores([query], show_progress=False)[0]
+    h = 1e-4
+    for i in (0, 3):
+        w = np.ones(len(train))
+        w[i] = 1 + h
+        up = exact.query_losses(exact.run(w), [query])[0]
+        w[i] = 1 - h
+        down = exact.query_losses(exact.run(w), [query])[0]
+        np.testing.assert_allclose(scores[i], -(up - down) / (2 * h), rtol=1e-4, atol=1e-9)

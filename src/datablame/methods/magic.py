@@ -111,7 +111,7 @@ class FineTuneReplay:
         wd = self.recipe.weight_decay
         m = BETA1 * m + (1 - BETA1) * g
         v = BETA2 * v + (1 - BETA2) * g * g
-        denom = v.sqrt() / math.sqrt(1 - BETA2 ** k) + EPS
+        denom = (v / (1 - BETA2 ** k) + self.recipe.adam_eps_root).sqrt() + EPS
         return theta * (1 - lr * wd) - (lr / (1 - BETA1 ** k)) * m / denom, m, v
 
     def _weights(self, step: _Step, weights) -> torch.Tensor:
@@ -225,14 +225,15 @@ class FineTuneReplay:
                     gd = g.detach()
                     m1 = BETA1 * m_k + (1 - BETA1) * gd
                     v1 = BETA2 * v_k + (1 - BETA2) * gd * gd
-                    s = math.sqrt(1 - BETA2 ** k)
+                    s2 = 1 - BETA2 ** k
                     c = step.lr / (1 - BETA1 ** k)
-                    root = v1.sqrt()
-                    denom = root / s + EPS
-                    # theta' = theta (1 - lr wd) - c m1 / (sqrt(v1)/s + eps): its adjoints
-                    # reach m1 and v1 in closed form; v1 = 0 only where m1 = 0 too
+                    root = (v1 / s2 + self.recipe.adam_eps_root).sqrt()
+                    denom = root + EPS
+                    # theta' = theta (1 - lr wd) - c m1 / (sqrt(v1/s2 + eps_root) + eps):
+                    # its adjoints reach m1 and v1 in closed form; root = 0 only where
+                    # m1 = 0 too
                     adj_m = a_m - a_theta * (c / denom)
-                    dv = torch.where(root > 0, c * m1 / (denom * denom * 2 * s
+                    dv = torch.where(root > 0, c * m1 / (denom * denom * 2 * s2
                                                          * root.clamp(min=1e-30)), 0.0)
                     adj_v = a_v + a_theta * dv if through == "exact" else a_v
                     u = (1 - BETA1) * adj_m + 2 * (1 - BETA2) * gd * adj_v

@@ -58,6 +58,9 @@ class Recipe:
     template: str = ALPACA_TEMPLATE  # or "chat": the base model's own chat template
     response_field: str | None = None  # None: the template's last field
     chat_turns: str = "all"  # chat rows: the loss on all assistant turns, or the last
+    # > 0: AdamW divides by sqrt(v_hat + adam_eps_root), as MAGIC's "metasmooth" training
+    # does; 0 is torch's AdamW exactly
+    adam_eps_root: float = 0.0
 
     def check(self) -> Recipe:
         for name in ("rank", "epochs", "batch_size", "max_length"):
@@ -67,6 +70,8 @@ class Recipe:
             raise UserError("recipe: lr and alpha must be positive")
         if not 0 <= self.dropout < 1 or not 0 <= self.warmup < 1 or self.weight_decay < 0:
             raise UserError("recipe: dropout and warmup must be in [0, 1), weight_decay >= 0")
+        if not self.adam_eps_root >= 0:
+            raise UserError(f"recipe: adam_eps_root must be >= 0, got {self.adam_eps_root}")
         if self.schedule not in SCHEDULES:
             raise UserError(f"recipe: unknown schedule '{self.schedule}' (use "
                             f"{', '.join(SCHEDULES)})")
@@ -116,7 +121,7 @@ class Recipe:
         try:
             types = {"rank": int, "epochs": int, "batch_size": int, "seed": int,
                      "alpha": float, "lr": float, "dropout": float,
-                     "warmup": float, "weight_decay": float}
+                     "warmup": float, "weight_decay": float, "adam_eps_root": float}
             for name, kind in types.items():
                 if name in values:
                     values[name] = kind(values[name])
@@ -312,7 +317,9 @@ def finetune(rows, base_dir: str | os.PathLike, out_dir: str | os.PathLike,
         set_peft_model_state_dict(model, load_file(str(partial / "adapter_model.safetensors")))
     params = dict(model.named_parameters())
     trainable = [params[n] for n in names]
-    opt = torch.optim.AdamW(trainable, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    opt = (SmoothAdamW(trainable, lr=recipe.lr, weight_decay=recipe.weight_decay,
+                       eps_root=recipe.adam_eps_root) if recipe.adam_eps_root > 0 else
+           torch.optim.AdamW(trainable, lr=recipe.lr, weight_decay=recipe.weight_decay))
     per_epoch = (len(texts) + recipe.batch_size - 1) // recipe.batch_size
     sched = _scheduler(opt, recipe, per_epoch * recipe.epochs)
     if done_epochs:
@@ -346,6 +353,45 @@ def finetune(rows, base_dir: str | os.PathLike, out_dir: str | os.PathLike,
     (partial / "state.json").unlink(missing_ok=True)
     _replace_dir(partial, out)
     return summary
+
+
+class SmoothAdamW(torch.optim.Optimizer):
+    """torch's AdamW with eps_root inside the square root:
+
+        theta <- theta (1 - lr wd) - lr m_hat / (sqrt(v_hat + eps_root) + eps)
+
+    Why: a parameter whose gradients are still near zero (LoRA's A while B is 0) has
+    v_hat near 0, where m_hat / sqrt(v_hat) is a near-sign step whose derivative is huge:
+    removing one row can flip it, so the trained weights jump instead of moving smoothly
+    with the row weights, and no derivative (MAGIC's) can predict them. eps_root bounds
+    that slope. Same state keys as AdamW (exp_avg, exp_avg_sq, step)."""
+
+    def __init__(self, params, lr: float, weight_decay: float = 0.0, eps_root: float = 1e-8,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+        super().__init__(params, {"lr": lr, "weight_decay": weight_decay, "betas": betas,
+                                  "eps": eps, "eps_root": eps_root})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                state["step"] += 1
+                k = float(state["step"])
+                m, v = state["exp_avg"], state["exp_avg_sq"]
+                m.mul_(beta1).add_(p.grad, alpha=1 - beta1)
+                v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                denom = (v / (1 - beta2 ** k) + group["eps_root"]).sqrt_().add_(group["eps"])
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.addcdiv_(m, denom, value=-group["lr"] / (1 - beta1 ** k))
+        return None
 
 
 def _batch_loss(model, lm, batch: list[FormattedText],
