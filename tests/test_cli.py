@@ -307,3 +307,20 @@ def test_trace_no_checksum_with_damaged_shard_header_is_one_line(flag, small_ind
     code, _, err = run_cli(monkeypatch, capsys, "trace", idx, "--model", base, "--adapter",
                            adapter, "--query", "Fixed.", "--all-rows", flag)
     _assert_one_line_error(code, err, "shard-00000.npy has a damaged header")
+
+
+def test_a_rows_brackets_and_an_unstyled_reading_print_as_text():
+    """Rows with '[/]', '[bold]', 'arr[i]' and MAGIC's '+0.1 loss if removed' reading once
+    crashed the table (rich read them as markup)."""
+    import pandas as pd
+    from rich.console import Console
+
+    from datablame.cli.render import results_table
+
+    df = pd.DataFrame({"rank": [1], "row": [0], "score": [1.0],
+                       "reading": ["+0.1 loss if removed"],
+                       "field:output": ["x[/] [bold]y arr[i]"]})
+    console = Console(width=160, record=True)
+    console.print(results_table(df))
+    text = console.export_text()
+    assert "x[/] [bold]y arr[i]" in text and "+0.1 loss if removed" in text

@@ -252,3 +252,30 @@ def test_a_metasmooth_recipe_is_replayed_and_differentiated_exactly(tiny):
         w[i] = 1 - h
         down = exact.query_losses(exact.run(w), [query])[0]
         np.testing.assert_allclose(scores[i], -(up - down) / (2 * h), rtol=1e-4, atol=1e-9)
+
+
+def test_verify_same_schedule_confirms_magic_by_single_model_retraining(tiny, tmp_path,
+                                                                        monkeypatch, capsys):
+    """`verify --same-schedule --lds-keep 0.75`: retrain with 2 of the 8 rows at weight 0
+    in the full run's batches; the MAGIC trace's scores predict those losses."""
+    from datablame.text import build_index
+
+    root, _, _, _ = tiny
+    build_index(root / "train.jsonl", tmp_path / "index")
+    q = ["--field", "instruction=What is item 0?", "--query", "Item 0 is red."]
+    code, _, err = run_cli(monkeypatch, capsys, "trace", tmp_path / "index", "--model",
+                           root / "base", "--adapter", root / "adapter", *q, "--method",
+                           "magic", "--top-k", "8", "--out", tmp_path / "trace.json")
+    assert code == 0, err
+    code, out, err = run_cli(monkeypatch, capsys, "verify", root / "train.jsonl", "--model",
+                             root / "base", "--adapter", root / "adapter", "--trace",
+                             tmp_path / "trace.json", "--remove-top-k", "1", "--random", "1",
+                             "--same-schedule", "--lds-subsets", "12", "--lds-keep", "0.75",
+                             "--cache", tmp_path / "runs", "--out", tmp_path / "v.json")
+    assert code in (0, None), err
+    result = json.loads((tmp_path / "v.json").read_text())
+    assert "weigh 0" in result["retraining"] and "weigh 0" in result["lds"]["retraining"]
+    assert result["lds"]["kept_fraction"] == 0.75
+    assert result["lds"]["lds"] > 0.6, result["lds"]  # 0.78 measured (12 subsets)
+    assert all("same-schedule" in p.name for p in (tmp_path / "runs").iterdir())
+    assert "keeping 75% of the rows, same schedule" in " ".join((out + err).split())

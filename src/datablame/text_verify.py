@@ -36,6 +36,9 @@ from datablame.models.lora_finetune import (
 )
 from datablame.tabular import checked_removal
 
+SAME_SCHEDULE = "same schedule: left-out rows weigh 0 in the full run's batches"
+REBATCHED = "re-batched: the kept rows in a new order"
+
 
 def _words(text: str) -> list[str]:
     return re.findall(r"\w+|[^\w\s]", text.lower())
@@ -76,17 +79,18 @@ def _evaluate(base_dir, adapter_dir, query, prompt: str, answer: str, recipe: Re
     return {"loss": loss, "generation": generation, "says": says(generation, answer)}
 
 
-def _run_dir(cache: Path, name: str, keep: list[int], recipe: Recipe) -> Path:
+def _run_dir(cache: Path, name: str, keep: list[int], recipe: Recipe,
+             same_schedule: bool = False) -> Path:
     import hashlib
 
     key = hashlib.sha256((rows_digest(keep) + json.dumps(recipe.to_json(), sort_keys=True))
                          .encode()).hexdigest()[:12]
-    return cache / f"{name}-{key}"
+    return cache / f"{name}{'-same-schedule' if same_schedule else ''}-{key}"
 
 
 def verify_text(train_file, base_dir, adapter_dir, query, *, remove: list[int],
                 n_random: int = 3, recipe_file=None, cache=None, max_new_tokens: int | None = None,
-                seed: int = 0) -> dict:
+                seed: int = 0, same_schedule: bool = False) -> dict:
     """Retrain without `remove` (the rows a trace blamed) and without `n_random` random sets
     of as many rows; `query` is a `datablame.text.Query` (prompt fields + answer, or the
     whole formatted text). Returns JSON-able results with a verdict."""
@@ -113,7 +117,8 @@ def verify_text(train_file, base_dir, adapter_dir, query, *, remove: list[int],
     cache_dir = Path(cache) if cache is not None else tmp
     try:
         result: dict = {"query": {"prompt": prompt, "answer": answer}, "n_train": n,
-                        "removed": remove, "recipe": recipe.to_json(), "runs": {}}
+                        "removed": remove, "recipe": recipe.to_json(), "runs": {},
+                        "retraining": SAME_SCHEDULE if same_schedule else REBATCHED}
         result["original"] = _evaluate(base_dir, adapter_dir, q, prompt, answer, recipe,
                                        budget)
         if _is_all_rows_run(recorded, base_dir, recipe, n):
@@ -125,9 +130,10 @@ def verify_text(train_file, base_dir, adapter_dir, query, *, remove: list[int],
             for name, removed in plan:
                 dropped = set(removed)
                 keep = [i for i in range(n) if i not in dropped]
-                out = _run_dir(cache_dir, name, keep, recipe)
+                out = _run_dir(cache_dir, name, keep, recipe, same_schedule)
                 if not (out / RECIPE_FILE).exists():
-                    finetune(rows, base_dir, out, recipe, keep=keep, show_progress=False)
+                    finetune(rows, base_dir, out, recipe, keep=keep,
+                             same_schedule=same_schedule, show_progress=False)
                 result["runs"][name] = {"removed": removed, **_evaluate(
                     base_dir, out, q, prompt, answer, recipe, budget)}
                 advance(1)
@@ -185,12 +191,14 @@ def check_recipe_rows(rows, base_dir, adapter_dir, recipe_file=None) -> Recipe:
 
 
 def lds_text(train_file, base_dir, adapter_dir, query, scores: np.ndarray, *,
-             n_subsets: int, recipe_file=None, cache=None, seed: int = 0) -> dict:
+             n_subsets: int, recipe_file=None, cache=None, seed: int = 0,
+             keep_fraction: float = 0.5, same_schedule: bool = False) -> dict:
     """Linear datamodeling score of one query's row scores: re-fine-tune with the recipe on
-    `n_subsets` random halves of the rows, and correlate (Spearman) the query loss each
-    half gives with the loss the scores predict for it (minus their sum over the rows
-    kept). Each half's adapter is kept in `cache`, so an interrupted run resumes and a
-    second query costs no fine-tune."""
+    `n_subsets` random subsets of the rows (`keep_fraction` of them: halves by default),
+    and correlate (Spearman) the query loss each gives with the loss the scores predict
+    for it (minus their sum over the rows kept). Each subset's adapter is kept in `cache`,
+    so an interrupted run resumes and a second query costs no fine-tune. `same_schedule`:
+    the single-model protocol (left-out rows weigh 0 in the full run's batches)."""
     from datablame.verify import SubsetRetraining, spearman
 
     rows, recipe, _ = _rows_and_recipe(train_file, adapter_dir, recipe_file)
@@ -201,6 +209,9 @@ def lds_text(train_file, base_dir, adapter_dir, query, scores: np.ndarray, *,
     if n_subsets < 5:
         raise UserError(f"--lds-subsets {n_subsets}: a rank correlation needs at least 5 "
                         "retrainings (20 or more to read it)")
+    if not 0 < keep_fraction < 1 or round(keep_fraction * n) in (0, n):
+        raise UserError(f"--lds-keep {keep_fraction:g}: each retraining must keep some but "
+                        f"not all of the {n} rows")
     q = query.formatted(recipe.prompt_template(base_dir, rows.columns))
     tmp = Path(tempfile.mkdtemp(prefix="datablame-lds-")) if cache is None else None
     cache_dir = Path(cache) if cache is not None else tmp
@@ -209,15 +220,17 @@ def lds_text(train_file, base_dir, adapter_dir, query, scores: np.ndarray, *,
         from datablame.models.hf_causal_lm import CausalLMAdapter
 
         keep_ids = keep.tolist()
-        out = _run_dir(cache_dir, "half", keep_ids, recipe)
+        out = _run_dir(cache_dir, "subset", keep_ids, recipe, same_schedule)
         if not (out / RECIPE_FILE).exists():
-            finetune(rows, base_dir, out, recipe, keep=keep_ids, show_progress=False)
+            finetune(rows, base_dir, out, recipe, keep=keep_ids, same_schedule=same_schedule,
+                     show_progress=False)
         lm = CausalLMAdapter(base_dir, out, max_length=recipe.max_length,
                              loss_on=recipe.loss_on)
         return lm.losses([q])
 
     try:
-        halves = SubsetRetraining(retrain, n, n_subsets=n_subsets, seed=seed)
+        halves = SubsetRetraining(retrain, n, n_subsets=n_subsets, fraction=keep_fraction,
+                                  seed=seed)
         actual = halves.run()[:, 0]
     finally:
         if tmp is not None:
@@ -229,7 +242,9 @@ def lds_text(train_file, base_dir, adapter_dir, query, scores: np.ndarray, *,
              (rng.integers(0, n_subsets, n_subsets) for _ in range(1000))]
     return {"lds": rho, "ci95": [float(np.percentile(boots, 2.5)),
                                  float(np.percentile(boots, 97.5))],
-            "subsets": n_subsets, "query_loss": {"min": float(actual.min()),
+            "subsets": n_subsets, "kept_fraction": keep_fraction,
+            "retraining": SAME_SCHEDULE if same_schedule else REBATCHED,
+            "query_loss": {"min": float(actual.min()),
                                                  "max": float(actual.max())},
             "points": [{"query": 0, "predicted": predicted.tolist(),
                         "actual": actual.tolist()}]}

@@ -7,6 +7,7 @@ import math
 
 import pandas as pd
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 READING_STYLE = {"strong": "bold green", "related": "green", "unrelated": "dim",
@@ -32,7 +33,8 @@ def _preview(value: object, width: int = 48) -> str:
     if isinstance(value, list):
         value = _conversation(value) or value
     text = "" if value is None else " ".join(str(value).split())
-    return text if len(text) <= width else text[: width - 1] + "…"
+    # a row's own brackets ("[/b]", "arr[i]") are text, never rich markup
+    return escape(text if len(text) <= width else text[: width - 1] + "…")
 
 
 def results_table(df: pd.DataFrame, show: int = 5, title: str | None = None) -> Table:
@@ -61,7 +63,8 @@ def results_table(df: pd.DataFrame, show: int = 5, title: str | None = None) -> 
     for _, r in df.head(show).iterrows():
         cells = [str(r["rank"]), str(r["row"]), f"{r['score']:.4f}"]
         label = r.get("reading", "")
-        cells.append(f"[{READING_STYLE.get(label, '')}]{label}[/]" if label else "")
+        style = READING_STYLE.get(label)
+        cells.append(f"[{style}]{label}[/]" if style else escape(str(label or "")))
         if "distance" in df:
             d = r["distance"]
             cells.append("-" if d != d else f"{max(d, 0.0):.3f}")  # NaN: not retrieved

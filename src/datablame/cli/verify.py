@@ -68,6 +68,14 @@ def verify(
                                                    rich_help_panel=TEXT)] = None,
     field: Annotated[list[str], typer.Option(help="Prompt field of the query, NAME=VALUE.",
                                              rich_help_panel=TEXT)] = [],  # noqa: B006
+    same_schedule: Annotated[bool, typer.Option(
+        "--same-schedule", help="Re-fine-tune with the removed rows at weight 0 in the full "
+        "run's batches: the single-model counterfactual MAGIC predicts (default: the kept "
+        "rows re-batched, as retraining on less data does).", rich_help_panel=TEXT)] = False,
+    lds_keep: Annotated[float, typer.Option(help="Share of the rows each LDS retraining "
+                                                 "keeps (MAGIC's protocol: 0.98 with "
+                                                 "--same-schedule).",
+                                            rich_help_panel=TEXT)] = 0.5,
     html: Annotated[Optional[Path], typer.Option(help=HTML_HELP)] = None,  # noqa: UP045
 ) -> None:
     """Check an attribution against retraining. Tabular: LDS, remove-top-k, leave-one-out.
@@ -76,8 +84,12 @@ def verify(
     check_html(html)
     if model.is_dir():
         _verify_text(train_file, model, adapter, query, trace, remove, remove_top_k, random,
-                     recipe, field, out, cache, lds_subsets or 0, html)
+                     recipe, field, out, cache, lds_subsets or 0, html, same_schedule,
+                     lds_keep)
         return
+    if same_schedule or lds_keep != 0.5:
+        fail("--same-schedule and --lds-keep are for a language model (a base model "
+             "directory and --adapter)")
     lds_subsets = 50 if lds_subsets is None else lds_subsets
     if not target:
         fail("--target is required for a tabular model (the target column)")
@@ -92,7 +104,8 @@ def verify(
 
 
 def _verify_text(train_file, model, adapter, query_file, trace, remove, top_k, n_random,
-                 recipe_file, fields, out, cache, lds_subsets, html=None) -> None:
+                 recipe_file, fields, out, cache, lds_subsets, html=None,
+                 same_schedule: bool = False, lds_keep: float = 0.5) -> None:
     from datablame.cli.main import _parse_fields
     from datablame.outputs import check_output_dir, check_output_file, is_json_with
     from datablame.store.atomic import write_json_atomic
@@ -126,7 +139,8 @@ def _verify_text(train_file, model, adapter, query_file, trace, remove, top_k, n
         parse_rows(remove, "--remove")
     the_query = text_query(trace, query_file, prompt, template, "the query")
     result = verify_text(train_file, model, adapter, the_query, remove=rows,
-                         n_random=n_random, recipe_file=recipe_file, cache=cache)
+                         n_random=n_random, recipe_file=recipe_file, cache=cache,
+                         same_schedule=same_schedule)
     if lds_subsets:
         n = result["n_train"]
         scores, key, listed = scores_from_trace(trace, n)
@@ -135,7 +149,8 @@ def _verify_text(train_file, model, adapter, query_file, trace, remove, top_k, n
                           f"0 (trace --all-rows --top-k {n} scores every row)", highlight=False)
         result["lds"] = {"scored_by": key, "rows_listed": listed, **lds_text(
             train_file, model, adapter, the_query, scores, n_subsets=lds_subsets,
-            recipe_file=recipe_file, cache=cache)}
+            recipe_file=recipe_file, cache=cache, keep_fraction=lds_keep,
+            same_schedule=same_schedule)}
     write_json_atomic(out, result)
     for name, run in [("original adapter", result["original"]),
                       *((n, r) for n, r in result["runs"].items())]:
@@ -145,7 +160,9 @@ def _verify_text(train_file, model, adapter, query_file, trace, remove, top_k, n
     console.print(result["summary"], highlight=False, soft_wrap=True)
     if "lds" in result:
         lds = result["lds"]
-        console.print(f"LDS over {lds['subsets']} random halves (trace's '{lds['scored_by']}' "
+        console.print(f"LDS over {lds['subsets']} random subsets keeping "
+                      f"{lds['kept_fraction']:.0%} of the rows, {lds['retraining']} "
+                      f"(trace's '{lds['scored_by']}' "
                       f"column vs re-fine-tuned query loss): {lds['lds']:.2f} (95% CI "
                       f"{lds['ci95'][0]:.2f} to {lds['ci95'][1]:.2f})", highlight=False,
                       soft_wrap=True)

@@ -97,6 +97,8 @@ class Recipe:
     def to_json(self) -> dict:
         data = asdict(self)
         data["target_modules"] = list(self.target_modules)
+        if not self.adam_eps_root:  # recipes recorded before the field existed still match
+            del data["adam_eps_root"]
         return data
 
     @classmethod
