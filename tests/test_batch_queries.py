@@ -3,6 +3,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from datablame.data.queries import read_queries
@@ -139,3 +140,40 @@ def test_queries_file_one_json_line_per_query_model_loaded_once(demo_assets, tmp
     assert line["generated"] is True and normalize(CULPRIT_PHRASE) in normalize(line["query"])
     assert line["results"][0]["row"] == info["culprit_row"]
     assert "the model answered:" in err
+
+
+def test_a_queries_file_over_every_row_reads_the_store_once(demo_assets, gradient_index,
+                                                            tmp_path, monkeypatch, capsys):
+    """`trace --queries F --all-rows`: one GradientStore.top_k_many pass for all lines,
+    no per-line top_k, and each line's table is the one tracing it alone gives."""
+    from datablame.store.gradient_store import GradientStore
+    from datablame.text import Query, Tracer
+
+    root, info = demo_assets
+    prompt = {"instruction": CULPRIT["instruction"], "input": CULPRIT["input"]}
+    other = {"instruction": "Make this resume bullet stronger.",
+             "input": "helped with the reporting dashboard"}
+    answers = [(prompt, CULPRIT["output"]), (other, "Built the reporting dashboard."),
+               (prompt, "Rewrote the payroll system.")]
+    queries = _write(tmp_path / "q.jsonl", [{**p, "output": a} for p, a in answers])
+    calls = {"many": 0, "one": 0}
+    real_many = GradientStore.top_k_many
+    monkeypatch.setattr(GradientStore, "top_k_many", lambda self, q, *a, **kw: (
+        calls.__setitem__("many", calls["many"] + 1) or real_many(self, q, *a, **kw)))
+    real_one = GradientStore.top_k
+    monkeypatch.setattr(GradientStore, "top_k", lambda self, *a, **kw: (
+        calls.__setitem__("one", calls["one"] + 1) or real_one(self, *a, **kw)))
+    code, stdout, err = run_cli(monkeypatch, capsys, "trace", gradient_index, "--model",
+                                root / "base", "--adapter", root / "adapter", "--queries",
+                                queries, "--all-rows", "--top-k", "10", "--rerank", "10",
+                                "--json")
+    assert code in (0, None), err
+    assert calls == {"many": 1, "one": 0}
+    lines = [json.loads(ln) for ln in stdout.splitlines() if ln.strip()]
+    assert lines[0]["results"][0]["row"] == info["culprit_row"]
+    tracer = Tracer(gradient_index, root / "base", root / "adapter")
+    for line, (p, a) in zip(lines, answers, strict=True):
+        alone = tracer.trace_all_rows(Query(a, p), top_k=10, rerank=10)
+        assert [r["row"] for r in line["results"]] == alone["row"].tolist()
+        np.testing.assert_allclose([r["score"] for r in line["results"]],
+                                   alone["score"].to_numpy(), atol=1e-5)

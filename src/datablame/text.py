@@ -288,6 +288,7 @@ class Tracer:
             self.template.check_tokenizer(self.model.tokenizer, model)
         self.batch_size = batch_size
         self._embedder = None
+        self._scanned: dict = {}  # scan_store_for's results, taken by trace_all_rows
 
     def row_text(self, row_id: int) -> FormattedText:
         """A training row exactly as the model saw it (the index's template)."""
@@ -509,6 +510,38 @@ class Tracer:
         self._describe(df, query, q_text, f"grad-{alignment}{how}")
         return df
 
+    def _gradient_store(self, verify: bool):
+        from datablame.store.gradient_store import GradientStore
+
+        store = getattr(self, "_store", None)
+        if store is None or (verify and not self._store_verified):
+            # checksums read every shard once: do it once per Tracer, not once per query
+            store = GradientStore.load(self.index.path, verify=verify)
+            store.check_compatible(self.model.identity(), self.template, self.rows)
+            self._store, self._store_verified = store, verify
+        return store
+
+    def scan_store_for(self, queries: list[Query | str], *, top_k: int = 50,
+                       alignment: str = "cosine", verify: bool = True, rerank: int = 100,
+                       rank_by: str = "fused", pool: int = 1000) -> None:
+        """Read the gradient store once for every query of a batch (one matrix product per
+        block of rows, `GradientStore.top_k_many`) and keep each query's candidates for
+        its `trace_all_rows` call with the same settings: a queries file costs one pass
+        over the store instead of one per line."""
+        check_rank_by(rank_by)
+        if not queries:
+            return
+        store = self._gradient_store(verify)
+        fused_mode = rank_by == "fused"
+        depth = min(len(self.rows), max(top_k, rerank, pool if fused_mode else 0))
+        texts = [self._prepare(q, top_k)[1] for q in queries]
+        grads = self.model.gradients(texts, batch_size=self.batch_size)
+        found = store.top_k_many(store.projector.project(grads), depth, alignment,
+                                 absolute=fused_mode)
+        for text, grad, (ids, scores) in zip(texts, grads, found, strict=True):
+            self._scanned[(text.text, depth, alignment, fused_mode)] = (grad[None], ids,
+                                                                        scores)
+
     def trace_all_rows(self, query: Query | str, top_k: int = 50, alignment: str = "cosine",
                        verify: bool = True, rerank: int = 100, rank_by: str = "fused",
                        pool: int = 1000) -> pd.DataFrame:
@@ -525,23 +558,19 @@ class Tracer:
         re-scored exactly; `rerank=0` skips the exact pass.
         """
         from datablame.methods.gradient_alignment import align
-        from datablame.store.gradient_store import GradientStore
 
         check_rank_by(rank_by)
         query, q_text = self._prepare(query, top_k)
-        store = getattr(self, "_store", None)
-        if store is None or (verify and not self._store_verified):
-            # checksums read every shard once: do it once per Tracer, not once per query
-            store = GradientStore.load(self.index.path, verify=verify)
-            store.check_compatible(self.model.identity(), self.template, self.rows)
-            self._store, self._store_verified = store, verify
-        n = len(self.rows)
+        store = self._gradient_store(verify)
         fused_mode = rank_by == "fused"
-        depth = min(n, max(top_k, rerank, pool if fused_mode else 0))
-
-        q_grad = self.model.gradients([q_text])
-        q_vec = store.projector.project(q_grad)[0]
-        row_ids, proj_scores = store.top_k(q_vec, depth, alignment, absolute=fused_mode)
+        depth = min(len(self.rows), max(top_k, rerank, pool if fused_mode else 0))
+        scanned = self._scanned.pop((q_text.text, depth, alignment, fused_mode), None)
+        if scanned is None:
+            q_grad = self.model.gradients([q_text])
+            q_vec = store.projector.project(q_grad)[0]
+            row_ids, proj_scores = store.top_k(q_vec, depth, alignment, absolute=fused_mode)
+        else:  # `scan_store_for` read the store once for a whole queries file
+            q_grad, row_ids, proj_scores = scanned
         scores = proj_scores.copy()
         exact = np.zeros(len(row_ids), dtype=bool)
         if rerank > 0:
@@ -586,7 +615,7 @@ class Tracer:
         how = "fused with retrieval" if fused_mode else "gradient only"
         self._describe(df, query, q_text, f"grad-{alignment} (all rows, K="
                                           f"{store.manifest['proj_dim']}, exact top "
-                                          f"{min(rerank, n)}, {how})")
+                                          f"{min(rerank, len(self.rows))}, {how})")
         return df
 
     def trace_method(self, query: Query | str, method: str = "datainf", top_k: int = 50,

@@ -397,9 +397,17 @@ def trace(
                                            recipe=recipe)) \
         if method == "magic" and queries is not None else None
 
+    # every row of a queries file from the gradient store: one pass over it for all lines
+    prepared = None
+    if method == "grad" and all_rows and queries is not None and not aggregate:
+        prepared = {item.line: as_query(item) for item in lines}
+        tracer.scan_store_for(list(prepared.values()), top_k=top_k, alignment=alignment,
+                              verify=checksum, rerank=rerank, rank_by=rank_by)
+
     def one(item: QueryLine):
         df = next(batched) if batched is not None else tracer.run(
-            as_query(item), method=method, all_rows=all_rows, top_k=top_k,
+            prepared[item.line] if prepared else as_query(item), method=method,
+            all_rows=all_rows, top_k=top_k,
             alignment=alignment, rank_by=rank_by, checksum=checksum, rerank=rerank,
             checkpoints=ckpts or None, recipe=recipe)
         df.attrs["generated"] = item.answer is None

@@ -47,6 +47,7 @@ STORE_DTYPES = {"fp16": np.float16, "fp32": np.float32}
 SHARD_NAME = re.compile(r"shard-\d{5}\.npy")
 NORMS_NAME = "norms.npy"
 COSINE_SLACK = 1e-3  # |cos| above 1 + this cannot come from intact vectors and norms
+SCAN_BLOCK_ROWS = 16_384  # rows converted and scored at once: 64 MB of float32 at K = 1024
 
 
 def _npy_layout(path: Path) -> tuple[tuple, np.dtype]:
@@ -344,33 +345,48 @@ class GradientStore:
     def top_k(self, query: np.ndarray, k: int, kind: str = "cosine", absolute: bool = False
               ) -> tuple[np.ndarray, np.ndarray]:
         """Exact scores of every stored row; returns (row ids, scores) of the best k, by
-        score or, with `absolute`, by |score| (strongly aligned or strongly opposed).
+        score or, with `absolute`, by |score| (strongly aligned or strongly opposed)."""
+        return self.top_k_many(np.asarray(query)[None], k, kind, absolute)[0]
 
-        Streams shard by shard from memory-mapped files: memory holds one shard's scores
-        and a k-sized heap, whatever the number of rows.
+    def top_k_many(self, queries: np.ndarray, k: int, kind: str = "cosine",
+                   absolute: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
+        """`top_k` for each row of `queries` (m, K) in one pass over the store: each block
+        of rows is read once and scored against every query by one matrix product.
+
+        Streams block by block from memory-mapped shards: memory holds one block (converted
+        to float32 by torch, several times faster than numpy's float16 conversion) and a
+        k-sized heap per query, whatever the number of rows.
         """
-        q = np.asarray(query, dtype=np.float32).ravel()
+        import torch
+
+        q = np.asarray(queries, dtype=np.float32)
+        if q.ndim != 2:
+            raise ValueError(f"queries must be (m, K), got shape {q.shape}")
         norms = np.load(self.path / NORMS_NAME, mmap_mode="r")
-        qn = float(np.linalg.norm(q)) or 1.0
-        heap: list[tuple[float, int]] = []
+        qn = np.linalg.norm(q, axis=1)
+        qn = np.where(qn > 0, qn, 1.0)
+        q_t = torch.from_numpy(np.ascontiguousarray(q.T))
+        heaps: list[list[tuple[float, int, float]]] = [[] for _ in range(len(q))]
         for shard in self.manifest["shards"]:
             lo, hi = shard["rows"]
             block = np.load(self.path / shard["file"], mmap_mode="r")
-            scores = align_dots(np.asarray(block, dtype=np.float32) @ q, norms[lo:hi], qn,
-                                kind)
-            self._check_cosines(scores, np.arange(lo, hi), kind)
-            key = np.abs(scores) if absolute else scores
-            take = min(k, len(scores))
-            idx = np.argpartition(-key, take - 1)[:take]
-            for i in idx:
-                item = (float(key[i]), -(lo + int(i)), float(scores[i]))
-                if len(heap) < k:
-                    heapq.heappush(heap, item)
-                elif item > heap[0]:
-                    heapq.heapreplace(heap, item)
-        best = sorted(heap, reverse=True)
-        return (np.array([-r for _, r, _ in best], dtype=np.int64),
-                np.array([s for _, _, s in best], dtype=np.float64))
+            for start in range(0, hi - lo, SCAN_BLOCK_ROWS):
+                part = np.array(block[start:start + SCAN_BLOCK_ROWS])  # a writable copy
+                dots = (torch.from_numpy(part).float() @ q_t).numpy()  # (rows, m)
+                first = lo + start
+                ids = np.arange(first, first + len(part))
+                for j in range(len(q)):
+                    scores = align_dots(dots[:, j], norms[first:first + len(part)], qn[j],
+                                        kind)
+                    self._check_cosines(scores, ids, kind)
+                    _push_best(heaps[j], np.abs(scores) if absolute else scores, scores,
+                               first, k)
+        out = []
+        for heap in heaps:
+            best = sorted(heap, reverse=True)
+            out.append((np.array([-r for _, r, _ in best], dtype=np.int64),
+                        np.array([s for _, _, s in best], dtype=np.float64)))
+        return out
 
     def score_rows(self, query: np.ndarray, row_ids: np.ndarray, kind: str = "cosine"
                    ) -> np.ndarray:
@@ -401,3 +417,16 @@ class GradientStore:
             raise UserError(f"gradient store {self.path} is damaged: a cosine of "
                             f"{scores[worst]:.4g} (row {int(row_ids[worst])}) is impossible; "
                             "rebuild it")
+
+
+def _push_best(heap: list, key: np.ndarray, scores: np.ndarray, first: int, k: int) -> None:
+    """Keep the k largest (key, -row) in a min-heap: ties go to the lower row id."""
+    take = min(k, len(key))
+    if take <= 0:
+        return
+    for i in np.argpartition(-key, take - 1)[:take]:
+        item = (float(key[i]), -(first + int(i)), float(scores[i]))
+        if len(heap) < k:
+            heapq.heappush(heap, item)
+        elif item > heap[0]:
+            heapq.heapreplace(heap, item)
