@@ -685,6 +685,11 @@ class Tracer:
         all_scores = replay.scores(q_texts, adapter_dir=self.options.adapter)
         check = replay.removal_check(all_scores, q_texts)
         replay.check_smooth(check)
+        if not recipe_obj.adam_eps_root:
+            progress.note("this fine-tune used torch's AdamW: a near-zero second moment "
+                          "makes removing some rows jump rather than follow the derivative; "
+                          "`adam_eps_root: 1e-8` in the recipe makes MAGIC's scores predict "
+                          "removals far better (README, 'Where MAGIC is exact')")
         frames = []
         for i, ((query, q_text), scores) in enumerate(zip(prepared, all_scores, strict=True)):
             order = np.argsort(-scores, kind="stable")[:top_k]

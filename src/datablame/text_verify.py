@@ -220,7 +220,8 @@ def lds_text(train_file, base_dir, adapter_dir, query, scores: np.ndarray, *,
         from datablame.models.hf_causal_lm import CausalLMAdapter
 
         keep_ids = keep.tolist()
-        out = _run_dir(cache_dir, "subset", keep_ids, recipe, same_schedule)
+        name = "half" if keep_fraction == 0.5 else f"keep{keep_fraction:g}"  # old caches
+        out = _run_dir(cache_dir, name, keep_ids, recipe, same_schedule)
         if not (out / RECIPE_FILE).exists():
             finetune(rows, base_dir, out, recipe, keep=keep_ids, same_schedule=same_schedule,
                      show_progress=False)
