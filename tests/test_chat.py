@@ -375,3 +375,21 @@ def test_verify_confirms_the_chat_culprit_by_re_fine_tuning(chat_facts, tmp_path
     assert result["original"]["says"] and not result["runs"]["without-blamed"]["says"]
     assert result["runs"]["without-random-0"]["says"]
     assert result["verdict"] == "confirmed"
+
+
+def test_magic_refuses_a_memorising_chat_fine_tune(chat_facts, monkeypatch, capsys):
+    """100 epochs on 16 chat rows with torch's AdamW: replaying the adapter's own recipe
+    drifts 25% from it (rounding differences grow through a chaotic run; it once read
+    "trained some other way"), so `trace --method magic` refuses, one line, as chaotic."""
+    root = chat_facts
+    query = root / "magic-query.json"
+    query.write_text(json.dumps({"messages": [SYSTEM, {"role": "user", "content":
+                                                       "What is the capital of Veloria?"},
+                                              {"role": "assistant", "content":
+                                               "The capital of Veloria is Mirth."}]}))
+    code, _, err = run_cli(monkeypatch, capsys, "trace", root / "idx", "--model",
+                           root / "base", "--adapter", root / "adapter", "--query-file",
+                           query, "--method", "magic")
+    lines = [ln for ln in err.splitlines() if not ln.startswith(("replaying the fine-tune",
+                                                                "differentiating through"))]
+    _assert_one_line_error(code, "\n".join(lines), "too chaotic")

@@ -671,7 +671,7 @@ class Tracer:
         """`trace_magic` for many queries at the price of one: one forward replay, one
         reverse pass and one removal check serve them all."""
         from datablame.methods.magic import FineTuneReplay
-        from datablame.text_verify import check_recipe_rows
+        from datablame.text_verify import check_recipe_rows, made_by_recipe
 
         if self.options.adapter is None:
             raise UserError("magic replays a LoRA fine-tune: pass the --adapter it made")
@@ -682,7 +682,10 @@ class Tracer:
         replay = getattr(self, "_replay", None)
         if replay is None:
             replay = self._replay = FineTuneReplay(self.rows, self.options.model, recipe_obj)
-        all_scores = replay.scores(q_texts, adapter_dir=self.options.adapter)
+        all_scores = replay.scores(q_texts, adapter_dir=self.options.adapter,
+                                   made_by_recipe=made_by_recipe(
+                                       self.options.adapter, self.options.model, recipe_obj,
+                                       len(self.rows)))
         check = replay.removal_check(all_scores, q_texts)
         replay.check_smooth(check)
         if not recipe_obj.adam_eps_root:

@@ -121,7 +121,7 @@ def verify_text(train_file, base_dir, adapter_dir, query, *, remove: list[int],
                         "retraining": SAME_SCHEDULE if same_schedule else REBATCHED}
         result["original"] = _evaluate(base_dir, adapter_dir, q, prompt, answer, recipe,
                                        budget)
-        if _is_all_rows_run(recorded, base_dir, recipe, n):
+        if is_all_rows_run(recorded, base_dir, recipe, n):
             # the adapter is this recipe on every row of this base: it is the control
             result["runs"]["all-rows"] = {"removed": [], "is_the_adapter": True,
                                           **result["original"]}
@@ -266,7 +266,13 @@ def scores_from_trace(path: str | os.PathLike, n: int) -> tuple[np.ndarray, str,
     return scores, key, len(results)
 
 
-def _is_all_rows_run(recorded: dict, base_dir, recipe: Recipe, n: int) -> bool:
+def made_by_recipe(adapter_dir, base_dir, recipe: Recipe, n: int) -> bool:
+    """Did `finetune` record making this adapter with this recipe, all n rows and base?"""
+    path = Path(adapter_dir) / RECIPE_FILE
+    return path.exists() and is_all_rows_run(json.loads(path.read_text()), base_dir, recipe, n)
+
+
+def is_all_rows_run(recorded: dict, base_dir, recipe: Recipe, n: int) -> bool:
     """Did `finetune` make the adapter with this recipe, every row, and this base (by
     content)? Then retraining on all rows would reproduce it exactly (tested)."""
     from datablame.store.content_digest import dir_digest
@@ -359,7 +365,7 @@ def fix_text(train_file, base_dir, adapter_dir, query, *, remove: list[int], out
         verdict, text = "not-fixed", (f"NOT FIXED: without {which} the model still says "
                                       f"'{shown}'")
     text += f" (query loss {before['loss']:.3f} -> {after['loss']:.3f})"
-    same_recipe = _is_all_rows_run(recorded, base_dir, recipe, n)
+    same_recipe = is_all_rows_run(recorded, base_dir, recipe, n)
     if not same_recipe:
         text += ("; note: the adapter was not made by this recipe on every row, so part of "
                  "the change may be the recipe's ('verify' compares with a retrain on every "
