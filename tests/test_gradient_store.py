@@ -406,3 +406,48 @@ def test_rebuilding_the_retrieval_index_keeps_the_gradient_store(tmp_path, rando
     assert _files(tmp_path / "idx" / "gradients") == shards
     GradientStore.load(tmp_path / "idx", verify=True)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".idx.")]
+
+
+def test_sharded_workers_then_commit_equal_one_process_byte_for_byte(tmp_path,
+                                                                     random_lora_model,
+                                                                     monkeypatch, capsys):
+    """`index --gradients --shard-of 0/2` and `1/2` (one shard of 4 rows each, round robin)
+    then `--commit` make the store one process makes, file for file; the commit refuses
+    while a worker has not run, and a worker refuses an index that does not exist."""
+    from .test_cli import _assert_one_line_error, run_cli
+
+    base, adapter = random_lora_model
+    train = write_jsonl(tmp_path / "t.jsonl", ROWS)
+    grad = ["--gradients", "--model", base, "--adapter", adapter, "--shard-rows", "4",
+            "--proj-dim", "64"]
+    code, _, err = run_cli(monkeypatch, capsys, "index", train, "--out", tmp_path / "one",
+                           *grad)
+    assert code in (0, None), err
+    sharded = tmp_path / "sharded"
+    code, _, err = run_cli(monkeypatch, capsys, "index", train, "--out", sharded, *grad,
+                           "--shard-of", "0/2")
+    _assert_one_line_error(code, err, "no retrieval index yet")
+    code, _, err = run_cli(monkeypatch, capsys, "index", train, "--out", sharded)
+    assert code in (0, None), err
+    code, out, err = run_cli(monkeypatch, capsys, "index", train, "--out", sharded, *grad,
+                             "--shard-of", "0/2")
+    assert code in (0, None), err
+    assert "shard(s) of the store still missing" in " ".join((out + err).split())
+    code, _, err = run_cli(monkeypatch, capsys, "index", train, "--out", sharded, *grad,
+                           "--commit")
+    _assert_one_line_error(code, err, "gradient shards are not written yet (shard 1")
+    assert not (sharded / "gradients").exists()
+    code, out, err = run_cli(monkeypatch, capsys, "index", train, "--out", sharded, *grad,
+                             "--shard-of", "1/2")
+    assert code in (0, None), err
+    assert "--commit instead of --shard-of" in " ".join((out + err).split())
+    code, out, err = run_cli(monkeypatch, capsys, "index", train, "--out", sharded, *grad,
+                             "--commit")
+    assert code in (0, None), err
+    n_shards = -(-len(ROWS) // 4)
+    assert f"committed {n_shards} gradient shards" in out + err
+    assert _files(sharded / "gradients") == _files(tmp_path / "one" / "gradients")
+    for bad, needle in (("2/2", "I must be in 0..N-1"), ("x", "expects I/N")):
+        code, _, err = run_cli(monkeypatch, capsys, "index", train, "--out", sharded, *grad,
+                               "--shard-of", bad)
+        _assert_one_line_error(code, err, needle)

@@ -48,6 +48,8 @@ def build_index(
     device: str = "cpu",
     gradients: GradientOptions | None = None,
     split: str | None = None,
+    shard_of: tuple[int, int] | None = None,
+    commit: bool = False,
 ) -> dict:
     """Embed every training row (formatted with `template`, Alpaca by default) into a FAISS
     index at `out`; with `gradients`, also store every row's projected loss gradient (see
@@ -76,6 +78,13 @@ def build_index(
         raise UserError(f"--out {out} is inside the data directory {train_file}: its files "
                         "would be read as rows next time; put the index elsewhere")
     real_out = Path(os.path.realpath(out))  # a symlinked index is rebuilt where it lives
+    if shard_of is not None or commit:
+        if gradients is None:
+            raise UserError("--shard-of and --commit build a gradient store: add --gradients "
+                            "and the model options")
+        with IndexLock(real_out, shared=shard_of is not None):
+            return _gradient_shards(train_file, real_out, gradients, split, template,
+                                    response_field, chat, shard_of)
     with IndexLock(real_out) as lock:
         return _build_index_locked(train_file, real_out, lock, template=template,
                                    response_field=response_field, chat=chat,
@@ -139,6 +148,42 @@ def _build_index_locked(train_file: str | os.PathLike, out: Path, lock, *,
                                  store_dtype=g.store_dtype, projection=g.projection,
                                  progress=advance)
     return manifest
+
+
+def _gradient_shards(train_file, out: Path, g: GradientOptions, split, template,
+                     response_field, chat, shard_of: tuple[int, int] | None) -> dict:
+    """One worker's share of a sharded gradient build (`shard_of`), or its commit (None).
+    The retrieval index must exist already, built from these rows with this template:
+    workers share it and never re-embed."""
+    from datablame.data.rows import load_rows
+    from datablame.features.gradients import build_gradient_store
+    from datablame.store.retrieval_index import load_index
+
+    if not (out / "manifest.json").exists():
+        raise UserError(f"{out} has no retrieval index yet: build it once first "
+                        f"(datablame index {train_file} --out {out}), then run the "
+                        "--shard-of workers and --commit")
+    index = load_index(out)
+    rows = load_rows(train_file, split=split)
+    index.check_rows(rows)
+    tmpl = resolve_template(template, response_field, rows, chat, g.model)
+    if tmpl.to_json() != index.template.to_json():
+        raise UserError(f"{out} was indexed with another template than these options give: "
+                        "pass the same --template / chat options as the index build")
+    tmpl.check_rows(rows)
+    model = g.load()
+    model.identity()
+    options = {"proj_dim": g.proj_dim, "seed": g.seed, "shard_rows": g.shard_rows,
+               "batch_size": g.batch_size, "store_dtype": g.store_dtype,
+               "projection": g.projection}
+    if shard_of is None:
+        return build_gradient_store(out, rows, tmpl, model, commit_only=True, **options)
+    i, n = shard_of
+    mine = sum(min(len(rows), (s + 1) * g.shard_rows) - s * g.shard_rows
+               for s in range(i, -(-len(rows) // g.shard_rows), n))
+    with progress.task(f"row gradients, shards {i} mod {n}", mine) as advance:
+        return build_gradient_store(out, rows, tmpl, model, shard_of=shard_of,
+                                    progress=advance, **options)
 
 
 def resolve_template(template: str | ChatTemplate | None, response_field: str | None, rows,

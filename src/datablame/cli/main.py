@@ -48,6 +48,16 @@ def _main(
     progress.enable_notes(True)
 
 
+def _parse_shard_of(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(part) for part in text.split("/"))
+    except ValueError:
+        _fail(f"--shard-of expects I/N (worker I of N, e.g. 0/4), got '{text}'")
+    if n < 1 or not 0 <= i < n:
+        _fail(f"--shard-of {text}: I must be in 0..N-1")
+    return i, n
+
+
 @app.command()
 def index(
     train_file: Annotated[Path, typer.Argument(help="Training rows: .jsonl, .json, .csv or "
@@ -92,6 +102,14 @@ def index(
                              ".jinja file (default: --model).")] = None,
     chat_turns: Annotated[str, typer.Option(help="Chat rows: the loss covers all assistant "
                                                  "turns or the last.")] = "all",
+    shard_of: Annotated[str, typer.Option(help="I/N: with --gradients, be worker I of N (a "
+                                               "SLURM array task, a torchrun rank): write "
+                                               "shards I, I+N, ... of the gradient store, "
+                                               "commit nothing. The retrieval index must "
+                                               "exist.")] = "",
+    commit: Annotated[bool, typer.Option("--commit", help="With --gradients: check that "
+                                         "every worker's shards are there and make the "
+                                         "store (computes nothing).")] = False,
 ) -> None:
     """Embed every training row into a FAISS index; with --gradients, a gradient store too.
 
@@ -130,10 +148,28 @@ def index(
         if template:
             _fail("give either a prompt template (--template) or a chat template "
                   "(--chat-template), not both")
+    worker = _parse_shard_of(shard_of) if shard_of else None
+    if (worker is not None or commit) and grad_opts is None:
+        _fail("--shard-of and --commit build a gradient store: add --gradients --model ...")
+    if worker is not None and commit:
+        _fail("a --shard-of worker commits nothing: run --commit once all workers are done")
     manifest = build_index(train_file, out, template=template or None, chat=chat,
                            response_field=response_field or None, embedder=embedder or None,
                            index_type=index_type, batch_size=batch_size, gradients=grad_opts,
-                           split=split or None)
+                           split=split or None, shard_of=worker, commit=commit)
+    if worker is not None:
+        left = manifest["missing"]
+        console.print(f"worker {worker[0]}/{worker[1]}: wrote {manifest['written']} of its "
+                      f"{manifest['mine']} gradient shards; {len(left)} shard(s) of the "
+                      "store still missing" + ("" if left else
+                                               "; make the store: the same command with "
+                                               "--commit instead of --shard-of"),
+                      highlight=False)
+        return
+    if commit:
+        console.print(f"committed {len(manifest['shards'])} gradient shards "
+                      f"({manifest['rows']} rows) -> {out}/gradients", highlight=False)
+        return
     console.print(f"indexed {manifest['data']['rows']} rows from {train_file} -> {out} "
                   f"({manifest['index_type']}, {manifest['embedder']}, dim {manifest['dim']})",
                   highlight=False)

@@ -15,6 +15,7 @@ import numpy as np
 
 from datablame.data.rows import Rows
 from datablame.data.template import PromptTemplate
+from datablame.errors import UserError
 from datablame.features.projection import make_projector
 from datablame.models.hf_causal_lm import length_order
 from datablame.store.gradient_store import (
@@ -67,19 +68,35 @@ def build_gradient_store(
     projection: str = "countsketch",
     progress: Callable[[int], None] | None = None,
     stop_after_shards: int | None = None,
+    shard_of: tuple[int, int] | None = None,
+    commit_only: bool = False,
 ) -> dict:
     """Compute, project and store every row's gradient (`model`: a `CausalLMAdapter`);
-    resumes an interrupted build. batch_size 0 picks `auto_batch_size`."""
+    resumes an interrupted build. batch_size 0 picks `auto_batch_size`.
+
+    `shard_of=(i, n)`: one of n workers (a SLURM array task, a torchrun rank, ...) writes
+    the shards s with s % n == i and commits nothing; returns {"written", "mine",
+    "missing"}. `commit_only`: check that every shard is there and commit them. Shards are
+    fixed row ranges in fixed batches, so the store is byte-identical to one process's."""
     if batch_size <= 0:
         batch_size = auto_batch_size(model.num_params)
     check_store_options(projection, store_dtype)
     plan = {**store_identity(model.identity(), template, rows, proj_dim, seed, projection),
             "shard_rows": shard_rows, "batch_size": batch_size, "store_dtype": store_dtype}
-    writer = GradientStoreWriter(index_dir, plan)
+    writer = GradientStoreWriter(index_dir, plan, existing_only=commit_only)
     projector = make_projector(projection, model.num_params, proj_dim, seed)
+    if commit_only:
+        missing = writer.missing()
+        if missing:
+            shown = ", ".join(map(str, missing[:8])) + (" ..." if len(missing) > 8 else "")
+            raise UserError(f"{len(missing)} of {writer.n_shards} gradient shards are not "
+                            f"written yet (shard {shown}): rerun their --shard-of workers")
+        return writer.commit(projector.to_json())
+    mine = [s for s in range(writer.n_shards) if shard_of is None or s % shard_of[1] ==
+            shard_of[0]]
     report: dict[str, list[int]] = {}  # rows cut to max length or with nothing to score
     built = 0
-    for s in range(writer.n_shards):
+    for s in mine:
         lo, hi = writer.row_range(s)
         if writer.has(s):
             if progress:
@@ -95,4 +112,6 @@ def build_gradient_store(
     # once for the whole build, rows named by id
     model.warn_report({k: sorted(v) for k, v in report.items()}, len(rows),
                       names=range(len(rows)))
+    if shard_of is not None:
+        return {"written": built, "mine": len(mine), "missing": writer.missing()}
     return writer.commit(projector.to_json())

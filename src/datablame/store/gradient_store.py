@@ -126,19 +126,38 @@ class GradientStoreWriter:
     one with another plan is discarded (it is ours: inside the locked index).
     """
 
-    def __init__(self, index_dir: Path, plan: dict):
+    def __init__(self, index_dir: Path, plan: dict, *, existing_only: bool = False):
+        """`existing_only` (the commit of a sharded build): use the partial build of this
+        plan as it is, never start or discard one."""
+        import fcntl
+
         self.plan = plan
         self.rows, self.shard_rows = plan["rows"], plan["shard_rows"]
         self.proj_dim = plan["proj_dim"]
         self.dtype = np.dtype(STORE_DTYPES[plan["store_dtype"]])
         self.final = Path(index_dir) / "gradients"
         self.partial = Path(index_dir) / "gradients.partial"
-        if self.partial.exists():
+        # shard workers start together: one at a time decides whether the partial build
+        # is theirs (a worker must not discard the directory another has just made)
+        Path(index_dir).mkdir(parents=True, exist_ok=True)
+        with open(Path(index_dir) / ".gradients-plan.lock", "a") as guard:
+            fcntl.flock(guard, fcntl.LOCK_EX)
             old = self.partial / "plan.json"
-            if not old.exists() or json.loads(old.read_text()) != plan:
+            same = old.exists() and json.loads(old.read_text()) == plan
+            if existing_only:
+                if not same:
+                    raise UserError(f"no gradient shards of this model, data and options "
+                                    f"in {self.partial} to commit: run the --shard-of "
+                                    "workers with the same options first")
+                return
+            if self.partial.exists() and not same:
                 shutil.rmtree(self.partial)  # a different build was interrupted: start over
-        self.partial.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(self.partial / "plan.json", plan)
+            self.partial.mkdir(parents=True, exist_ok=True)
+            if not same:
+                write_json_atomic(self.partial / "plan.json", plan)
+
+    def missing(self) -> list[int]:
+        return [s for s in range(self.n_shards) if not self.has(s)]
 
     @property
     def n_shards(self) -> int:

@@ -74,8 +74,11 @@ class IndexLock:
     the swap finds it held.
     """
 
-    def __init__(self, out: str | os.PathLike):
+    def __init__(self, out: str | os.PathLike, shared: bool = False):
+        """`shared`: a lock many gradient-shard workers hold at once (`index --shard-of`),
+        which still keeps out a whole build and is kept out by one."""
         self.out = Path(out)
+        self.shared = shared
         self._fds: list[int] = []
         self.created_dir = False
 
@@ -94,7 +97,8 @@ class IndexLock:
         for _ in range(5):  # the file may be replaced between open and flock: retry
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX)
+                            | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = _read_holder(fd)
                 os.close(fd)
@@ -105,7 +109,8 @@ class IndexLock:
             except FileNotFoundError:
                 same = False
             if same:
-                _write_holder(fd)
+                if not self.shared:
+                    _write_holder(fd)
                 self._fds.append(fd)
                 return
             os.close(fd)
