@@ -411,9 +411,10 @@ def test_rebuilding_the_retrieval_index_keeps_the_gradient_store(tmp_path, rando
 def test_sharded_workers_then_commit_equal_one_process_byte_for_byte(tmp_path,
                                                                      random_lora_model,
                                                                      monkeypatch, capsys):
-    """`index --gradients --shard-of 0/2` and `1/2` (one shard of 4 rows each, round robin)
-    then `--commit` make the store one process makes, file for file; the commit refuses
-    while a worker has not run, and a worker refuses an index that does not exist."""
+    """`index --gradients --shard-of 0/2` and `1/2` (shards of 4 rows, round robin) then
+    `--commit` make the store one process makes, file for file, and so does `--workers 2`
+    (two processes); the commit refuses while a worker has not run, and a worker refuses
+    an index that does not exist."""
     from .test_cli import _assert_one_line_error, run_cli
 
     base, adapter = random_lora_model
@@ -447,6 +448,11 @@ def test_sharded_workers_then_commit_equal_one_process_byte_for_byte(tmp_path,
     n_shards = -(-len(ROWS) // 4)
     assert f"committed {n_shards} gradient shards" in out + err
     assert _files(sharded / "gradients") == _files(tmp_path / "one" / "gradients")
+    # --workers 2: the same two workers as processes, and the commit, in one command
+    code, _, err = run_cli(monkeypatch, capsys, "index", train, "--out", tmp_path / "two",
+                           *grad, "--workers", "2")
+    assert code in (0, None), err
+    assert _files(tmp_path / "two" / "gradients") == _files(tmp_path / "one" / "gradients")
     for bad, needle in (("2/2", "I must be in 0..N-1"), ("x", "expects I/N")):
         code, _, err = run_cli(monkeypatch, capsys, "index", train, "--out", sharded, *grad,
                                "--shard-of", bad)

@@ -48,6 +48,49 @@ def _main(
     progress.enable_notes(True)
 
 
+def _run_shard_workers(n: int) -> None:
+    """This `index` command again as n `--shard-of i/n` processes: one GPU each when there
+    are n, else the cores split between them. Waits for all; a failed worker fails the
+    build with its own error line (its finished shards are kept: rerun to resume)."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    args, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif arg == "--workers":
+            skip = True
+        elif not arg.startswith("--workers="):
+            args.append(arg)
+    gpus = torch.cuda.device_count()
+    # each worker keeps this process's CPU thread count: a matrix product sums in an order
+    # that depends on it, and fewer threads would give other bytes than one process
+    each = "one GPU each" if gpus >= n else ("sharing the CPU cores: on a CPU, one process "
+                                             "is usually faster")
+    progress.note(f"{n} gradient workers ({each}); the store is committed when all are done")
+    procs = []
+    for i in range(n):
+        env = dict(os.environ)
+        if gpus >= n:
+            env["CUDA_VISIBLE_DEVICES"] = str(i)
+        procs.append(subprocess.Popen([sys.executable, "-m", "datablame", *args,
+                                       "--shard-of", f"{i}/{n}"], env=env,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                      text=True))
+    failed = []
+    for i, proc in enumerate(procs):
+        _, err = proc.communicate()
+        if proc.returncode != 0:
+            lines = [ln for ln in err.splitlines() if ln.strip()]
+            failed.append(f"worker {i}/{n}: {lines[-1] if lines else f'exit {proc.returncode}'}")
+    if failed:
+        _fail("; ".join(failed))
+
+
 def _parse_shard_of(text: str) -> tuple[int, int]:
     try:
         i, n = (int(part) for part in text.split("/"))
@@ -110,6 +153,10 @@ def index(
     commit: Annotated[bool, typer.Option("--commit", help="With --gradients: check that "
                                          "every worker's shards are there and make the "
                                          "store (computes nothing).")] = False,
+    workers: Annotated[int, typer.Option(help="With --gradients: run N worker processes "
+                                              "(one per GPU when there are N GPUs), each "
+                                              "writing every N-th shard, then commit. "
+                                              "Same store as one process.")] = 1,
 ) -> None:
     """Embed every training row into a FAISS index; with --gradients, a gradient store too.
 
@@ -148,7 +195,20 @@ def index(
         if template:
             _fail("give either a prompt template (--template) or a chat template "
                   "(--chat-template), not both")
+    from datablame.errors import check_at_least
+
     worker = _parse_shard_of(shard_of) if shard_of else None
+    check_at_least("--workers", workers, 1)
+    if workers > 1:
+        if grad_opts is None:
+            _fail("--workers splits a gradient build: add --gradients --model ...")
+        if worker is not None or commit:
+            _fail("--workers runs the --shard-of workers and the --commit itself")
+        build_index(train_file, out, template=template or None, chat=chat,
+                    response_field=response_field or None, embedder=embedder or None,
+                    index_type=index_type, batch_size=batch_size, split=split or None)
+        _run_shard_workers(workers)
+        commit = True
     if (worker is not None or commit) and grad_opts is None:
         _fail("--shard-of and --commit build a gradient store: add --gradients --model ...")
     if worker is not None and commit:
