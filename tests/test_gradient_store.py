@@ -77,7 +77,8 @@ def test_resumed_build_equals_uninterrupted_byte_for_byte(setup):
     assert not (tmp / "b" / "gradients").exists()  # never looks complete
     with pytest.raises(UserError, match="interrupted build can be resumed"):
         GradientStore.load(tmp / "b")
-    partial = sorted(p.name for p in (tmp / "b" / "gradients.partial").glob("shard-*"))
+    partial = sorted(p.name for p in (tmp / "b" / "gradients.partial").glob("shard-*.npy")
+                     if not p.name.endswith(".norms.npy"))
     assert partial == ["shard-00000.npy", "shard-00001.npy"]
     build_gradient_store(tmp / "b", rows, tmpl, model, **kw)
     assert _files(tmp / "a" / "gradients") == _files(tmp / "b" / "gradients")
@@ -457,3 +458,41 @@ def test_sharded_workers_then_commit_equal_one_process_byte_for_byte(tmp_path,
         code, _, err = run_cli(monkeypatch, capsys, "index", train, "--out", sharded, *grad,
                                "--shard-of", bad)
         _assert_one_line_error(code, err, needle)
+
+
+def test_commit_merges_sidecars_and_refuses_what_they_do_not_vouch_for(setup):
+    """The commit reads sidecars, headers and norms, not the shards' data: a shard whose
+    sidecar is missing, from another plan, or whose file is truncated does not count as
+    written, and the commit refuses naming it (one line); after a rerun the store equals
+    one process's, without sidecars left."""
+    import json as _json
+
+    tmp, rows, tmpl, model = setup
+    kw = dict(proj_dim=16, shard_rows=4, batch_size=3)
+    build_gradient_store(tmp / "one", rows, tmpl, model, **kw)
+    for i in range(2):
+        out = build_gradient_store(tmp / "two", rows, tmpl, model, shard_of=(i, 2), **kw)
+    assert out["missing"] == []
+    partial = tmp / "two" / "gradients.partial"
+
+    def refused(shard: int) -> None:
+        with pytest.raises(UserError, match=rf"not written yet \(shard {shard}\)"):
+            build_gradient_store(tmp / "two", rows, tmpl, model, commit_only=True, **kw)
+
+    side = partial / "shard-00001.json"
+    saved = side.read_text()
+    side.unlink()
+    refused(1)
+    side.write_text(_json.dumps({**_json.loads(saved), "plan": "0" * 64}))
+    refused(1)
+    side.write_text(saved)
+    shard = partial / "shard-00002.npy"
+    data = shard.read_bytes()
+    shard.write_bytes(data[:-8])
+    refused(2)
+    assert build_gradient_store(tmp / "two", rows, tmpl, model, shard_of=(0, 2),
+                                **kw)["written"] == 1  # the worker redoes shard 2 only
+    build_gradient_store(tmp / "two", rows, tmpl, model, commit_only=True, **kw)
+    assert _files(tmp / "two" / "gradients") == _files(tmp / "one" / "gradients")
+    assert sorted(p.name for p in (tmp / "two" / "gradients").glob("*.json")) == \
+        ["manifest.json"]

@@ -75,7 +75,8 @@ def _sha256(path: Path) -> str:
 
 
 def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+    # a name of its own per writer: two workers writing one shard leave one whole file
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{os.urandom(4).hex()}.tmp")
     with tmp.open("wb") as fh:
         np.save(fh, array)
         fh.flush()
@@ -169,38 +170,90 @@ class GradientStoreWriter:
     def _path(self, shard: int) -> Path:
         return self.partial / f"shard-{shard:05d}.npy"
 
+    def _sidecar(self, shard: int) -> Path:
+        return self.partial / f"shard-{shard:05d}.json"
+
+    def _norms_path(self, shard: int) -> Path:
+        return self.partial / f"shard-{shard:05d}.norms.npy"
+
+    @property
+    def plan_digest(self) -> str:
+        import hashlib
+
+        return hashlib.sha256(json.dumps(self.plan, sort_keys=True).encode()).hexdigest()
+
+    def _read_sidecar(self, shard: int) -> dict | None:
+        try:
+            return json.loads(self._sidecar(shard).read_text())
+        except (OSError, ValueError):
+            return None
+
     def _expected(self, shard: int) -> tuple[tuple, np.dtype]:
         lo, hi = self.row_range(shard)
         return (hi - lo, self.proj_dim), self.dtype
 
     def has(self, shard: int) -> bool:
-        """A shard that exists with the planned layout is complete (written atomically)."""
-        path = self._path(shard)
-        return path.exists() and _layout_or_none(path) == self._expected(shard)
+        """A shard is complete when its sidecar (written last, atomically) is this plan's
+        and its array has the planned layout and the sidecar's size."""
+        path, side = self._path(shard), self._read_sidecar(shard)
+        return (side is not None and side.get("plan") == self.plan_digest and
+                path.exists() and path.stat().st_size == side.get("bytes") and
+                _layout_or_none(path) == self._expected(shard) and
+                self._norms_path(shard).exists())
 
     def write(self, shard: int, vectors: np.ndarray) -> None:
+        """The shard, its norms, then its sidecar (row range, size, sha256, this plan's
+        digest): the commit merges sidecars and never reads the shards' data."""
         lo, hi = self.row_range(shard)
         if vectors.shape != (hi - lo, self.proj_dim):
             raise ValueError(f"shard {shard}: got {vectors.shape}, planned "
                              f"{(hi - lo, self.proj_dim)}")
-        _save_npy_atomic(self._path(shard), vectors.astype(self.dtype))
+        stored = vectors.astype(self.dtype)
+        path = self._path(shard)
+        _save_npy_atomic(path, stored)
+        _save_npy_atomic(self._norms_path(shard),
+                         np.linalg.norm(np.asarray(stored, dtype=np.float32), axis=1)
+                         .astype(np.float32))
+        write_json_atomic(self._sidecar(shard), {
+            "plan": self.plan_digest, "rows": [lo, hi], "bytes": path.stat().st_size,
+            "sha256": _sha256(path)})
 
     def commit(self, projection: dict) -> dict:
-        """Check every shard, write norms and the manifest last, swap the store in."""
+        """Check every shard against its sidecar, merge the sidecars and norms (reading
+        headers and metadata, not the shards' data: `GradientStore.load` checks the
+        sha256 on use), write the manifest last, swap the store in."""
         shards, norms = [], []
         for s in range(self.n_shards):
             path, want = self._path(s), self._expected(s)
+            side = self._read_sidecar(s)
+            where = f"gradient store build {self.partial}: {path.name}"
+            if side is None:
+                raise UserError(f"{where} has no sidecar ({self._sidecar(s).name}): its "
+                                "worker did not finish it; rerun the build")
+            if side.get("plan") != self.plan_digest or side.get("rows") != \
+                    list(self.row_range(s)):
+                raise UserError(f"{where}: its sidecar is from another build plan; rerun "
+                                "the build")
             layout = _layout_or_none(path)
             if layout != want:  # certify only what this plan made
-                raise UserError(f"gradient store build {self.partial}: {path.name} holds "
+                raise UserError(f"{where} holds "
                                 f"{_layout_text(*layout) if layout else 'no readable array'}"
                                 f", expected {_layout_text(*want)}; rerun the build")
-            arr = np.load(path, mmap_mode="r")
-            norms.append(np.linalg.norm(np.asarray(arr, dtype=np.float32), axis=1))
+            if path.stat().st_size != side.get("bytes"):
+                raise UserError(f"{where} is {path.stat().st_size} bytes, its sidecar says "
+                                f"{side.get('bytes')} (truncated or replaced); rerun the "
+                                "build")
+            part = np.load(self._norms_path(s))
+            if part.shape != (want[0][0],):
+                raise UserError(f"{where}: its norms file does not match; rerun the build")
+            norms.append(part)
             shards.append({"file": path.name, "rows": list(self.row_range(s)),
-                           "bytes": path.stat().st_size, "sha256": _sha256(path)})
+                           "bytes": side["bytes"], "sha256": side["sha256"]})
         norms_path = self.partial / NORMS_NAME
         _save_npy_atomic(norms_path, np.concatenate(norms).astype(np.float32))
+        for s in range(self.n_shards):  # merged into the manifest and norms.npy
+            self._sidecar(s).unlink()
+            self._norms_path(s).unlink()
         manifest = {"format": FORMAT, "format_version": FORMAT_VERSION,
                     "tool_version": __version__, **self.plan, "projection": projection,
                     "shards": shards,
