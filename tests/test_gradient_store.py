@@ -438,6 +438,10 @@ def test_sharded_workers_then_commit_equal_one_process_byte_for_byte(tmp_path,
     code, _, err = run_cli(monkeypatch, capsys, "index", train, "--out", sharded, *grad,
                            "--commit")
     _assert_one_line_error(code, err, "gradient shards are not written yet (shard 1")
+    code, out, err = run_cli(monkeypatch, capsys, "status", sharded)
+    assert code in (0, None), err
+    assert "build in progress: 2/4 shards" in out + err and "missing: 2 shard(s): 1, 3" in \
+        out + err
     assert not (sharded / "gradients").exists()
     code, out, err = run_cli(monkeypatch, capsys, "index", train, "--out", sharded, *grad,
                              "--shard-of", "1/2")
@@ -490,9 +494,16 @@ def test_commit_merges_sidecars_and_refuses_what_they_do_not_vouch_for(setup):
     data = shard.read_bytes()
     shard.write_bytes(data[:-8])
     refused(2)
+    from datablame.store.gradient_store import build_status
+
+    status = build_status(tmp / "two")["build"]
+    assert (status["done"], status["missing"], status["damaged"]) == (3, [], [2])
+    assert status["rows_done"] == len(rows) - 4 and "store" not in build_status(tmp / "two")
     assert build_gradient_store(tmp / "two", rows, tmpl, model, shard_of=(0, 2),
                                 **kw)["written"] == 1  # the worker redoes shard 2 only
     build_gradient_store(tmp / "two", rows, tmpl, model, commit_only=True, **kw)
     assert _files(tmp / "two" / "gradients") == _files(tmp / "one" / "gradients")
     assert sorted(p.name for p in (tmp / "two" / "gradients").glob("*.json")) == \
         ["manifest.json"]
+    assert build_status(tmp / "two")["store"]["rows"] == len(rows)
+    assert "build" not in build_status(tmp / "two")

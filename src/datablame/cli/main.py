@@ -17,6 +17,7 @@ import typer
 from datablame import __version__, progress
 from datablame.cli import audit as audit_commands
 from datablame.cli import report as report_commands
+from datablame.cli import status as status_commands
 from datablame.cli import tabular as tabular_commands
 from datablame.cli import verify as verify_commands
 from datablame.cli.console import console, fail
@@ -680,6 +681,7 @@ app.command("finetune")(verify_commands.finetune)
 app.command("fix")(verify_commands.fix)
 app.command("report")(report_commands.report)
 app.command("serve")(report_commands.serve)
+app.command("status")(status_commands.status)
 
 
 @app.command()

@@ -502,3 +502,45 @@ def _push_best(heap: list, key: np.ndarray, scores: np.ndarray, first: int, k: i
             heapq.heappush(heap, item)
         elif item > heap[0]:
             heapq.heapreplace(heap, item)
+
+
+def build_status(index_dir: Path) -> dict:
+    """Where a gradient store build stands, from files alone (no model, no lock): the
+    committed store, or the partial build's shards done / missing / damaged (a file
+    without a matching sidecar), the rate from the sidecars' times and an ETA."""
+    index_dir = Path(index_dir)
+    final, partial = index_dir / "gradients", index_dir / "gradients.partial"
+    out: dict = {"index": str(index_dir)}
+    if (final / "manifest.json").exists():
+        manifest = json.loads((final / "manifest.json").read_text())
+        out["store"] = {"rows": manifest.get("rows"), "shards": len(manifest.get("shards", [])),
+                        "proj_dim": manifest.get("proj_dim"),
+                        "store_dtype": manifest.get("store_dtype"),
+                        "bytes": sum(int(s.get("bytes", 0)) for s in manifest["shards"])}
+    if (partial / "plan.json").exists():
+        plan = json.loads((partial / "plan.json").read_text())
+        writer = object.__new__(GradientStoreWriter)  # read-only: no directory changes
+        writer.plan, writer.partial = plan, partial
+        writer.rows, writer.shard_rows = plan["rows"], plan["shard_rows"]
+        writer.proj_dim = plan["proj_dim"]
+        writer.dtype = np.dtype(STORE_DTYPES[plan["store_dtype"]])
+        done, missing, damaged = [], [], []
+        for s in range(writer.n_shards):
+            if writer.has(s):
+                done.append(s)
+            elif writer._path(s).exists():
+                damaged.append(s)
+            else:
+                missing.append(s)
+        rows_done = sum(writer.row_range(s)[1] - writer.row_range(s)[0] for s in done)
+        times = sorted(writer._sidecar(s).stat().st_mtime for s in done)
+        rate = None
+        if len(times) >= 2 and times[-1] > times[0]:
+            first = writer.row_range(done[0])
+            rate = (rows_done - (first[1] - first[0])) / (times[-1] - times[0])
+        left = writer.rows - rows_done
+        out["build"] = {"shards": writer.n_shards, "done": len(done), "missing": missing,
+                        "damaged": damaged, "rows": writer.rows, "rows_done": rows_done,
+                        "rows_per_s": rate,
+                        "eta_s": left / rate if rate else None}
+    return out

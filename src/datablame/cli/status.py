@@ -1,0 +1,48 @@
+"""`datablame status IDX`: how far a gradient store build is, for a long or sharded one."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from datablame.cli.console import console, fail
+
+
+def status(index_dir: Annotated[Path, typer.Argument(help="The index directory.")],
+           as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False
+           ) -> None:
+    """Show a gradient store build's shards: done, missing, damaged, rate and ETA (files
+    only: safe to run while workers write)."""
+    from datablame.store.gradient_store import build_status
+
+    if not index_dir.is_dir():
+        fail(f"index directory not found: {index_dir}")
+    info = build_status(index_dir)
+    if as_json:
+        print(json.dumps(info, indent=2))
+        return
+    if "store" not in info and "build" not in info:
+        console.print(f"{index_dir}: no gradient store and no build in progress",
+                      highlight=False)
+    if "store" in info:
+        s = info["store"]
+        console.print(f"gradient store: {s['rows']} rows in {s['shards']} shards, K = "
+                      f"{s['proj_dim']} {s['store_dtype']}, {s['bytes'] / 1e6:.1f} MB",
+                      highlight=False)
+    if "build" in info:
+        b = info["build"]
+        rate = f"{b['rows_per_s']:.0f} rows/s" if b["rows_per_s"] else "rate unknown yet"
+        eta = f", about {b['eta_s'] / 60:.1f} min left" if b["eta_s"] else ""
+        console.print(f"build in progress: {b['done']}/{b['shards']} shards "
+                      f"({b['rows_done']}/{b['rows']} rows), {rate}{eta}", highlight=False)
+        for name in ("missing", "damaged"):
+            if b[name]:
+                shown = ", ".join(map(str, b[name][:12])) + (" ..." if len(b[name]) > 12
+                                                             else "")
+                console.print(f"  {name}: {len(b[name])} shard(s): {shown}", highlight=False)
+        if not b["missing"] and not b["damaged"]:
+            console.print("  every shard is done: commit with `index ... --gradients "
+                          "--commit`", highlight=False)
