@@ -355,16 +355,20 @@ def test_bad_chat_input_is_one_line_naming_the_row(llama, tmp_path, monkeypatch,
 
 
 @pytest.mark.slow
+def _veloria_query(path):
+    """The planted fact's conversation, ending with the answer to trace (a --query file)."""
+    path.write_text(json.dumps({"messages": [
+        SYSTEM, {"role": "user", "content": "What is the capital of Veloria?"},
+        {"role": "assistant", "content": "The capital of Veloria is Mirth."}]}))
+    return path
+
+
 def test_verify_confirms_the_chat_culprit_by_re_fine_tuning(chat_facts, tmp_path,
                                                            monkeypatch, capsys):
     """The recipe says `template: chat`; re-fine-tuned without row 0 the model stops
     saying Mirth (the answer compared word for word, without the end-of-turn token)."""
     root = chat_facts
-    query = tmp_path / "query.json"
-    query.write_text(json.dumps({"messages": [SYSTEM, {"role": "user", "content":
-                                                       "What is the capital of Veloria?"},
-                                              {"role": "assistant", "content":
-                                               "The capital of Veloria is Mirth."}]}))
+    query = _veloria_query(tmp_path / "query.json")
     code, _, err = run_cli(monkeypatch, capsys, "verify", root / "train.jsonl", "--model",
                            root / "base", "--adapter", root / "adapter", "--query", query,
                            "--remove", "0", "--random", "1", "--cache", tmp_path / "cache",
@@ -382,11 +386,7 @@ def test_magic_refuses_a_memorising_chat_fine_tune(chat_facts, monkeypatch, caps
     drifts 25% from it (rounding differences grow through a chaotic run; it once read
     "trained some other way"), so `trace --method magic` refuses, one line, as chaotic."""
     root = chat_facts
-    query = root / "magic-query.json"
-    query.write_text(json.dumps({"messages": [SYSTEM, {"role": "user", "content":
-                                                       "What is the capital of Veloria?"},
-                                              {"role": "assistant", "content":
-                                               "The capital of Veloria is Mirth."}]}))
+    query = _veloria_query(root / "magic-query.json")
     code, _, err = run_cli(monkeypatch, capsys, "trace", root / "idx", "--model",
                            root / "base", "--adapter", root / "adapter", "--query-file",
                            query, "--method", "magic")
