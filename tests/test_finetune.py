@@ -224,6 +224,22 @@ def test_lds_by_re_fine_tuning_on_halves_credits_the_planted_culprit(facts, tmp_
     assert len(halves) == 10
     assert lds[0] > 0.7, lds
     assert lds[9] < lds[0] - 0.3, lds
+    # a fused trace: LDS by its ordering key and by its signed score, same retrainings
+    trace = tmp_path / "trace-fused.json"
+    trace.write_text(json.dumps({
+        "query": query["output"], "prompt": {"instruction": query["instruction"]},
+        "results": [{"rank": 1, "row": 0, "score": 0.0, "fused": 0.9},
+                    {"rank": 2, "row": 9, "score": 0.9, "fused": 0.0}]}))
+    code, out, err = run_cli(monkeypatch, capsys, "verify", facts / "train.jsonl", "--model",
+                             facts / "base", "--adapter", tmp_path / "adapter", "--trace",
+                             trace, "--remove-top-k", "1", "--random", "1", "--lds-subsets",
+                             "10", "--cache", tmp_path / "cache", "--out", tmp_path / "vf.json")
+    assert code in (0, None), err
+    result = json.loads((tmp_path / "vf.json").read_text())["lds"]
+    assert result["scored_by"] == "fused" and result["lds"] > 0.7
+    assert result["by_column"]["score"]["lds"] < result["lds"] - 0.3
+    assert "by the trace's 'score' column" in " ".join((out + err).split())
+    assert sorted(p.name for p in (tmp_path / "cache").glob("half-*")) == halves  # reused
 
 
 def test_finetune_and_verify_refuse_bad_recipes_and_queries(fact_files, tmp_path, monkeypatch,

@@ -192,14 +192,16 @@ def check_recipe_rows(rows, base_dir, adapter_dir, recipe_file=None) -> Recipe:
 
 def lds_text(train_file, base_dir, adapter_dir, query, scores: np.ndarray, *,
              n_subsets: int, recipe_file=None, cache=None, seed: int = 0,
-             keep_fraction: float = 0.5, same_schedule: bool = False) -> dict:
+             keep_fraction: float = 0.5, same_schedule: bool = False,
+             also: dict[str, np.ndarray] | None = None) -> dict:
     """Linear datamodeling score of one query's row scores: re-fine-tune with the recipe on
     `n_subsets` random subsets of the rows (`keep_fraction` of them: halves by default),
     and correlate (Spearman) the query loss each gives with the loss the scores predict
     for it (minus their sum over the rows kept). Each subset's adapter is kept in `cache`,
     so an interrupted run resumes and a second query costs no fine-tune. `same_schedule`:
-    the single-model protocol (left-out rows weigh 0 in the full run's batches)."""
-    from datablame.verify import SubsetRetraining, spearman
+    the single-model protocol (left-out rows weigh 0 in the full run's batches). `also`:
+    other score columns scored on the same retrainings (`by_column`: their LDS and CI)."""
+    from datablame.verify import SubsetRetraining
 
     rows, recipe, _ = _rows_and_recipe(train_file, adapter_dir, recipe_file)
     n = len(rows)
@@ -237,18 +239,41 @@ def lds_text(train_file, base_dir, adapter_dir, query, scores: np.ndarray, *,
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
     predicted = -(halves.masks.astype(float) @ scores)
-    rho = spearman(predicted, actual)
-    rng = np.random.default_rng(seed)
-    boots = [spearman(predicted[i], actual[i]) for i in
-             (rng.integers(0, n_subsets, n_subsets) for _ in range(1000))]
-    return {"lds": rho, "ci95": [float(np.percentile(boots, 2.5)),
-                                 float(np.percentile(boots, 97.5))],
+    rho, ci = _rank_correlation(predicted, actual, seed)
+    by_column = {name: dict(zip(("lds", "ci95"), _rank_correlation(
+        -(halves.masks.astype(float) @ np.asarray(other, dtype=float)), actual, seed),
+        strict=True)) for name, other in (also or {}).items()}
+    return {"lds": rho, "ci95": ci, **({"by_column": by_column} if by_column else {}),
             "subsets": n_subsets, "kept_fraction": keep_fraction,
             "retraining": SAME_SCHEDULE if same_schedule else REBATCHED,
             "query_loss": {"min": float(actual.min()),
                                                  "max": float(actual.max())},
             "points": [{"query": 0, "predicted": predicted.tolist(),
                         "actual": actual.tolist()}]}
+
+
+def _rank_correlation(predicted: np.ndarray, actual: np.ndarray, seed: int
+                      ) -> tuple[float, list[float]]:
+    """Spearman correlation and its 95% bootstrap interval over the retrainings."""
+    from datablame.verify import spearman
+
+    rng = np.random.default_rng(seed)
+    boots = [spearman(predicted[i], actual[i]) for i in
+             (rng.integers(0, len(actual), len(actual)) for _ in range(1000))]
+    return spearman(predicted, actual), [float(np.percentile(boots, 2.5)),
+                                         float(np.percentile(boots, 97.5))]
+
+
+def signed_scores_from_trace(path: str | os.PathLike, n: int) -> np.ndarray | None:
+    """The `score` column (the signed estimate) when a trace's ordering key is another
+    column (`fused`): the two answer different questions, so verify scores both."""
+    results = _trace_results(Path(path))
+    if not all("fused" in r for r in results):
+        return None
+    scores = np.zeros(n)
+    for r in results:
+        scores[int(r["row"])] = float(r["score"])
+    return scores
 
 
 def scores_from_trace(path: str | os.PathLike, n: int) -> tuple[np.ndarray, str, int]:

@@ -114,6 +114,7 @@ def _verify_text(train_file, model, adapter, query_file, trace, remove, top_k, n
         resolve_recipe,
         rows_from_trace,
         scores_from_trace,
+        signed_scores_from_trace,
         verify_text,
     )
 
@@ -147,10 +148,11 @@ def _verify_text(train_file, model, adapter, query_file, trace, remove, top_k, n
         if listed < n:
             console.print(f"note: the trace lists {listed} of {n} rows; the others count as "
                           f"0 (trace --all-rows --top-k {n} scores every row)", highlight=False)
+        signed = signed_scores_from_trace(trace, n)
         result["lds"] = {"scored_by": key, "rows_listed": listed, **lds_text(
             train_file, model, adapter, the_query, scores, n_subsets=lds_subsets,
             recipe_file=recipe_file, cache=cache, keep_fraction=lds_keep,
-            same_schedule=same_schedule)}
+            same_schedule=same_schedule, also=None if signed is None else {"score": signed})}
     write_json_atomic(out, result)
     for name, run in [("original adapter", result["original"]),
                       *((n, r) for n, r in result["runs"].items())]:
@@ -166,6 +168,10 @@ def _verify_text(train_file, model, adapter, query_file, trace, remove, top_k, n
                       f"column vs re-fine-tuned query loss): {lds['lds']:.2f} (95% CI "
                       f"{lds['ci95'][0]:.2f} to {lds['ci95'][1]:.2f})", highlight=False,
                       soft_wrap=True)
+        for column, other in lds.get("by_column", {}).items():
+            console.print(f"  by the trace's '{column}' column (its signed estimate) on the "
+                          f"same retrainings: {other['lds']:.2f} (95% CI {other['ci95'][0]:.2f}"
+                          f" to {other['ci95'][1]:.2f})", highlight=False, soft_wrap=True)
     console.print(f"results written to {out}", highlight=False)
     write_report(html, result)
 
