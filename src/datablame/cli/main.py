@@ -225,11 +225,12 @@ def index(
                       "store still missing" + ("" if left else
                                                "; make the store: the same command with "
                                                "--commit instead of --shard-of"),
-                      highlight=False)
+                      highlight=False, soft_wrap=True)
         return
     if commit:
         console.print(f"committed {len(manifest['shards'])} gradient shards "
-                      f"({manifest['rows']} rows) -> {out}/gradients", highlight=False)
+                      f"({manifest['rows']} rows) -> {out}/gradients", highlight=False,
+                      soft_wrap=True)
         return
     console.print(f"indexed {manifest['data']['rows']} rows from {train_file} -> {out} "
                   f"({manifest['index_type']}, {manifest['embedder']}, dim {manifest['dim']})",

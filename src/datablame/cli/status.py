@@ -26,23 +26,26 @@ def status(index_dir: Annotated[Path, typer.Argument(help="The index directory."
         return
     if "store" not in info and "build" not in info:
         console.print(f"{index_dir}: no gradient store and no build in progress",
-                      highlight=False)
+                      highlight=False, soft_wrap=True)
     if "store" in info:
         s = info["store"]
         console.print(f"gradient store: {s['rows']} rows in {s['shards']} shards, K = "
                       f"{s['proj_dim']} {s['store_dtype']}, {s['bytes'] / 1e6:.1f} MB",
-                      highlight=False)
+                      highlight=False, soft_wrap=True)
     if "build" in info:
         b = info["build"]
         rate = f"{b['rows_per_s']:.0f} rows/s" if b["rows_per_s"] else "rate unknown yet"
-        eta = f", about {b['eta_s'] / 60:.1f} min left" if b["eta_s"] else ""
+        eta = "" if not b["eta_s"] else (f", about {b['eta_s']:.0f} s left" if b["eta_s"] < 120
+                                         else f", about {b['eta_s'] / 60:.0f} min left")
         console.print(f"build in progress: {b['done']}/{b['shards']} shards "
-                      f"({b['rows_done']}/{b['rows']} rows), {rate}{eta}", highlight=False)
+                      f"({b['rows_done']}/{b['rows']} rows), {rate}{eta}", highlight=False,
+                      soft_wrap=True)
         for name in ("missing", "damaged"):
             if b[name]:
                 shown = ", ".join(map(str, b[name][:12])) + (" ..." if len(b[name]) > 12
                                                              else "")
-                console.print(f"  {name}: {len(b[name])} shard(s): {shown}", highlight=False)
+                console.print(f"  {name}: {len(b[name])} shard(s): {shown}", highlight=False,
+                              soft_wrap=True)
         if not b["missing"] and not b["damaged"]:
             console.print("  every shard is done: commit with `index ... --gradients "
-                          "--commit`", highlight=False)
+                          "--commit`", highlight=False, soft_wrap=True)
