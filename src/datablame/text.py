@@ -50,6 +50,7 @@ def build_index(
     split: str | None = None,
     shard_of: tuple[int, int] | None = None,
     commit: bool = False,
+    ray: tuple[str, int] | None = None,
 ) -> dict:
     """Embed every training row (formatted with `template`, Alpaca by default) into a FAISS
     index at `out`; with `gradients`, also store every row's projected loss gradient (see
@@ -78,6 +79,17 @@ def build_index(
         raise UserError(f"--out {out} is inside the data directory {train_file}: its files "
                         "would be read as rows next time; put the index elsewhere")
     real_out = Path(os.path.realpath(out))  # a symlinked index is rebuilt where it lives
+    if ray is not None:
+        if gradients is None:
+            raise UserError("--ray builds a gradient store: add --gradients and the model "
+                            "options")
+        from datablame.features.ray_build import build_on_ray
+
+        build_index(train_file, out, template=template, response_field=response_field,
+                    chat=chat, embedder=embedder, index_type=index_type,
+                    batch_size=batch_size, device=device, split=split)
+        with IndexLock(real_out, shared=True):
+            return build_on_ray(real_out, train_file, split, gradients, ray[1], ray[0])
     if shard_of is not None or commit:
         if gradients is None:
             raise UserError("--shard-of and --commit build a gradient store: add --gradients "

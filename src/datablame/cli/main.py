@@ -154,6 +154,10 @@ def index(
     commit: Annotated[bool, typer.Option("--commit", help="With --gradients: check that "
                                          "every worker's shards are there and make the "
                                          "store (computes nothing).")] = False,
+    ray: Annotated[str, typer.Option(help="With --gradients: build the shards with --workers "
+                                          "Ray actors (one GPU each when the cluster has "
+                                          "them): local (start Ray here), auto or HOST:PORT "
+                                          "(join a cluster). Needs datablame[ray].")] = "",
     workers: Annotated[int, typer.Option(help="With --gradients: run N worker processes "
                                               "(one per GPU when there are N GPUs), each "
                                               "writing every N-th shard, then commit. "
@@ -200,6 +204,20 @@ def index(
 
     worker = _parse_shard_of(shard_of) if shard_of else None
     check_at_least("--workers", workers, 1)
+    if ray:
+        if grad_opts is None:
+            _fail("--ray builds a gradient store: add --gradients --model ...")
+        if worker is not None or commit:
+            _fail("--ray runs the shards and the commit itself")
+        manifest = build_index(train_file, out, template=template or None, chat=chat,
+                               response_field=response_field or None,
+                               embedder=embedder or None, index_type=index_type,
+                               batch_size=batch_size, gradients=grad_opts,
+                               split=split or None, ray=(ray, workers))
+        console.print(f"committed {len(manifest['shards'])} gradient shards "
+                      f"({manifest['rows']} rows, {workers} Ray actor(s)) -> {out}/gradients",
+                      highlight=False, soft_wrap=True)
+        return
     if workers > 1:
         if grad_opts is None:
             _fail("--workers splits a gradient build: add --gradients --model ...")

@@ -70,14 +70,16 @@ def build_gradient_store(
     stop_after_shards: int | None = None,
     shard_of: tuple[int, int] | None = None,
     commit_only: bool = False,
+    shards: list[int] | None = None,
 ) -> dict:
     """Compute, project and store every row's gradient (`model`: a `CausalLMAdapter`);
     resumes an interrupted build. batch_size 0 picks `auto_batch_size`.
 
     `shard_of=(i, n)`: one of n workers (a SLURM array task, a torchrun rank, ...) writes
     the shards s with s % n == i and commits nothing; returns {"written", "mine",
-    "missing"}. `commit_only`: check that every shard is there and commit them. Shards are
-    fixed row ranges in fixed batches, so the store is byte-identical to one process's."""
+    "missing"}. `shards`: write exactly these (a Ray actor's task), same return.
+    `commit_only`: check that every shard is there and commit them. Shards are fixed row
+    ranges in fixed batches, so the store is byte-identical to one process's."""
     if batch_size <= 0:
         batch_size = auto_batch_size(model.num_params)
     check_store_options(projection, store_dtype)
@@ -92,8 +94,8 @@ def build_gradient_store(
             raise UserError(f"{len(missing)} of {writer.n_shards} gradient shards are not "
                             f"written yet (shard {shown}): rerun their --shard-of workers")
         return writer.commit(projector.to_json())
-    mine = [s for s in range(writer.n_shards) if shard_of is None or s % shard_of[1] ==
-            shard_of[0]]
+    mine = list(shards) if shards is not None else [
+        s for s in range(writer.n_shards) if shard_of is None or s % shard_of[1] == shard_of[0]]
     report: dict[str, list[int]] = {}  # rows cut to max length or with nothing to score
     built = 0
     for s in mine:
@@ -112,6 +114,6 @@ def build_gradient_store(
     # once for the whole build, rows named by id
     model.warn_report({k: sorted(v) for k, v in report.items()}, len(rows),
                       names=range(len(rows)))
-    if shard_of is not None:
+    if shard_of is not None or shards is not None:
         return {"written": built, "mine": len(mine), "missing": writer.missing()}
     return writer.commit(projector.to_json())

@@ -1,0 +1,108 @@
+"""A gradient store built by Ray Core actors: each loads the model once and takes the next
+missing shard when it finishes one; Ray restarts an actor that dies and retries its shard;
+one actor commits at the end. Optional: `pip install 'datablame[ray]'`.
+
+Why actors pulling shard ids rather than a fixed split: on a cluster, workers differ in
+speed and some die; the shards are the same fixed row ranges `--shard-of` writes, so the
+store is byte-identical to one process's whoever writes which shard. Ray Core rather than
+Ray Data: Ray Data writes unordered, randomly named files, and its actor pool was seen to
+hang when actors held every CPU slot.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from datablame import progress
+from datablame.errors import UserError
+
+
+class ShardActor:
+    """Holds the rows, the index's template and the model; writes shards on request."""
+
+    def __init__(self, out: str, train_file: str, split: str | None, options, threads: int):
+        import torch
+
+        from datablame.data.rows import load_rows
+        from datablame.store.retrieval_index import load_index
+
+        # Ray gives each actor one thread; the parent's count keeps the matrix products'
+        # summation order, hence the bytes, of a one-process build
+        torch.set_num_threads(threads)
+        self.out = Path(out)
+        index = load_index(self.out)
+        self.rows = load_rows(train_file, split=split)
+        index.check_rows(self.rows)
+        self.template = index.template
+        self.model = options.load()
+        self.options = {"proj_dim": options.proj_dim, "seed": options.seed,
+                        "shard_rows": options.shard_rows, "batch_size": options.batch_size,
+                        "store_dtype": options.store_dtype, "projection": options.projection}
+
+    def _build(self, **kw) -> dict:
+        from datablame.features.gradients import build_gradient_store
+
+        return build_gradient_store(self.out, self.rows, self.template, self.model,
+                                    **self.options, **kw)
+
+    def missing(self) -> list[int]:
+        return self._build(shards=[])["missing"]
+
+    def build(self, shard: int) -> int:
+        self._build(shards=[shard])
+        return shard
+
+    def commit(self) -> dict:
+        return self._build(commit_only=True)
+
+
+def build_on_ray(out: Path, train_file, split: str | None, options, actors: int,
+                 address: str) -> dict:
+    """Write every missing shard with `actors` Ray actors (one GPU each when the cluster
+    has that many), then commit. `address`: "local" starts a Ray instance on this machine,
+    "auto" or HOST:PORT joins a running cluster (an already initialised Ray is used)."""
+    try:
+        import ray
+    except ImportError:
+        raise UserError("--ray needs Ray: pip install 'datablame[ray]'") from None
+    import torch
+
+    if not ray.is_initialized():
+        if address == "local":
+            ray.init(num_cpus=max(actors, os.cpu_count() or 1), include_dashboard=False,
+                     log_to_driver=False)
+        else:
+            try:
+                ray.init(address=address, log_to_driver=False)
+            except (ConnectionError, RuntimeError, ValueError) as exc:
+                raise UserError(f"--ray {address}: cannot join the Ray cluster "
+                                f"({str(exc).splitlines()[0]})") from None
+    gpus = ray.cluster_resources().get("GPU", 0) >= actors
+    remote = ray.remote(num_cpus=1, num_gpus=1 if gpus else 0, max_restarts=3,
+                        max_task_retries=3)(ShardActor)
+    pool = [remote.remote(str(out), str(train_file), split, options, torch.get_num_threads())
+            for _ in range(actors)]
+    try:
+        todo = ray.get(pool[0].missing.remote())
+        with progress.task(f"gradient shards on {actors} Ray actors", len(todo)) as advance:
+            pending = {}
+            for actor in pool:
+                if todo:
+                    pending[actor.build.remote(todo.pop(0))] = actor
+            while pending:
+                (ready,), _ = ray.wait(list(pending), num_returns=1)
+                actor = pending.pop(ready)
+                ray.get(ready)
+                advance(1)
+                if todo:
+                    pending[actor.build.remote(todo.pop(0))] = actor
+        return ray.get(pool[0].commit.remote())
+    except ray.exceptions.RayTaskError as exc:
+        cause = exc.cause if isinstance(getattr(exc, "cause", None), UserError) else None
+        if cause is not None:
+            raise UserError(str(cause)) from None
+        raise
+    finally:
+        for actor in pool:
+            ray.kill(actor)

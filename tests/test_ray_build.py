@@ -1,0 +1,39 @@
+"""`index --gradients --ray`: Ray Core actors write the gradient shards; the store equals one
+process's, byte for byte. A local Ray instance on this machine only (loopback)."""
+
+import os
+
+import pytest
+
+from .conftest import write_jsonl
+from .test_cli import _assert_one_line_error, run_cli
+from .test_gradient_store import ROWS, _files
+
+ray = pytest.importorskip("ray")
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_ray_actors_build_the_one_process_store(tmp_path, random_lora_model, local_ray,
+                                                 monkeypatch, capsys):
+    base, adapter = random_lora_model
+    train = write_jsonl(tmp_path / "t.jsonl", ROWS)
+    grad = ["--gradients", "--model", base, "--adapter", adapter, "--shard-rows", "4",
+            "--proj-dim", "64"]
+    code, _, err = run_cli(monkeypatch, capsys, "index", train, "--out", tmp_path / "one",
+                           *grad)
+    assert code in (0, None), err
+    code, out, err = run_cli(monkeypatch, capsys, "index", train, "--out", tmp_path / "ray",
+                             *grad, "--ray", "local", "--workers", "2")
+    assert code in (0, None), err
+    assert "committed 4 gradient shards (13 rows, 2 Ray actor(s))" in out + err
+    assert _files(tmp_path / "ray" / "gradients") == _files(tmp_path / "one" / "gradients")
+    code, _, err = run_cli(monkeypatch, capsys, "index", train, "--out", tmp_path / "x",
+                           "--ray", "local")
+    _assert_one_line_error(code, err, "--ray builds a gradient store")
