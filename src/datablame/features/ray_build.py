@@ -50,6 +50,12 @@ class ShardActor:
         return self._build(shards=[])["missing"]
 
     def build(self, shard: int) -> int:
+        die = os.environ.get("DATABLAME_TEST_RAY_DIE")  # test hook: "SHARD:MARKER_FILE"
+        if die and die.split(":", 1)[0] == str(shard) and \
+                not Path(die.split(":", 1)[1]).exists():
+            Path(die.split(":", 1)[1]).touch()
+            self._build(shards=[])  # load everything, then die mid-shard
+            os._exit(1)
         self._build(shards=[shard])
         return shard
 
