@@ -393,3 +393,22 @@ def test_magic_refuses_a_memorising_chat_fine_tune(chat_facts, monkeypatch, caps
     lines = [ln for ln in err.splitlines() if not ln.startswith(("replaying the fine-tune",
                                                                 "differentiating through"))]
     _assert_one_line_error(code, "\n".join(lines), "too chaotic")
+
+
+def test_chat_rows_build_one_store_with_workers(llama, tmp_path, monkeypatch, capsys):
+    """`index --gradients --workers 2` on chat rows: its retrieval index is rendered with
+    the gradient model's chat template (it once asked for --model it had been given), and
+    the two workers' store equals one process's, file for file."""
+    from .test_gradient_store import _files
+
+    base, adapter = llama
+    rows = [_fact(c, v, system=i % 2 == 0) for i, (c, v) in
+            enumerate(zip(COUNTRIES, CITIES, strict=True))]
+    train = write_jsonl(tmp_path / "chat.jsonl", rows)
+    grad = ["--gradients", "--model", base, "--adapter", adapter, "--shard-rows", "2",
+            "--proj-dim", "64"]
+    for out, extra in (("one", []), ("two", ["--workers", "2"])):
+        code, _, err = run_cli(monkeypatch, capsys, "index", train, "--out", tmp_path / out,
+                               *grad, *extra)
+        assert code in (0, None), err
+    assert _files(tmp_path / "two" / "gradients") == _files(tmp_path / "one" / "gradients")

@@ -51,6 +51,7 @@ def build_index(
     shard_of: tuple[int, int] | None = None,
     commit: bool = False,
     ray: tuple[str, int] | None = None,
+    chat_model: str | os.PathLike | None = None,
 ) -> dict:
     """Embed every training row (formatted with `template`, Alpaca by default) into a FAISS
     index at `out`; with `gradients`, also store every row's projected loss gradient (see
@@ -61,6 +62,8 @@ def build_index(
     adding (or resuming) a gradient store does not re-embed. Returns the index manifest.
     `out` must be new, empty or a datablame index (anything else is refused, never
     replaced), and is locked for the build: a second build into it fails at once.
+    `chat_model`: whose chat template renders chat rows when there is no gradient model
+    (the retrieval index that `ray`, `--workers` and `shard_of` builds start from).
     """
     from datablame.store.index_dir import IndexLock, check_out_dir
     from datablame.store.retrieval_index import INDEX_TYPES
@@ -87,7 +90,8 @@ def build_index(
 
         build_index(train_file, out, template=template, response_field=response_field,
                     chat=chat, embedder=embedder, index_type=index_type,
-                    batch_size=batch_size, device=device, split=split)
+                    batch_size=batch_size, device=device, split=split,
+                    chat_model=gradients.model)
         with IndexLock(real_out, shared=True):
             return build_on_ray(real_out, train_file, split, gradients, ray[1], ray[0])
     if shard_of is not None or commit:
@@ -102,21 +106,23 @@ def build_index(
                                    response_field=response_field, chat=chat,
                                    embedder=embedder,
                                    index_type=index_type, batch_size=batch_size,
-                                   device=device, gradients=gradients, split=split)
+                                   device=device, gradients=gradients, split=split,
+                                   chat_model=chat_model)
 
 
 def _build_index_locked(train_file: str | os.PathLike, out: Path, lock, *,
                         template: str | ChatTemplate | None, response_field: str | None,
                         chat: ChatOptions | None, embedder: str | None, index_type: str,
                         batch_size: int, device: str, gradients: GradientOptions | None,
-                        split: str | None = None) -> dict:
+                        split: str | None = None,
+                        chat_model: str | os.PathLike | None = None) -> dict:
     from datablame.data.rows import load_rows
     from datablame.features.embeddings import Embedder, resolve_embedder
     from datablame.store.retrieval_index import load_index, save_index
 
     rows = load_rows(train_file, split=split)
     tmpl = resolve_template(template, response_field, rows, chat,
-                            gradients.model if gradients is not None else None)
+                            gradients.model if gradients is not None else chat_model)
     tmpl.check_rows(rows)
     out = Path(out)
     manifest = None

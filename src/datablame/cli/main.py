@@ -225,7 +225,8 @@ def index(
             _fail("--workers runs the --shard-of workers and the --commit itself")
         build_index(train_file, out, template=template or None, chat=chat,
                     response_field=response_field or None, embedder=embedder or None,
-                    index_type=index_type, batch_size=batch_size, split=split or None)
+                    index_type=index_type, batch_size=batch_size, split=split or None,
+                    chat_model=grad_opts.model)
         _run_shard_workers(workers)
         commit = True
     if (worker is not None or commit) and grad_opts is None:
