@@ -6,9 +6,8 @@ import os
 
 import pytest
 
-from .conftest import write_jsonl
 from .test_cli import _assert_one_line_error, run_cli
-from .test_gradient_store import ROWS, _files
+from .test_gradient_store import _files, one_process_store
 
 ray = pytest.importorskip("ray")
 
@@ -28,13 +27,7 @@ def local_ray(tmp_path_factory):
 
 def test_ray_actors_build_the_one_process_store(tmp_path, random_lora_model, local_ray,
                                                  monkeypatch, capsys):
-    base, adapter = random_lora_model
-    train = write_jsonl(tmp_path / "t.jsonl", ROWS)
-    grad = ["--gradients", "--model", base, "--adapter", adapter, "--shard-rows", "4",
-            "--proj-dim", "64"]
-    code, _, err = run_cli(monkeypatch, capsys, "index", train, "--out", tmp_path / "one",
-                           *grad)
-    assert code in (0, None), err
+    train, grad = one_process_store(tmp_path, random_lora_model, monkeypatch, capsys)
     code, out, err = run_cli(monkeypatch, capsys, "index", train, "--out", tmp_path / "ray",
                              *grad, "--ray", "local", "--workers", "2")
     assert code in (0, None), err
