@@ -177,3 +177,16 @@ def test_a_queries_file_over_every_row_reads_the_store_once(demo_assets, gradien
         assert [r["row"] for r in line["results"]] == alone["row"].tolist()
         np.testing.assert_allclose([r["score"] for r in line["results"]],
                                    alone["score"].to_numpy(), atol=1e-5)
+    # a pool smaller than the rows (retrieval finds rows the gradient list lacks), and the
+    # same answer whole and focused: each query gets its own scan, equal to tracing alone
+    batch = [Query(CULPRIT["output"], prompt), Query(CULPRIT["output"], prompt, "Haskell"),
+             Query(answers[1][1], answers[1][0])]
+    kw = dict(top_k=5, rerank=5, pool=20)
+    tracer.scan_store_for(batch, **kw)
+    scanned = [tracer.trace_all_rows(q, **kw) for q in batch]
+    assert tracer._scanned == {}
+    for q, got in zip(batch, scanned, strict=True):
+        alone = tracer.trace_all_rows(q, **kw)
+        assert got["row"].tolist() == alone["row"].tolist()
+        np.testing.assert_allclose(got["score"].to_numpy(), alone["score"].to_numpy(),
+                                   atol=1e-5)

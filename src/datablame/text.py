@@ -92,7 +92,7 @@ def build_index(
                     chat=chat, embedder=embedder, index_type=index_type,
                     batch_size=batch_size, device=device, split=split,
                     chat_model=gradients.model)
-        with IndexLock(real_out, shared=True):
+        with IndexLock(real_out):  # one Ray build at a time: its actors commit
             return build_on_ray(real_out, train_file, split, gradients, ray[1], ray[0])
     if shard_of is not None or commit:
         if gradients is None:
@@ -598,12 +598,15 @@ class Tracer:
         fused_mode = rank_by == "fused"
         depth = min(len(self.rows), max(top_k, rerank, pool if fused_mode else 0))
         texts = [self._prepare(q, top_k)[1] for q in queries]
-        grads = self.model.gradients(texts, batch_size=self.batch_size)
-        found = store.top_k_many(store.projector.project(grads), depth, alignment,
-                                 absolute=fused_mode)
-        for text, grad, (ids, scores) in zip(texts, grads, found, strict=True):
-            self._scanned[(text.text, depth, alignment, fused_mode)] = (grad[None], ids,
-                                                                        scores)
+        # projected a batch at a time: only K numbers per query are kept, not a gradient
+        vecs = np.concatenate([store.projector.project(
+            self.model.gradients(texts[i:i + self.batch_size], batch_size=self.batch_size))
+            for i in range(0, len(texts), self.batch_size)])
+        found = store.top_k_many(vecs, depth, alignment, absolute=fused_mode)
+        for text, vec, (ids, scores) in zip(texts, vecs, found, strict=True):
+            # the whole formatted text is the key: a focus or another split of the same
+            # words is another query
+            self._scanned[(repr(text), depth, alignment, fused_mode)] = (vec, ids, scores)
 
     def trace_all_rows(self, query: Query | str, top_k: int = 50, alignment: str = "cosine",
                        verify: bool = True, rerank: int = 100, rank_by: str = "fused",
@@ -627,13 +630,13 @@ class Tracer:
         store = self._gradient_store(verify)
         fused_mode = rank_by == "fused"
         depth = min(len(self.rows), max(top_k, rerank, pool if fused_mode else 0))
-        scanned = self._scanned.pop((q_text.text, depth, alignment, fused_mode), None)
+        q_grad = self.model.gradients([q_text])
+        scanned = self._scanned.pop((repr(q_text), depth, alignment, fused_mode), None)
         if scanned is None:
-            q_grad = self.model.gradients([q_text])
             q_vec = store.projector.project(q_grad)[0]
             row_ids, proj_scores = store.top_k(q_vec, depth, alignment, absolute=fused_mode)
         else:  # `scan_store_for` read the store once for a whole queries file
-            q_grad, row_ids, proj_scores = scanned
+            q_vec, row_ids, proj_scores = scanned
         scores = proj_scores.copy()
         exact = np.zeros(len(row_ids), dtype=bool)
         if rerank > 0:

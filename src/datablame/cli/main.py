@@ -67,26 +67,33 @@ def _run_shard_workers(n: int) -> None:
             skip = True
         elif not arg.startswith("--workers="):
             args.append(arg)
+    import tempfile
+
     gpus = torch.cuda.device_count()
+    visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    devices = visible[:gpus] if visible else [str(d) for d in range(gpus)]
     # each worker keeps this process's CPU thread count: a matrix product sums in an order
     # that depends on it, and fewer threads would give other bytes than one process
-    each = "one GPU each" if gpus >= n else ("sharing the CPU cores: on a CPU, one process "
-                                             "is usually faster")
+    each = (f"GPUs {', '.join(devices)} in turn" if devices else
+            "sharing the CPU cores: on a CPU, one process is usually faster")
     progress.note(f"{n} gradient workers ({each}); the store is committed when all are done")
-    procs = []
+    procs, logs = [], []
     for i in range(n):
         env = dict(os.environ)
-        if gpus >= n:
-            env["CUDA_VISIBLE_DEVICES"] = str(i)
+        if devices:  # the i-th of the GPUs this process may use, round robin
+            env["CUDA_VISIBLE_DEVICES"] = devices[i % len(devices)]
+        log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115  (closed below; a pipe read in turn would block the rest)
+        logs.append(log)
         procs.append(subprocess.Popen([sys.executable, "-m", "datablame", *args,
                                        "--shard-of", f"{i}/{n}"], env=env,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                      text=True))
+                                      stdout=subprocess.DEVNULL, stderr=log, text=True))
     failed = []
-    for i, proc in enumerate(procs):
-        _, err = proc.communicate()
+    for i, (proc, log) in enumerate(zip(procs, logs, strict=True)):
+        proc.wait()
+        log.seek(0)
+        lines = [ln for ln in log.read().splitlines() if ln.strip()]
+        log.close()
         if proc.returncode != 0:
-            lines = [ln for ln in err.splitlines() if ln.strip()]
             failed.append(f"worker {i}/{n}: {lines[-1] if lines else f'exit {proc.returncode}'}")
     if failed:
         _fail("; ".join(failed))

@@ -24,6 +24,9 @@ def status(index_dir: Annotated[Path, typer.Argument(help="The index directory."
     if as_json:
         print(json.dumps(info, indent=2))
         return
+    if "note" in info:
+        console.print(info["note"], highlight=False, soft_wrap=True)
+        return
     if "store" not in info and "build" not in info:
         console.print(f"{index_dir}: no gradient store and no build in progress",
                       highlight=False, soft_wrap=True)

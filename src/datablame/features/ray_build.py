@@ -12,6 +12,7 @@ hang when actors held every CPU slot.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 from datablame import progress
@@ -87,7 +88,12 @@ def build_on_ray(out: Path, train_file, split: str | None, options, actors: int,
     gpus = ray.cluster_resources().get("GPU", 0) >= actors
     remote = ray.remote(num_cpus=1, num_gpus=1 if gpus else 0, max_restarts=3,
                         max_task_retries=3)(ShardActor)
-    pool = [remote.remote(str(out), str(train_file), split, options, torch.get_num_threads())
+    # absolute paths: a cluster's workers do not start in this directory
+    options = replace(options, model=os.path.abspath(options.model),
+                      adapter=None if options.adapter is None else
+                      os.path.abspath(options.adapter))
+    pool = [remote.remote(os.path.abspath(out), os.path.abspath(train_file), split, options,
+                          torch.get_num_threads())
             for _ in range(actors)]
     try:
         todo = ray.get(pool[0].missing.remote())
@@ -109,6 +115,10 @@ def build_on_ray(out: Path, train_file, split: str | None, options, actors: int,
         if cause is not None:
             raise UserError(str(cause)) from None
         raise
+    except ray.exceptions.RayActorError as exc:  # died more often than Ray restarts it
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"a Ray actor building the gradient store died ({first}); its "
+                        "finished shards are kept: rerun to resume") from None
     finally:
         for actor in pool:
             ray.kill(actor)

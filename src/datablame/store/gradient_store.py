@@ -74,14 +74,19 @@ def _sha256(path: Path) -> str:
     return sha256_file(path)
 
 
-def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
+def _save_npy_atomic(path: Path, array: np.ndarray) -> tuple[int, str]:
+    """Write, fsync and rename into place; returns (size, sha256) of the bytes written,
+    taken before the rename so they describe this writer's file even if another writer
+    of the same shard renames after it."""
     # a name of its own per writer: two workers writing one shard leave one whole file
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{os.urandom(4).hex()}.tmp")
     with tmp.open("wb") as fh:
         np.save(fh, array)
         fh.flush()
         os.fsync(fh.fileno())
+    size, digest = tmp.stat().st_size, _sha256(tmp)
     os.replace(tmp, path)
+    return size, digest
 
 
 def store_identity(model_identity: dict, template: PromptTemplate, rows: Rows,
@@ -209,14 +214,12 @@ class GradientStoreWriter:
             raise ValueError(f"shard {shard}: got {vectors.shape}, planned "
                              f"{(hi - lo, self.proj_dim)}")
         stored = vectors.astype(self.dtype)
-        path = self._path(shard)
-        _save_npy_atomic(path, stored)
+        size, digest = _save_npy_atomic(self._path(shard), stored)
         _save_npy_atomic(self._norms_path(shard),
                          np.linalg.norm(np.asarray(stored, dtype=np.float32), axis=1)
                          .astype(np.float32))
         write_json_atomic(self._sidecar(shard), {
-            "plan": self.plan_digest, "rows": [lo, hi], "bytes": path.stat().st_size,
-            "sha256": _sha256(path)})
+            "plan": self.plan_digest, "rows": [lo, hi], "bytes": size, "sha256": digest})
 
     def commit(self, projection: dict) -> dict:
         """Check every shard against its sidecar, merge the sidecars and norms (reading
@@ -251,9 +254,6 @@ class GradientStoreWriter:
                            "bytes": side["bytes"], "sha256": side["sha256"]})
         norms_path = self.partial / NORMS_NAME
         _save_npy_atomic(norms_path, np.concatenate(norms).astype(np.float32))
-        for s in range(self.n_shards):  # merged into the manifest and norms.npy
-            self._sidecar(s).unlink()
-            self._norms_path(s).unlink()
         manifest = {"format": FORMAT, "format_version": FORMAT_VERSION,
                     "tool_version": __version__, **self.plan, "projection": projection,
                     "shards": shards,
@@ -261,6 +261,13 @@ class GradientStoreWriter:
                               "bytes": norms_path.stat().st_size,
                               "sha256": _sha256(norms_path)}}
         write_json_atomic(self.partial / "manifest.json", manifest)
+        # merged into the manifest and norms.npy; only now, so a commit that fails before
+        # the manifest leaves every shard done; temp files of killed writers go too
+        for s in range(self.n_shards):
+            self._sidecar(s).unlink()
+            self._norms_path(s).unlink()
+        for leftover in self.partial.glob(".*.tmp"):
+            leftover.unlink(missing_ok=True)
         (self.partial / "plan.json").unlink()
         old = None
         if self.final.exists():  # ours (inside the locked index): swap, then delete it
@@ -508,7 +515,14 @@ def build_status(index_dir: Path) -> dict:
     """Where a gradient store build stands, from files alone (no model, no lock): the
     committed store, or the partial build's shards done / missing / damaged (a file
     without a matching sidecar), the rate from the sidecars' times and an ETA."""
-    index_dir = Path(index_dir)
+    try:
+        return _build_status(Path(index_dir))
+    except (FileNotFoundError, ValueError):  # a commit renamed things as we read them
+        return {"index": str(index_dir), "note": "a build is being committed right now: "
+                                                 "run status again"}
+
+
+def _build_status(index_dir: Path) -> dict:
     final, partial = index_dir / "gradients", index_dir / "gradients.partial"
     out: dict = {"index": str(index_dir)}
     if (final / "manifest.json").exists():
