@@ -161,10 +161,8 @@ def _build_index_locked(train_file: str | os.PathLike, out: Path, lock, *,
         model = g.load()
         model.identity()  # hash the model files (own progress) before the gradients' bar
         with progress.task("row gradients", len(rows)) as advance:
-            build_gradient_store(out, rows, tmpl, model, proj_dim=g.proj_dim, seed=g.seed,
-                                 shard_rows=g.shard_rows, batch_size=g.batch_size,
-                                 store_dtype=g.store_dtype, projection=g.projection,
-                                 progress=advance)
+            build_gradient_store(out, rows, tmpl, model, progress=advance,
+                                 **g.store_options())
     return manifest
 
 
@@ -191,9 +189,7 @@ def _gradient_shards(train_file, out: Path, g: GradientOptions, split, template,
     tmpl.check_rows(rows)
     model = g.load()
     model.identity()
-    options = {"proj_dim": g.proj_dim, "seed": g.seed, "shard_rows": g.shard_rows,
-               "batch_size": g.batch_size, "store_dtype": g.store_dtype,
-               "projection": g.projection}
+    options = g.store_options()
     if shard_of is None:
         return build_gradient_store(out, rows, tmpl, model, commit_only=True, **options)
     i, n = shard_of
@@ -243,6 +239,12 @@ class GradientOptions(LMOptions):
     batch_size: int = 0  # 0: as many rows as fit ~1 GB of gradients, at most 32
     store_dtype: str = "fp16"
     projection: str = "countsketch"  # same top-10 fidelity as dense, O(d) not O(dK) per row
+
+    def store_options(self) -> dict:
+        """The `build_gradient_store` keywords these options set."""
+        return {"proj_dim": self.proj_dim, "seed": self.seed, "shard_rows": self.shard_rows,
+                "batch_size": self.batch_size, "store_dtype": self.store_dtype,
+                "projection": self.projection}
 
     def check(self) -> None:
         """Refuse bad options up front: a zero shard size or dimension would otherwise

@@ -267,21 +267,17 @@ def _rank_correlation(predicted: np.ndarray, actual: np.ndarray, seed: int
 def signed_scores_from_trace(path: str | os.PathLike, n: int) -> np.ndarray | None:
     """The `score` column (the signed estimate) when a trace's ordering key is another
     column (`fused`): the two answer different questions, so verify scores both."""
-    results = _trace_results(Path(path))
-    if not all("fused" in r for r in results):
-        return None
-    scores = np.zeros(n)
-    for r in results:
-        scores[int(r["row"])] = float(r["score"])
-    return scores
+    _, key, _ = scores_from_trace(path, n)
+    return None if key == "score" else scores_from_trace(path, n, "score")[0]
 
 
-def scores_from_trace(path: str | os.PathLike, n: int) -> tuple[np.ndarray, str, int]:
+def scores_from_trace(path: str | os.PathLike, n: int, column: str | None = None
+                      ) -> tuple[np.ndarray, str, int]:
     """(one score per row, which column, how many rows the trace listed) from a `trace
-    --out` file: the ordering key ("fused" when the trace fused, else "score"); rows the
-    trace did not list count as 0."""
+    --out` file: `column`, else the ordering key ("fused" when the trace fused, else
+    "score"); rows the trace did not list count as 0."""
     results = _trace_results(Path(path))
-    key = "fused" if all("fused" in r for r in results) else "score"
+    key = column or ("fused" if all("fused" in r for r in results) else "score")
     scores = np.zeros(n)
     for r in results:
         row = int(r["row"])

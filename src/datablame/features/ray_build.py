@@ -37,9 +37,7 @@ class ShardActor:
         index.check_rows(self.rows)
         self.template = index.template
         self.model = options.load()
-        self.options = {"proj_dim": options.proj_dim, "seed": options.seed,
-                        "shard_rows": options.shard_rows, "batch_size": options.batch_size,
-                        "store_dtype": options.store_dtype, "projection": options.projection}
+        self.options = options.store_options()
 
     def _build(self, **kw) -> dict:
         from datablame.features.gradients import build_gradient_store

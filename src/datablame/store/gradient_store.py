@@ -132,9 +132,11 @@ class GradientStoreWriter:
     one with another plan is discarded (it is ours: inside the locked index).
     """
 
-    def __init__(self, index_dir: Path, plan: dict, *, existing_only: bool = False):
+    def __init__(self, index_dir: Path, plan: dict, *, existing_only: bool = False,
+                 read_only: bool = False):
         """`existing_only` (the commit of a sharded build): use the partial build of this
-        plan as it is, never start or discard one."""
+        plan as it is, never start or discard one. `read_only` (`build_status`): touch
+        nothing on disk."""
         import fcntl
 
         self.plan = plan
@@ -143,6 +145,8 @@ class GradientStoreWriter:
         self.dtype = np.dtype(STORE_DTYPES[plan["store_dtype"]])
         self.final = Path(index_dir) / "gradients"
         self.partial = Path(index_dir) / "gradients.partial"
+        if read_only:
+            return
         # shard workers start together: one at a time decides whether the partial build
         # is theirs (a worker must not discard the directory another has just made)
         Path(index_dir).mkdir(parents=True, exist_ok=True)
@@ -253,13 +257,13 @@ class GradientStoreWriter:
             shards.append({"file": path.name, "rows": list(self.row_range(s)),
                            "bytes": side["bytes"], "sha256": side["sha256"]})
         norms_path = self.partial / NORMS_NAME
-        _save_npy_atomic(norms_path, np.concatenate(norms).astype(np.float32))
+        norms_bytes, norms_sha = _save_npy_atomic(norms_path,
+                                                  np.concatenate(norms).astype(np.float32))
         manifest = {"format": FORMAT, "format_version": FORMAT_VERSION,
                     "tool_version": __version__, **self.plan, "projection": projection,
                     "shards": shards,
                     "norms": {"file": NORMS_NAME, "rows": self.rows,
-                              "bytes": norms_path.stat().st_size,
-                              "sha256": _sha256(norms_path)}}
+                              "bytes": norms_bytes, "sha256": norms_sha}}
         write_json_atomic(self.partial / "manifest.json", manifest)
         # merged into the manifest and norms.npy; only now, so a commit that fails before
         # the manifest leaves every shard done; temp files of killed writers go too
@@ -533,11 +537,7 @@ def _build_status(index_dir: Path) -> dict:
                         "bytes": sum(int(s.get("bytes", 0)) for s in manifest["shards"])}
     if (partial / "plan.json").exists():
         plan = json.loads((partial / "plan.json").read_text())
-        writer = object.__new__(GradientStoreWriter)  # read-only: no directory changes
-        writer.plan, writer.partial = plan, partial
-        writer.rows, writer.shard_rows = plan["rows"], plan["shard_rows"]
-        writer.proj_dim = plan["proj_dim"]
-        writer.dtype = np.dtype(STORE_DTYPES[plan["store_dtype"]])
+        writer = GradientStoreWriter(index_dir, plan, read_only=True)
         done, missing, damaged = [], [], []
         for s in range(writer.n_shards):
             if writer.has(s):
