@@ -160,14 +160,26 @@ def lexical_scores(rows: list[dict], queries: list[dict]) -> dict[str, np.ndarra
     return {"bm25": bm25, "idf-overlap": overlap}
 
 
-def fused_scores(grad: np.ndarray, retrieval: np.ndarray, by_strength: bool) -> np.ndarray:
-    """The trace default's fusion key, per query, as a score."""
-    from datablame.methods.fusion import fuse_ranks, strength_ranks
+def reciprocal_rank_fusion(gradient_rank: np.ndarray, retrieval_rank: np.ndarray
+                           ) -> np.ndarray:
+    """The previous trace default, kept for comparison: 1/(1 + gradient rank) +
+    1/(1 + retrieval rank), the gradient ranked by |score|."""
+    return 1.0 / (1 + np.asarray(gradient_rank)) + 1.0 / (1 + np.asarray(retrieval_rank))
+
+
+def fused_scores(grad: np.ndarray, retrieval: np.ndarray, by_strength: bool,
+                 rule: str = "rrf") -> np.ndarray:
+    """A fusion key per query, as a score: the previous default's reciprocal-rank fusion
+    (`rule="rrf"`) or the current default's additive key (`rule="additive"`)."""
+    from datablame.methods.fusion import fused_key, strength_ranks
 
     out = np.empty_like(grad)
     for q in range(len(grad)):
+        if rule == "additive":
+            out[q] = fused_key(grad[q], strength_ranks(grad[q]), ranks(retrieval[q]))
+            continue
         g_rank = strength_ranks(grad[q]) if by_strength else ranks(grad[q])
-        out[q] = fuse_ranks(g_rank, ranks(retrieval[q]))
+        out[q] = reciprocal_rank_fusion(g_rank, ranks(retrieval[q]))
     return out
 
 
@@ -307,10 +319,12 @@ def main() -> None:
         "ekfac", correct_eigenvalues=False).fit(adapter, row_texts, None).scores(q_texts, None))
     for grad_name in ("grad-cos (lora-b)", "trackstar (saved v)"):
         short = grad_name.split(" ")[0]
-        scores[f"fused |{short}| + retrieval"] = fused_scores(scores[grad_name],
+        scores[f"rrf |{short}| + retrieval"] = fused_scores(scores[grad_name],
                                                               scores["retrieval"], True)
-        scores[f"fused {short} + retrieval"] = fused_scores(scores[grad_name],
+        scores[f"rrf {short} + retrieval"] = fused_scores(scores[grad_name],
                                                             scores["retrieval"], False)
+        scores[f"additive fused {short} + retrieval"] = fused_scores(
+            scores[grad_name], scores["retrieval"], True, rule="additive")
     # the score of rank r alone, 1/(1 + r): is fusion's gain the second signal, or only
     # that a rank transform concentrates the sum over kept rows on each list's head?
     for name in ("grad-cos (lora-b)", "retrieval", "bm25", "idf-overlap"):
@@ -335,6 +349,12 @@ def main() -> None:
     seconds["trace default (fused key)"] = time.time() - t
     scores["trace default (fused key)"] = np.array(default_fused)
     scores["trace default (its signed score)"] = np.array(default_signed)
+
+    # every score matrix, for trying orderings offline against the cached retrainings
+    # (bench/text_fusion.py); rows in file order, one line per query
+    np.savez_compressed(root / f"scores-{TAG}.npz", **{k: np.asarray(v, dtype=np.float64)
+                                                      for k, v in scores.items()},
+                        **{"query loss": lm.losses(q_texts)})
 
     # --- LDS and planted recall -------------------------------------------------------
     single = np.array([q["n_sources"] == 1 for q in queries])

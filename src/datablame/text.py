@@ -26,12 +26,7 @@ from datablame.data.chat import ChatOptions, ChatTemplate
 from datablame.data.template import ALPACA_TEMPLATE, FormattedText, PromptTemplate
 from datablame.errors import UserError, check_at_least
 from datablame.methods.families import FAMILY_METHODS
-from datablame.methods.fusion import (  # noqa: F401  (fuse_ranks: old import path)
-    check_rank_by,
-    fuse_ranks,
-    fused_order,
-    strength_ranks,
-)
+from datablame.methods.fusion import check_rank_by, fused_order, strength_ranks
 from datablame.models.lm_options import LMOptions
 
 
@@ -553,7 +548,7 @@ class Tracer:
     def trace(self, query: Query | str, top_k: int = 50, alignment: str = "cosine",
               rank_by: str = "fused") -> pd.DataFrame:
         """Stage 1: retrieve `top_k` candidates; stage 2: score them by gradient alignment
-        and order them by the fusion of both ranks (default, see `fuse_ranks`) or by the
+        and order them by the fusion of both (default, see `fused_key`) or by the
         gradient alone (`rank_by="gradient"`, the seed's order; bench/facts.py compares
         them). `score` is always the signed gradient alignment.
         """
@@ -566,7 +561,7 @@ class Tracer:
         extra: dict = {}
         if rank_by == "fused":
             grad_rank = strength_ranks(scores)
-            order, fused = fused_order(grad_rank, ret_rank, scores)
+            order, fused = fused_order(grad_rank, ret_rank, scores, alignment == "cosine")
             extra = {"fused": fused[order], "gradient_rank": grad_rank[order]}
         df = _ranked_frame(self.rows, cand_ids[order], scores[order], alignment,
                            {**extra, "distance": distances[order].astype(float),
@@ -618,7 +613,7 @@ class Tracer:
         gradients (the projection finds them, the exact gradient orders them), and by
         default fuse that ranking with embedding retrieval over all rows.
 
-        rank_by="fused" orders rows by `fuse_ranks` over the best `pool` rows of each list
+        rank_by="fused" orders rows by `fused_key` over the best `pool` rows of each list
         (the gradient list by |score|); rank_by="gradient" is the signed gradient ranking
         alone (bench/facts.py and bench/paraphrase.py compare them). The `score` column is
         always the signed gradient alignment; `fused` is the ordering key. The projection
@@ -671,7 +666,7 @@ class Tracer:
             for rank, (r, d) in enumerate(zip(ret_ids, distances, strict=True), start=1):
                 ret_rank[where[int(r)]] = rank
                 dist[where[int(r)]] = d
-            order, fused = fused_order(grad_rank, ret_rank, scores)
+            order, fused = fused_order(grad_rank, ret_rank, scores, alignment == "cosine")
             row_ids, scores, proj_scores, exact = (row_ids[order], scores[order],
                                                    proj_scores[order], exact[order])
             extra = {"fused": fused[order], "gradient_rank": grad_rank[order],

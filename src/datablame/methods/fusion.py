@@ -1,8 +1,12 @@
-"""Rank fusion: one ordering from the gradient ranking and the retrieval ranking.
+"""Fusion: one ordering from the gradient scores and the retrieval ranking.
 
-Why fused is the text default (measured in bench/facts.py and bench/paraphrase.py, numbers
-in the README): signed gradients miss rows whose answer the query rewords, retrieval
-misses rows whose prompt the query rewords; a row first in either list stays near the top.
+Why fused is the text default: signed gradients miss rows whose answer the query rewords,
+retrieval misses rows whose prompt the query rewords (bench/facts.py, bench/paraphrase.py),
+and which of the two says more about what removing rows does depends on the fine-tune: on a
+short fine-tune the gradient cosine predicts retraining far better than retrieval, on one
+that memorised its rows the reverse (bench/text_lds.py). The key below was chosen among
+rank and score fusions by LDS against retraining (bench/text_fusion.py; numbers in the
+README).
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ import numpy as np
 from datablame.errors import UserError
 
 RANKINGS = ("fused", "gradient")
+RETRIEVAL_BONUS = 0.5  # added as RETRIEVAL_BONUS / (1 + retrieval rank)
+STRENGTH_BONUS = 0.25  # added as STRENGTH_BONUS / (1 + rank by |gradient score|)
 
 
 def check_rank_by(rank_by: str) -> None:
@@ -19,16 +25,24 @@ def check_rank_by(rank_by: str) -> None:
         raise UserError(f"unknown ranking '{rank_by}' (use {' or '.join(RANKINGS)})")
 
 
-def fuse_ranks(gradient_rank: np.ndarray, retrieval_rank: np.ndarray) -> np.ndarray:
-    """1/(1 + gradient rank) + 1/(1 + retrieval rank): reciprocal-rank fusion with a sharp
-    constant (k=1, measured better than the usual 60), so a row first in either list stays
-    near the top.
+def fused_key(scores: np.ndarray, gradient_rank: np.ndarray, retrieval_rank: np.ndarray,
+              bounded: bool = True) -> np.ndarray:
+    """signed score + 0.5 / (1 + retrieval rank) + 0.25 / (1 + |score| rank).
 
-    The gradient rank should be by |score|, strength in either direction: a memorised source
-    can *oppose* a query that rewords it, and the `reading` column still says which way a
-    row pushes.
+    Additive, so a sum of keys over a set of rows still estimates what removing them does
+    (a sum of reciprocal ranks did not: LDS near 0 where only small removals were scored).
+    The score is a cosine, bounded by 1, so a fixed bonus weighs more exactly when the
+    gradient is weak: the best-aligned row of a memorised answer has cosine ~0.2 and
+    retrieval then leads; after a short fine-tune it is ~0.8 and the gradient leads. The
+    |score| term keeps a strong row that *opposes* the query (a memorised source a reworded
+    query pulls against) near the top. Unbounded scores (`bounded=False`, e.g. dot
+    products) are first divided by their largest magnitude.
     """
-    return 1.0 / (1 + np.asarray(gradient_rank)) + 1.0 / (1 + np.asarray(retrieval_rank))
+    s = np.asarray(scores, dtype=float)
+    if not bounded and len(s):
+        s = s / (np.abs(s).max() or 1.0)
+    return (s + RETRIEVAL_BONUS / (1 + np.asarray(retrieval_rank))
+            + STRENGTH_BONUS / (1 + np.asarray(gradient_rank)))
 
 
 def strength_ranks(scores: np.ndarray) -> np.ndarray:
@@ -38,8 +52,8 @@ def strength_ranks(scores: np.ndarray) -> np.ndarray:
     return ranks
 
 
-def fused_order(gradient_rank: np.ndarray, retrieval_rank: np.ndarray, scores: np.ndarray
-                ) -> tuple[np.ndarray, np.ndarray]:
+def fused_order(gradient_rank: np.ndarray, retrieval_rank: np.ndarray, scores: np.ndarray,
+                bounded: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """(order, fused key): rows by fused key, ties broken by the signed score."""
-    fused = fuse_ranks(gradient_rank, retrieval_rank)
+    fused = fused_key(scores, gradient_rank, retrieval_rank, bounded)
     return np.lexsort((-np.asarray(scores), -fused)), fused

@@ -1,0 +1,170 @@
+"""Which ordering should `trace` default to? Fusion rules scored by LDS against retraining.
+
+    .venv/bin/python bench/text_fusion.py [--out bench/results/text_fusion.json]
+
+Reads what bench/text_lds.py leaves in its workdirs: every method's score matrix
+(`scores-<recipe>.npz`) and the query losses after each cached retraining
+(`subset_losses-<recipe><protocol>.json`). No model is loaded and nothing is retrained, so
+a new rule costs seconds to score on every protocol.
+
+The rule is chosen on seed 0's protocols only (the `tune` rows) by a criterion fixed before
+any rule was scored: the largest *worst shortfall* of the rule's LDS below the better of
+its two inputs (the signed gradient cosine and the retrieval rank), over the tuning
+protocols, with ties broken by mean LDS. Seed 1's protocols (another model, other
+people, other retrainings) are then reported for the chosen rule and for the old one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from facts import ranks_of as ranks  # noqa: E402
+from provenance import with_provenance  # noqa: E402
+from text_lds import make_rows, planted, reciprocal_rank_fusion  # noqa: E402
+
+from datablame.methods.fusion import fused_key, strength_ranks  # noqa: E402
+from datablame.verify import SubsetRetraining, lds  # noqa: E402
+
+CACHE = Path(__file__).resolve().parents[1] / ".datablame-cache"
+TEN, EIGHTY, SMOOTH = "b8112af981", "d2a07cd942", "039dddcb39"
+# (name, seed, recipe tag, kept fraction, same schedule?, use)
+PROTOCOLS = [
+    ("seed 0, 10 epochs, halves re-batched", 0, TEN, 0.5, False, "tune"),
+    ("seed 0, 80 epochs, halves re-batched", 0, EIGHTY, 0.5, False, "tune"),
+    ("seed 0, 10 epochs smooth, drop 2%, same schedule", 0, SMOOTH, 0.98, True, "tune"),
+    ("seed 1, 10 epochs, halves re-batched", 1, TEN, 0.5, False, "held out"),
+    ("seed 1, 80 epochs, halves re-batched", 1, EIGHTY, 0.5, False, "held out"),
+    ("seed 1, 10 epochs smooth, drop 2%, same schedule", 1, SMOOTH, 0.98, True, "held out"),
+    ("seed 1, 10 epochs, drop 2%, same schedule", 1, TEN, 0.98, True, "held out"),
+    ("seed 1, 10 epochs, drop 10%, same schedule", 1, TEN, 0.9, True, "held out"),
+]
+GRADIENT, RETRIEVAL = "grad-cos (lora-b)", "retrieval"
+
+
+def retrievals(scores: np.ndarray) -> np.ndarray:
+    return np.array([ranks(s) for s in scores])
+
+
+def rule_scores(rule: dict, grad: np.ndarray, retrieval: np.ndarray) -> np.ndarray:
+    """One query's ordering key per row under a fusion rule (see `rules`)."""
+    r_rank = retrievals(retrieval)
+    if rule["kind"] == "library":
+        return np.array([fused_key(g, strength_ranks(g), rr) for g, rr in zip(grad, r_rank,
+                                                                               strict=True)])
+    if rule["kind"] == "rrf":
+        g_rank = np.array([strength_ranks(g) if rule["strength"] else ranks(g) for g in grad])
+        return reciprocal_rank_fusion(g_rank, r_rank)
+    # additive: the signed gradient, scaled by its strongest row, plus a bonus for the head
+    # of the retrieval list (and optionally of the |gradient| list)
+    scale = (np.abs(grad).max(1, keepdims=True) + 1e-12 if rule.get("scaled", True)
+             else 1.0)
+    key = grad / scale + rule["alpha"] / (1.0 + r_rank)
+    if rule.get("beta"):
+        key += rule["beta"] / (1.0 + np.array([strength_ranks(g) for g in grad]))
+    return key
+
+
+def rules() -> list[dict]:
+    out = [{"name": "trace default now (datablame.methods.fusion.fused_key)",
+            "kind": "library"},
+           {"name": "old default: RRF, |gradient| rank + retrieval rank", "kind": "rrf",
+            "strength": True},
+           {"name": "RRF, signed gradient rank + retrieval rank", "kind": "rrf",
+            "strength": False}]
+    for alpha in (0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0):
+        for beta in (0.0, 0.5):
+            out.append({"name": f"gradient / max|gradient| + {alpha:g}/(1 + retrieval rank)"
+                                + (f" + {beta:g}/(1 + |gradient| rank)" if beta else ""),
+                        "kind": "additive", "alpha": alpha, "beta": beta})
+    # the cosine as it is: a bounded score, so a fixed retrieval bonus weighs more where
+    # the best-aligned row is weakly aligned (a memorised answer's gradient is noise)
+    for alpha in (0.1, 0.25, 0.5, 1.0):
+        for beta in (0.0, 0.25):
+            out.append({"name": f"gradient cosine + {alpha:g}/(1 + retrieval rank)"
+                                + (f" + {beta:g}/(1 + |gradient| rank)" if beta else ""),
+                        "kind": "additive", "alpha": alpha, "beta": beta, "scaled": False})
+    return out
+
+
+def load(seed: int, tag: str, fraction: float, same: bool):
+    root = CACHE / f"text-lds-s{seed}"
+    protocol = ("-same-schedule" if same else "") + (f"-keep{fraction:g}"
+                                                     if fraction != 0.5 else "")
+    npz, losses = root / f"scores-{tag}.npz", root / f"subset_losses-{tag}{protocol}.json"
+    if not npz.exists() or not losses.exists():
+        return None
+    scores = dict(np.load(npz))
+    n_subsets = len(json.loads(losses.read_text())["losses"])
+
+    def refuse(*_):
+        raise SystemExit(f"{losses} does not hold every retraining: run bench/text_lds.py")
+
+    subsets = SubsetRetraining(refuse, scores[GRADIENT].shape[1], n_subsets=n_subsets,
+                               fraction=fraction, seed=seed, cache=losses)
+    return scores, subsets
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="bench/results/text_fusion.json")
+    args = ap.parse_args()
+    table = []
+    for name, seed, tag, fraction, same, use in PROTOCOLS:
+        loaded = load(seed, tag, fraction, same)
+        if loaded is None:
+            print(f"skipped (not built yet): {name}")
+            continue
+        scores, subsets = loaded
+        queries = make_rows(seed)[1]
+        grad, retrieval = scores[GRADIENT], scores[RETRIEVAL]
+        inputs = {"gradient cosine (signed)": lds(grad, subsets)["lds"],
+                  "retrieval, 1/(1 + rank)": lds(1.0 / (1 + retrievals(retrieval)),
+                                                  subsets)["lds"]}
+        row = {"protocol": name, "use": use, "inputs": inputs, "rules": {}}
+        for rule in rules():
+            key = rule_scores(rule, grad, retrieval)
+            result = lds(key, subsets)
+            row["rules"][rule["name"]] = {"lds": result["lds"], "ci95": result["ci95"],
+                                          "shortfall": result["lds"] - max(inputs.values()),
+                                          **planted(key, queries)}
+        table.append(row)
+
+    tune = [r for r in table if r["use"] == "tune"]
+    names = [rule["name"] for rule in rules()]
+
+    def worst(rule: str, rows: list[dict]) -> float:
+        return min(r["rules"][rule]["shortfall"] for r in rows)
+
+    def mean(rule: str, rows: list[dict], what: str = "lds") -> float:
+        return float(np.mean([r["rules"][rule][what] for r in rows]))
+
+    chosen = max(names, key=lambda n: (round(worst(n, tune), 2), mean(n, tune)))
+    for use in ("tune", "held out"):
+        rows = [r for r in table if r["use"] == use]
+        if not rows:
+            continue
+        print(f"\n== {use}: " + " | ".join(r["protocol"] for r in rows))
+        print("inputs: " + " | ".join(", ".join(f"{k} {v:.3f}" for k, v in r["inputs"].items())
+                                      for r in rows))
+        print(f"{'rule':84s} {'worst':>6s} {'mean':>6s} {'top1':>5s}  LDS per protocol")
+        for n in sorted(names, key=lambda n: -worst(n, rows)):
+            mark = "*" if n == chosen else " "
+            print(f"{mark}{n:83s} {worst(n, rows):6.3f} {mean(n, rows):6.3f} "
+                  f"{mean(n, rows, 'top1'):5.2f}  "
+                  + " ".join(f"{r['rules'][n]['lds']:6.3f}" for r in rows))
+    print(f"\nchosen on the tuning protocols: {chosen}")
+    Path(args.out).write_text(json.dumps(with_provenance(
+        {"criterion": "max over rules of the worst (LDS - better input's LDS) on the tuning "
+                      "protocols; ties (2 decimals) by mean LDS",
+         "chosen": chosen, "table": table}), indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
