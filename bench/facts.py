@@ -162,6 +162,7 @@ def main() -> None:
     from datablame.data.template import PromptTemplate
     from datablame.demo.toy_lm import generate, load_toy_lm, normalize
     from datablame.features.projection import make_projector
+    from datablame.methods.fusion import fused_key
     from datablame.methods.gradient_alignment import align
     from datablame.text import Query, Tracer, build_index
 
@@ -188,6 +189,7 @@ def main() -> None:
 
     n = len(rows)
     retrieval = {}
+    kept: list[tuple] = []
     for params in ("lora", "lora-b"):
         for loss_on in ("response", "text"):
             tag = f"{params}/{loss_on}"
@@ -217,6 +219,8 @@ def main() -> None:
                     record("retrieval", f, ret)
                 ret = retrieval[id(f)]
                 record(f"grad-cos {tag}", f, cos)
+                if tag == "lora-b/response":  # the trace default's inputs, for text_fusion.py
+                    kept.append((cos, ret, f["sources"]))
                 record(f"grad-dot {tag}", f, align(qg, g, "dot"))
                 qp = proj.project(qg[None])[0]
                 record(f"trak-style {tag}", f, unit @ (inv @ (qp / np.linalg.norm(qp))))
@@ -228,6 +232,8 @@ def main() -> None:
                     record(f"fused(k={k}) {tag}", f,
                            1 / (k + ranks_of(ret)) + 1 / (k + ranks_of(cos)))
                 record(f"|grad-cos| {tag}", f, np.abs(cos))  # strength, either sign
+                record(f"trace default (fused key) {tag}", f,
+                       fused_key(cos, ranks_of(np.abs(cos)), ranks_of(ret)))
                 record(f"fused(k=1, |grad|) {tag}", f,
                        1 / (1 + ranks_of(ret)) + 1 / (1 + ranks_of(np.abs(cos))))
                 if loss_on == "response":  # --focus on the fact's value in the answer
@@ -244,7 +250,15 @@ def main() -> None:
                     inside[top] = 1 / (1 + ranks_of(ret[top])) + \
                         1 / (1 + ranks_of(np.abs(cos[top])))
                     record(f"retrieve50 + fused(|grad|) {tag}", f, inside)
+                    inside[top] = fused_key(cos[top], ranks_of(np.abs(cos[top])),
+                                            ranks_of(ret[top]))
+                    record(f"trace default within retrieval's top 50 {tag}", f, inside)
+                    record(f"trace default (fused key) focus=value {tag}", f,
+                           fused_key(fcos, ranks_of(np.abs(fcos)), ranks_of(ret)))
 
+    np.savez_compressed(root / "scores-lora-b-response.npz",
+                        cos=np.array([k[0] for k in kept]), ret=np.array([k[1] for k in kept]),
+                        sources=np.array([k[2] for k in kept]))
     table = []
     print(f"\n{'method':42s} {'top1':>6s} {'recall@3':>9s} {'mrr':>6s} {'decoy>src':>10s}")
     for name, evs in results.items():

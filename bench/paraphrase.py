@@ -22,6 +22,7 @@ from provenance import with_provenance
 from datablame.data.template import FormattedText, PromptTemplate
 from datablame.demo.demo import CULPRIT, DemoConfig, build_assets
 from datablame.demo.toy_lm import generate, load_toy_lm
+from datablame.methods.fusion import fused_key
 from datablame.methods.gradient_alignment import align
 from datablame.text import Query, Tracer
 
@@ -60,7 +61,7 @@ def main() -> None:
     own = queries[0][3]  # the model's own answer to the culprit's prompt
     queries.append(("answer alone", None, None, own))  # in the template, no prompt
     queries.append(("raw answer", None, None, own))  # no template: the seed's way
-    rows = []
+    rows, kept = [], []
     for loss_on in ("response", "text"):
         tracer = Tracer(root / "index", root / "base", root / "adapter", loss_on=loss_on)
         all_texts = [tracer.row_text(i) for i in range(len(tracer.rows))]
@@ -84,14 +85,23 @@ def main() -> None:
             a_ranks[np.argsort(-np.abs(scores), kind="stable")] = np.arange(1, len(scores) + 1)
             fused_abs = 1 / (1 + a_ranks) + 1 / (1 + r_ranks)
             fused_abs_rank = int((fused_abs > fused_abs[culprit]).sum()) + 1
+            key = fused_key(scores, a_ranks, r_ranks)  # the trace default
+            key_rank = int((key > key[culprit]).sum()) + 1
+            if loss_on == "response":  # the trace default's inputs, for text_fusion.py
+                kept.append((scores, -r_ranks.astype(float)))
             rows.append({"kind": kind, "input": inp, "answer": answer, "loss_on": loss_on,
                          "gradient_rank": grad_rank, "retrieval_rank": retr_rank,
                          "fused_rank": fused_rank, "fused_abs_rank": fused_abs_rank,
+                         "default_rank": key_rank,
                          "culprit_score": float(scores[culprit])})
             print(f"  {kind:16s} {loss_on:8s} grad rank {grad_rank:3d}  retrieval rank "
-                  f"{retr_rank:3d}  fused {fused_rank:3d}  fused|g| {fused_abs_rank:3d} | "
+                  f"{retr_rank:3d}  fused {fused_rank:3d}  fused|g| {fused_abs_rank:3d}  "
+                  f"default {key_rank:3d} | "
                   f"{(inp or '')[:30]:30s} -> "
                   f"{answer[:50]}", flush=True)
+    np.savez_compressed(root / "scores-paraphrase.npz", cos=np.array([k[0] for k in kept]),
+                        ret=np.array([k[1] for k in kept]),
+                        sources=np.array([[culprit]] * len(kept)))
     Path(args.out).write_text(json.dumps(with_provenance(rows), indent=2))
 
 

@@ -7,11 +7,14 @@ Reads what bench/text_lds.py leaves in its workdirs: every method's score matrix
 (`subset_losses-<recipe><protocol>.json`). No model is loaded and nothing is retrained, so
 a new rule costs seconds to score on every protocol.
 
-The rule is chosen on seed 0's protocols only (the `tune` rows) by a criterion fixed before
-any rule was scored: the largest *worst shortfall* of the rule's LDS below the better of
-its two inputs (the signed gradient cosine and the retrieval rank), over the tuning
-protocols, with ties broken by mean LDS. Seed 1's protocols (another model, other
-people, other retrainings) are then reported for the chosen rule and for the old one.
+The rule is chosen on seed 0's protocols only (the `tune` rows): among rules that put a
+planted source first at least as often as the previous default did (or for >= 95% of the
+queries, the issue's target) on every tuning planted set (bench/facts.py seed 0, the demo's
+reworded queries from bench/paraphrase.py) and on average over the tuning protocols, the
+largest *worst shortfall* of the rule's LDS below the better of its
+two inputs (the signed gradient cosine and the retrieval rank) over the tuning protocols,
+ties broken by mean LDS. Seed 1's protocols (another model, other people, other
+retrainings) and facts seed 1 (a model trained 150 epochs) are then reported.
 """
 
 from __future__ import annotations
@@ -45,6 +48,14 @@ PROTOCOLS = [
     ("seed 1, 10 epochs, drop 10%, same schedule", 1, TEN, 0.9, True, "held out"),
 ]
 GRADIENT, RETRIEVAL = "grad-cos (lora-b)", "retrieval"
+# planted sources (bench/facts.py's score matrices): top-1 must stay >= PLANTED_TOP1 on the
+# tuning set, the issue's target for planted culprits
+PLANTED = [("facts, seed 0", "facts", "scores-lora-b-response.npz", "tune"),
+           ("demo culprit, reworded (paraphrase.py)", "demo", "scores-paraphrase.npz", "tune"),
+           ("facts, seed 1 (150 epochs)", "facts-s1", "scores-lora-b-response.npz",
+            "held out")]
+PLANTED_TOP1 = 0.95
+OLD = "old default: RRF, |gradient| rank + retrieval rank"
 
 
 def retrievals(scores: np.ndarray) -> np.ndarray:
@@ -55,8 +66,8 @@ def rule_scores(rule: dict, grad: np.ndarray, retrieval: np.ndarray) -> np.ndarr
     """One query's ordering key per row under a fusion rule (see `rules`)."""
     r_rank = retrievals(retrieval)
     if rule["kind"] == "library":
-        return np.array([fused_key(g, strength_ranks(g), rr) for g, rr in zip(grad, r_rank,
-                                                                               strict=True)])
+        return np.array([fused_key(g, strength_ranks(g), rr)
+                         for g, rr in zip(grad, r_rank, strict=True)])
     if rule["kind"] == "rrf":
         g_rank = np.array([strength_ranks(g) if rule["strength"] else ranks(g) for g in grad])
         return reciprocal_rank_fusion(g_rank, r_rank)
@@ -66,14 +77,15 @@ def rule_scores(rule: dict, grad: np.ndarray, retrieval: np.ndarray) -> np.ndarr
              else 1.0)
     key = grad / scale + rule["alpha"] / (1.0 + r_rank)
     if rule.get("beta"):
-        key += rule["beta"] / (1.0 + np.array([strength_ranks(g) for g in grad]))
+        key += rule["beta"] / (1.0 + np.array([ranks(g) if rule.get("signed") else
+                                                strength_ranks(g) for g in grad]))
     return key
 
 
 def rules() -> list[dict]:
     out = [{"name": "trace default now (datablame.methods.fusion.fused_key)",
             "kind": "library"},
-           {"name": "old default: RRF, |gradient| rank + retrieval rank", "kind": "rrf",
+           {"name": OLD, "kind": "rrf",
             "strength": True},
            {"name": "RRF, signed gradient rank + retrieval rank", "kind": "rrf",
             "strength": False}]
@@ -84,11 +96,15 @@ def rules() -> list[dict]:
                         "kind": "additive", "alpha": alpha, "beta": beta})
     # the cosine as it is: a bounded score, so a fixed retrieval bonus weighs more where
     # the best-aligned row is weakly aligned (a memorised answer's gradient is noise)
-    for alpha in (0.1, 0.25, 0.5, 1.0):
-        for beta in (0.0, 0.25):
+    for alpha in (0.1, 0.25, 0.5, 0.75, 1.0, 1.5):
+        for beta in (0.0, 0.25, 0.5):
             out.append({"name": f"gradient cosine + {alpha:g}/(1 + retrieval rank)"
                                 + (f" + {beta:g}/(1 + |gradient| rank)" if beta else ""),
                         "kind": "additive", "alpha": alpha, "beta": beta, "scaled": False})
+            if beta:  # the head of the signed gradient list instead of the |gradient| one
+                out.append({"name": f"gradient cosine + {alpha:g}/(1 + retrieval rank)"
+                                    f" + {beta:g}/(1 + gradient rank)", "kind": "additive",
+                            "alpha": alpha, "beta": beta, "scaled": False, "signed": True})
     return out
 
 
@@ -135,8 +151,27 @@ def main() -> None:
                                           **planted(key, queries)}
         table.append(row)
 
+    planted_sets = []
+    for name, workdir, file, use in PLANTED:
+        path = CACHE / workdir / file
+        if not path.exists():
+            print(f"skipped (run bench/facts.py / bench/paraphrase.py first): {name}")
+            continue
+        m = np.load(path)
+        facts = [{"sources": s.tolist(), "n_sources": len(s)} for s in m["sources"]]
+        planted_sets.append({"planted": name, "use": use, "rules": {
+            rule["name"]: planted(rule_scores(rule, m["cos"], m["ret"]), facts)
+            for rule in rules()}})
+
     tune = [r for r in table if r["use"] == "tune"]
     names = [rule["name"] for rule in rules()]
+
+    def planted_ok(rule: str) -> bool:
+        """Sources first no less often than the previous default (or >= PLANTED_TOP1) on
+        every tuning planted set, and on average over the tuning protocols."""
+        return (all(p["rules"][rule]["top1"] >= min(PLANTED_TOP1, p["rules"][OLD]["top1"])
+                    for p in planted_sets if p["use"] == "tune")
+                and mean(rule, tune, "top1") >= mean(OLD, tune, "top1"))
 
     def worst(rule: str, rows: list[dict]) -> float:
         return min(r["rules"][rule]["shortfall"] for r in rows)
@@ -144,7 +179,8 @@ def main() -> None:
     def mean(rule: str, rows: list[dict], what: str = "lds") -> float:
         return float(np.mean([r["rules"][rule][what] for r in rows]))
 
-    chosen = max(names, key=lambda n: (round(worst(n, tune), 2), mean(n, tune)))
+    chosen = max(names, key=lambda n: (planted_ok(n), round(worst(n, tune), 2),
+                                       mean(n, tune)))
     for use in ("tune", "held out"):
         rows = [r for r in table if r["use"] == use]
         if not rows:
@@ -152,16 +188,23 @@ def main() -> None:
         print(f"\n== {use}: " + " | ".join(r["protocol"] for r in rows))
         print("inputs: " + " | ".join(", ".join(f"{k} {v:.3f}" for k, v in r["inputs"].items())
                                       for r in rows))
-        print(f"{'rule':84s} {'worst':>6s} {'mean':>6s} {'top1':>5s}  LDS per protocol")
+        sets = [p for p in planted_sets if p["use"] == use]
+        print(f"{'rule':84s} {'worst':>6s} {'mean':>6s} {'top1':>5s}  LDS per protocol"
+              + "".join(f" | {p['planted']}: top1 r@3" for p in sets))
         for n in sorted(names, key=lambda n: -worst(n, rows)):
             mark = "*" if n == chosen else " "
             print(f"{mark}{n:83s} {worst(n, rows):6.3f} {mean(n, rows):6.3f} "
                   f"{mean(n, rows, 'top1'):5.2f}  "
-                  + " ".join(f"{r['rules'][n]['lds']:6.3f}" for r in rows))
+                  + " ".join(f"{r['rules'][n]['lds']:6.3f}" for r in rows)
+                  + "".join(f" | {p['rules'][n]['top1']:.2f} "
+                            f"{p['rules'][n]['recall@3 (3-source)']:.2f}" for p in sets))
     print(f"\nchosen on the tuning protocols: {chosen}")
     Path(args.out).write_text(json.dumps(with_provenance(
-        {"criterion": "max over rules of the worst (LDS - better input's LDS) on the tuning "
-                      "protocols; ties (2 decimals) by mean LDS",
+        {"criterion": f"among rules with top-1 >= min({PLANTED_TOP1}, the previous "
+                      "default's) on every tuning planted set and mean top-1 on the tuning "
+                      "protocols >= the previous default's, max of the worst (LDS - better "
+                      "input's LDS) on the tuning protocols; ties (2 decimals) by mean LDS",
+         "planted": planted_sets,
          "chosen": chosen, "table": table}), indent=2))
     print(f"wrote {args.out}")
 

@@ -363,9 +363,10 @@ def trace(
     focus: Annotated[str, typer.Option(help="Trace only this span of the output (e.g. a "
                                             "name it made up): the loss covers its tokens."
                                             )] = "",
-    rank_by: Annotated[str, typer.Option(help="fused (gradient rank + retrieval rank, "
-                                              "measured best) or gradient (the seed's "
-                                              "order).")] = "fused",
+    rank_by: Annotated[str, typer.Option(help="fused (cosine + bonuses for the head of "
+                                              "the retrieval and |cosine| lists, measured "
+                                              "best) or gradient (the seed's order)."
+                                              )] = "fused",
     method: Annotated[str, typer.Option(help="grad (cosine/dot alignment, default), or "
                                              "datainf, trak, tracin, trackstar on exact LoRA "
                                              "gradients of the candidates (all rows with "

@@ -16,7 +16,7 @@ import numpy as np
 from datablame.errors import UserError
 
 RANKINGS = ("fused", "gradient")
-RETRIEVAL_BONUS = 0.5  # added as RETRIEVAL_BONUS / (1 + retrieval rank)
+RETRIEVAL_BONUS = 1.0  # added as RETRIEVAL_BONUS / (1 + retrieval rank)
 STRENGTH_BONUS = 0.25  # added as STRENGTH_BONUS / (1 + rank by |gradient score|)
 
 
@@ -27,16 +27,17 @@ def check_rank_by(rank_by: str) -> None:
 
 def fused_key(scores: np.ndarray, gradient_rank: np.ndarray, retrieval_rank: np.ndarray,
               bounded: bool = True) -> np.ndarray:
-    """signed score + 0.5 / (1 + retrieval rank) + 0.25 / (1 + |score| rank).
+    """signed score + 1 / (1 + retrieval rank) + 0.25 / (1 + |score| rank).
 
     Additive, so a sum of keys over a set of rows still estimates what removing them does
     (a sum of reciprocal ranks did not: LDS near 0 where only small removals were scored).
-    The score is a cosine, bounded by 1, so a fixed bonus weighs more exactly when the
-    gradient is weak: the best-aligned row of a memorised answer has cosine ~0.2 and
-    retrieval then leads; after a short fine-tune it is ~0.8 and the gradient leads. The
-    |score| term keeps a strong row that *opposes* the query (a memorised source a reworded
-    query pulls against) near the top. Unbounded scores (`bounded=False`, e.g. dot
-    products) are first divided by their largest magnitude.
+    The score is a cosine, bounded by 1, so the fixed retrieval bonus weighs more exactly
+    when the gradient is weak: the best-aligned row of a memorised answer has cosine ~0.2
+    and retrieval then leads; after a short fine-tune it is ~0.8 and the gradient leads.
+    The |score| term (gradient_rank: rank by |score|) keeps a strong row that *opposes* the
+    query (a memorised source a reworded query pulls against) near the top. Unbounded
+    scores (`bounded=False`, e.g. dot products) are first divided by their largest
+    magnitude.
     """
     s = np.asarray(scores, dtype=float)
     if not bounded and len(s):
