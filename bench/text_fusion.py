@@ -14,7 +14,15 @@ reworded queries from bench/paraphrase.py) and on average over the tuning protoc
 largest *worst shortfall* of the rule's LDS below the better of its
 two inputs (the signed gradient cosine and the retrieval rank) over the tuning protocols,
 ties broken by mean LDS. Seed 1's protocols (another model, other people, other
-retrainings) and facts seed 1 (a model trained 150 epochs) are then reported.
+retrainings) and facts seed 1 (a model trained 150 epochs) are reported beside them; the
+table printed every rule on them too, so they were seen while rules were added. Seed 2
+(`fresh`: a new model, people and retrainings, and a new facts model) was built only
+after the rule was fixed.
+
+    cd bench && ../.venv/bin/python text_lds.py --seed 2 --epochs 10 --no-magic \
+        --workdir ../.datablame-cache/text-lds-s2     # and without --epochs (80)
+    ../.venv/bin/python facts.py --seed 2 --lora-epochs 150 \
+        --workdir ../.datablame-cache/facts-s2 --out /tmp/facts-s2.json
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ from datablame.verify import SubsetRetraining, lds  # noqa: E402
 
 CACHE = Path(__file__).resolve().parents[1] / ".datablame-cache"
 TEN, EIGHTY, SMOOTH = "b8112af981", "d2a07cd942", "039dddcb39"
+FRESH = "fresh"
 # (name, seed, recipe tag, kept fraction, same schedule?, use)
 PROTOCOLS = [
     ("seed 0, 10 epochs, halves re-batched", 0, TEN, 0.5, False, "tune"),
@@ -44,8 +53,12 @@ PROTOCOLS = [
     ("seed 1, 10 epochs, halves re-batched", 1, TEN, 0.5, False, "held out"),
     ("seed 1, 80 epochs, halves re-batched", 1, EIGHTY, 0.5, False, "held out"),
     ("seed 1, 10 epochs smooth, drop 2%, same schedule", 1, SMOOTH, 0.98, True, "held out"),
+    ("seed 1, 10 epochs smooth, drop 10%, same schedule", 1, SMOOTH, 0.9, True, "held out"),
     ("seed 1, 10 epochs, drop 2%, same schedule", 1, TEN, 0.98, True, "held out"),
     ("seed 1, 10 epochs, drop 10%, same schedule", 1, TEN, 0.9, True, "held out"),
+    # built after the rule was fixed: nothing was looked at on seed 2 before
+    ("seed 2, 10 epochs, halves re-batched", 2, TEN, 0.5, False, FRESH),
+    ("seed 2, 80 epochs, halves re-batched", 2, EIGHTY, 0.5, False, FRESH),
 ]
 GRADIENT, RETRIEVAL = "grad-cos (lora-b)", "retrieval"
 # planted sources (bench/facts.py's score matrices): top-1 must stay >= PLANTED_TOP1 on the
@@ -53,7 +66,8 @@ GRADIENT, RETRIEVAL = "grad-cos (lora-b)", "retrieval"
 PLANTED = [("facts, seed 0", "facts", "scores-lora-b-response.npz", "tune"),
            ("demo culprit, reworded (paraphrase.py)", "demo", "scores-paraphrase.npz", "tune"),
            ("facts, seed 1 (150 epochs)", "facts-s1", "scores-lora-b-response.npz",
-            "held out")]
+            "held out"),
+           ("facts, seed 2 (150 epochs)", "facts-s2", "scores-lora-b-response.npz", FRESH)]
 PLANTED_TOP1 = 0.95
 OLD = "old default: RRF, |gradient| rank + retrieval rank"
 
@@ -105,6 +119,10 @@ def rules() -> list[dict]:
                 out.append({"name": f"gradient cosine + {alpha:g}/(1 + retrieval rank)"
                                     f" + {beta:g}/(1 + gradient rank)", "kind": "additive",
                             "alpha": alpha, "beta": beta, "scaled": False, "signed": True})
+    for alpha, beta in ((0.5, 0.5), (0.75, 0.75), (1.0, 0.75), (1.0, 1.0), (1.5, 1.0)):
+        out.append({"name": f"gradient cosine + {alpha:g}/(1 + retrieval rank) + {beta:g}/(1 + "
+                            "|gradient| rank)", "kind": "additive", "alpha": alpha,
+                    "beta": beta, "scaled": False})
     return out
 
 
@@ -181,7 +199,7 @@ def main() -> None:
 
     chosen = max(names, key=lambda n: (planted_ok(n), round(worst(n, tune), 2),
                                        mean(n, tune)))
-    for use in ("tune", "held out"):
+    for use in ("tune", "held out", FRESH):
         rows = [r for r in table if r["use"] == use]
         if not rows:
             continue

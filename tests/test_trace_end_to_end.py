@@ -94,7 +94,7 @@ def test_gradient_index_finds_what_retrieval_misses_on_a_reworded_prompt(demo_as
     """Reworded prompts about the culprit's topic: the model answers in the generic house
     style ("Led the payroll system with Kafka, ..."), which reads like dozens of other rows,
     so retrieval ranks the culprit (the only row that taught it "payroll system") past 50;
-    the gradient index still puts it first."""
+    the gradient index still puts it first, and the fused order keeps it in the top 5."""
     root, info = demo_assets
     culprit = info["culprit_row"]
     model, tok = load_toy_lm(root / "base", root / "adapter")
@@ -114,8 +114,10 @@ def test_gradient_index_finds_what_retrieval_misses_on_a_reworded_prompt(demo_as
         df = tracer.trace_all_rows(q, top_k=5, rank_by="gradient")
         grad_rank = list(df["row"]).index(culprit) + 1 if culprit in set(df["row"]) else 99
         assert grad_rank <= 3, (inp, answer)
+        # the fused key trades this case for agreement with retraining: a reworded prompt's
+        # culprit (cosine ~0.4) sits behind retrieval's head, 3rd-4th (bench/text_fusion.py)
         fused = tracer.trace_all_rows(q, top_k=5)
-        assert culprit in set(fused["row"][:3]), (inp, answer)
+        assert culprit in set(fused["row"][:5]), (inp, answer)
         found.append(culprit not in set(retrieved) and grad_rank == 1)
     assert any(found)  # at least one: retrieval misses at k=50, the gradient index ranks 1
 
