@@ -206,3 +206,39 @@ def test_an_index_inside_its_data_directory_is_refused(tmp_path):
     with pytest.raises(UserError, match="inside the data directory"):
         build_index(tmp_path / "data", tmp_path / "data" / "idx")
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["part-0.jsonl"]
+
+
+def test_rows_are_read_lazily_and_hash_as_the_same_dicts(tmp_path):
+    """Rows stay in datasets' Arrow files and become dicts as they are read: the same
+    rows, in order, through an index, a slice or iteration, with the fingerprint of the
+    same rows held as a list of dicts (stores built before stay valid)."""
+    from datablame.data.rows import ArrowRecords, Rows
+
+    many = [{**ROWS[i % 3], "output": f"{ROWS[i % 3]['output']} {i}"} for i in range(2500)]
+    rows = load_rows(write_jsonl(tmp_path / "many.jsonl", many))
+    assert isinstance(rows.records, ArrowRecords) and len(rows) == 2500
+    assert list(rows.records) == many  # crosses iteration batches (1024 rows)
+    assert rows.records[1030] == many[1030] and rows.records[-1] == many[-1]
+    assert rows.records[1020:1030] == many[1020:1030] and rows.records[::700] == many[::700]
+    with pytest.raises(IndexError):
+        rows.records[2500]
+    assert rows.fingerprint() == Rows(rows.path, many).fingerprint()
+    texts = rows.texts(PromptTemplate())
+    assert len(texts) == 2500 and texts[5:7] == [PromptTemplate().format(r).text
+                                                 for r in many[5:7]]
+
+
+def test_a_file_rewritten_with_the_same_size_and_mtime_is_read_again(tmp_path):
+    """datasets keys its cache of a local file by path and mtime; the rows' cache is keyed
+    by their bytes, so an edit that keeps both is not served stale."""
+    import os
+
+    path = write_jsonl(tmp_path / "rows.jsonl", [{**ROWS[0], "output": "first"}])
+    first = load_rows(path)
+    stat = os.stat(path)
+    write_jsonl(path, [{**ROWS[0], "output": "other"}])
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert os.stat(path).st_size == stat.st_size
+    again = load_rows(path)
+    assert again.records[0]["output"] == "other"
+    assert again.fingerprint() != first.fingerprint()

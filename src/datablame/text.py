@@ -131,7 +131,7 @@ def _build_index_locked(train_file: str | os.PathLike, out: Path, lock, *,
                 old["embedder"] == resolve_embedder(embedder)[0]:
             manifest = old
     if manifest is None:
-        texts = [tmpl.format(r).text for r in rows.records]
+        texts = rows.texts(tmpl)  # formatted a batch at a time, not all held
         enc = Embedder(embedder, device=device)
         with progress.task("embedding rows", len(texts)) as advance:
             vectors = enc.encode(texts, batch_size=batch_size, progress=advance)

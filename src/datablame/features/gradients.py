@@ -104,7 +104,7 @@ def build_gradient_store(
             if progress:
                 progress(hi - lo)
             continue
-        texts = [template.format(rows.records[i]) for i in range(lo, hi)]
+        texts = [template.format(r) for r in rows.records[lo:hi]]  # one read per shard
         writer.write(s, project_row_gradients(texts, model, projector, batch_size, progress,
                                               report, offset=lo))
         built += 1
