@@ -242,3 +242,27 @@ def test_a_file_rewritten_with_the_same_size_and_mtime_is_read_again(tmp_path):
     again = load_rows(path)
     assert again.records[0]["output"] == "other"
     assert again.fingerprint() != first.fingerprint()
+
+
+def test_a_saved_datasets_format_and_decodable_columns_do_not_change_its_rows(tmp_path):
+    """Rows are the raw values `Dataset.to_list()` gives: a format saved with the dataset
+    (numpy, a column subset) or an image column would otherwise turn rows into numpy
+    scalars, drop columns, or decode images whose text changes every run — and with
+    them the fingerprint every index and store is checked against."""
+    import datasets
+    from PIL import Image
+
+    png = tmp_path / "dot.png"
+    Image.new("RGB", (2, 2), "red").save(png)
+    ds = datasets.Dataset.from_dict({"output": ["a0", "a1"], "n": [0, 1],
+                                     "picture": [str(png), str(png)]})
+    ds = ds.cast_column("picture", datasets.Image())
+    ds.set_format("numpy", columns=["output", "n"])
+    ds.save_to_disk(str(tmp_path / "saved"))
+    raw = datasets.load_from_disk(str(tmp_path / "saved")).to_list()
+    assert isinstance(raw[0]["picture"], dict)  # raw bytes and path, not a decoded image
+    first, second = load_rows(tmp_path / "saved"), load_rows(tmp_path / "saved")
+    assert list(first.records) == raw and first.records[1] == raw[1]
+    assert first.columns == ["output", "n", "picture"]
+    assert isinstance(first.records[0]["n"], int)
+    assert first.fingerprint() == second.fingerprint()

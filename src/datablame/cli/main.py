@@ -363,10 +363,10 @@ def trace(
     focus: Annotated[str, typer.Option(help="Trace only this span of the output (e.g. a "
                                             "name it made up): the loss covers its tokens."
                                             )] = "",
-    rank_by: Annotated[str, typer.Option(help="fused (cosine + bonuses for the head of "
-                                              "the retrieval and |cosine| lists, measured "
-                                              "best) or gradient (the seed's order)."
-                                              )] = "fused",
+    rank_by: Annotated[str, typer.Option(help="fused (the score, dot products divided by "
+                                              "the largest, + bonuses for the head of the "
+                                              "retrieval and |score| lists; measured best) "
+                                              "or gradient (the seed's order).")] = "fused",
     method: Annotated[str, typer.Option(help="grad (cosine/dot alignment, default), or "
                                              "datainf, trak, tracin, trackstar on exact LoRA "
                                              "gradients of the candidates (all rows with "
@@ -405,7 +405,7 @@ def trace(
                          ] = False,
 ) -> None:
     """Rows behind a model output: retrieve candidates (or score every row with --all-rows),
-    score them by gradient alignment, order by gradient + retrieval rank (--rank-by)."""
+    score them by gradient alignment, order by the fused key: cosine + retrieval and |cosine| rank bonuses (--rank-by)."""
     from datablame.cli.render import print_results, results_json, wide_console
     from datablame.data.queries import QueryLine, read_queries
     from datablame.data.template import template_from_json

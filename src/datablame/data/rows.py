@@ -33,12 +33,20 @@ FORMATS = {
 
 class ArrowRecords(Sequence):
     """A `datasets.Dataset` read as a sequence of row dicts, a batch at a time: the rows
-    stay in its memory-mapped Arrow files (the dicts of 100,000 short rows took 124 MB)."""
+    stay in its memory-mapped Arrow files (the dicts of 1M short rows took 429 MB).
+
+    Rows are read as raw Arrow values, as `Dataset.to_list()` reads them: a format the
+    saved dataset carries (numpy, torch, a column subset) or decodable features (images,
+    audio) would otherwise change what a row is, and with it the rows' fingerprint.
+    """
 
     BATCH = 1024
 
     def __init__(self, dataset) -> None:
-        self.dataset = dataset
+        self.dataset = dataset.with_format("arrow")
+        from datasets.utils.json import get_json_field_paths_from_feature
+
+        self._json_fields = list(get_json_field_paths_from_feature(dataset.features))
 
     def __len__(self) -> int:
         return self.dataset.num_rows
@@ -47,27 +55,30 @@ class ArrowRecords(Sequence):
         if isinstance(index, slice):
             span = range(len(self))[index]
             if span.step != 1:
-                return [self.dataset[i] for i in span]
-            return _as_rows(self.dataset[span.start:span.stop])  # one columnar read
+                return [self[i] for i in span]
+            return self._rows(self.dataset[span.start:span.stop])  # one columnar read
         if index < 0:
             index += len(self)
         if not 0 <= index < len(self):
             raise IndexError(index)
-        return self.dataset[int(index)]
+        return self._rows(self.dataset[int(index):int(index) + 1])[0]
 
     def __iter__(self) -> Iterator[dict]:
         for batch in self.dataset.iter(batch_size=self.BATCH):
-            yield from _as_rows(batch)
+            yield from self._rows(batch)
+
+    def _rows(self, table) -> list[dict]:
+        rows = table.to_pylist()
+        if self._json_fields:  # what `Dataset.to_list()` does for Json features
+            from datasets.utils.json import json_decode_field
+
+            for col, *sub in self._json_fields:
+                for row in rows:
+                    row[col] = json_decode_field(row[col], sub)
+        return rows
 
 
-def _as_rows(columns: dict[str, list]) -> list[dict]:
-    """A columnar batch ({field: values}) as row dicts."""
-    names = list(columns)
-    return [dict(zip(names, values, strict=True))
-            for values in zip(*(columns[n] for n in names), strict=True)]
-
-
-@dataclass
+@dataclass(eq=False)
 class Rows:
     """Training rows (a sequence of dicts: a list, or `ArrowRecords` read lazily) plus
     where they came from."""
@@ -76,7 +87,7 @@ class Rows:
     records: Sequence[dict]
     line_numbers: Sequence[int] | None = None  # JSONL: 1-based line of each row id
     split: str | None = None  # the split of a dataset directory these rows are
-    _fingerprint: str | None = dataclass_field(default=None, repr=False, compare=False)
+    _fingerprint: str | None = dataclass_field(default=None, init=False, repr=False)
 
     def __len__(self) -> int:
         return len(self.records)
