@@ -405,7 +405,8 @@ def trace(
                          ] = False,
 ) -> None:
     """Rows behind a model output: retrieve candidates (or score every row with --all-rows),
-    score them by gradient alignment, order by the fused key: cosine + retrieval and |cosine| rank bonuses (--rank-by)."""
+    score them by gradient alignment, order by the fused key: the cosine + bonuses for the
+    head of the retrieval and |cosine| lists (--rank-by)."""
     from datablame.cli.render import print_results, results_json, wide_console
     from datablame.data.queries import QueryLine, read_queries
     from datablame.data.template import template_from_json
