@@ -188,6 +188,32 @@ def test_many_queries_in_one_pass_equal_each_query_alone(tmp_path, monkeypatch, 
         np.testing.assert_allclose(single_scores, scores, rtol=1e-5)  # GEMV vs GEMM sums
 
 
+@pytest.mark.parametrize("absolute", [False, True])
+def test_a_scan_split_over_workers_equals_one_scan(tmp_path, absolute):
+    """Shard groups scanned in threads and merged = one scan: the same rows, in the same
+    order, the same scores, ties (identical rows in different groups) to the lower id."""
+    rng = np.random.default_rng(2)
+    vecs = rng.standard_normal((1000, 16)).astype(np.float16)
+    vecs[900:1000] = vecs[0:100]  # exact ties across the first and last shard groups
+    shards = []
+    for s, lo in enumerate(range(0, 1000, 250)):
+        np.save(tmp_path / f"shard-{s:05d}.npy", vecs[lo:lo + 250])
+        shards.append({"file": f"shard-{s:05d}.npy", "rows": [lo, lo + 250]})
+    np.save(tmp_path / "norms.npy",
+            np.linalg.norm(vecs.astype(np.float32), axis=1).astype(np.float32))
+    store = GradientStore(tmp_path, {"shards": shards, "proj_dim": 16})
+    queries = rng.standard_normal((3, 16)).astype(np.float32)
+    one = store.top_k_many(queries, 40, "cosine", absolute)
+    for workers in (2, 3, 8):  # 8: more workers than shards
+        split = store.top_k_many(queries, 40, "cosine", absolute, workers=workers)
+        for (ids, scores), (want_ids, want_scores) in zip(split, one, strict=True):
+            assert list(ids) == list(want_ids)
+            np.testing.assert_array_equal(scores, want_scores)
+    tied = [i for i in one[0][0] if i < 100]  # a row whose twin (i + 900) ties with it
+    assert tied and all(list(one[0][0]).index(i) < list(one[0][0]).index(i + 900)
+                        for i in tied if i + 900 in one[0][0])
+
+
 # -- issue 9: nothing lost, nothing crashes, nothing silently wrong --------------------------
 
 def _rewrite_manifest(store_dir, change):

@@ -328,7 +328,10 @@ class Tracer:
         max_length: int | None = None,
         loss_on: str = "response",
         batch_size: int = 8,
+        scan_workers: int = 1,
     ):
+        """`scan_workers`: threads that scan groups of gradient-store shards (merged exact
+        top-k, the same rows as one scan)."""
         from datablame.data.rows import load_rows
         from datablame.store.retrieval_index import load_index
 
@@ -346,7 +349,7 @@ class Tracer:
         self.model = self.options.load()
         if hasattr(self.template, "check_tokenizer"):  # a chat index: the same template
             self.template.check_tokenizer(self.model.tokenizer, model)
-        self.batch_size = batch_size
+        self.batch_size, self.scan_workers = batch_size, scan_workers
         self._embedder = None
         self._scanned: dict = {}  # scan_store_for's results, taken by trace_all_rows
 
@@ -508,7 +511,8 @@ class Tracer:
             unit = projected / np.maximum(np.linalg.norm(projected, axis=1, keepdims=True),
                                           1e-30)
             depth = min(len(self.rows), max(top_k, rerank))
-            candidates, _ = store.top_k(unit.sum(axis=0), depth, "cosine")
+            candidates, _ = store.top_k(unit.sum(axis=0), depth, "cosine",
+                                        workers=self.scan_workers)
         else:
             found: dict[int, None] = {}
             for q in resolved:
@@ -599,7 +603,8 @@ class Tracer:
         vecs = np.concatenate([store.projector.project(
             self.model.gradients(texts[i:i + self.batch_size], batch_size=self.batch_size))
             for i in range(0, len(texts), self.batch_size)])
-        found = store.top_k_many(vecs, depth, alignment, absolute=fused_mode)
+        found = store.top_k_many(vecs, depth, alignment, absolute=fused_mode,
+                                 workers=self.scan_workers)
         for text, vec, (ids, scores) in zip(texts, vecs, found, strict=True):
             # the whole formatted text is the key: a focus or another split of the same
             # words is another query
@@ -631,7 +636,8 @@ class Tracer:
         scanned = self._scanned.pop((repr(q_text), depth, alignment, fused_mode), None)
         if scanned is None:
             q_vec = store.projector.project(q_grad)[0]
-            row_ids, proj_scores = store.top_k(q_vec, depth, alignment, absolute=fused_mode)
+            row_ids, proj_scores = store.top_k(q_vec, depth, alignment, absolute=fused_mode,
+                                               workers=self.scan_workers)
         else:  # `scan_store_for` read the store once for a whole queries file
             q_vec, row_ids, proj_scores = scanned
         scores = proj_scores.copy()

@@ -360,6 +360,9 @@ def trace(
     rerank: Annotated[int, typer.Option(help="With --all-rows: re-rank this many of the "
                                              "store's best rows with exact gradients (0: "
                                              "projected scores only).")] = 100,
+    scan_workers: Annotated[int, typer.Option(help="With --all-rows: threads scanning "
+                                                   "groups of gradient shards (the same "
+                                                   "rows as one scan).")] = 1,
     focus: Annotated[str, typer.Option(help="Trace only this span of the output (e.g. a "
                                             "name it made up): the loss covers its tokens."
                                             )] = "",
@@ -446,6 +449,7 @@ def trace(
         _fail("the query is empty: pass the model output to trace")
     for name, value, least in (("--top-k", top_k, 1), ("--show", show, 1),
                                ("--batch-size", batch_size, 1), ("--rerank", rerank, 0),
+                               ("--scan-workers", scan_workers, 1),
                                ("--max-new-tokens", max_new_tokens, 1)):
         check_at_least(name, value, least)
     check_alignment(alignment)
@@ -509,7 +513,7 @@ def trace(
 
     tracer = Tracer(index_dir, model, adapter, data=data, params=params, dtype=dtype,
                     device=device, max_length=max_length, loss_on=loss_on,
-                    batch_size=batch_size)
+                    batch_size=batch_size, scan_workers=scan_workers)
 
     def as_query(item: QueryLine) -> Query:
         if item.answer is None:

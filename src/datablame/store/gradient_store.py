@@ -425,32 +425,56 @@ class GradientStore:
     def projector(self):
         return projector_from_json(self.manifest["projection"])
 
-    def top_k(self, query: np.ndarray, k: int, kind: str = "cosine", absolute: bool = False
-              ) -> tuple[np.ndarray, np.ndarray]:
+    def top_k(self, query: np.ndarray, k: int, kind: str = "cosine", absolute: bool = False,
+              workers: int = 1) -> tuple[np.ndarray, np.ndarray]:
         """Exact scores of every stored row; returns (row ids, scores) of the best k, by
         score or, with `absolute`, by |score| (strongly aligned or strongly opposed)."""
-        return self.top_k_many(np.asarray(query)[None], k, kind, absolute)[0]
+        return self.top_k_many(np.asarray(query)[None], k, kind, absolute, workers)[0]
 
     def top_k_many(self, queries: np.ndarray, k: int, kind: str = "cosine",
-                   absolute: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
+                   absolute: bool = False, workers: int = 1
+                   ) -> list[tuple[np.ndarray, np.ndarray]]:
         """`top_k` for each row of `queries` (m, K) in one pass over the store: each block
         of rows is read once and scored against every query by one matrix product.
 
         Streams block by block from memory-mapped shards: memory holds one block (converted
         to float32 by torch, several times faster than numpy's float16 conversion) and a
-        k-sized heap per query, whatever the number of rows.
+        k-sized heap per query, whatever the number of rows. `workers` > 1 scans contiguous
+        groups of shards in threads (the products release the GIL) and merges their exact
+        top-k lists: the same rows and scores as one scan, ties to the lower row id.
         """
-        import torch
-
         q = np.asarray(queries, dtype=np.float32)
         if q.ndim != 2:
             raise ValueError(f"queries must be (m, K), got shape {q.shape}")
+        shards = self.manifest["shards"]
+        groups = [g for g in np.array_split(np.arange(len(shards)), max(1, workers)) if len(g)]
+        if len(groups) == 1:
+            heaps = self._scan(q, shards, k, kind, absolute)
+        else:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(len(groups)) as pool:
+                parts = list(pool.map(lambda g: self._scan(q, [shards[i] for i in g], k, kind,
+                                                           absolute), groups))
+            heaps = [[item for part in parts for item in part[j]] for j in range(len(q))]
+        out = []
+        for heap in heaps:
+            best = sorted(heap, reverse=True)[:k]
+            out.append((np.array([-r for _, r, _ in best], dtype=np.int64),
+                        np.array([s for _, _, s in best], dtype=np.float64)))
+        return out
+
+    def _scan(self, q: np.ndarray, shards: list[dict], k: int, kind: str, absolute: bool
+              ) -> list[list[tuple[float, int, float]]]:
+        """One k-sized heap of (key, -row, score) per query over these shards."""
+        import torch
+
         norms = np.load(self.path / NORMS_NAME, mmap_mode="r")
         qn = np.linalg.norm(q, axis=1)
         qn = np.where(qn > 0, qn, 1.0)
         q_t = torch.from_numpy(np.ascontiguousarray(q.T))
         heaps: list[list[tuple[float, int, float]]] = [[] for _ in range(len(q))]
-        for shard in self.manifest["shards"]:
+        for shard in shards:
             lo, hi = shard["rows"]
             block = np.load(self.path / shard["file"], mmap_mode="r")
             for start in range(0, hi - lo, SCAN_BLOCK_ROWS):
@@ -464,12 +488,7 @@ class GradientStore:
                     self._check_cosines(scores, ids, kind)
                     _push_best(heaps[j], np.abs(scores) if absolute else scores, scores,
                                first, k)
-        out = []
-        for heap in heaps:
-            best = sorted(heap, reverse=True)
-            out.append((np.array([-r for _, r, _ in best], dtype=np.int64),
-                        np.array([s for _, _, s in best], dtype=np.float64)))
-        return out
+        return heaps
 
     def score_rows(self, query: np.ndarray, row_ids: np.ndarray, kind: str = "cosine"
                    ) -> np.ndarray:
