@@ -145,7 +145,8 @@ def test_queries_file_one_json_line_per_query_model_loaded_once(demo_assets, tmp
 def test_a_queries_file_over_every_row_reads_the_store_once(demo_assets, gradient_index,
                                                             tmp_path, monkeypatch, capsys):
     """`trace --queries F --all-rows`: one GradientStore.top_k_many pass for all lines,
-    no per-line top_k, and each line's table is the one tracing it alone gives."""
+    no per-line top_k, and each line's table is the one tracing it alone gives (the batch
+    scanned by 2 workers, each line alone by one)."""
     from datablame.store.gradient_store import GradientStore
     from datablame.text import Query, Tracer
 
@@ -166,9 +167,9 @@ def test_a_queries_file_over_every_row_reads_the_store_once(demo_assets, gradien
     code, stdout, err = run_cli(monkeypatch, capsys, "trace", gradient_index, "--model",
                                 root / "base", "--adapter", root / "adapter", "--queries",
                                 queries, "--all-rows", "--top-k", "10", "--rerank", "10",
-                                "--json")
+                                "--scan-workers", "2", "--json")
     assert code in (0, None), err
-    assert calls == {"many": 1, "one": 0}
+    assert calls == {"many": 1, "one": 0}  # and split over 2 workers: the same tables
     lines = [json.loads(ln) for ln in stdout.splitlines() if ln.strip()]
     assert lines[0]["results"][0]["row"] == info["culprit_row"]
     tracer = Tracer(gradient_index, root / "base", root / "adapter")
