@@ -214,6 +214,41 @@ def test_a_scan_split_over_workers_equals_one_scan(tmp_path, absolute):
                         for i in tied if i + 900 in one[0][0])
 
 
+@pytest.mark.parametrize("kind,absolute", [("cosine", False), ("cosine", True),
+                                           ("dot", False), ("dot", True)])
+def test_the_fp16_first_pass_returns_the_exact_scans_top_k(tmp_path, monkeypatch, kind,
+                                                          absolute):
+    """One query is first scored by an fp16 product and only rows whose error interval
+    reaches the k-th best are scored exactly: the same rows and scores as the exact scan
+    (two queries take the exact path), over near-ties, rows of very different norms,
+    zero rows, and a block whose fp16 products overflow (scored exactly instead)."""
+    import datablame.store.gradient_store as gs
+
+    monkeypatch.setattr(gs, "SCAN_BLOCK_ROWS", 256)
+    rng = np.random.default_rng(3)
+    vecs = rng.standard_normal((2000, 32)).astype(np.float32)
+    vecs *= rng.choice([1e-4, 1.0, 50.0], size=(2000, 1)).astype(np.float32)
+    q = rng.standard_normal(32).astype(np.float32)
+    vecs[10:60] = q + 3e-2 * rng.standard_normal((50, 32))  # near-ties at the top
+    vecs[100:110] = 0.0
+    vecs[1800:1810] = 6e4 * np.sign(q)  # fp16 products overflow in this block
+    vecs = vecs.astype(np.float16)
+    shards = []
+    for s, lo in enumerate(range(0, 2000, 700)):
+        np.save(tmp_path / f"shard-{s:05d}.npy", vecs[lo:lo + 700])
+        shards.append({"file": f"shard-{s:05d}.npy", "rows": [lo, min(lo + 700, 2000)]})
+    np.save(tmp_path / "norms.npy", np.linalg.norm(vecs.astype(np.float32), axis=1))
+    store = GradientStore(tmp_path, {"shards": shards, "proj_dim": 32})
+    scored = []
+    real = gs._push_rows
+    monkeypatch.setattr(gs, "_push_rows", lambda h, key, sc, rows, k: (
+        scored.append(len(rows)) or real(h, key, sc, rows, k)))
+    for k in (1, 40):
+        ids, scores = store.top_k(q, k, kind, absolute)
+        (want_ids, want), _ = store.top_k_many(np.stack([q, -q]), k, kind, absolute)
+        assert list(ids) == list(want_ids)
+        np.testing.assert_allclose(scores, want, rtol=1e-5, atol=1e-9)
+    assert scored and sum(scored) < 2000  # the first pass did filter
 # -- issue 9: nothing lost, nothing crashes, nothing silently wrong --------------------------
 
 def _rewrite_manifest(store_dir, change):

@@ -27,6 +27,7 @@ import json
 import os
 import re
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +49,12 @@ SHARD_NAME = re.compile(r"shard-\d{5}\.npy")
 NORMS_NAME = "norms.npy"
 COSINE_SLACK = 1e-3  # |cos| above 1 + this cannot come from intact vectors and norms
 SCAN_BLOCK_ROWS = 16_384  # rows converted and scored at once: 64 MB of float32 at K = 1024
+# |fp16 product - exact| <= FP16_BOUND x |row| x |unit query| + FP16_FLOOR: fp16 output
+# rounding is 2^-11 relative (measured max 1.2e-4 x |row| on 200k random rows); 4 x 2^-11
+# leaves 16x room, and a first-block check refuses a kernel that does worse
+FP16_BOUND = 4 * 2.0 ** -11
+FP16_FLOOR = 2.0 ** -23  # below fp16's normal range, spacing is absolute (2^-24)
+FP16_CHECK_ROWS = 2048  # rows of a scan's first block also scored exactly, to check it
 
 
 def _npy_layout(path: Path) -> tuple[tuple, np.dtype]:
@@ -474,14 +481,25 @@ class GradientStore:
         qn = np.where(qn > 0, qn, 1.0)
         q_t = torch.from_numpy(np.ascontiguousarray(q.T))
         heaps: list[list[tuple[float, int, float]]] = [[] for _ in range(len(q))]
+        fast = _Fp16Filter(q[0], k, kind, absolute) if len(q) == 1 else None
         for shard in shards:
             lo, hi = shard["rows"]
             block = np.load(self.path / shard["file"], mmap_mode="r")
             for start in range(0, hi - lo, SCAN_BLOCK_ROWS):
-                part = np.array(block[start:start + SCAN_BLOCK_ROWS])  # a writable copy
-                dots = (torch.from_numpy(part).float() @ q_t).numpy()  # (rows, m)
+                part = block[start:start + SCAN_BLOCK_ROWS]  # mapped, not read yet
                 first = lo + start
                 ids = np.arange(first, first + len(part))
+                if fast is not None and part.dtype == np.float16:
+                    found = fast.candidates(part, norms[first:first + len(part)])
+                    if found is not None:  # only these rows can be in the top k: score them
+                        rows, dots = found
+                        scores = align_dots(dots, norms[first + rows], qn[0], kind)
+                        self._check_cosines(scores, ids[rows], kind)
+                        _push_rows(heaps[0], np.abs(scores) if absolute else scores, scores,
+                                   ids[rows], k)
+                        continue
+                part = np.array(part)  # a writable copy for torch
+                dots = (torch.from_numpy(part).float() @ q_t).numpy()  # (rows, m)
                 for j in range(len(q)):
                     scores = align_dots(dots[:, j], norms[first:first + len(part)], qn[j],
                                         kind)
@@ -519,6 +537,74 @@ class GradientStore:
             raise UserError(f"gradient store {self.path} is damaged: a cosine of "
                             f"{scores[worst]:.4g} (row {int(row_ids[worst])}) is impossible; "
                             "rebuild it")
+
+
+def _push_rows(heap: list, key: np.ndarray, scores: np.ndarray, rows: np.ndarray,
+               k: int) -> None:
+    """`_push_best` for scattered rows (their ids given)."""
+    for i in range(len(rows)):
+        item = (float(key[i]), -int(rows[i]), float(scores[i]))
+        if len(heap) < k:
+            heapq.heappush(heap, item)
+        elif item > heap[0]:
+            heapq.heapreplace(heap, item)
+
+
+class _Fp16Filter:
+    """A first pass in fp16 for one query: torch's fp16 matrix-vector product reads an fp16
+    block ~13x faster than converting it to float32 first, but rounds each product to
+    fp16. Every row gets an interval [approx - bound, approx + bound] that holds its exact
+    score (bound = FP16_BOUND relative to |row| |query|, checked against the exact product
+    on the first block); a row whose upper end is below the k-th largest lower end seen
+    so far cannot be in the top k. The rest are scored exactly, so the result is the
+    exact scan's."""
+
+    def __init__(self, query: np.ndarray, k: int, kind: str, absolute: bool) -> None:
+        import torch
+
+        self.qn = float(np.linalg.norm(query)) or 1.0
+        self.q16 = torch.from_numpy((query / self.qn).astype(np.float32)).half()
+        self.q32 = (query / self.qn).astype(np.float32)
+        self.k, self.kind, self.absolute = k, kind, absolute
+        self.lows = np.empty(0)
+        self.checked, self.refused = False, False
+
+    def candidates(self, part: np.ndarray, row_norms: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray] | None:
+        """(rows of `part` that may be in the top k, their exact dot products with the
+        query), or None: score the whole block exactly."""
+        import torch
+
+        if self.refused:
+            return None
+        with warnings.catch_warnings():  # read-only mapped rows: torch only reads them
+            warnings.simplefilter("ignore", UserWarning)
+            rows16 = torch.from_numpy(np.asarray(part))
+        approx = (rows16 @ self.q16).float().numpy().astype(np.float64)
+        if not np.isfinite(approx).all():  # fp16 overflow: this block goes exact
+            return None
+        norms = np.asarray(row_norms, dtype=np.float64)
+        if not self.checked:  # the bound, checked on this machine's kernel, once per scan
+            n = min(len(part), FP16_CHECK_ROWS)
+            exact = np.asarray(part[:n], dtype=np.float32) @ self.q32
+            if np.any(np.abs(approx[:n] - exact) > FP16_BOUND / 4 * norms[:n] + FP16_FLOOR):
+                self.refused = True  # a kernel that rounds worse: every block goes exact
+                return None
+            self.checked = True
+        err = FP16_BOUND * norms + FP16_FLOOR  # on dot products with the unit query
+        if self.kind == "cosine":
+            safe = np.where(norms > 0, norms, 1.0)
+            score, err = approx / safe, err / safe
+        else:
+            score, err = approx * self.qn, err * self.qn
+        key = np.abs(score) if self.absolute else score
+        lows = np.concatenate([self.lows, key - err])
+        if len(lows) > self.k:
+            lows = np.partition(lows, len(lows) - self.k)[-self.k:]
+        self.lows = lows
+        floor = lows.min() if len(lows) >= self.k else -np.inf
+        rows = np.flatnonzero(key + err >= floor)
+        return rows, (part[rows].astype(np.float32) @ self.q32).astype(np.float64) * self.qn
 
 
 def _push_best(heap: list, key: np.ndarray, scores: np.ndarray, first: int, k: int) -> None:
