@@ -27,7 +27,6 @@ import json
 import os
 import re
 import shutil
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,9 +48,10 @@ SHARD_NAME = re.compile(r"shard-\d{5}\.npy")
 NORMS_NAME = "norms.npy"
 COSINE_SLACK = 1e-3  # |cos| above 1 + this cannot come from intact vectors and norms
 SCAN_BLOCK_ROWS = 16_384  # rows converted and scored at once: 64 MB of float32 at K = 1024
-# |fp16 product - exact| <= FP16_BOUND x |row| x |unit query| + FP16_FLOOR: fp16 output
-# rounding is 2^-11 relative (measured max 1.2e-4 x |row| on 200k random rows); 4 x 2^-11
-# leaves 16x room, and a first-block check refuses a kernel that does worse
+# |fp16 product - exact| <= FP16_BOUND x |row| x |unit query| + FP16_FLOOR: rounding the
+# query and the output to fp16 costs at most about 2 x 2^-11 (measured max 1.2e-4 on 200k
+# random rows); 4 x 2^-11 leaves 2x room, and a first-block check refuses a kernel that
+# does worse than 2^-11
 FP16_BOUND = 4 * 2.0 ** -11
 FP16_FLOOR = 2.0 ** -23  # below fp16's normal range, spacing is absolute (2^-24)
 FP16_CHECK_ROWS = 2048  # rows of a scan's first block also scored exactly, to check it
@@ -454,8 +454,10 @@ class GradientStore:
         if q.ndim != 2:
             raise ValueError(f"queries must be (m, K), got shape {q.shape}")
         shards = self.manifest["shards"]
+        if k <= 0:
+            return [(np.zeros(0, dtype=np.int64), np.zeros(0)) for _ in range(len(q))]
         groups = [g for g in np.array_split(np.arange(len(shards)), max(1, workers)) if len(g)]
-        if len(groups) == 1:
+        if len(groups) <= 1:
             heaps = self._scan(q, shards, k, kind, absolute)
         else:
             from concurrent.futures import ThreadPoolExecutor
@@ -484,7 +486,8 @@ class GradientStore:
         fast = _Fp16Filter(q[0], k, kind, absolute) if len(q) == 1 else None
         for shard in shards:
             lo, hi = shard["rows"]
-            block = np.load(self.path / shard["file"], mmap_mode="r")
+            # copy-on-write mapping: writable for torch, never written, so never copied
+            block = np.load(self.path / shard["file"], mmap_mode="c")
             for start in range(0, hi - lo, SCAN_BLOCK_ROWS):
                 part = block[start:start + SCAN_BLOCK_ROWS]  # mapped, not read yet
                 first = lo + start
@@ -498,7 +501,6 @@ class GradientStore:
                         _push_rows(heaps[0], np.abs(scores) if absolute else scores, scores,
                                    ids[rows], k)
                         continue
-                part = np.array(part)  # a writable copy for torch
                 dots = (torch.from_numpy(part).float() @ q_t).numpy()  # (rows, m)
                 for j in range(len(q)):
                     scores = align_dots(dots[:, j], norms[first:first + len(part)], qn[j],
@@ -565,6 +567,7 @@ class _Fp16Filter:
         self.qn = float(np.linalg.norm(query)) or 1.0
         self.q16 = torch.from_numpy((query / self.qn).astype(np.float32)).half()
         self.q32 = (query / self.qn).astype(np.float32)
+        self.q64 = np.asarray(query, dtype=np.float64) / self.qn
         self.k, self.kind, self.absolute = k, kind, absolute
         self.lows = np.empty(0)
         self.checked, self.refused = False, False
@@ -577,13 +580,10 @@ class _Fp16Filter:
 
         if self.refused:
             return None
-        with warnings.catch_warnings():  # read-only mapped rows: torch only reads them
-            warnings.simplefilter("ignore", UserWarning)
-            rows16 = torch.from_numpy(np.asarray(part))
-        approx = (rows16 @ self.q16).float().numpy().astype(np.float64)
-        if not np.isfinite(approx).all():  # fp16 overflow: this block goes exact
-            return None
+        approx = (torch.from_numpy(part) @ self.q16).float().numpy().astype(np.float64)
         norms = np.asarray(row_norms, dtype=np.float64)
+        if not (np.isfinite(approx).all() and np.isfinite(norms).all()):
+            return None  # fp16 overflow or damaged norms: this block goes exact
         if not self.checked:  # the bound, checked on this machine's kernel, once per scan
             n = min(len(part), FP16_CHECK_ROWS)
             exact = np.asarray(part[:n], dtype=np.float32) @ self.q32
@@ -604,7 +604,10 @@ class _Fp16Filter:
         self.lows = lows
         floor = lows.min() if len(lows) >= self.k else -np.inf
         rows = np.flatnonzero(key + err >= floor)
-        return rows, (part[rows].astype(np.float32) @ self.q32).astype(np.float64) * self.qn
+        # in float64, then rounded to float32: a row's score does not depend on where it
+        # sits among the candidates, so identical rows tie and go to the lower id
+        exact = (np.asarray(part[rows], dtype=np.float64) @ self.q64).astype(np.float32)
+        return rows, exact.astype(np.float64) * self.qn
 
 
 def _push_best(heap: list, key: np.ndarray, scores: np.ndarray, first: int, k: int) -> None:
