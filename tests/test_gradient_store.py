@@ -242,9 +242,14 @@ def test_the_fp16_first_pass_returns_the_exact_scans_top_k(tmp_path, monkeypatch
     np.save(tmp_path / "norms.npy", np.linalg.norm(vecs.astype(np.float32), axis=1))
     store = GradientStore(tmp_path, {"shards": shards, "proj_dim": 32})
     scored = []
-    real = gs._push_rows
-    monkeypatch.setattr(gs, "_push_rows", lambda h, key, sc, rows, k: (
-        scored.append(len(rows)) or real(h, key, sc, rows, k)))
+    real = gs._Fp16Filter.candidates
+
+    def candidates(self, part, norms):
+        found = real(self, part, norms)
+        scored.append(len(part) if found is None else len(found[0]))
+        return found
+
+    monkeypatch.setattr(gs._Fp16Filter, "candidates", candidates)
     exact = vecs.astype(np.float64) @ q.astype(np.float64)
     if kind == "cosine":
         norms = np.linalg.norm(vecs.astype(np.float64), axis=1)

@@ -33,7 +33,8 @@ FORMATS = {
 
 class ArrowRecords(Sequence):
     """A `datasets.Dataset` read as a sequence of row dicts, a batch at a time: the rows
-    stay in its memory-mapped Arrow files (the dicts of 1M short rows took 429 MB).
+    stay in its memory-mapped Arrow files instead of a dict per row in memory
+    (bench/rows_memory.py).
 
     Rows are read as raw Arrow values, as `Dataset.to_list()` reads them: a format the
     saved dataset carries (numpy, torch, a column subset) or decodable features (images,
@@ -273,7 +274,7 @@ def _last_line(exc: Exception) -> str:
 
 
 def _content_digest(files: list[str]) -> str:
-    """sha256 over the files' bytes, in order (about 1.5 GB/s: cheap beside parsing)."""
+    """sha256 over the files' bytes, in order (cheap beside parsing them)."""
     h = hashlib.sha256()
     for f in files:
         with open(f, "rb") as fh:

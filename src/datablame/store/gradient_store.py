@@ -49,9 +49,8 @@ NORMS_NAME = "norms.npy"
 COSINE_SLACK = 1e-3  # |cos| above 1 + this cannot come from intact vectors and norms
 SCAN_BLOCK_ROWS = 16_384  # rows converted and scored at once: 64 MB of float32 at K = 1024
 # |fp16 product - exact| <= FP16_BOUND x |row| x |unit query| + FP16_FLOOR: rounding the
-# query and the output to fp16 costs at most about 2 x 2^-11 (measured max 1.2e-4 on 200k
-# random rows); 4 x 2^-11 leaves 2x room, and a first-block check refuses a kernel that
-# does worse than 2^-11
+# query and the output to fp16 costs at most about 2 x 2^-11; 4 x 2^-11 leaves 2x room,
+# and a first-block check refuses a kernel that does worse than 2^-11
 FP16_BOUND = 4 * 2.0 ** -11
 FP16_FLOOR = 2.0 ** -23  # below fp16's normal range, spacing is absolute (2^-24)
 FP16_CHECK_ROWS = 2048  # rows of a scan's first block also scored exactly, to check it
@@ -506,8 +505,8 @@ class GradientStore:
                     scores = align_dots(dots[:, j], norms[first:first + len(part)], qn[j],
                                         kind)
                     self._check_cosines(scores, ids, kind)
-                    _push_best(heaps[j], np.abs(scores) if absolute else scores, scores,
-                               first, k)
+                    _push_rows(heaps[j], np.abs(scores) if absolute else scores, scores,
+                               ids, k)
         return heaps
 
     def score_rows(self, query: np.ndarray, row_ids: np.ndarray, kind: str = "cosine"
@@ -543,9 +542,14 @@ class GradientStore:
 
 def _push_rows(heap: list, key: np.ndarray, scores: np.ndarray, rows: np.ndarray,
                k: int) -> None:
-    """`_push_best` for scattered rows (their ids given)."""
-    for i in range(len(rows)):
-        item = (float(key[i]), -int(rows[i]), float(scores[i]))
+    """Keep the k largest (key, -row) in a min-heap: ties go to the lower row id. Only rows
+    at or above these rows' k-th largest key can enter: all of them, ties included."""
+    if len(key) > k:
+        kth = np.partition(key, len(key) - k)[len(key) - k]
+        keep = np.flatnonzero(key >= kth)
+        key, scores, rows = key[keep], scores[keep], rows[keep]
+    for kk, row, score in zip(key.tolist(), rows.tolist(), scores.tolist(), strict=True):
+        item = (kk, -row, score)
         if len(heap) < k:
             heapq.heappush(heap, item)
         elif item > heap[0]:
@@ -554,19 +558,18 @@ def _push_rows(heap: list, key: np.ndarray, scores: np.ndarray, rows: np.ndarray
 
 class _Fp16Filter:
     """A first pass in fp16 for one query: torch's fp16 matrix-vector product reads an fp16
-    block ~13x faster than converting it to float32 first, but rounds each product to
-    fp16. Every row gets an interval [approx - bound, approx + bound] that holds its exact
-    score (bound = FP16_BOUND relative to |row| |query|, checked against the exact product
-    on the first block); a row whose upper end is below the k-th largest lower end seen
-    so far cannot be in the top k. The rest are scored exactly, so the result is the
-    exact scan's."""
+    block many times faster than converting it to float32 first (bench/gradient_scan.py),
+    but rounds each product to fp16. Every row gets an interval [approx - bound, approx +
+    bound] that holds its exact score (bound = FP16_BOUND relative to |row| |query|,
+    checked against the exact product on a scan's first FP16_CHECK_ROWS rows); a row whose
+    upper end is below the k-th largest lower end seen so far cannot be in the top k. The
+    rest are scored exactly: the exact scan's top k up to fp32 rounding of near-ties."""
 
     def __init__(self, query: np.ndarray, k: int, kind: str, absolute: bool) -> None:
         import torch
 
         self.qn = float(np.linalg.norm(query)) or 1.0
         self.q16 = torch.from_numpy((query / self.qn).astype(np.float32)).half()
-        self.q32 = (query / self.qn).astype(np.float32)
         self.q64 = np.asarray(query, dtype=np.float64) / self.qn
         self.k, self.kind, self.absolute = k, kind, absolute
         self.lows = np.empty(0)
@@ -586,7 +589,7 @@ class _Fp16Filter:
             return None  # fp16 overflow or damaged norms: this block goes exact
         if not self.checked:  # the bound, checked on this machine's kernel, once per scan
             n = min(len(part), FP16_CHECK_ROWS)
-            exact = np.asarray(part[:n], dtype=np.float32) @ self.q32
+            exact = np.asarray(part[:n], dtype=np.float64) @ self.q64
             if np.any(np.abs(approx[:n] - exact) > FP16_BOUND / 4 * norms[:n] + FP16_FLOOR):
                 self.refused = True  # a kernel that rounds worse: every block goes exact
                 return None
@@ -608,19 +611,6 @@ class _Fp16Filter:
         # sits among the candidates, so identical rows tie and go to the lower id
         exact = (np.asarray(part[rows], dtype=np.float64) @ self.q64).astype(np.float32)
         return rows, exact.astype(np.float64) * self.qn
-
-
-def _push_best(heap: list, key: np.ndarray, scores: np.ndarray, first: int, k: int) -> None:
-    """Keep the k largest (key, -row) in a min-heap: ties go to the lower row id."""
-    take = min(k, len(key))
-    if take <= 0:
-        return
-    for i in np.argpartition(-key, take - 1)[:take]:
-        item = (float(key[i]), -(first + int(i)), float(scores[i]))
-        if len(heap) < k:
-            heapq.heappush(heap, item)
-        elif item > heap[0]:
-            heapq.heapreplace(heap, item)
 
 
 def build_status(index_dir: Path) -> dict:
