@@ -36,6 +36,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import torch
 from facts import ranks_of as ranks
 from provenance import with_provenance
 
@@ -317,6 +318,26 @@ def main() -> None:
             "ekfac", damping_scale=d).fit(adapter, row_texts, None).scores(q_texts, None))
     timed("kfac (no eigenvalue correction)", lambda: get_method(
         "ekfac", correct_eigenvalues=False).fit(adapter, row_texts, None).scores(q_texts, None))
+    # the curvature from the rows' own answers (the empirical Fisher: the default until
+    # these rows showed the sampled one ahead), and from fewer draws per row
+    for correct, kind in ((True, "ekfac"), (False, "kfac")):
+        timed(f"{kind} (empirical fisher)", lambda c=correct: get_method(
+            "ekfac", correct_eigenvalues=c, fisher="empirical").fit(adapter, row_texts, None)
+            .scores(q_texts, None))
+    # the gradient cosine after EK-FAC's curvature is divided out: bounded like the cosine
+    ek = get_method("ekfac").fit(adapter, row_texts, None)
+    w_rows = ek.whiten(torch.from_numpy(g_rows)).numpy()
+    timed("ekfac cosine (whitened gradients)",
+          lambda: cos(ek.whiten(torch.from_numpy(g_q)).numpy(), w_rows))
+    # the same dot products over the query's whitened norm and the rows' typical one:
+    # needs no per-row whitened norm, so a store of plain gradients can serve it
+    w_q = ek.whiten(torch.from_numpy(g_q)).numpy()
+    timed("ekfac, cosine-scaled (one row scale)",
+          lambda: (w_q @ w_rows.T) / (np.linalg.norm(w_q, axis=1, keepdims=True)
+                                      * np.sqrt((w_rows ** 2).sum(1).mean())))
+    for draws in (1, 4):
+        timed(f"ekfac ({draws} draw{'s' * (draws > 1)} per row)", lambda k=draws: get_method(
+            "ekfac", samples=k).fit(adapter, row_texts, None).scores(q_texts, None))
     for grad_name in ("grad-cos (lora-b)", "trackstar (saved v)"):
         short = grad_name.split(" ")[0]
         scores[f"rrf |{short}| + retrieval"] = fused_scores(scores[grad_name],

@@ -22,7 +22,8 @@ class FactorsOnly:
         self.shapes = [(inp, out) if conv else (out, inp)]
         self.lm = type("LM", (), {"param_names": ["layer.weight"]})()
 
-    def kronecker_factors(self, rows):
+    def kronecker_factors(self, rows, sampled_labels=None):
+        assert sampled_labels is None, "these tests fit the empirical Fisher"
         grads, a, s, tokens = [], 0.0, 0.0, 0
         for i in rows:
             x, g = self.xs[i], self.gs[i]
@@ -54,7 +55,7 @@ def test_ekfac_is_the_exact_damped_inverse_when_the_fisher_is_diagonal_in_its_ba
         xs.append(x)
         gs.append(g)
     adapter = FactorsOnly(xs, gs)
-    method = EKFAC().fit(adapter, list(range(n)), None)
+    method = EKFAC(fisher="empirical").fit(adapter, list(range(n)), None)
     grads = method.g_train.numpy()
     fisher = grads.T @ grads / n
     assert np.count_nonzero(fisher - np.diag(np.diag(fisher))) == 0
@@ -69,8 +70,9 @@ def test_a_conv1d_weight_scores_as_the_same_linear_weight():
     rng = np.random.default_rng(1)
     xs = [torch.from_numpy(rng.normal(size=(int(t), 5))) for t in rng.integers(1, 6, 20)]
     gs = [torch.from_numpy(rng.normal(size=(len(x), 3))) for x in xs]
-    linear = EKFAC().fit(FactorsOnly(xs, gs), list(range(20)), None)
-    conv = EKFAC().fit(FactorsOnly(xs, gs, conv=True), list(range(20)), None)
+    linear = EKFAC(fisher="empirical").fit(FactorsOnly(xs, gs), list(range(20)), None)
+    conv = EKFAC(fisher="empirical").fit(FactorsOnly(xs, gs, conv=True), list(range(20)),
+                                        None)
     np.testing.assert_allclose(conv.scores(list(range(3)), None),
                                linear.scores(list(range(3)), None), rtol=1e-9)
     # and a row's own score is positive: (1/n) g^T H^-1 g with H positive definite
@@ -78,17 +80,78 @@ def test_a_conv1d_weight_scores_as_the_same_linear_weight():
 
 
 def test_without_the_correction_it_is_kfac_the_kronecker_product_of_the_factors():
-    """correct_eigenvalues=False: (S (x) A + damping I)^-1 exactly, S and A per token, for a
-    weight flattened row-major (out, in)."""
+    """correct_eigenvalues=False: (S (x) A + damping I)^-1 exactly, A per token and S per
+    row, for a weight flattened row-major (out, in)."""
     rng = np.random.default_rng(2)
     xs = [torch.from_numpy(rng.normal(size=(int(t), 4))) for t in rng.integers(1, 5, 30)]
     gs = [torch.from_numpy(rng.normal(size=(len(x), 3))) for x in xs]
-    method = EKFAC(correct_eigenvalues=False).fit(FactorsOnly(xs, gs), list(range(30)), None)
+    method = EKFAC(correct_eigenvalues=False, fisher="empirical").fit(
+        FactorsOnly(xs, gs), list(range(30)), None)
     tokens = sum(len(x) for x in xs)
     a = sum((x.T @ x).numpy() for x in xs) / tokens
-    s = sum((g.T @ g).numpy() for g in gs) / tokens
+    s = sum((g.T @ g).numpy() for g in gs) / len(xs)
     curvature = np.kron(s, a)
     damping = 0.1 * np.outer(np.linalg.eigvalsh(s), np.linalg.eigvalsh(a)).mean()
     v = rng.normal(size=(4, 12))
     want = np.linalg.solve(curvature + damping * np.eye(12), v.T).T
     np.testing.assert_allclose(method._solve(torch.from_numpy(v)).numpy(), want, rtol=1e-9)
+
+
+def test_kfac_has_the_scale_of_the_fisher_whatever_share_of_tokens_a_layer_sees():
+    """With independent zero-mean tokens, E[vec(G) vec(G)^T] = T E[x x^T] (x) E[g g^T]
+    exactly. K-FAC must match that scale (its trace) for a layer whose gradient reaches
+    every token and for one it reaches on 1 token in 4 (as a last layer sees only the
+    answer): a per-token S would be 4x too small for the first and right for neither."""
+    rng = np.random.default_rng(3)
+    n, t = 4000, 4
+    for share in (t, 1):
+        xs = [torch.from_numpy(rng.normal(size=(share, 3))) for _ in range(n)]
+        gs = [torch.from_numpy(rng.normal(size=(share, 2))) for _ in range(n)]
+        method = EKFAC(correct_eigenvalues=False, fisher="empirical", damping_scale=0.0).fit(
+            FactorsOnly(xs, gs), list(range(n)), None)
+        grads = method.g_train.numpy()
+        fisher_trace = (grads ** 2).sum(1).mean()  # trace of (1/n) sum G G^T
+        kfac_trace = float(method.blocks[0][5].sum())
+        assert abs(kfac_trace / fisher_trace - 1) < 0.05, (share, kfac_trace, fisher_trace)
+
+
+def test_the_sampled_fisher_is_the_gauss_newton_expectation_over_the_models_answers(
+        random_lora_model):
+    """S from answers drawn from the model must converge to its exact expectation,
+    sum over answer positions and vocabulary of p(v) h h^T / T (h: the output gradient of
+    the loss with answer v at that position), computed here by enumerating every v."""
+    from datablame.data.template import PromptTemplate
+    from datablame.models import linear_hooks
+    from datablame.models.hf_causal_lm import CausalLMAdapter
+    from datablame.models.text_rows import TextRowsAdapter
+
+    base, adapter_dir = random_lora_model
+    lm = CausalLMAdapter(base, adapter_dir, params="lora")
+    text = PromptTemplate().format({"instruction": "say hi", "input": "",
+                                    "output": "hello there"})
+    draws = 3000
+    _, sampled = TextRowsAdapter(lm, batch_size=500).kronecker_factors([text] * draws,
+                                                                       sampled_labels=0)
+    batch = lm.encode([text])
+    ids, labels = batch.input_ids, batch.labels
+    positions = [int(p) for p in (labels[0, 1:] != -100).nonzero()[:, 0]]
+    with torch.no_grad():
+        logits = lm.model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0]
+    vocab = logits.shape[-1]
+    exact: dict = {}
+    for p in positions:
+        probs = torch.softmax(logits[p].float(), -1)
+
+        def weighted(p=p, probs=probs):  # example v: sqrt(p(v)) x loss of answer v at p
+            out = lm.model(input_ids=ids.repeat(vocab, 1),
+                           attention_mask=torch.ones(vocab, ids.shape[1], dtype=torch.long))
+            nll = torch.nn.functional.cross_entropy(out.logits[:, p].float(),
+                                                    torch.arange(vocab), reduction="none")
+            return nll * probs.sqrt() / len(positions) ** 0.5
+
+        linear_hooks.per_example_grads(lm.model, lm.param_names, weighted, exact)
+    for name in lm.param_names:
+        want = exact[name]["S"]
+        got = sampled[name]["S"] / draws
+        err = float((got - want).norm() / want.norm())
+        assert err < 0.1, (name, err)

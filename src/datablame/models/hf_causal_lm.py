@@ -390,10 +390,14 @@ class CausalLMAdapter:
         names: Sequence[object] | None = None,
         warn: bool = True,
         factors: dict | None = None,
+        sampled_labels: torch.Generator | None = None,
     ) -> np.ndarray:
         """Flattened per-example loss gradients over the selected parameters, (n, d) float32;
         `factors` (a dict) also gathers each weight's Kronecker factors (hooks only, see
-        `linear_hooks.per_example_grads`).
+        `linear_hooks.per_example_grads`). `sampled_labels` (with `factors`): the targets
+        are drawn from the model's own predictions at the answer positions, and the loss
+        is their sum / sqrt(tokens): gradients whose outer products estimate the true
+        Fisher (the Gauss-Newton Hessian of the mean loss) rather than the empirical one.
 
         strategy: "hooks" (one batched backward; linear-layer parameters such as LoRA only),
         "vmap" (torch.func, any parameter), "loop" (one backward per row, the reference), or
@@ -414,7 +418,7 @@ class CausalLMAdapter:
             report["unscored"] += [int(take[j]) for j in batch.unscored()]
             out[take] = self._batch_gradients(batch, strategy) if factors is None else \
                 self._hook_gradients(batch.input_ids.to(self.device),
-                                     batch.labels.to(self.device), factors)
+                                     batch.labels.to(self.device), factors, sampled_labels)
             if progress is not None:
                 progress(len(take))
         self.last_report = {k: sorted(v) for k, v in report.items()}
@@ -519,11 +523,31 @@ class CausalLMAdapter:
         )
         return (nll * mask).sum(1) / mask.sum(1).clamp(min=1)
 
+    def _sampled_losses(self, ids: torch.Tensor, labels: torch.Tensor,
+                        generator: torch.Generator) -> torch.Tensor:
+        """(B,) summed loss of targets drawn from the model's predictions at the answer
+        positions, / sqrt(answer tokens): in expectation, the outer product of its
+        gradient is the Gauss-Newton Hessian of the example's mean loss."""
+        out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+        logits = out.logits[:, :-1].float()
+        mask = labels[:, 1:] != -100
+        with torch.no_grad():
+            probs = torch.softmax(logits, -1).reshape(-1, logits.shape[-1]).cpu()
+            drawn = torch.multinomial(probs, 1, generator=generator).reshape(mask.shape)
+        nll = torch.nn.functional.cross_entropy(
+            logits.transpose(1, 2), drawn.to(logits.device), reduction="none")
+        return (nll * mask).sum(1) / mask.sum(1).clamp(min=1).sqrt()
+
     def _hook_gradients(self, ids: torch.Tensor, labels: torch.Tensor,
-                        factors: dict | None = None) -> np.ndarray:
-        grads = linear_hooks.per_example_grads(
-            self.model, self.param_names, lambda: self._batch_losses(ids, labels), factors
-        )
+                        factors: dict | None = None,
+                        sampled_labels: torch.Generator | None = None) -> np.ndarray:
+        if sampled_labels is None:
+            def loss():
+                return self._batch_losses(ids, labels)
+        else:
+            def loss():
+                return self._sampled_losses(ids, labels, sampled_labels)
+        grads = linear_hooks.per_example_grads(self.model, self.param_names, loss, factors)
         return grads.cpu().numpy()
 
     def _vmap_gradients(self, ids: torch.Tensor, labels: torch.Tensor) -> np.ndarray:

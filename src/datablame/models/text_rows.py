@@ -44,13 +44,21 @@ class TextRowsAdapter:
         params = dict(self.lm.model.named_parameters())
         return [tuple(params[n].shape) for n in self.lm.param_names]
 
-    def kronecker_factors(self, x) -> tuple[torch.Tensor, dict]:
-        """(per-example gradients, each weight's Kronecker factors) from one pass."""
+    def kronecker_factors(self, x, sampled_labels: int | None = None
+                          ) -> tuple[torch.Tensor, dict]:
+        """(per-example gradients, each weight's Kronecker factors) from one pass.
+
+        `sampled_labels` (a seed): the factors, and the gradients returned, come from
+        targets drawn from the model's own predictions (the true Fisher) instead of the
+        rows' answers (the empirical Fisher)."""
         if not self.lm._hooks_ok:
             raise UserError("Kronecker factors need linear-layer weights only (LoRA): pass "
                             "--params lora or lora-b")
         factors: dict = {}
-        grads = self.lm.gradients(list(x), batch_size=self.batch_size, factors=factors)
+        generator = None if sampled_labels is None else \
+            torch.Generator().manual_seed(int(sampled_labels))
+        grads = self.lm.gradients(list(x), batch_size=self.batch_size, factors=factors,
+                                  sampled_labels=generator, warn=sampled_labels is None)
         return torch.from_numpy(np.ascontiguousarray(grads)), factors
 
     def losses(self, x, y=None) -> np.ndarray:
