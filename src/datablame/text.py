@@ -113,7 +113,12 @@ def _build_index_locked(train_file: str | os.PathLike, out: Path, lock, *,
                         chat_model: str | os.PathLike | None = None) -> dict:
     from datablame.data.rows import load_rows
     from datablame.features.embeddings import Embedder, resolve_embedder
-    from datablame.store.retrieval_index import load_index, save_index
+    from datablame.store.retrieval_index import (
+        check_ivfpq_rows,
+        load_index,
+        save_index,
+        save_ivfpq_index,
+    )
 
     rows = load_rows(train_file, split=split)
     tmpl = resolve_template(template, response_field, rows, chat,
@@ -131,18 +136,28 @@ def _build_index_locked(train_file: str | os.PathLike, out: Path, lock, *,
                 old["embedder"] == resolve_embedder(embedder)[0]:
             manifest = old
     if manifest is None:
+        if index_type == "ivfpq":
+            check_ivfpq_rows(rows)  # before the embedder loads
         texts = rows.texts(tmpl)  # formatted a batch at a time, not all held
         enc = Embedder(embedder, device=device)
-        with progress.task("embedding rows", len(texts)) as advance:
-            vectors = enc.encode(texts, batch_size=batch_size, progress=advance)
         # A rebuilt retrieval index (another embedder or index type) keeps the gradient
         # store: moved aside (a sibling, never deleted) and back once the new index is in
         # place; the store checks its own rows, model and template when it is loaded.
         kept = out.parent / f".{out.name}.gradients-kept"
-        if (out / "gradients").is_dir() and not kept.exists():
-            os.replace(out / "gradients", kept)
-        manifest = save_index(out, vectors, rows, tmpl, enc.name, index_type,
-                              before_swap=lock.adopt)
+        with progress.task("embedding rows", len(texts)) as advance:
+            if index_type == "ivfpq":  # a shard of embeddings in memory at a time
+                if (out / "gradients").is_dir() and not kept.exists():
+                    os.replace(out / "gradients", kept)
+                manifest = save_ivfpq_index(
+                    out, rows, tmpl, lambda chunk: enc.encode(chunk, batch_size=batch_size),
+                    enc.name, before_swap=lock.adopt, progress=advance)
+            else:
+                vectors = enc.encode(texts, batch_size=batch_size, progress=advance)
+        if index_type != "ivfpq":
+            if (out / "gradients").is_dir() and not kept.exists():
+                os.replace(out / "gradients", kept)
+            manifest = save_index(out, vectors, rows, tmpl, enc.name, index_type,
+                                  before_swap=lock.adopt)
         if kept.is_dir() and not (out / "gradients").exists():
             os.replace(kept, out / "gradients")
     from datablame.store.span_index import build_span_index, span_index_is_current

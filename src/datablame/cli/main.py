@@ -125,7 +125,9 @@ def index(
                                                      "(default: the template's last).")] = "",
     embedder: Annotated[str, typer.Option(help="all-MiniLM-L6-v2 (bundled) or a local "
                                                "sentence-transformers directory.")] = "",
-    index_type: Annotated[str, typer.Option(help="flat (exact), ivf or hnsw.")] = "flat",
+    index_type: Annotated[str, typer.Option(help="flat (exact), ivf, hnsw, or ivfpq (large "
+                                                 "data: compressed lists on disk, exact "
+                                                 "re-rank).")] = "flat",
     batch_size: Annotated[int, typer.Option(help="Rows per embedding batch.")] = 64,
     gradients: Annotated[bool, typer.Option("--gradients", help="Also store every row's "
                                             "projected gradient (needs --model).")] = False,

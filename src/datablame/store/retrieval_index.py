@@ -2,12 +2,17 @@
 
 Layout of INDEX_DIR:
   manifest.json    what made it (embedder, template, data fingerprint, index type, ...)
-                   and the size and sha256 of the two files below
+                   and the size and sha256 of the files below
   embeddings.npy   the normalised row embeddings (exact re-ranking, rebuilds, checks)
   faiss.index      the FAISS index over them (inner product = cosine)
+An `ivfpq` index (for data too large to hold its embeddings in memory) has instead:
+  faiss.index      IVF-PQ, trained once on a sample of the rows, its inverted lists in
+  lists.ivfdata    an on-disk file (memory-mapped; merged from per-shard indexes)
+  embeddings-NNNNN.npy   fp16 embeddings per shard of rows: the exact re-rank of the
+                   approximate candidates
 The directory is built under a temporary name and renamed into place, so an interrupted
 build never leaves something that looks like a valid index. The manifest's file names are
-only ever these two, inside the index: anything else is refused, not opened.
+only ever these, inside the index: anything else is refused, not opened.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -31,8 +37,13 @@ from datablame.store.content_digest import sha256_file
 
 FORMAT = "datablame.retrieval-index"
 FORMAT_VERSION = 1
-INDEX_TYPES = ("flat", "ivf", "hnsw")
-OWN_FILES = {"embeddings": "embeddings.npy", "faiss": "faiss.index"}
+INDEX_TYPES = ("flat", "ivf", "hnsw", "ivfpq")
+OWN_FILES = {"embeddings": "embeddings.npy", "faiss": "faiss.index", "ivfdata": "lists.ivfdata"}
+SHARD_FILE = re.compile(r"embeddings-\d{5}\.npy")
+IVFPQ_SHARD_ROWS = 65536
+IVFPQ_MIN_ROWS = 1000  # fewer rows than this train no product quantizer worth having
+IVFPQ_TRAIN_ROWS = 65536  # the sample the coarse and product quantizers are trained on
+IVFPQ_RERANK = 10  # approximate candidates per result, re-ranked with exact cosines
 
 
 def _file_entry(path: Path) -> dict:
@@ -55,6 +66,8 @@ def build_faiss(vectors: np.ndarray, index_type: str = "flat", seed: int = 0):
         index.cp.min_points_per_centroid = 1  # FAISS's stderr notice about few points is noise
         index.train(vectors)
         index.nprobe = max(1, nlist // 8)
+    elif index_type == "ivfpq":
+        index = train_ivfpq(vectors, n, seed)
     elif index_type == "hnsw":
         index = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = 80
@@ -63,6 +76,90 @@ def build_faiss(vectors: np.ndarray, index_type: str = "flat", seed: int = 0):
         raise UserError(f"unknown index type '{index_type}' (use {', '.join(INDEX_TYPES)})")
     index.add(vectors)
     return index
+
+
+def train_ivfpq(sample: np.ndarray, n_rows: int, seed: int = 0):
+    """An empty IVF-PQ index trained on `sample` for `n_rows` rows in all: 4 sqrt(n) lists
+    (at most what the sample can train), 8-bit codes of one byte per 8 dimensions (48
+    bytes per row for a 384-dimensional embedder) when the dimension allows it."""
+    import faiss
+
+    sample = np.ascontiguousarray(sample, dtype=np.float32)
+    dim = sample.shape[1]
+    nlist = max(1, min(int(4 * math.sqrt(n_rows)), len(sample) // 39 or 1))
+    m = next(m for m in (dim // 8, dim // 4, dim // 2, dim, 1) if m and dim % m == 0)
+    nbits = 8 if len(sample) >= 256 * 4 else max(1, int(math.log2(max(len(sample) // 4, 2))))
+    quantizer = faiss.IndexFlatIP(dim)
+    index = faiss.IndexIVFPQ(quantizer, dim, nlist, m, nbits, faiss.METRIC_INNER_PRODUCT)
+    index.cp.seed = seed
+    index.cp.min_points_per_centroid = 1  # FAISS's stderr notice about few points is noise
+    index.pq.cp.seed = seed
+    index.pq.cp.min_points_per_centroid = 1
+    index.train(sample)
+    index.nprobe = max(1, nlist // 8)
+    return index
+
+
+def check_ivfpq_rows(rows: Rows) -> None:
+    if len(rows) < IVFPQ_MIN_ROWS:
+        raise UserError(f"--index-type ivfpq is for large data: {rows.path} has {len(rows)} "
+                        f"rows (fewer than {IVFPQ_MIN_ROWS}); use flat, which is exact")
+
+
+def save_ivfpq_index(out: Path, rows: Rows, template: PromptTemplate, embed,
+                     embedder_name: str, shard_rows: int = IVFPQ_SHARD_ROWS,
+                     before_swap: Callable[[Path], None] | None = None,
+                     progress=None) -> dict:
+    """Embed the rows a shard at a time into an IVF-PQ index whose lists live on disk.
+
+    The quantizers are trained once, on evenly spaced rows; each shard's rows are added to
+    a copy of the trained index and written as a piece, with the shard's fp16 embeddings;
+    FAISS then merges the pieces' inverted lists into one file on disk. Memory holds one
+    shard's embeddings, not every row's. `embed(texts)` returns normalised float32 vectors.
+    """
+    import faiss
+    from faiss.contrib.ondisk import merge_ondisk
+
+    n = len(rows)
+    check_ivfpq_rows(rows)
+    if shard_rows < 1:
+        raise UserError("rows per shard must be at least 1")
+    texts = rows.texts(template)
+    sample_ids = np.unique(np.linspace(0, n - 1, min(n, IVFPQ_TRAIN_ROWS)).astype(np.int64))
+    sample = embed([texts[int(i)] for i in sample_ids])
+    trained = train_ivfpq(sample, n)
+    manifest = _manifest(rows, template, embedder_name, sample.shape[1], "ivfpq")
+    manifest["ivfpq"] = {"nlist": int(trained.nlist), "code_bytes": int(trained.code_size),
+                         "nprobe": int(trained.nprobe), "trained_on_rows": len(sample_ids),
+                         "rerank": IVFPQ_RERANK}
+    with atomic_dir(Path(out), before_swap) as tmp:
+        pieces, shards = [], []
+        for number, lo in enumerate(range(0, n, shard_rows)):
+            hi = min(n, lo + shard_rows)
+            # a sample of every row (small data) is every shard's embeddings already
+            vectors = sample[lo:hi] if len(sample_ids) == n else embed(texts[lo:hi])
+            name = f"embeddings-{number:05d}.npy"
+            np.save(tmp / name, vectors.astype(np.float16))
+            shards.append({**_file_entry(tmp / name), "rows": [lo, hi]})
+            piece = faiss.clone_index(trained)
+            piece.add_with_ids(np.ascontiguousarray(vectors, np.float32),
+                               np.arange(lo, hi, dtype=np.int64))
+            pieces.append(str(tmp / f".piece-{number:05d}.index"))
+            faiss.write_index(piece, pieces[-1])
+            del piece, vectors
+            if progress is not None:
+                progress(hi - lo)
+        merged = faiss.clone_index(trained)
+        merge_ondisk(merged, pieces, str(tmp / OWN_FILES["ivfdata"]))
+        faiss.write_index(merged, str(tmp / OWN_FILES["faiss"]))
+        del merged
+        for piece in pieces:  # our own temporary pieces, inside the new index
+            os.unlink(piece)
+        manifest["files"] = {key: _file_entry(tmp / OWN_FILES[key])
+                             for key in ("faiss", "ivfdata")}
+        manifest["shards"] = shards
+        write_json_atomic(tmp / "manifest.json", manifest)  # written last
+    return manifest
 
 
 @dataclass
@@ -87,6 +184,8 @@ class RetrievalIndex:
         """(cosine distances, row ids), best first; distance = 1 - cosine similarity."""
         k = min(k, self.num_rows)
         q = np.ascontiguousarray(query_vectors, np.float32)
+        if self.manifest["index_type"] == "ivfpq":
+            return self._search_reranked(q, k)
         sims, ids = self.index.search(q, k)
         if (ids < 0).any() and hasattr(self.index, "nprobe"):
             # IVF probes a few lists and can return fewer than k: widen to every list
@@ -95,6 +194,32 @@ class RetrievalIndex:
             sims, ids = self.index.search(q, k)
             self.index.nprobe = saved
         return 1.0 - sims, ids
+
+    def _search_reranked(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """IVF-PQ's approximate candidates (IVFPQ_RERANK per result), ordered by their
+        exact cosines from the fp16 embeddings."""
+        want = min(self.num_rows, max(k * IVFPQ_RERANK, k))
+        _, cand = self.index.search(q, want)
+        shards = self.manifest["shards"]
+        bounds = np.array([sh["rows"][1] for sh in shards])
+        dist = np.full((len(q), k), np.inf, dtype=np.float32)
+        ids = np.full((len(q), k), -1, dtype=np.int64)
+        for j in range(len(q)):
+            found = cand[j][cand[j] >= 0]
+            if (found >= self.num_rows).any():
+                raise UserError(f"{self.path}/{OWN_FILES['ivfdata']} is damaged (a row id "
+                                "past the end of the data); rebuild the index")
+            vecs = np.empty((len(found), q.shape[1]), dtype=np.float32)
+            which = np.searchsorted(bounds, found, side="right")
+            for s in np.unique(which):
+                sel = np.flatnonzero(which == s)
+                block = np.load(self.path / shards[s]["file"], mmap_mode="r")
+                vecs[sel] = block[found[sel] - shards[s]["rows"][0]]
+            sims = vecs @ q[j]
+            order = np.lexsort((found, -sims))[:k]  # ties to the lower row id
+            ids[j, : len(order)] = found[order]
+            dist[j, : len(order)] = 1.0 - sims[order]
+        return dist, ids
 
     def check_rows(self, rows: Rows) -> None:
         """Refuse training data that is not what the index was built from."""
@@ -117,7 +242,19 @@ def save_index(out: Path, vectors: np.ndarray, rows: Rows, template: PromptTempl
     import faiss
 
     index = build_faiss(vectors, index_type)
-    manifest = {
+    manifest = _manifest(rows, template, embedder_name, int(vectors.shape[1]), index_type)
+    with atomic_dir(Path(out), before_swap) as tmp:
+        np.save(tmp / OWN_FILES["embeddings"], vectors)
+        faiss.write_index(index, str(tmp / OWN_FILES["faiss"]))
+        manifest["files"] = {key: _file_entry(tmp / OWN_FILES[key])
+                             for key in ("embeddings", "faiss")}
+        write_json_atomic(tmp / "manifest.json", manifest)  # written last
+    return manifest
+
+
+def _manifest(rows: Rows, template: PromptTemplate, embedder_name: str, dim: int,
+              index_type: str) -> dict:
+    return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "tool_version": __version__,
@@ -131,16 +268,10 @@ def save_index(out: Path, vectors: np.ndarray, rows: Rows, template: PromptTempl
         },
         "template": template.to_json(),
         "embedder": embedder_name,
-        "dim": int(vectors.shape[1]),
+        "dim": int(dim),
         "metric": "cosine",
         "index_type": index_type,
     }
-    with atomic_dir(Path(out), before_swap) as tmp:
-        np.save(tmp / OWN_FILES["embeddings"], vectors)
-        faiss.write_index(index, str(tmp / OWN_FILES["faiss"]))
-        manifest["files"] = {key: _file_entry(tmp / name) for key, name in OWN_FILES.items()}
-        write_json_atomic(tmp / "manifest.json", manifest)  # written last
-    return manifest
 
 
 def read_manifest(path: str | Path) -> dict:
@@ -169,8 +300,13 @@ def load_index(path: str | Path) -> RetrievalIndex:
     path = Path(path)
     manifest = read_manifest(path)
     faiss_path = _check_own_file(path, manifest, "faiss")
+    flags = 0
+    if manifest.get("index_type") == "ivfpq":
+        _check_ivfpq_files(path, manifest)
+        # the lists file is found beside the index, wherever the directory has moved
+        flags = faiss.IO_FLAG_ONDISK_SAME_DIR
     try:
-        index = faiss.read_index(str(faiss_path))
+        index = faiss.read_index(str(faiss_path), flags)
     except Exception:
         raise UserError(f"{path}/faiss.index is missing or corrupted; rebuild the index") from None
     if index.ntotal != manifest["data"]["rows"] or index.d != manifest["dim"]:
@@ -178,7 +314,31 @@ def load_index(path: str | Path) -> RetrievalIndex:
     return RetrievalIndex(path=path, manifest=manifest, index=index)
 
 
-def _check_own_file(path: Path, manifest: dict, key: str) -> Path:
+def _check_ivfpq_files(path: Path, manifest: dict) -> None:
+    """The lists file and the embedding shards: inside the index, their sizes as written,
+    and shards that cover the rows in order. Their sha256 is recorded, not re-read on every
+    load (at a billion rows they are tens of GB); a damaged row id is caught at search."""
+    _check_own_file(path, manifest, "ivfdata", content=False)
+    expected = 0
+    for shard in manifest.get("shards") or [{}]:
+        name = shard.get("file")
+        f = path / str(name)
+        if not isinstance(name, str) or not SHARD_FILE.fullmatch(name) or \
+                Path(os.path.realpath(f)).parent != Path(os.path.realpath(path)):
+            raise UserError(f"index {path}: its manifest names a shard that is not one of "
+                            f"its own ({name!r}); rebuild the index")
+        if shard.get("rows", [None])[0] != expected:
+            raise UserError(f"index {path}: its shards do not cover the rows in order; "
+                            "rebuild the index")
+        expected = shard["rows"][1]
+        if not f.is_file() or f.stat().st_size != shard.get("bytes"):
+            raise UserError(f"{path}/{name} is missing or truncated; rebuild the index")
+    if expected != manifest["data"]["rows"]:
+        raise UserError(f"index {path}: its shards do not cover the rows in order; rebuild "
+                        "the index")
+
+
+def _check_own_file(path: Path, manifest: dict, key: str, content: bool = True) -> Path:
     """The index's own file `key`, confined to the index and checked against the manifest
     (size and sha256: FAISS parses it in native code, where damage can crash the process).
     Indexes written before files were listed fall back to the fixed name, unchecked."""
@@ -200,6 +360,6 @@ def _check_own_file(path: Path, manifest: dict, key: str) -> Path:
     if f.stat().st_size != entry.get("bytes"):
         raise UserError(f"{path}/{name} is truncated or altered (size differs); rebuild the "
                         "index")
-    if _file_entry(f)["sha256"] != entry.get("sha256"):
+    if content and _file_entry(f)["sha256"] != entry.get("sha256"):
         raise UserError(f"{path}/{name} is corrupted (checksum differs); rebuild the index")
     return f

@@ -1,0 +1,158 @@
+"""The IVF-PQ retrieval index for large data: pieces merged on disk answer exactly as one
+index holding every row; the exact re-rank recovers the flat index's neighbours; the
+directory still loads after it moves; damage and small data are refused."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from datablame.data.rows import load_rows
+from datablame.data.template import PromptTemplate
+from datablame.errors import UserError
+from datablame.store import retrieval_index as ri
+
+DIM = 32
+
+
+def clustered(n: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(40, DIM))
+    x = centres[rng.integers(0, 40, n)] + 0.3 * rng.normal(size=(n, DIM))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.fixture
+def table(tmp_path):
+    """A JSONL of `n` rows whose "embedding" is looked up from a fixed matrix by row text."""
+    def make(n: int):
+        vectors = clustered(n)
+        path = tmp_path / "rows.jsonl"
+        path.write_text("".join(json.dumps({"instruction": f"row {i}", "output": str(i)})
+                                + "\n" for i in range(n)))
+        rows = load_rows(path)
+        tmpl = PromptTemplate()
+        lookup = {t: vectors[i] for i, t in enumerate(rows.texts(tmpl))}
+
+        def embed(texts):
+            return np.stack([lookup[t] for t in texts])
+        return rows, tmpl, embed, vectors
+    return make
+
+
+def test_pieces_merged_on_disk_answer_exactly_as_one_index_of_every_row(table, tmp_path):
+    rows, tmpl, embed, vectors = table(3000)
+    manifest = ri.save_ivfpq_index(tmp_path / "idx", rows, tmpl, embed, "test", shard_rows=700)
+    assert [s["rows"] for s in manifest["shards"]][:2] == [[0, 700], [700, 1400]]
+    index = ri.load_index(tmp_path / "idx")
+    # the same trained quantizers, every row added to one index in memory
+    sample_ids = np.unique(np.linspace(0, 2999, 3000).astype(np.int64))
+    whole = ri.train_ivfpq(vectors[sample_ids], 3000)
+    whole.add_with_ids(vectors, np.arange(3000, dtype=np.int64))
+    queries = clustered(20, seed=1)
+    for probe in (1, whole.nlist):
+        whole.nprobe = index.index.nprobe = probe
+        want_d, want_i = whole.search(queries, 30)
+        got_d, got_i = index.index.search(queries, 30)
+        np.testing.assert_array_equal(got_i, want_i)
+        np.testing.assert_array_equal(got_d, want_d)
+
+
+def test_the_exact_rerank_finds_the_flat_indexs_neighbours(table, tmp_path):
+    rows, tmpl, embed, vectors = table(4000)
+    ri.save_ivfpq_index(tmp_path / "idx", rows, tmpl, embed, "test", shard_rows=1500)
+    index = ri.load_index(tmp_path / "idx")
+    queries = clustered(50, seed=2)
+    dist, ids = index.search(queries, 10)
+    exact = queries @ vectors.T
+    want = np.argsort(-exact, axis=1, kind="stable")[:, :10]
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, want, strict=True)])
+    assert recall >= 0.9, recall
+    # distances are the exact cosines of the rows returned (fp16 embeddings), best first
+    for q, row_ids, d in zip(queries, ids, dist, strict=True):
+        np.testing.assert_allclose(1 - d, vectors[row_ids] @ q, atol=2e-3)
+        assert np.all(np.diff(d) >= 0)
+    # a row's own embedding finds the row first
+    _, own = index.search(vectors[[5, 1234, 3999]], 1)
+    assert own[:, 0].tolist() == [5, 1234, 3999]
+
+
+def test_a_moved_index_still_finds_its_lists_and_damage_is_refused(table, tmp_path):
+    rows, tmpl, embed, vectors = table(1200)
+    ri.save_ivfpq_index(tmp_path / "idx", rows, tmpl, embed, "test", shard_rows=500)
+    moved = tmp_path / "elsewhere" / "idx"
+    moved.parent.mkdir()
+    shutil.move(tmp_path / "idx", moved)
+    _, ids = ri.load_index(moved).search(vectors[[7]], 1)
+    assert ids[0, 0] == 7
+    lists = moved / "lists.ivfdata"
+    with lists.open("r+b") as fh:
+        fh.truncate(lists.stat().st_size - 8)
+    with pytest.raises(UserError, match="lists.ivfdata is truncated"):
+        ri.load_index(moved)
+
+
+def test_a_shard_named_outside_the_index_or_missing_is_refused(table, tmp_path):
+    rows, tmpl, embed, _ = table(1100)
+    ri.save_ivfpq_index(tmp_path / "idx", rows, tmpl, embed, "test", shard_rows=600)
+    manifest_path = tmp_path / "idx" / "manifest.json"
+    good = json.loads(manifest_path.read_text())
+    bad = json.loads(json.dumps(good))
+    bad["shards"][0]["file"] = "../embeddings-00000.npy"
+    manifest_path.write_text(json.dumps(bad))
+    with pytest.raises(UserError, match="not one of its own"):
+        ri.load_index(tmp_path / "idx")
+    manifest_path.write_text(json.dumps(good))
+    (tmp_path / "idx" / "embeddings-00001.npy").unlink()
+    with pytest.raises(UserError, match="embeddings-00001.npy is missing"):
+        ri.load_index(tmp_path / "idx")
+
+
+def test_small_data_is_told_to_use_flat(table, tmp_path):
+    rows, tmpl, embed, _ = table(50)
+    with pytest.raises(UserError, match="use flat"):
+        ri.save_ivfpq_index(tmp_path / "idx", rows, tmpl, embed, "test")
+    assert not (tmp_path / "idx").exists()
+
+
+def test_index_ivfpq_end_to_end_finds_the_row_that_says_it(tmp_path, monkeypatch, capsys):
+    """`datablame index --index-type ivfpq` with the real embedder over 1,000 rows: the row
+    that states a fact comes back first for a question about it, at its exact cosine (up
+    to fp16 rounding); too few rows exit 2 with one line."""
+    from datablame.features.embeddings import Embedder
+    from datablame.store.retrieval_index import load_index
+    from datablame.text import Query
+
+    from .test_cli import _assert_one_line_error, run_cli
+
+    rng = np.random.default_rng(0)
+    words = ["river", "stone", "copper", "violin", "garden", "engine", "winter", "orbit"]
+    rows = [{"instruction": " ".join(rng.choice(words, 5)), "input": "",
+             "output": " ".join(rng.choice(words, 6))} for _ in range(1000)]
+    rows[777] = {"instruction": "What is the capital of Zembla?", "input": "",
+                 "output": "The capital of Zembla is Onhava."}
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code, out, err = run_cli(monkeypatch, capsys, "index", data, "--out", tmp_path / "pq",
+                             "--index-type", "ivfpq")
+    assert code in (0, None), err
+    pq = load_index(tmp_path / "pq")
+    assert pq.manifest["index_type"] == "ivfpq"
+    assert not (tmp_path / "pq" / "embeddings.npy").exists()
+    tmpl = PromptTemplate()
+    enc = Embedder()
+    q = enc.encode([Query("Onhava.", {"instruction": "Name Zembla's capital.", "input": ""}
+                          ).formatted(tmpl).text])
+    row = enc.encode([tmpl.format(rows[777]).text])
+    dist, ids = pq.search(q, 5)
+    assert ids[0, 0] == 777
+    np.testing.assert_allclose(1 - dist[0, 0], float(row[0] @ q[0]), atol=2e-3)
+
+    small = tmp_path / "small.jsonl"
+    small.write_text("".join(json.dumps(r) + "\n" for r in rows[:20]))
+    code, _, err = run_cli(monkeypatch, capsys, "index", small, "--out", tmp_path / "s",
+                           "--index-type", "ivfpq")
+    _assert_one_line_error(code, err, "use flat")
