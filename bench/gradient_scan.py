@@ -8,6 +8,9 @@ read from the page cache (a warm-up pass first), scored by:
   - `GradientStore.top_k`: an fp16 product per block bounds every row's score, and only
     rows that may reach the top k are converted and scored exactly (one query);
   - `GradientStore.top_k_many` with --queries queries (one GEMM per block), per query;
+  - the fp16 GEMM products of those queries alone: what a batch first pass in fp16 would
+    spend before filtering anything (if it is slower than the whole float32 scan, the
+    one-query first pass does not carry over to batches on this CPU);
   - both again with --scan-workers threads over groups of shards (merged exact top-k);
   - FAISS's exact fp16 flat scan (IndexScalarQuantizer QT_fp16, inner product) for
     reference: it ranks by dot product only (no per-row norm), so it cannot serve cosine.
@@ -99,6 +102,19 @@ def main() -> None:
             list(a[0]) == list(b[0]) for a, b in zip(split_many, many, strict=True)), \
             "split scan disagrees"
 
+        # what a batch first pass in fp16 would cost before any filtering: the products
+        # alone (torch's fp16 GEMM on this CPU), to compare with top_k_many's whole scan
+        import torch
+
+        q16 = torch.from_numpy(queries.T.copy()).half()
+
+        def fp16_products():
+            for shard in shards:
+                block = np.load(root / shard["file"], mmap_mode="c")
+                for start in range(0, len(block), 16384):
+                    torch.from_numpy(block[start:start + 16384]) @ q16
+        t_fp16_many, _ = _best(fp16_products, args.reps)
+
         index = faiss.IndexScalarQuantizer(args.dim, faiss.ScalarQuantizer.QT_fp16,
                                            faiss.METRIC_INNER_PRODUCT)
         for shard in shards:  # fp16 codes are the vectors' own bytes
@@ -115,6 +131,9 @@ def main() -> None:
         {"scan": f"top_k_many: {args.queries} queries, one GEMM per block (cosine)",
          "seconds": t_many, "GB/s": gb * args.queries / t_many,
          "per query vs one query": t_many / args.queries / t_one},
+        {"scan": f"{args.queries} queries, fp16 GEMM products alone (no top-k)",
+         "seconds": t_fp16_many, "GB/s": gb * args.queries / t_fp16_many,
+         "per query vs one query": t_fp16_many / args.queries / t_one},
         {"scan": f"top_k, {args.scan_workers} scan workers (threads over shard groups)",
          "seconds": t_split, "GB/s": gb / t_split, "per query vs one query": 1.0},
         {"scan": f"top_k_many, {args.queries} queries, {args.scan_workers} scan workers",
@@ -138,6 +157,7 @@ def main() -> None:
            "queries": args.queries, "table": rows,
            "speedup_top_k_vs_before": t_old / t_one,
            "many_queries_time_vs_one": t_many / t_one,
+           "fp16_gemm_products_vs_many_queries_scan": t_fp16_many / t_many,
            "scan_workers": args.scan_workers,
            "speedup_scan_workers_one_query": t_one / t_split,
            "speedup_scan_workers_many_queries": t_many / t_split_many}

@@ -23,10 +23,12 @@ class FactorsOnly:
         self.lm = type("LM", (), {"param_names": ["layer.weight"]})()
 
     def kronecker_factors(self, rows, sampled_labels=None):
-        assert sampled_labels is None, "these tests fit the empirical Fisher"
+        """`sampled_labels` (a seed): output gradients from `drawn[seed]` when given (a
+        stand-in for answers drawn from a model), else the rows' own."""
+        gs = self.gs if sampled_labels is None else self.drawn[sampled_labels]
         grads, a, s, tokens = [], 0.0, 0.0, 0
         for i in rows:
-            x, g = self.xs[i], self.gs[i]
+            x, g = self.xs[i], gs[i]
             grad = g.T @ x  # (out, in)
             grads.append((grad.T if self.conv else grad).reshape(-1))
             a, s, tokens = a + x.T @ x, s + g.T @ g, tokens + len(x)
@@ -36,6 +38,21 @@ class FactorsOnly:
 
     def gradients(self, rows, y=None):
         return self.kronecker_factors(rows)[0]
+
+
+class SampledFactors(FactorsOnly):
+    """FactorsOnly whose every draw (by seed) has its own random output gradients."""
+
+    def __init__(self, xs, gs, rng):
+        super().__init__(xs, gs)
+        self.rng = rng
+        self.drawn: dict = {}
+
+    def kronecker_factors(self, rows, sampled_labels=None):
+        if sampled_labels is not None and sampled_labels not in self.drawn:
+            self.drawn[sampled_labels] = [torch.from_numpy(self.rng.normal(size=g.shape))
+                                          for g in self.gs]
+        return super().kronecker_factors(rows, sampled_labels)
 
 
 def test_ekfac_is_the_exact_damped_inverse_when_the_fisher_is_diagonal_in_its_basis():
@@ -155,3 +172,55 @@ def test_the_sampled_fisher_is_the_gauss_newton_expectation_over_the_models_answ
         got = sampled[name]["S"] / draws
         err = float((got - want).norm() / want.norm())
         assert err < 0.1, (name, err)
+
+
+def test_the_sampled_curvature_averages_its_draws_and_scores_the_rows_own_gradients():
+    """K-FAC's S is the mean over draws of the per-row sum of g g^T; EK-FAC's eigenvalues
+    the mean over draws of the rotated squares; the scores use the rows' own gradients.
+    Recomputing draws that do not fit in memory gives the same answer."""
+    rng = np.random.default_rng(4)
+    xs = [torch.from_numpy(rng.normal(size=(int(t), 4))) for t in rng.integers(1, 4, 25)]
+    gs = [torch.from_numpy(rng.normal(size=(len(x), 3))) for x in xs]
+    adapter = SampledFactors(xs, gs, rng)
+    kfac = EKFAC(correct_eigenvalues=False, samples=3).fit(adapter, list(range(25)), None)
+    seeds = [kfac._draw_seed(d) for d in range(3)]
+    assert sorted(adapter.drawn) == sorted(seeds)
+    s_mean = sum(sum((g.T @ g).numpy() for g in adapter.drawn[sd]) for sd in seeds) / (25 * 3)
+    l_s = np.linalg.eigvalsh(s_mean)
+    a = sum((x.T @ x).numpy() for x in xs) / sum(len(x) for x in xs)
+    lam = np.outer(l_s.clip(min=0), np.linalg.eigvalsh(a).clip(min=0))
+    got = kfac.blocks[0][5].numpy()
+    np.testing.assert_allclose(np.sort(got.ravel()), np.sort((lam + 0.1 * lam.mean()).ravel()),
+                               rtol=1e-9)
+    own = torch.stack([(g.T @ x).reshape(-1) for x, g in zip(xs, gs, strict=True)])
+    np.testing.assert_allclose(kfac.g_train.numpy(), own.numpy())
+
+    ekfac = EKFAC(samples=3).fit(adapter, list(range(25)), None)
+    _, _, _, q_s, q_a, lam_e = ekfac.blocks[0]
+    want = sum(np.mean([(q_s.T @ (g.T @ x) @ q_a).numpy() ** 2
+                        for x, g in zip(xs, adapter.drawn[sd], strict=True)], axis=0)
+               for sd in seeds) / 3
+    np.testing.assert_allclose(lam_e.numpy(), want + 0.1 * want.mean(), rtol=1e-9)
+    tight = EKFAC(samples=3)
+    tight.KEEP_BYTES = 0  # every draw recomputed from its seed for the correction
+    tight.fit(adapter, list(range(25)), None)
+    np.testing.assert_allclose(tight.blocks[0][5].numpy(), lam_e.numpy(), rtol=1e-12)
+
+
+def test_one_seed_gives_the_same_sampled_scores_and_another_seed_other_ones(
+        random_lora_model):
+    from datablame.data.template import PromptTemplate
+    from datablame.models.hf_causal_lm import CausalLMAdapter
+    from datablame.models.text_rows import TextRowsAdapter
+
+    base, adapter_dir = random_lora_model
+    adapter = TextRowsAdapter(CausalLMAdapter(base, adapter_dir, params="lora"), 4)
+    tmpl = PromptTemplate()
+    rows = [tmpl.format({"instruction": w, "input": "", "output": "hello there friend"})
+            for w in ("say hi", "hi", "say", "say say hi")]
+
+    def scores(seed):
+        return EKFAC(samples=2, seed=seed).fit(adapter, rows, None).scores(rows[:2], None)
+
+    np.testing.assert_array_equal(scores(0), scores(0))
+    assert not np.allclose(scores(0), scores(1))

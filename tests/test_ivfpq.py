@@ -80,14 +80,21 @@ def test_the_exact_rerank_finds_the_flat_indexs_neighbours(table, tmp_path):
     assert own[:, 0].tolist() == [5, 1234, 3999]
 
 
-def test_a_moved_index_still_finds_its_lists_and_damage_is_refused(table, tmp_path):
+def test_a_moved_index_still_finds_its_lists_and_damage_is_refused(table, tmp_path, capfd):
+    """FAISS notes the move on stdout from C: nothing may reach stdout (`--json`)."""
     rows, tmpl, embed, vectors = table(1200)
     ri.save_ivfpq_index(tmp_path / "idx", rows, tmpl, embed, "test", shard_rows=500)
     moved = tmp_path / "elsewhere" / "idx"
     moved.parent.mkdir()
     shutil.move(tmp_path / "idx", moved)
-    _, ids = ri.load_index(moved).search(vectors[[7]], 1)
+    index = ri.load_index(moved)
+    _, ids = index.search(vectors[[7]], 1)
     assert ids[0, 0] == 7
+    assert capfd.readouterr().out == ""
+    # more results than the probed lists hold: every list is probed, as for `ivf`
+    index.index.nprobe = 1
+    _, ids = index.search(vectors[[7]], 900)
+    assert (ids >= 0).all() and len(set(ids[0].tolist())) == 900
     lists = moved / "lists.ivfdata"
     with lists.open("r+b") as fh:
         fh.truncate(lists.stat().st_size - 8)

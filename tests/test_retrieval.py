@@ -81,6 +81,40 @@ def test_interrupted_build_leaves_no_index(tmp_path, monkeypatch):
         load_index(tmp_path / "idx")
 
 
+def test_a_rebuild_keeps_the_gradient_store_even_when_it_is_interrupted(tmp_path,
+                                                                         monkeypatch):
+    """Rebuilding the retrieval index in place (another index type) keeps its gradient
+    store; a rebuild killed at the swap leaves the store aside, and the next build puts it
+    back."""
+    from datablame.text import build_index
+
+    data = write_jsonl(tmp_path / "t.jsonl", [{"instruction": f"task {i}", "input": "",
+                                               "output": f"answer {i}"} for i in range(6)])
+    build_index(data, tmp_path / "idx")
+    (tmp_path / "idx" / "gradients").mkdir()
+    (tmp_path / "idx" / "gradients" / "mark").write_text("store")
+    build_index(data, tmp_path / "idx", index_type="hnsw")
+    assert (tmp_path / "idx" / "gradients" / "mark").read_text() == "store"
+    assert load_index(tmp_path / "idx").manifest["index_type"] == "hnsw"
+
+    import datablame.store.atomic as atomic
+
+    real_replace = atomic.os.replace
+
+    def die_at_the_swap(src, dst):
+        if ".old-" in str(dst):  # the old index about to make way for the new one
+            raise KeyboardInterrupt
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(atomic.os, "replace", die_at_the_swap)
+    with pytest.raises(KeyboardInterrupt):
+        build_index(data, tmp_path / "idx", index_type="flat")
+    monkeypatch.undo()
+    assert not (tmp_path / "idx" / "gradients").exists()  # aside, not lost
+    build_index(data, tmp_path / "idx", index_type="hnsw")  # current: reused, store back
+    assert (tmp_path / "idx" / "gradients" / "mark").read_text() == "store"
+
+
 def test_ivf_never_returns_fewer_candidates_than_asked():
     """Issue 9.12: IVF probes a few lists; with small clusters it returned 41 of 50."""
     from datablame.store.retrieval_index import RetrievalIndex

@@ -125,6 +125,19 @@ def _build_index_locked(train_file: str | os.PathLike, out: Path, lock, *,
                             gradients.model if gradients is not None else chat_model)
     tmpl.check_rows(rows)
     out = Path(out)
+    # A rebuilt retrieval index (another embedder or index type) keeps the gradient store:
+    # moved aside (a sibling, never deleted) at the swap and back once the new index is in
+    # place; the store checks its own rows, model and template when it is loaded. A build
+    # killed between the two finds it here and puts it back.
+    kept = out.parent / f".{out.name}.gradients-kept"
+    if kept.is_dir() and out.is_dir() and not (out / "gradients").exists():
+        os.replace(kept, out / "gradients")
+
+    def swap(new_dir: Path) -> None:
+        lock.adopt(new_dir)
+        if (out / "gradients").is_dir() and not kept.exists():
+            os.replace(out / "gradients", kept)
+
     manifest = None
     if (out / "manifest.json").exists():
         try:
@@ -140,24 +153,16 @@ def _build_index_locked(train_file: str | os.PathLike, out: Path, lock, *,
             check_ivfpq_rows(rows)  # before the embedder loads
         texts = rows.texts(tmpl)  # formatted a batch at a time, not all held
         enc = Embedder(embedder, device=device)
-        # A rebuilt retrieval index (another embedder or index type) keeps the gradient
-        # store: moved aside (a sibling, never deleted) and back once the new index is in
-        # place; the store checks its own rows, model and template when it is loaded.
-        kept = out.parent / f".{out.name}.gradients-kept"
         with progress.task("embedding rows", len(texts)) as advance:
             if index_type == "ivfpq":  # a shard of embeddings in memory at a time
-                if (out / "gradients").is_dir() and not kept.exists():
-                    os.replace(out / "gradients", kept)
                 manifest = save_ivfpq_index(
                     out, rows, tmpl, lambda chunk: enc.encode(chunk, batch_size=batch_size),
-                    enc.name, before_swap=lock.adopt, progress=advance)
+                    enc.name, before_swap=swap, progress=advance)
             else:
                 vectors = enc.encode(texts, batch_size=batch_size, progress=advance)
         if index_type != "ivfpq":
-            if (out / "gradients").is_dir() and not kept.exists():
-                os.replace(out / "gradients", kept)
             manifest = save_index(out, vectors, rows, tmpl, enc.name, index_type,
-                                  before_swap=lock.adopt)
+                                  before_swap=swap)
         if kept.is_dir() and not (out / "gradients").exists():
             os.replace(kept, out / "gradients")
     from datablame.store.span_index import build_span_index, span_index_is_current

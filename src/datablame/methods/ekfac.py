@@ -21,6 +21,7 @@ a noisy estimate on a small training set, so small sets get several draws (`samp
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from datablame.methods.base import Method
@@ -46,26 +47,39 @@ class EKFAC(_InverseHessianMethod):
 
     SAMPLED_ROWS = 4096
     MAX_DRAWS = 16
+    KEEP_BYTES = 2 * 1024**3  # draws' gradients kept for the correction; beyond, recomputed
 
     def draws_for(self, n_rows: int) -> int:
         if self.samples is not None:
             return self.samples
         return max(1, min(self.MAX_DRAWS, -(-self.SAMPLED_ROWS // max(n_rows, 1))))
 
+    def _draw_seed(self, draw: int) -> int:
+        return int(np.random.SeedSequence([self.seed, draw]).generate_state(1)[0])
+
     def fit(self, adapter, x_train, y_train):
         Method.fit(self, adapter, x_train, y_train)
+        seeds = [None] if self.fisher == "empirical" else \
+            [self._draw_seed(d) for d in range(self.draws_for(len(x_train)))]
+
+        def draw(seed):
+            return adapter.kronecker_factors(x_train) if seed is None else \
+                adapter.kronecker_factors(x_train, sampled_labels=seed)
+
+        factors, kept, kept_bytes = None, {}, 0
+        for d, seed in enumerate(seeds):  # S summed over draws; A does not depend on them
+            grads, f = draw(seed)
+            if seed is None:
+                self.g_train = grads.double()
+            factors = f if factors is None else \
+                {name: {**factors[name], "S": factors[name]["S"] + f[name]["S"]}
+                 for name in factors}
+            size = grads.numel() * grads.element_size()
+            if self.correct_eigenvalues and (seed is None or kept_bytes + size <= self.KEEP_BYTES):
+                kept[d], kept_bytes = grads, kept_bytes + size
+            del grads, f
         if self.fisher == "sampled":
-            draws = [adapter.kronecker_factors(x_train, sampled_labels=self.seed * 1000 + k)
-                     for k in range(self.draws_for(len(x_train)))]
             self.g_train = adapter.gradients(x_train, y_train).double()
-            curvature = [grads for grads, _ in draws]
-            # the inputs (A) do not depend on the answer: one draw's; S summed over draws
-            factors = {name: {**f, "S": sum(d[1][name]["S"] for d in draws)}
-                       for name, f in draws[0][1].items()}
-        else:
-            grads, factors = adapter.kronecker_factors(x_train)
-            self.g_train = grads.double()
-            curvature = [grads]
         self.blocks = []
         start = 0
         for name, shape in zip(adapter.lm.param_names, adapter.shapes, strict=True):
@@ -75,20 +89,26 @@ class EKFAC(_InverseHessianMethod):
             # g g^T per row): a later layer's gradient reaches fewer tokens (only the
             # answer's), so a per-token mean of g g^T would shrink its curvature.
             a = f["A"] / max(f["tokens"], 1)
-            s = f["S"] / (len(self.g_train) * len(curvature))
+            s = f["S"] / (len(self.g_train) * len(seeds))
             l_a, q_a = torch.linalg.eigh(a)
             l_s, q_s = torch.linalg.eigh(s)
             conv = f["kind"] == "conv1d"  # weight stored (in, out): work on its transpose
-            block = slice(start, start + size)
-            if self.correct_eigenvalues:  # the data's own second moments in the eigenbasis
-                lam = sum((self._rotate(self._matrices(g[:, block].double(), shape, conv),
-                                        q_s, q_a) ** 2).mean(0) for g in curvature)
-                lam = lam / len(curvature)
-            else:  # K-FAC: the Kronecker product of the factors' eigenvalues
-                lam = torch.outer(l_s.clamp(min=0), l_a.clamp(min=0))
-            lam = lam + self.damping_scale * lam.mean().clamp(min=1e-30)
-            self.blocks.append((block, shape, conv, q_s, q_a, lam))
+            lam = torch.outer(l_s.clamp(min=0), l_a.clamp(min=0))  # K-FAC's eigenvalues
+            self.blocks.append([slice(start, start + size), shape, conv, q_s, q_a, lam])
             start += size
+        if self.correct_eigenvalues:  # the data's own second moments in the eigenbasis
+            sums = [0.0] * len(self.blocks)
+            for d, seed in enumerate(seeds):
+                grads = kept.pop(d) if d in kept else draw(seed)[0]  # same seed, same draw
+                for b, (block, shape, conv, q_s, q_a, _) in enumerate(self.blocks):
+                    sums[b] = sums[b] + (self._rotate(self._matrices(
+                        grads[:, block].double(), shape, conv), q_s, q_a) ** 2).mean(0)
+                del grads
+            for b, total in enumerate(sums):
+                self.blocks[b][5] = total / len(seeds)
+        for b in self.blocks:
+            b[5] = b[5] + self.damping_scale * b[5].mean().clamp(min=1e-30)
+        self.blocks = [tuple(b) for b in self.blocks]
         return self
 
     @staticmethod
@@ -107,7 +127,7 @@ class EKFAC(_InverseHessianMethod):
     def whiten(self, v: torch.Tensor) -> torch.Tensor:
         """H^-1/2 v: vectors whose dot product is g_q^T H^-1 g_i, and whose cosine is the
         alignment of two gradients after the curvature is divided out."""
-        return self._apply(v, -0.5)
+        return self._apply(torch.as_tensor(v).double(), -0.5)
 
     def _apply(self, v: torch.Tensor, power: float) -> torch.Tensor:
         out = torch.empty_like(v)

@@ -531,11 +531,13 @@ class CausalLMAdapter:
         out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
         logits = out.logits[:, :-1].float()
         mask = labels[:, 1:] != -100
-        with torch.no_grad():
-            probs = torch.softmax(logits, -1).reshape(-1, logits.shape[-1]).cpu()
-            drawn = torch.multinomial(probs, 1, generator=generator).reshape(mask.shape)
+        with torch.no_grad():  # only the answer positions: (tokens, vocab), not (B, L, vocab)
+            probs = torch.softmax(logits[mask], -1).cpu()
+            targets = torch.zeros(mask.shape, dtype=torch.long)
+            if len(probs):
+                targets[mask.cpu()] = torch.multinomial(probs, 1, generator=generator)[:, 0]
         nll = torch.nn.functional.cross_entropy(
-            logits.transpose(1, 2), drawn.to(logits.device), reduction="none")
+            logits.transpose(1, 2), targets.to(logits.device), reduction="none")
         return (nll * mask).sum(1) / mask.sum(1).clamp(min=1).sqrt()
 
     def _hook_gradients(self, ids: torch.Tensor, labels: torch.Tensor,

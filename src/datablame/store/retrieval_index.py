@@ -17,10 +17,12 @@ only ever these, inside the index: anything else is refused, not opened.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -106,6 +108,22 @@ def check_ivfpq_rows(rows: Rows) -> None:
                         f"rows (fewer than {IVFPQ_MIN_ROWS}); use flat, which is exact")
 
 
+@contextlib.contextmanager
+def _faiss_stdout_quiet():
+    """FAISS prints notes from C ("resizing", "updating ondisk filename") to fd 1, where
+    they would corrupt `--json` output: send fd 1 to /dev/null while it runs."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
+
+
 def save_ivfpq_index(out: Path, rows: Rows, template: PromptTemplate, embed,
                      embedder_name: str, shard_rows: int = IVFPQ_SHARD_ROWS,
                      before_swap: Callable[[Path], None] | None = None,
@@ -125,9 +143,12 @@ def save_ivfpq_index(out: Path, rows: Rows, template: PromptTemplate, embed,
     if shard_rows < 1:
         raise UserError("rows per shard must be at least 1")
     texts = rows.texts(template)
-    sample_ids = np.unique(np.linspace(0, n - 1, min(n, IVFPQ_TRAIN_ROWS)).astype(np.int64))
+    # 39 rows per list: FAISS's floor for training 4 sqrt(n) coarse centroids
+    train_rows = min(n, max(IVFPQ_TRAIN_ROWS, 39 * int(4 * math.sqrt(n))))
+    sample_ids = np.unique(np.linspace(0, n - 1, train_rows).astype(np.int64))
     sample = embed([texts[int(i)] for i in sample_ids])
-    trained = train_ivfpq(sample, n)
+    with _faiss_stdout_quiet():
+        trained = train_ivfpq(sample, n)
     manifest = _manifest(rows, template, embedder_name, sample.shape[1], "ivfpq")
     manifest["ivfpq"] = {"nlist": int(trained.nlist), "code_bytes": int(trained.code_size),
                          "nprobe": int(trained.nprobe), "trained_on_rows": len(sample_ids),
@@ -142,15 +163,19 @@ def save_ivfpq_index(out: Path, rows: Rows, template: PromptTemplate, embed,
             np.save(tmp / name, vectors.astype(np.float16))
             shards.append({**_file_entry(tmp / name), "rows": [lo, hi]})
             piece = faiss.clone_index(trained)
-            piece.add_with_ids(np.ascontiguousarray(vectors, np.float32),
-                               np.arange(lo, hi, dtype=np.int64))
+            with _faiss_stdout_quiet():
+                piece.add_with_ids(np.ascontiguousarray(vectors, np.float32),
+                                   np.arange(lo, hi, dtype=np.int64))
             pieces.append(str(tmp / f".piece-{number:05d}.index"))
             faiss.write_index(piece, pieces[-1])
             del piece, vectors
             if progress is not None:
                 progress(hi - lo)
         merged = faiss.clone_index(trained)
-        merge_ondisk(merged, pieces, str(tmp / OWN_FILES["ivfdata"]))
+        with _faiss_stdout_quiet():
+            # the pieces stay mapped until the process ends (FAISS does not own them after
+            # the merge): their space on disk is freed then
+            merge_ondisk(merged, pieces, str(tmp / OWN_FILES["ivfdata"]))
         faiss.write_index(merged, str(tmp / OWN_FILES["faiss"]))
         del merged
         for piece in pieces:  # our own temporary pieces, inside the new index
@@ -200,6 +225,11 @@ class RetrievalIndex:
         exact cosines from the fp16 embeddings."""
         want = min(self.num_rows, max(k * IVFPQ_RERANK, k))
         _, cand = self.index.search(q, want)
+        if (cand[:, :k] < 0).any():
+            # the probed lists hold fewer than k rows: probe every list, as `ivf` does
+            saved, self.index.nprobe = self.index.nprobe, self.index.nlist
+            _, cand = self.index.search(q, want)
+            self.index.nprobe = saved
         shards = self.manifest["shards"]
         bounds = np.array([sh["rows"][1] for sh in shards])
         dist = np.full((len(q), k), np.inf, dtype=np.float32)
@@ -303,10 +333,12 @@ def load_index(path: str | Path) -> RetrievalIndex:
     flags = 0
     if manifest.get("index_type") == "ivfpq":
         _check_ivfpq_files(path, manifest)
-        # the lists file is found beside the index, wherever the directory has moved
-        flags = faiss.IO_FLAG_ONDISK_SAME_DIR
+        # the lists file is found beside the index, wherever the directory has moved, and
+        # mapped read-only (a shared or read-only index loads)
+        flags = faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY
     try:
-        index = faiss.read_index(str(faiss_path), flags)
+        with _faiss_stdout_quiet():
+            index = faiss.read_index(str(faiss_path), flags)
     except Exception:
         raise UserError(f"{path}/faiss.index is missing or corrupted; rebuild the index") from None
     if index.ntotal != manifest["data"]["rows"] or index.d != manifest["dim"]:
@@ -318,9 +350,17 @@ def _check_ivfpq_files(path: Path, manifest: dict) -> None:
     """The lists file and the embedding shards: inside the index, their sizes as written,
     and shards that cover the rows in order. Their sha256 is recorded, not re-read on every
     load (at a billion rows they are tens of GB); a damaged row id is caught at search."""
+    files = manifest.get("files")
+    if not isinstance(files, dict) or "ivfdata" not in files or "faiss" not in files:
+        raise UserError(f"index {path}: its manifest does not list its files; rebuild the "
+                        "index")
     _check_own_file(path, manifest, "ivfdata", content=False)
     expected = 0
-    for shard in manifest.get("shards") or [{}]:
+    shards = manifest.get("shards")
+    for shard in shards if isinstance(shards, list) and shards else [{}]:
+        if not isinstance(shard, dict) or not isinstance(shard.get("rows"), list) or \
+                len(shard["rows"]) != 2:
+            shard = {"file": None}
         name = shard.get("file")
         f = path / str(name)
         if not isinstance(name, str) or not SHARD_FILE.fullmatch(name) or \
