@@ -711,7 +711,8 @@ class Tracer:
                      all_rows: bool = False, checkpoints: list | None = None,
                      **params) -> pd.DataFrame:
         """Rank candidates (or, with `all_rows`, every row) with any gradient method that
-        runs on LoRA parameters: grad-dot, grad-cos, datainf, trak, tracin.
+        runs on LoRA parameters: grad-dot, grad-cos, datainf, ekfac, trak, tracin,
+        trackstar.
 
         tracin takes `checkpoints=[(adapter_dir, learning_rate), ...]` saved during
         fine-tuning (same base model). Exact gradients are held in memory: for large data
