@@ -209,7 +209,7 @@ class RetrievalIndex:
         """(cosine distances, row ids), best first; distance = 1 - cosine similarity."""
         k = min(k, self.num_rows)
         q = np.ascontiguousarray(query_vectors, np.float32)
-        if self.manifest["index_type"] == "ivfpq":
+        if self.manifest.get("index_type") == "ivfpq":
             return self._search_reranked(q, k)
         sims, ids = self.index.search(q, k)
         if (ids < 0).any() and hasattr(self.index, "nprobe"):
