@@ -153,14 +153,14 @@ def _build_index_locked(train_file: str | os.PathLike, out: Path, lock, *,
             check_ivfpq_rows(rows)  # before the embedder loads
         texts = rows.texts(tmpl)  # formatted a batch at a time, not all held
         enc = Embedder(embedder, device=device)
-        with progress.task("embedding rows", len(texts)) as advance:
-            if index_type == "ivfpq":  # a shard of embeddings in memory at a time
+        if index_type == "ivfpq":  # a shard of embeddings in memory at a time
+            with progress.task("embedding rows", len(texts)) as advance:
                 manifest = save_ivfpq_index(
                     out, rows, tmpl, lambda chunk: enc.encode(chunk, batch_size=batch_size),
                     enc.name, before_swap=swap, progress=advance)
-            else:
+        else:
+            with progress.task("embedding rows", len(texts)) as advance:
                 vectors = enc.encode(texts, batch_size=batch_size, progress=advance)
-        if index_type != "ivfpq":
             manifest = save_index(out, vectors, rows, tmpl, enc.name, index_type,
                                   before_swap=swap)
         if kept.is_dir() and not (out / "gradients").exists():

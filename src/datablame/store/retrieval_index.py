@@ -24,7 +24,7 @@ import os
 import re
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -68,8 +68,8 @@ def build_faiss(vectors: np.ndarray, index_type: str = "flat", seed: int = 0):
         index.cp.min_points_per_centroid = 1  # FAISS's stderr notice about few points is noise
         index.train(vectors)
         index.nprobe = max(1, nlist // 8)
-    elif index_type == "ivfpq":
-        index = train_ivfpq(vectors, n, seed)
+    elif index_type == "ivfpq":  # its lists live on disk, beside fp16 shards
+        raise ValueError("an ivfpq index is built shard by shard: use save_ivfpq_index")
     elif index_type == "hnsw":
         index = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = 80
@@ -192,6 +192,7 @@ class RetrievalIndex:
     path: Path
     manifest: dict
     index: object  # faiss.Index
+    _shards: list | None = field(default=None, repr=False)  # ivfpq: fp16 shards, mapped once
 
     @property
     def template(self) -> PromptTemplate:
@@ -232,6 +233,8 @@ class RetrievalIndex:
             self.index.nprobe = saved
         shards = self.manifest["shards"]
         bounds = np.array([sh["rows"][1] for sh in shards])
+        if self._shards is None:
+            self._shards = [np.load(self.path / sh["file"], mmap_mode="r") for sh in shards]
         dist = np.full((len(q), k), np.inf, dtype=np.float32)
         ids = np.full((len(q), k), -1, dtype=np.int64)
         for j in range(len(q)):
@@ -243,8 +246,7 @@ class RetrievalIndex:
             which = np.searchsorted(bounds, found, side="right")
             for s in np.unique(which):
                 sel = np.flatnonzero(which == s)
-                block = np.load(self.path / shards[s]["file"], mmap_mode="r")
-                vecs[sel] = block[found[sel] - shards[s]["rows"][0]]
+                vecs[sel] = self._shards[s][found[sel] - shards[s]["rows"][0]]
             sims = vecs @ q[j]
             order = np.lexsort((found, -sims))[:k]  # ties to the lower row id
             ids[j, : len(order)] = found[order]
@@ -367,7 +369,7 @@ def _check_ivfpq_files(path: Path, manifest: dict) -> None:
                 Path(os.path.realpath(f)).parent != Path(os.path.realpath(path)):
             raise UserError(f"index {path}: its manifest names a shard that is not one of "
                             f"its own ({name!r}); rebuild the index")
-        if shard.get("rows", [None])[0] != expected:
+        if shard["rows"][0] != expected:
             raise UserError(f"index {path}: its shards do not cover the rows in order; "
                             "rebuild the index")
         expected = shard["rows"][1]
