@@ -13,6 +13,7 @@ Flow: rows -> model adapter -> features -> store -> method -> ranked rows.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -26,7 +27,13 @@ from datablame.data.chat import ChatOptions, ChatTemplate
 from datablame.data.template import ALPACA_TEMPLATE, FormattedText, PromptTemplate
 from datablame.errors import UserError, check_at_least
 from datablame.methods.families import FAMILY_METHODS
-from datablame.methods.fusion import check_rank_by, fused_order, strength_ranks
+from datablame.methods.fusion import (
+    RETRIEVAL_BONUS,
+    RETRIEVAL_BONUS_WHITENED,
+    check_rank_by,
+    fused_order,
+    strength_ranks,
+)
 from datablame.models.lm_options import LMOptions
 
 
@@ -254,12 +261,13 @@ class GradientOptions(LMOptions):
     batch_size: int = 0  # 0: as many rows as fit ~1 GB of gradients, at most 32
     store_dtype: str = "fp16"
     projection: str = "countsketch"  # same top-10 fidelity as dense, O(d) not O(dK) per row
+    curvature: str = "none"  # "ekfac": rows and queries whitened by EK-FAC before projecting
 
     def store_options(self) -> dict:
         """The `build_gradient_store` keywords these options set."""
         return {"proj_dim": self.proj_dim, "seed": self.seed, "shard_rows": self.shard_rows,
                 "batch_size": self.batch_size, "store_dtype": self.store_dtype,
-                "projection": self.projection}
+                "projection": self.projection, "curvature": self.curvature}
 
     def check(self) -> None:
         """Refuse bad options up front: a zero shard size or dimension would otherwise
@@ -272,6 +280,9 @@ class GradientOptions(LMOptions):
             check_at_least(option, value, least)
         super().check()
         check_store_options(self.projection, self.store_dtype)
+        from datablame.features.curvature import check_curvature
+
+        check_curvature(self.curvature)
 
 
 @dataclass
@@ -372,10 +383,47 @@ class Tracer:
         self.batch_size, self.scan_workers = batch_size, scan_workers
         self._embedder = None
         self._scanned: dict = {}  # scan_store_for's results, taken by trace_all_rows
+        self._curvature_checked, self._curvature = False, None
 
     def row_text(self, row_id: int) -> FormattedText:
         """A training row exactly as the model saw it (the index's template)."""
         return self.template.format(self.rows.records[row_id])
+
+    def curvature(self):
+        """The EK-FAC the index's gradient store was whitened with (None: a plain store, or
+        none): every alignment this tracer computes is then between whitened gradients,
+        the quantity the store ranks by, whichever path finds the rows. A store built for
+        another model or data cannot lend its curvature: the candidate path then says so
+        and scores plain gradients (`--all-rows` refuses such a store outright)."""
+        if self._curvature_checked:
+            return self._curvature
+        self._curvature_checked = True
+        try:
+            manifest = json.loads((self.index.path / "gradients" / "manifest.json")
+                                  .read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if not isinstance(manifest, dict) or not manifest.get("curvature"):
+            return None
+        try:
+            self._curvature = self._gradient_store(verify=False).curvature
+        except UserError as err:
+            progress.note(f"the gradient store's curvature is not used ({err}); gradients "
+                          "are compared unwhitened")
+        return self._curvature
+
+    def _grad_method(self, alignment: str) -> str:
+        return f"grad-{alignment}" + (" after EK-FAC curvature" if self.curvature() else "")
+
+    def _fuse(self, grad_rank, ret_rank, scores, alignment: str):
+        return fused_order(grad_rank, ret_rank, scores, alignment == "cosine",
+                           RETRIEVAL_BONUS_WHITENED if self.curvature() else RETRIEVAL_BONUS)
+
+    def _gradients(self, texts: list, **kwargs) -> np.ndarray:
+        """The model's per-row gradients, whitened by the store's curvature if it has one."""
+        grads = self.model.gradients(texts, **kwargs)
+        ek = self.curvature()
+        return grads if ek is None else ek.whiten(grads).numpy()
 
     def retrieve(self, query: Query, top_k: int) -> tuple[np.ndarray, np.ndarray]:
         from datablame.features.embeddings import Embedder
@@ -472,22 +520,28 @@ class Tracer:
         check_alignment(alignment)
         _, q_text = self._prepare(query, 1)
         texts = [self.row_text(int(r)) for r in row_ids]
+        ek = self.curvature()
         with progress.task("per-token scores", len(texts) + 1) as advance:
             g_q = self.model.gradients([q_text]).astype(np.float64)[0]
             row_grads = self.model.gradients(texts, batch_size=self.batch_size,
                                              names=list(map(int, row_ids))).astype(np.float64)
+            norms_q, norms_r = g_q, row_grads
+            if ek is not None:  # whitened: a token's share is its gradient . H^-1 g
+                norms_q, norms_r = (ek.whiten(g).numpy() for g in (g_q[None], row_grads))
+                g_q, row_grads = (ek.solve(g).numpy() for g in (g_q[None], row_grads))
+                g_q, norms_q = g_q[0], norms_q[0]
             # the answer's tokens against every row at once: (T_q, rows)
             q_parts = self.model.token_gradients(q_text, row_grads, batch_size=self.batch_size)
             advance(1)
             if q_parts is None:
                 return {}
-            q_norm = float(np.linalg.norm(g_q)) or 1.0
+            q_norm = float(np.linalg.norm(norms_q)) or 1.0
             answer = _traced_words(q_text, q_parts[0])
             result: dict = {"alignment": alignment, "answer": {"text": answer["text"],
                                                               "shares": {}}, "rows": {}}
-            for j, (r, text, g_r) in enumerate(zip(row_ids, texts, row_grads, strict=True)):
+            for j, (r, text, n_r) in enumerate(zip(row_ids, texts, norms_r, strict=True)):
                 scale = 1.0 if alignment == "dot" else \
-                    1.0 / (q_norm * (float(np.linalg.norm(g_r)) or 1.0))
+                    1.0 / (q_norm * (float(np.linalg.norm(n_r)) or 1.0))
                 result["answer"]["shares"][str(int(r))] = answer["assign"](
                     q_parts[1][:, j] * scale)
                 parts = self.model.token_gradients(text, g_q, batch_size=self.batch_size) \
@@ -520,13 +574,10 @@ class Tracer:
         names = names if names is not None else list(range(1, len(queries) + 1))
         resolved, prepared = zip(*(self._prepare(q, top_k) for q in queries), strict=True)
         with progress.task("query gradients", len(prepared)) as advance:
-            q_grads = self.model.gradients(list(prepared), batch_size=self.batch_size,
-                                           progress=advance, names=[f"query {n}" for n in names])
+            q_grads = self._gradients(list(prepared), batch_size=self.batch_size,
+                                      progress=advance, names=[f"query {n}" for n in names])
         if all_rows:
-            from datablame.store.gradient_store import GradientStore
-
-            store = GradientStore.load(self.index.path, verify=checksum)
-            store.check_compatible(self.model.identity(), self.template, self.rows)
+            store = self._gradient_store(checksum)
             projected = store.projector.project(q_grads)
             unit = projected / np.maximum(np.linalg.norm(projected, axis=1, keepdims=True),
                                           1e-30)
@@ -540,9 +591,9 @@ class Tracer:
                     found.setdefault(int(r), None)
             candidates = np.fromiter(found, dtype=int)
         with progress.task("gradients", len(candidates)) as advance:
-            row_grads = self.model.gradients([self.row_text(int(i)) for i in candidates],
-                                             batch_size=self.batch_size, progress=advance,
-                                             names=list(map(int, candidates)))
+            row_grads = self._gradients([self.row_text(int(i)) for i in candidates],
+                                        batch_size=self.batch_size, progress=advance,
+                                        names=list(map(int, candidates)))
         per_query = np.stack([align(g, row_grads, "cosine") for g in q_grads])
         mean = per_query.mean(axis=0)
         order = np.argsort(-mean, kind="stable")[:top_k]
@@ -551,8 +602,8 @@ class Tracer:
                  "opposes": (per_query[:, order] < -0.1).sum(axis=0),
                  "strongest_query": [names[i] for i in strongest]}
         df = _ranked_frame(self.rows, candidates[order], mean[order], "cosine", extra)
-        df.attrs.update(group=[str(n) for n in names], method="grad-cosine, mean over the "
-                        "queries", candidates=int(len(candidates)),
+        df.attrs.update(group=[str(n) for n in names], method=f"{self._grad_method('cosine')}"
+                        ", mean over the queries", candidates=int(len(candidates)),
                         candidates_from="gradient store" if all_rows else "retrieval",
                         index=str(self.index.path), model=str(self.options.model),
                         adapter=None if self.options.adapter is None
@@ -565,8 +616,8 @@ class Tracer:
 
         texts = [q_text] + [self.row_text(int(i)) for i in row_ids]
         with progress.task("gradients", len(texts)) as advance:
-            grads = self.model.gradients(texts, batch_size=self.batch_size, progress=advance,
-                                         names=["the query", *map(int, row_ids)])
+            grads = self._gradients(texts, batch_size=self.batch_size, progress=advance,
+                                    names=["the query", *map(int, row_ids)])
         return align(grads[0], grads[1:], alignment)
 
     def trace(self, query: Query | str, top_k: int = 50, alignment: str = "cosine",
@@ -585,13 +636,13 @@ class Tracer:
         extra: dict = {}
         if rank_by == "fused":
             grad_rank = strength_ranks(scores)
-            order, fused = fused_order(grad_rank, ret_rank, scores, alignment == "cosine")
+            order, fused = self._fuse(grad_rank, ret_rank, scores, alignment)
             extra = {"fused": fused[order], "gradient_rank": grad_rank[order]}
         df = _ranked_frame(self.rows, cand_ids[order], scores[order], alignment,
                            {**extra, "distance": distances[order].astype(float),
                             "retrieval_rank": ret_rank[order]})
         how = ", fused with retrieval" if rank_by == "fused" else ""
-        self._describe(df, query, q_text, f"grad-{alignment}{how}")
+        self._describe(df, query, q_text, f"{self._grad_method(alignment)}{how}")
         return df
 
     def _gradient_store(self, verify: bool):
@@ -621,7 +672,7 @@ class Tracer:
         texts = [self._prepare(q, top_k)[1] for q in queries]
         # projected a batch at a time: only K numbers per query are kept, not a gradient
         vecs = np.concatenate([store.projector.project(
-            self.model.gradients(texts[i:i + self.batch_size], batch_size=self.batch_size))
+            self._gradients(texts[i:i + self.batch_size], batch_size=self.batch_size))
             for i in range(0, len(texts), self.batch_size)])
         found = store.top_k_many(vecs, depth, alignment, absolute=fused_mode,
                                  workers=self.scan_workers)
@@ -652,7 +703,7 @@ class Tracer:
         store = self._gradient_store(verify)
         fused_mode = rank_by == "fused"
         depth = min(len(self.rows), max(top_k, rerank, pool if fused_mode else 0))
-        q_grad = self.model.gradients([q_text])
+        q_grad = self._gradients([q_text])
         scanned = self._scanned.pop((repr(q_text), depth, alignment, fused_mode), None)
         if scanned is None:
             q_vec = store.projector.project(q_grad)[0]
@@ -665,9 +716,9 @@ class Tracer:
         if rerank > 0:
             head = row_ids[:rerank]
             with progress.task("exact re-ranking", len(head)) as advance:
-                grads = self.model.gradients([self.row_text(int(i)) for i in head],
-                                             batch_size=self.batch_size, progress=advance,
-                                             names=list(map(int, head)))
+                grads = self._gradients([self.row_text(int(i)) for i in head],
+                                        batch_size=self.batch_size, progress=advance,
+                                        names=list(map(int, head)))
             scores[: len(head)] = align(q_grad[0], grads, alignment)
             exact[: len(head)] = True
             key = np.abs(scores[: len(head)]) if fused_mode else scores[: len(head)]
@@ -692,7 +743,7 @@ class Tracer:
             for rank, (r, d) in enumerate(zip(ret_ids, distances, strict=True), start=1):
                 ret_rank[where[int(r)]] = rank
                 dist[where[int(r)]] = d
-            order, fused = fused_order(grad_rank, ret_rank, scores, alignment == "cosine")
+            order, fused = self._fuse(grad_rank, ret_rank, scores, alignment)
             row_ids, scores, proj_scores, exact = (row_ids[order], scores[order],
                                                    proj_scores[order], exact[order])
             extra = {"fused": fused[order], "gradient_rank": grad_rank[order],
@@ -702,7 +753,7 @@ class Tracer:
                            {**{k: v[keep] for k, v in extra.items()},
                             "store_score": proj_scores[keep], "exact": exact[keep]})
         how = "fused with retrieval" if fused_mode else "gradient only"
-        self._describe(df, query, q_text, f"grad-{alignment} (all rows, K="
+        self._describe(df, query, q_text, f"{self._grad_method(alignment)} (all rows, K="
                                           f"{store.manifest['proj_dim']}, exact top "
                                           f"{min(rerank, len(self.rows))}, {how})")
         return df

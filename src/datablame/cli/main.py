@@ -141,6 +141,11 @@ def index(
                                                  "(dense).")] = "countsketch",
     params: Annotated[str, typer.Option(help="auto (LoRA B if --adapter, else all), lora-b, "
                                              "lora, all, or regexes.")] = "auto",
+    curvature: Annotated[str, typer.Option(help="With --gradients: none (plain gradients) or "
+                                                "ekfac (rows and queries whitened by a "
+                                                "true-Fisher EK-FAC of the LoRA weights "
+                                                "before projecting; fitted once per "
+                                                "build).")] = "none",
     loss_on: Annotated[str, typer.Option(help="response or text.")] = "response",
     dtype: Annotated[str, typer.Option(help="fp32, bf16 or fp16.")] = "fp32",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
@@ -199,9 +204,11 @@ def index(
                                     max_length=max_length, loss_on=loss_on, proj_dim=proj_dim,
                                     seed=seed, shard_rows=shard_rows,
                                     batch_size=grad_batch_size, store_dtype=store_dtype,
-                                    projection=projection)
+                                    projection=projection, curvature=curvature)
     elif adapter is not None:
         _fail("--adapter is only used with --gradients")
+    elif curvature != "none":
+        _fail("--curvature whitens the gradient store: add --gradients --model ...")
     chat = None
     if chat_template is not None or chat_turns != "all" or (model and not grad_opts):
         chat = ChatOptions(chat_template or model, chat_turns)

@@ -16,6 +16,7 @@ import numpy as np
 from datablame.data.rows import Rows
 from datablame.data.template import PromptTemplate
 from datablame.errors import UserError
+from datablame.features.curvature import curvature_plan, fit_curvature, sample_rows
 from datablame.features.projection import make_projector
 from datablame.models.hf_causal_lm import length_order
 from datablame.store.gradient_store import (
@@ -36,10 +37,11 @@ def auto_batch_size(num_params: int) -> int:
 
 def project_row_gradients(texts: list, model, projector, batch_size: int,
                           progress: Callable[[int], None] | None = None,
-                          report: dict[str, list[int]] | None = None, offset: int = 0
-                          ) -> np.ndarray:
-    """(len(texts), K) float32 projected gradients; rows the model had to cut or could not
-    score are added to `report` under their global row id (offset + position)."""
+                          report: dict[str, list[int]] | None = None, offset: int = 0,
+                          whiten: Callable | None = None) -> np.ndarray:
+    """(len(texts), K) float32 projected gradients (each whitened first by `whiten`, the
+    store's curvature, if given); rows the model had to cut or could not score are added
+    to `report` under their global row id (offset + position)."""
     out = np.empty((len(texts), projector.dim_out), dtype=np.float32)
     order = length_order(texts)
     for b in range(0, len(texts), batch_size):
@@ -48,7 +50,7 @@ def project_row_gradients(texts: list, model, projector, batch_size: int,
         if report is not None:
             for kind, idx in model.last_report.items():
                 report.setdefault(kind, []).extend(offset + int(take[j]) for j in idx)
-        out[take] = projector.project(grads)
+        out[take] = projector.project(grads if whiten is None else whiten(grads))
         if progress:
             progress(len(take))
     return out
@@ -71,6 +73,7 @@ def build_gradient_store(
     shard_of: tuple[int, int] | None = None,
     commit_only: bool = False,
     shards: list[int] | None = None,
+    curvature: str = "none",
 ) -> dict:
     """Compute, project and store every row's gradient (`model`: a `CausalLMAdapter`);
     resumes an interrupted build. batch_size 0 picks `auto_batch_size`.
@@ -79,12 +82,18 @@ def build_gradient_store(
     the shards s with s % n == i and commits nothing; returns {"written", "mine",
     "missing"}. `shards`: write exactly these (a Ray actor's task), same return.
     `commit_only`: check that every shard is there and commit them. Shards are fixed row
-    ranges in fixed batches, so the store is byte-identical to one process's."""
+    ranges in fixed batches, so the store is byte-identical to one process's.
+
+    `curvature="ekfac"`: store P H^-1/2 g (`features.curvature`), the curvature fitted
+    once per build before any shard and shared by every worker."""
     if batch_size <= 0:
         batch_size = auto_batch_size(model.num_params)
     check_store_options(projection, store_dtype)
     plan = {**store_identity(model.identity(), template, rows, proj_dim, seed, projection),
             "shard_rows": shard_rows, "batch_size": batch_size, "store_dtype": store_dtype}
+    fit_plan = curvature_plan(curvature, len(rows), seed, model)
+    if fit_plan is not None:  # absent otherwise: a plain store's plan is unchanged
+        plan["curvature"] = fit_plan
     writer = GradientStoreWriter(index_dir, plan, existing_only=commit_only)
     projector = make_projector(projection, model.num_params, proj_dim, seed)
     if commit_only:
@@ -94,6 +103,10 @@ def build_gradient_store(
             raise UserError(f"{len(missing)} of {writer.n_shards} gradient shards are not "
                             f"written yet (shard {shown}): rerun their --shard-of workers")
         return writer.commit(projector.to_json())
+    ek = writer.curvature(lambda: fit_curvature(
+        model, [template.format(rows.records[int(i)]) for i in sample_rows(len(rows))],
+        fit_plan))
+    whiten = None if ek is None else (lambda g: ek.whiten(g).numpy())
     mine = list(shards) if shards is not None else [
         s for s in range(writer.n_shards) if shard_of is None or s % shard_of[1] == shard_of[0]]
     report: dict[str, list[int]] = {}  # rows cut to max length or with nothing to score
@@ -106,7 +119,7 @@ def build_gradient_store(
             continue
         texts = [template.format(r) for r in rows.records[lo:hi]]  # one read per shard
         writer.write(s, project_row_gradients(texts, model, projector, batch_size, progress,
-                                              report, offset=lo))
+                                              report, offset=lo, whiten=whiten))
         built += 1
         if stop_after_shards is not None and built >= stop_after_shards \
                 and s + 1 < writer.n_shards:

@@ -59,6 +59,14 @@ class EKFAC(_InverseHessianMethod):
 
     def fit(self, adapter, x_train, y_train):
         Method.fit(self, adapter, x_train, y_train)
+        own = self.fit_curvature(adapter, x_train)
+        self.g_train = own if own is not None else adapter.gradients(x_train, y_train).double()
+        return self
+
+    def fit_curvature(self, adapter, x_train) -> torch.Tensor | None:
+        """Fit the curvature only (what a gradient store whitens its rows with: no
+        training gradients are kept). Returns the rows' own gradients when the empirical
+        Fisher computed them anyway, else None."""
         seeds = [None] if self.fisher == "empirical" else \
             [self._draw_seed(d) for d in range(self.draws_for(len(x_train)))]
 
@@ -66,11 +74,11 @@ class EKFAC(_InverseHessianMethod):
             return adapter.kronecker_factors(x_train) if seed is None else \
                 adapter.kronecker_factors(x_train, sampled_labels=seed)
 
-        factors, kept, kept_bytes = None, {}, 0
+        factors, kept, kept_bytes, own = None, {}, 0, None
         for d, seed in enumerate(seeds):  # S summed over draws; A does not depend on them
             grads, f = draw(seed)
             if seed is None:
-                self.g_train = grads.double()
+                own = grads.double()
             factors = f if factors is None else \
                 {name: {**factors[name], "S": factors[name]["S"] + f[name]["S"]}
                  for name in factors}
@@ -78,8 +86,7 @@ class EKFAC(_InverseHessianMethod):
             if self.correct_eigenvalues and (seed is None or kept_bytes + size <= self.KEEP_BYTES):
                 kept[d], kept_bytes = grads, kept_bytes + size
             del grads, f
-        if self.fisher == "sampled":
-            self.g_train = adapter.gradients(x_train, y_train).double()
+        self.param_names = list(adapter.lm.param_names)
         self.blocks = []
         start = 0
         for name, shape in zip(adapter.lm.param_names, adapter.shapes, strict=True):
@@ -89,7 +96,7 @@ class EKFAC(_InverseHessianMethod):
             # g g^T per row): a later layer's gradient reaches fewer tokens (only the
             # answer's), so a per-token mean of g g^T would shrink its curvature.
             a = f["A"] / max(f["tokens"], 1)
-            s = f["S"] / (len(self.g_train) * len(seeds))
+            s = f["S"] / (len(x_train) * len(seeds))
             l_a, q_a = torch.linalg.eigh(a)
             l_s, q_s = torch.linalg.eigh(s)
             conv = f["kind"] == "conv1d"  # weight stored (in, out): work on its transpose
@@ -109,7 +116,32 @@ class EKFAC(_InverseHessianMethod):
         for b in self.blocks:
             b[5] = b[5] + self.damping_scale * b[5].mean().clamp(min=1e-30)
         self.blocks = [tuple(b) for b in self.blocks]
-        return self
+        return own
+
+    def curvature_arrays(self, dtype=np.float32) -> dict[str, np.ndarray]:
+        """The fitted curvature as plain arrays (`from_curvature_arrays` reads them back):
+        what a gradient store keeps beside its shards."""
+        out: dict[str, np.ndarray] = {"names": np.array(self.param_names)}
+        for b, (block, shape, conv, q_s, q_a, lam) in enumerate(self.blocks):
+            out[f"{b}.layout"] = np.array([block.start, block.stop, int(conv), *shape],
+                                          dtype=np.int64)
+            for key, value in (("q_s", q_s), ("q_a", q_a), ("lam", lam)):
+                out[f"{b}.{key}"] = value.numpy().astype(dtype)
+        return out
+
+    @classmethod
+    def from_curvature_arrays(cls, arrays) -> EKFAC:
+        """A curvature-only EK-FAC (whiten / solve, no training rows) from
+        `curvature_arrays`."""
+        ek = cls()
+        ek.param_names = [str(n) for n in arrays["names"]]
+        ek.blocks = []
+        for b in range(len(ek.param_names)):
+            start, stop, conv, *shape = (int(v) for v in arrays[f"{b}.layout"])
+            ek.blocks.append((slice(start, stop), tuple(shape), bool(conv),
+                              *(torch.from_numpy(np.array(arrays[f"{b}.{key}"]))
+                                for key in ("q_s", "q_a", "lam"))))
+        return ek
 
     @staticmethod
     def _matrices(flat: torch.Tensor, shape, conv: bool) -> torch.Tensor:
@@ -124,12 +156,17 @@ class EKFAC(_InverseHessianMethod):
     def _solve(self, v: torch.Tensor) -> torch.Tensor:
         return self._apply(v, -1.0)
 
+    def solve(self, v) -> torch.Tensor:
+        """H^-1 v (damped), for (m, d) vectors."""
+        return self._apply(torch.as_tensor(v), -1.0)
+
     def whiten(self, v: torch.Tensor) -> torch.Tensor:
         """H^-1/2 v: vectors whose dot product is g_q^T H^-1 g_i, and whose cosine is the
         alignment of two gradients after the curvature is divided out."""
-        return self._apply(torch.as_tensor(v).double(), -0.5)
+        return self._apply(torch.as_tensor(v), -0.5)
 
     def _apply(self, v: torch.Tensor, power: float) -> torch.Tensor:
+        v = v.to(self.blocks[0][3].dtype)  # float64 when fitted here, float32 when loaded
         out = torch.empty_like(v)
         for block, shape, conv, q_s, q_a, lam in self.blocks:
             solved = q_s @ (self._rotate(self._matrices(v[:, block], shape, conv), q_s, q_a)

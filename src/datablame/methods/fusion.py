@@ -17,6 +17,9 @@ from datablame.errors import UserError
 
 RANKINGS = ("fused", "gradient")
 RETRIEVAL_BONUS = 1.0  # added as RETRIEVAL_BONUS / (1 + retrieval rank)
+# the same for cosines between whitened gradients (a store built with --curvature ekfac):
+# they predict retraining better than plain cosines, so retrieval weighs less beside them
+RETRIEVAL_BONUS_WHITENED = 0.25
 STRENGTH_BONUS = 0.25  # added as STRENGTH_BONUS / (1 + rank by |gradient score|)
 
 
@@ -26,8 +29,9 @@ def check_rank_by(rank_by: str) -> None:
 
 
 def fused_key(scores: np.ndarray, gradient_rank: np.ndarray, retrieval_rank: np.ndarray,
-              bounded: bool = True) -> np.ndarray:
-    """signed score + 1 / (1 + retrieval rank) + 0.25 / (1 + |score| rank).
+              bounded: bool = True, retrieval_bonus: float = RETRIEVAL_BONUS) -> np.ndarray:
+    """signed score + 1 / (1 + retrieval rank) + 0.25 / (1 + |score| rank) (the first
+    bonus is `retrieval_bonus`: RETRIEVAL_BONUS_WHITENED for whitened cosines).
 
     Additive, so a sum of keys over a set of rows still estimates what removing them does
     (a sum of reciprocal ranks did not: LDS near 0 where only small removals were scored).
@@ -42,7 +46,7 @@ def fused_key(scores: np.ndarray, gradient_rank: np.ndarray, retrieval_rank: np.
     s = np.asarray(scores, dtype=float)
     if not bounded and len(s):
         s = s / (np.abs(s).max() or 1.0)
-    return (s + RETRIEVAL_BONUS / (1 + np.asarray(retrieval_rank))
+    return (s + retrieval_bonus / (1 + np.asarray(retrieval_rank))
             + STRENGTH_BONUS / (1 + np.asarray(gradient_rank)))
 
 
@@ -54,7 +58,8 @@ def strength_ranks(scores: np.ndarray) -> np.ndarray:
 
 
 def fused_order(gradient_rank: np.ndarray, retrieval_rank: np.ndarray, scores: np.ndarray,
-                bounded: bool = True) -> tuple[np.ndarray, np.ndarray]:
+                bounded: bool = True, retrieval_bonus: float = RETRIEVAL_BONUS
+                ) -> tuple[np.ndarray, np.ndarray]:
     """(order, fused key): rows by fused key, ties broken by the signed score."""
-    fused = fused_key(scores, gradient_rank, retrieval_rank, bounded)
+    fused = fused_key(scores, gradient_rank, retrieval_rank, bounded, retrieval_bonus)
     return np.lexsort((-np.asarray(scores), -fused)), fused

@@ -7,6 +7,8 @@ Layout of INDEX_DIR/gradients/:
                        with row ranges, size and sha256, and the same for norms.npy
   shard-00000.npy ...  (rows, K) float16 or float32, memory-mapped at query time
   norms.npy            (n,) float32 norms of the stored vectors (for cosine)
+  curvature.npz        only with a curvature (`features.curvature`): the EK-FAC every
+                       stored vector and every query was whitened with before projecting
 
 A manifest is data, not a set of instructions: the only files read are the store's own
 (`shard-NNNNN.npy`, `norms.npy`, inside the store directory), each checked for size and
@@ -36,6 +38,7 @@ from datablame import __version__
 from datablame.data.rows import Rows
 from datablame.data.template import PromptTemplate
 from datablame.errors import UserError
+from datablame.features.curvature import CURVATURE_FILE, load_curvature, save_curvature
 from datablame.features.projection import PROJECTIONS, projector_from_json
 from datablame.methods.gradient_alignment import align_dots
 from datablame.store.atomic import write_json_atomic
@@ -46,6 +49,7 @@ FORMAT_VERSION = 2  # 2: content identity, checksummed norms, shapes checked
 STORE_DTYPES = {"fp16": np.float16, "fp32": np.float32}
 SHARD_NAME = re.compile(r"shard-\d{5}\.npy")
 NORMS_NAME = "norms.npy"
+CURVATURE_NAME = re.compile(re.escape(CURVATURE_FILE))
 COSINE_SLACK = 1e-3  # |cos| above 1 + this cannot come from intact vectors and norms
 SCAN_BLOCK_ROWS = 16_384  # rows converted and scored at once: 64 MB of float32 at K = 1024
 # |fp16 product - exact| <= FP16_BOUND x |row| x |unit query| + FP16_FLOOR: rounding the
@@ -151,12 +155,14 @@ class GradientStoreWriter:
         self.dtype = np.dtype(STORE_DTYPES[plan["store_dtype"]])
         self.final = Path(index_dir) / "gradients"
         self.partial = Path(index_dir) / "gradients.partial"
+        self._lock_path = Path(index_dir) / ".gradients-plan.lock"
+        self._curvature_sha256: str | None = None
         if read_only:
             return
         # shard workers start together: one at a time decides whether the partial build
         # is theirs (a worker must not discard the directory another has just made)
         Path(index_dir).mkdir(parents=True, exist_ok=True)
-        with open(Path(index_dir) / ".gradients-plan.lock", "a") as guard:
+        with open(self._lock_path, "a") as guard:
             fcntl.flock(guard, fcntl.LOCK_EX)
             old = self.partial / "plan.json"
             same = old.exists() and json.loads(old.read_text()) == plan
@@ -174,6 +180,35 @@ class GradientStoreWriter:
 
     def missing(self) -> list[int]:
         return [s for s in range(self.n_shards) if not self.has(s)]
+
+    def curvature(self, fit):
+        """The build's curvature (None when the plan has none): fitted by whichever worker
+        comes first (`fit()`, under the plan lock, while the others wait) and saved in the
+        build; every worker then whitens with the saved bytes, the first one included."""
+        import fcntl
+
+        if not self.plan.get("curvature"):
+            return None
+        path = self.partial / CURVATURE_FILE
+        with open(self._lock_path, "a") as guard:
+            fcntl.flock(guard, fcntl.LOCK_EX)
+            try:
+                ek = load_curvature(path) if path.exists() else None
+            except (OSError, ValueError, KeyError):
+                ek = None  # damaged (ours, inside the build): fit it again
+            if ek is None:
+                save_curvature(fit(), path)
+                ek = load_curvature(path)
+            self._curvature_sha256 = _sha256(path)
+        return ek
+
+    @property
+    def curvature_sha256(self) -> str | None:
+        """sha256 of the build's curvature file (None: no curvature, or not fitted yet)."""
+        if self._curvature_sha256 is None and self.plan.get("curvature"):
+            path = self.partial / CURVATURE_FILE
+            self._curvature_sha256 = _sha256(path) if path.exists() else None
+        return self._curvature_sha256
 
     @property
     def n_shards(self) -> int:
@@ -214,7 +249,8 @@ class GradientStoreWriter:
         return (side is not None and side.get("plan") == self.plan_digest and
                 path.exists() and path.stat().st_size == side.get("bytes") and
                 _layout_or_none(path) == self._expected(shard) and
-                self._norms_path(shard).exists())
+                self._norms_path(shard).exists() and
+                side.get("curvature") == self.curvature_sha256)
 
     def write(self, shard: int, vectors: np.ndarray) -> None:
         """The shard, its norms, then its sidecar (row range, size, sha256, this plan's
@@ -228,14 +264,27 @@ class GradientStoreWriter:
         _save_npy_atomic(self._norms_path(shard),
                          np.linalg.norm(np.asarray(stored, dtype=np.float32), axis=1)
                          .astype(np.float32))
-        write_json_atomic(self._sidecar(shard), {
-            "plan": self.plan_digest, "rows": [lo, hi], "bytes": size, "sha256": digest})
+        side = {"plan": self.plan_digest, "rows": [lo, hi], "bytes": size, "sha256": digest}
+        if self.plan.get("curvature"):
+            if self._curvature_sha256 is None:
+                raise ValueError("a curvature build writes shards only after curvature()")
+            side["curvature"] = self._curvature_sha256
+        write_json_atomic(self._sidecar(shard), side)
 
     def commit(self, projection: dict) -> dict:
         """Check every shard against its sidecar, merge the sidecars and norms (reading
         headers and metadata, not the shards' data: `GradientStore.load` checks the
         sha256 on use), write the manifest last, swap the store in."""
         shards, norms = [], []
+        curvature = None
+        if self.plan.get("curvature"):
+            path = self.partial / CURVATURE_FILE
+            if not path.is_file():
+                raise UserError(f"gradient store build {self.partial}: {CURVATURE_FILE} is "
+                                "missing; rerun the build")
+            self._curvature_sha256 = _sha256(path)
+            curvature = {**self.plan["curvature"], "file": CURVATURE_FILE,
+                         "bytes": path.stat().st_size, "sha256": self._curvature_sha256}
         for s in range(self.n_shards):
             path, want = self._path(s), self._expected(s)
             side = self._read_sidecar(s)
@@ -243,6 +292,9 @@ class GradientStoreWriter:
             if side is None:
                 raise UserError(f"{where} has no sidecar ({self._sidecar(s).name}): its "
                                 "worker did not finish it; rerun the build")
+            if side.get("curvature") != self._curvature_sha256:
+                raise UserError(f"{where} was whitened with another curvature fit than "
+                                f"{CURVATURE_FILE}; rerun the build")
             if side.get("plan") != self.plan_digest or side.get("rows") != \
                     list(self.row_range(s)):
                 raise UserError(f"{where}: its sidecar is from another build plan; rerun "
@@ -267,7 +319,7 @@ class GradientStoreWriter:
                                                   np.concatenate(norms).astype(np.float32))
         manifest = {"format": FORMAT, "format_version": FORMAT_VERSION,
                     "tool_version": __version__, **self.plan, "projection": projection,
-                    "shards": shards,
+                    **({"curvature": curvature} if curvature else {}), "shards": shards,
                     "norms": {"file": NORMS_NAME, "rows": self.rows,
                               "bytes": norms_bytes, "sha256": norms_sha}}
         write_json_atomic(self.partial / "manifest.json", manifest)
@@ -390,6 +442,34 @@ class GradientStore:
             raise UserError(f"gradient store {self.path}: its manifest lists no norms.npy; "
                             "rebuild it")
         self._check_file(norms, re.compile(re.escape(NORMS_NAME)), (n,), verify)
+        curvature = m.get("curvature")
+        if curvature is not None:
+            f = self._own_file(curvature.get("file") if isinstance(curvature, dict) else None,
+                               CURVATURE_NAME)
+            if not f.is_file() or f.stat().st_size != curvature.get("bytes") or \
+                    _sha256(f) != curvature.get("sha256"):  # small: always checksummed
+                raise UserError(f"gradient store {self.path}: {CURVATURE_FILE} is missing, "
+                                "truncated or altered; rebuild it")
+
+    @property
+    def curvature(self):
+        """The EK-FAC the store's vectors were whitened with (None: plain gradients); a
+        query must be whitened with it too (`whiten`)."""
+        if not self.manifest.get("curvature"):
+            return None
+        if getattr(self, "_curvature", None) is None:
+            try:
+                self._curvature = load_curvature(self.path / CURVATURE_FILE)
+            except (OSError, ValueError, KeyError):
+                raise UserError(f"gradient store {self.path}: {CURVATURE_FILE} cannot be "
+                                "read; rebuild it") from None
+        return self._curvature
+
+    def whiten(self, grads: np.ndarray) -> np.ndarray:
+        """Gradients as the store holds them before projection: H^-1/2 g with the store's
+        curvature, or as they are."""
+        ek = self.curvature
+        return grads if ek is None else ek.whiten(grads).numpy()
 
     def check_compatible(self, model_identity: dict, template: PromptTemplate, rows: Rows
                          ) -> None:

@@ -1,0 +1,92 @@
+"""The curvature a gradient store divides out of every row's gradient before projecting it.
+
+With `index --gradients --curvature ekfac`, each row's gradient g is stored as P H^-1/2 g
+(P: the projection, H: a true-Fisher EK-FAC of the LoRA weights), and each query's the
+same way, so the store's cosine is the alignment of two gradients *after* the curvature:
+directions every row moves in count less, directions few rows move in count more. That
+needs the row's whitened norm, which only a store of whitened vectors has; a store of
+plain gradients cannot serve it.
+
+The curvature is fitted once per build, before any shard, on evenly spaced rows (at most
+`SAMPLE_ROWS`), saved as `curvature.npz` inside the build and named by its sha256 in every
+shard's sidecar: every worker of a sharded build (`--shard-of`, `--workers`, `--ray`)
+whitens with the same bytes, and the commit refuses shards whitened with another fit.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+
+from datablame.errors import UserError
+
+CURVATURES = ("none", "ekfac")
+SAMPLE_ROWS = 4096  # rows the curvature is fitted on; EK-FAC draws enough labels per row
+CURVATURE_FILE = "curvature.npz"
+
+
+def check_curvature(kind: str) -> None:
+    if kind not in CURVATURES:
+        raise UserError(f"unknown curvature '{kind}' (use {' or '.join(CURVATURES)})")
+
+
+def sample_rows(n_rows: int, limit: int = SAMPLE_ROWS) -> np.ndarray:
+    """Evenly spaced row ids, all of them when there are at most `limit`: the same rows in
+    every process, and spread over a file that may be sorted by source or date."""
+    if n_rows <= limit:
+        return np.arange(n_rows)
+    return np.unique(np.linspace(0, n_rows - 1, limit).round().astype(np.int64))
+
+
+def curvature_plan(kind: str, n_rows: int, seed: int, model) -> dict | None:
+    """What the fit depends on besides the model and rows (which the store's plan names);
+    refuses a model whose selected weights have no Kronecker factors."""
+    check_curvature(kind)
+    if kind == "none":
+        return None
+    if not model._hooks_ok:
+        raise UserError("--curvature ekfac needs LoRA weights (Kronecker factors of linear "
+                        "layers): pass an adapter with --params lora or lora-b, or "
+                        "--curvature none")
+    from datablame.methods.ekfac import EKFAC
+
+    sampled = len(sample_rows(n_rows))
+    ek = EKFAC(seed=seed)
+    return {"kind": kind, "fisher": ek.fisher, "rows": sampled,
+            "draws_per_row": ek.draws_for(sampled), "damping_scale": ek.damping_scale,
+            "seed": seed}
+
+
+def fit_curvature(model, texts: list, plan: dict):
+    """A true-Fisher EK-FAC of `model`'s selected weights on `texts` (the sampled rows,
+    formatted), as `plan` says."""
+    from datablame.methods.ekfac import EKFAC
+    from datablame.models.text_rows import TextRowsAdapter
+
+    ek = EKFAC(damping_scale=plan["damping_scale"], fisher=plan["fisher"],
+               samples=plan["draws_per_row"], seed=plan["seed"])
+    ek.fit_curvature(TextRowsAdapter(model, batch_size=8), texts)
+    return ek
+
+
+def save_curvature(ek, path: Path) -> None:
+    """Write atomically (a temporary name of this process's, fsync, rename)."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **ek.curvature_arrays())
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{os.urandom(4).hex()}.tmp")
+    with tmp.open("wb") as fh:
+        fh.write(buffer.getvalue())
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def load_curvature(path: Path):
+    """The store's EK-FAC (curvature only: `whiten` and `_solve`, no training rows)."""
+    from datablame.methods.ekfac import EKFAC
+
+    with np.load(path, allow_pickle=False) as arrays:
+        return EKFAC.from_curvature_arrays(arrays)
