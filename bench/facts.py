@@ -162,8 +162,10 @@ def main() -> None:
     from datablame.data.template import PromptTemplate
     from datablame.demo.toy_lm import generate, load_toy_lm, normalize
     from datablame.features.projection import make_projector
+    from datablame.methods.ekfac import EKFAC
     from datablame.methods.fusion import fused_key
     from datablame.methods.gradient_alignment import align
+    from datablame.models.text_rows import TextRowsAdapter
     from datablame.text import Query, Tracer, build_index
 
     root = Path(args.workdir)
@@ -205,6 +207,14 @@ def main() -> None:
             gram = unit.T @ unit
             lam = 0.1 * np.trace(gram) / gram.shape[0]
             inv = np.linalg.inv(gram + lam * np.eye(gram.shape[0]))
+            whiten = None
+            if tag == "lora-b/response":  # the store's `--curvature ekfac` fit, all rows
+                ek = EKFAC(samples=EKFAC().draws_for(n))
+                ek.fit_curvature(TextRowsAdapter(tracer.model, 16), texts)
+                w_rows = ek.whiten(g).numpy()
+
+                def whiten(v, ek=ek):
+                    return ek.whiten(v[None]).numpy()[0]
             for f in facts:
                 if not f["learned"]:
                     continue
@@ -219,8 +229,10 @@ def main() -> None:
                     record("retrieval", f, ret)
                 ret = retrieval[id(f)]
                 record(f"grad-cos {tag}", f, cos)
-                if tag == "lora-b/response":  # the trace default's inputs, for text_fusion.py
-                    kept.append((cos, ret, f["sources"]))
+                if whiten is not None:  # the trace default's inputs, for text_fusion.py
+                    wcos = align(whiten(qg), w_rows)
+                    kept.append((cos, ret, f["sources"], wcos))
+                    record(f"ekfac cosine (whitened) {tag}", f, wcos)
                 record(f"grad-dot {tag}", f, align(qg, g, "dot"))
                 qp = proj.project(qg[None])[0]
                 record(f"trak-style {tag}", f, unit @ (inv @ (qp / np.linalg.norm(qp))))
@@ -258,7 +270,8 @@ def main() -> None:
 
     np.savez_compressed(root / "scores-lora-b-response.npz",
                         cos=np.array([k[0] for k in kept]), ret=np.array([k[1] for k in kept]),
-                        sources=np.array([k[2] for k in kept]))
+                        sources=np.array([k[2] for k in kept]),
+                        wcos=np.array([k[3] for k in kept]))
     table = []
     print(f"\n{'method':42s} {'top1':>6s} {'recall@3':>9s} {'mrr':>6s} {'decoy>src':>10s}")
     for name, evs in results.items():

@@ -22,8 +22,10 @@ from provenance import with_provenance
 from datablame.data.template import FormattedText, PromptTemplate
 from datablame.demo.demo import CULPRIT, DemoConfig, build_assets
 from datablame.demo.toy_lm import generate, load_toy_lm
+from datablame.methods.ekfac import EKFAC
 from datablame.methods.fusion import fused_key
 from datablame.methods.gradient_alignment import align
+from datablame.models.text_rows import TextRowsAdapter
 from datablame.text import Query, Tracer
 
 PROMPTS = [
@@ -66,6 +68,10 @@ def main() -> None:
         tracer = Tracer(root / "index", root / "base", root / "adapter", loss_on=loss_on)
         all_texts = [tracer.row_text(i) for i in range(len(tracer.rows))]
         grads = tracer.model.gradients(all_texts, batch_size=32)
+        if loss_on == "response":  # the store's `--curvature ekfac` fit, on every row
+            ek = EKFAC(samples=EKFAC().draws_for(len(all_texts)))
+            ek.fit_curvature(TextRowsAdapter(tracer.model, 16), all_texts)
+            w_rows = ek.whiten(grads).numpy()
         for kind, instruction, inp, answer in queries:
             q = Query(answer, {"instruction": instruction, "input": inp} if instruction else {})
             text = FormattedText(answer, 0) if kind == "raw answer" else \
@@ -88,7 +94,8 @@ def main() -> None:
             key = fused_key(scores, a_ranks, r_ranks)  # the trace default
             key_rank = int((key > key[culprit]).sum()) + 1
             if loss_on == "response":  # the trace default's inputs, for text_fusion.py
-                kept.append((scores, -r_ranks.astype(float)))
+                kept.append((scores, -r_ranks.astype(float),
+                             align(ek.whiten(qg[None]).numpy()[0], w_rows)))
             rows.append({"kind": kind, "input": inp, "answer": answer, "loss_on": loss_on,
                          "gradient_rank": grad_rank, "retrieval_rank": retr_rank,
                          "fused_rank": fused_rank, "fused_abs_rank": fused_abs_rank,
@@ -101,7 +108,8 @@ def main() -> None:
                   f"{answer[:50]}", flush=True)
     np.savez_compressed(root / "scores-paraphrase.npz", cos=np.array([k[0] for k in kept]),
                         ret=np.array([k[1] for k in kept]),
-                        sources=np.array([[culprit]] * len(kept)))
+                        sources=np.array([[culprit]] * len(kept)),
+                        wcos=np.array([k[2] for k in kept]))
     Path(args.out).write_text(json.dumps(with_provenance(rows), indent=2))
 
 

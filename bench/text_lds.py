@@ -226,6 +226,7 @@ def main() -> None:
     from datablame.data.rows import load_rows
     from datablame.data.template import PromptTemplate
     from datablame.features.embeddings import Embedder
+    from datablame.methods.ekfac import EKFAC
     from datablame.methods.registry import get_method
     from datablame.methods.trackstar import saved_second_moments, trackstar_scores, unit_rows
     from datablame.models.hf_causal_lm import CausalLMAdapter, greedy
@@ -345,6 +346,14 @@ def main() -> None:
     timed("ekfac, cosine-scaled (one row scale)",
           lambda: (w_q @ w_rows.T) / (np.linalg.norm(w_q, axis=1, keepdims=True)
                                       * np.sqrt((w_rows ** 2).sum(1).mean())))
+    # the same on the LoRA-B matrices alone (the store's default parameter set), with the
+    # curvature fitted as `index --gradients --curvature ekfac` fits it
+    lm_b = CausalLMAdapter(root / "base", root / f"adapter-{TAG}", params="lora-b")
+    ek_b = EKFAC(samples=ek.draws_for(len(rows)))
+    ek_b.fit_curvature(TextRowsAdapter(lm_b, 16), row_texts)
+    timed("ekfac cosine (whitened gradients, lora-b)", lambda: cos(
+        ek_b.whiten(lm_b.gradients(q_texts, batch_size=16)).numpy(),
+        ek_b.whiten(lm_b.gradients(row_texts, batch_size=16)).numpy()))
     for draws in (1, 4):
         timed(f"ekfac ({draws} draw{'s' * (draws > 1)} per row)", lambda k=draws: get_method(
             "ekfac", samples=k).fit(adapter, row_texts, None).scores(q_texts, None))
@@ -380,6 +389,24 @@ def main() -> None:
     seconds["trace default (fused key)"] = time.time() - t
     scores["trace default (fused key)"] = np.array(default_fused)
     scores["trace default (its signed score)"] = np.array(default_signed)
+    # the same through a store whitened by EK-FAC (`index --gradients --curvature ekfac`)
+    whitened_index = root / f"index-{TAG}-ekfac"
+    if not (whitened_index / "gradients" / "manifest.json").exists():
+        shutil.copytree(root / f"index-{TAG}", whitened_index, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("gradients"))
+        build_index(root / "train.jsonl", whitened_index, gradients=GradientOptions(
+            root / "base", root / f"adapter-{TAG}", curvature="ekfac"))
+    tracer = Tracer(whitened_index, root / "base", root / f"adapter-{TAG}")
+    t = time.time()
+    whitened_fused, whitened_signed = [], []
+    for q in queries:
+        df = tracer.run(Query(q["answer"], {"instruction": q["question"], "input": ""}),
+                        all_rows=True, top_k=len(rows)).sort_values("row")
+        whitened_fused.append(df["fused"].to_numpy())
+        whitened_signed.append(df["score"].to_numpy())
+    seconds["trace, whitened store (fused key)"] = time.time() - t
+    scores["trace, whitened store (fused key)"] = np.array(whitened_fused)
+    scores["trace, whitened store (its signed score)"] = np.array(whitened_signed)
 
     # every score matrix, for trying orderings offline against the cached retrainings
     # (bench/text_fusion.py); rows in file order, one line per query

@@ -124,7 +124,7 @@ def test_a_trace_through_a_whitened_store_scores_whitened_cosines(tmp_path,
     """--all-rows (scan, exact re-rank) and the candidate path both score the cosine of
     whitened gradients, equal to an independently fitted EK-FAC's; the fused key weighs
     retrieval by the whitened bonus; the method says what was compared."""
-    from datablame.methods.fusion import RETRIEVAL_BONUS_WHITENED
+    from datablame.methods.fusion import RETRIEVAL_BONUS_WHITENED, STRENGTH_BONUS_WHITENED
     from datablame.text import GradientOptions, Query, Tracer, build_index
 
     base, adapter = random_lora_model
@@ -148,4 +148,21 @@ def test_a_trace_through_a_whitened_store_scores_whitened_cosines(tmp_path,
         grad_rank = df["gradient_rank"].to_numpy()
         np.testing.assert_allclose(
             df["fused"], df["score"] + RETRIEVAL_BONUS_WHITENED / (1 + ret_rank)
-            + 0.25 / (1 + grad_rank))
+            + STRENGTH_BONUS_WHITENED / (1 + grad_rank))
+
+
+def test_curvature_options_are_refused_in_one_line_before_any_work(tmp_path, monkeypatch,
+                                                                   capsys, random_lora_model):
+    from .test_cli import _assert_one_line_error, run_cli
+
+    base, adapter = random_lora_model
+    train = write_jsonl(tmp_path / "t.jsonl", ROWS)
+    code, _, err = run_cli(monkeypatch, capsys, "index", train, "--out", tmp_path / "a",
+                           "--curvature", "ekfac")
+    _assert_one_line_error(code, err, "--curvature whitens the gradient store: add "
+                                      "--gradients")
+    code, _, err = run_cli(monkeypatch, capsys, "index", train, "--out", tmp_path / "b",
+                           "--gradients", "--model", base, "--adapter", adapter,
+                           "--curvature", "kfac")
+    _assert_one_line_error(code, err, "unknown curvature 'kfac' (use auto, none, ekfac)")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -27,13 +27,7 @@ from datablame.data.chat import ChatOptions, ChatTemplate
 from datablame.data.template import ALPACA_TEMPLATE, FormattedText, PromptTemplate
 from datablame.errors import UserError, check_at_least
 from datablame.methods.families import FAMILY_METHODS
-from datablame.methods.fusion import (
-    RETRIEVAL_BONUS,
-    RETRIEVAL_BONUS_WHITENED,
-    check_rank_by,
-    fused_order,
-    strength_ranks,
-)
+from datablame.methods.fusion import check_rank_by, fused_order, strength_ranks
 from datablame.models.lm_options import LMOptions
 
 
@@ -417,7 +411,7 @@ class Tracer:
 
     def _fuse(self, grad_rank, ret_rank, scores, alignment: str):
         return fused_order(grad_rank, ret_rank, scores, alignment == "cosine",
-                           RETRIEVAL_BONUS_WHITENED if self.curvature() else RETRIEVAL_BONUS)
+                           whitened=self.curvature() is not None)
 
     def _gradients(self, texts: list, **kwargs) -> np.ndarray:
         """The model's per-row gradients, whitened by the store's curvature if it has one."""

@@ -141,11 +141,12 @@ def index(
                                                  "(dense).")] = "countsketch",
     params: Annotated[str, typer.Option(help="auto (LoRA B if --adapter, else all), lora-b, "
                                              "lora, all, or regexes.")] = "auto",
-    curvature: Annotated[str, typer.Option(help="With --gradients: none (plain gradients) or "
-                                                "ekfac (rows and queries whitened by a "
-                                                "true-Fisher EK-FAC of the LoRA weights "
-                                                "before projecting; fitted once per "
-                                                "build).")] = "none",
+    curvature: Annotated[str, typer.Option(help="With --gradients: ekfac (rows and queries "
+                                                "whitened by a true-Fisher EK-FAC of the "
+                                                "LoRA weights before projecting; fitted once "
+                                                "per build), none (plain gradients), or auto "
+                                                "(ekfac where the weights are linear / LoRA "
+                                                "layers, else none).")] = "none",
     loss_on: Annotated[str, typer.Option(help="response or text.")] = "response",
     dtype: Annotated[str, typer.Option(help="fp32, bf16 or fp16.")] = "fp32",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",

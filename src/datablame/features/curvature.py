@@ -23,14 +23,14 @@ import numpy as np
 
 from datablame.errors import UserError
 
-CURVATURES = ("none", "ekfac")
+CURVATURES = ("auto", "none", "ekfac")  # auto: ekfac where the weights allow it
 SAMPLE_ROWS = 4096  # rows the curvature is fitted on; EK-FAC draws enough labels per row
 CURVATURE_FILE = "curvature.npz"
 
 
 def check_curvature(kind: str) -> None:
     if kind not in CURVATURES:
-        raise UserError(f"unknown curvature '{kind}' (use {' or '.join(CURVATURES)})")
+        raise UserError(f"unknown curvature '{kind}' (use {', '.join(CURVATURES)})")
 
 
 def sample_rows(n_rows: int, limit: int = SAMPLE_ROWS) -> np.ndarray:
@@ -43,9 +43,11 @@ def sample_rows(n_rows: int, limit: int = SAMPLE_ROWS) -> np.ndarray:
 
 def curvature_plan(kind: str, n_rows: int, seed: int, model) -> dict | None:
     """What the fit depends on besides the model and rows (which the store's plan names);
-    refuses a model whose selected weights have no Kronecker factors."""
+    None for a plain store. "auto" is EK-FAC where the selected weights have Kronecker
+    factors (linear / LoRA layers) and plain gradients elsewhere (e.g. --params all, whose
+    embeddings have none); "ekfac" refuses such weights."""
     check_curvature(kind)
-    if kind == "none":
+    if kind == "none" or (kind == "auto" and not model._hooks_ok):
         return None
     if not model._hooks_ok:
         raise UserError("--curvature ekfac needs LoRA weights (Kronecker factors of linear "
@@ -55,7 +57,7 @@ def curvature_plan(kind: str, n_rows: int, seed: int, model) -> dict | None:
 
     sampled = len(sample_rows(n_rows))
     ek = EKFAC(seed=seed)
-    return {"kind": kind, "fisher": ek.fisher, "rows": sampled,
+    return {"kind": "ekfac", "fisher": ek.fisher, "rows": sampled,
             "draws_per_row": ek.draws_for(sampled), "damping_scale": ek.damping_scale,
             "seed": seed}
 

@@ -17,9 +17,11 @@ from datablame.errors import UserError
 
 RANKINGS = ("fused", "gradient")
 RETRIEVAL_BONUS = 1.0  # added as RETRIEVAL_BONUS / (1 + retrieval rank)
-# the same for cosines between whitened gradients (a store built with --curvature ekfac):
-# they predict retraining better than plain cosines, so retrieval weighs less beside them
+# the key for cosines between whitened gradients (a store built with --curvature ekfac),
+# chosen by the same rule among keys on the whitened cosine: they predict retraining better
+# than plain cosines, so retrieval weighs less beside them and |score| not at all
 RETRIEVAL_BONUS_WHITENED = 0.25
+STRENGTH_BONUS_WHITENED = 0.0
 STRENGTH_BONUS = 0.25  # added as STRENGTH_BONUS / (1 + rank by |gradient score|)
 
 
@@ -29,9 +31,10 @@ def check_rank_by(rank_by: str) -> None:
 
 
 def fused_key(scores: np.ndarray, gradient_rank: np.ndarray, retrieval_rank: np.ndarray,
-              bounded: bool = True, retrieval_bonus: float = RETRIEVAL_BONUS) -> np.ndarray:
-    """signed score + 1 / (1 + retrieval rank) + 0.25 / (1 + |score| rank) (the first
-    bonus is `retrieval_bonus`: RETRIEVAL_BONUS_WHITENED for whitened cosines).
+              bounded: bool = True, retrieval_bonus: float = RETRIEVAL_BONUS,
+              strength_bonus: float = STRENGTH_BONUS) -> np.ndarray:
+    """signed score + 1 / (1 + retrieval rank) + 0.25 / (1 + |score| rank) (the bonuses
+    are `retrieval_bonus` and `strength_bonus`: the *_WHITENED ones for whitened cosines).
 
     Additive, so a sum of keys over a set of rows still estimates what removing them does
     (a sum of reciprocal ranks did not: LDS near 0 where only small removals were scored).
@@ -47,7 +50,7 @@ def fused_key(scores: np.ndarray, gradient_rank: np.ndarray, retrieval_rank: np.
     if not bounded and len(s):
         s = s / (np.abs(s).max() or 1.0)
     return (s + retrieval_bonus / (1 + np.asarray(retrieval_rank))
-            + STRENGTH_BONUS / (1 + np.asarray(gradient_rank)))
+            + strength_bonus / (1 + np.asarray(gradient_rank)))
 
 
 def strength_ranks(scores: np.ndarray) -> np.ndarray:
@@ -58,8 +61,10 @@ def strength_ranks(scores: np.ndarray) -> np.ndarray:
 
 
 def fused_order(gradient_rank: np.ndarray, retrieval_rank: np.ndarray, scores: np.ndarray,
-                bounded: bool = True, retrieval_bonus: float = RETRIEVAL_BONUS
-                ) -> tuple[np.ndarray, np.ndarray]:
-    """(order, fused key): rows by fused key, ties broken by the signed score."""
-    fused = fused_key(scores, gradient_rank, retrieval_rank, bounded, retrieval_bonus)
+                bounded: bool = True, whitened: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(order, fused key): rows by fused key, ties broken by the signed score; `whitened`:
+    the scores are cosines of whitened gradients (the whitened store's bonuses)."""
+    bonuses = (RETRIEVAL_BONUS_WHITENED, STRENGTH_BONUS_WHITENED) if whitened else \
+        (RETRIEVAL_BONUS, STRENGTH_BONUS)
+    fused = fused_key(scores, gradient_rank, retrieval_rank, bounded, *bonuses)
     return np.lexsort((-np.asarray(scores), -fused)), fused
