@@ -102,9 +102,16 @@ def test_an_altered_curvature_file_is_refused(setup):
     tmp, rows, tmpl, model = setup
     build_gradient_store(tmp, rows, tmpl, model, **KW)
     f = tmp / "gradients" / "curvature.npz"
-    data = bytearray(f.read_bytes())
-    data[-20] ^= 1
+    saved = f.read_bytes()
+    data = bytearray(saved)
+    data[len(data) // 2] ^= 1
     f.write_bytes(bytes(data))
+    with pytest.raises(UserError, match="curvature.npz is missing, truncated or altered"):
+        GradientStore.load(tmp)  # checksummed
+    unchecked = GradientStore.load(tmp, verify=False)  # size only: read, and refused
+    with pytest.raises(UserError, match="curvature.npz cannot be read"):
+        unchecked.whiten(np.ones((1, unchecked.manifest["num_params"]), dtype=np.float32))
+    f.write_bytes(saved[:-10])
     with pytest.raises(UserError, match="curvature.npz is missing, truncated or altered"):
         GradientStore.load(tmp, verify=False)
 

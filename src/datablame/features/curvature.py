@@ -65,11 +65,14 @@ def curvature_plan(kind: str, n_rows: int, seed: int, model) -> dict | None:
 def fit_curvature(model, texts: list, plan: dict):
     """A true-Fisher EK-FAC of `model`'s selected weights on `texts` (the sampled rows,
     formatted), as `plan` says."""
+    from datablame import progress
     from datablame.methods.ekfac import EKFAC
     from datablame.models.text_rows import TextRowsAdapter
 
     ek = EKFAC(damping_scale=plan["damping_scale"], fisher=plan["fisher"],
                samples=plan["draws_per_row"], seed=plan["seed"])
+    progress.note(f"fitting the curvature (EK-FAC, true Fisher) on {len(texts)} rows x "
+                  f"{plan['draws_per_row']} drawn answer(s) each, once for this build")
     ek.fit_curvature(TextRowsAdapter(model, batch_size=8), texts)
     return ek
 

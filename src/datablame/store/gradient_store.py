@@ -29,6 +29,7 @@ import json
 import os
 import re
 import shutil
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -194,7 +195,7 @@ class GradientStoreWriter:
             fcntl.flock(guard, fcntl.LOCK_EX)
             try:
                 ek = load_curvature(path) if path.exists() else None
-            except (OSError, ValueError, KeyError):
+            except (OSError, ValueError, KeyError, zipfile.BadZipFile):
                 ek = None  # damaged (ours, inside the build): fit it again
             if ek is None:
                 save_curvature(fit(), path)
@@ -292,13 +293,13 @@ class GradientStoreWriter:
             if side is None:
                 raise UserError(f"{where} has no sidecar ({self._sidecar(s).name}): its "
                                 "worker did not finish it; rerun the build")
-            if side.get("curvature") != self._curvature_sha256:
-                raise UserError(f"{where} was whitened with another curvature fit than "
-                                f"{CURVATURE_FILE}; rerun the build")
             if side.get("plan") != self.plan_digest or side.get("rows") != \
                     list(self.row_range(s)):
                 raise UserError(f"{where}: its sidecar is from another build plan; rerun "
                                 "the build")
+            if side.get("curvature") != self._curvature_sha256:
+                raise UserError(f"{where} was whitened with another curvature fit than "
+                                f"{CURVATURE_FILE}; rerun the build")
             layout = _layout_or_none(path)
             if layout != want:  # certify only what this plan made
                 raise UserError(f"{where} holds "
@@ -447,7 +448,7 @@ class GradientStore:
             f = self._own_file(curvature.get("file") if isinstance(curvature, dict) else None,
                                CURVATURE_NAME)
             if not f.is_file() or f.stat().st_size != curvature.get("bytes") or \
-                    _sha256(f) != curvature.get("sha256"):  # small: always checksummed
+                    (verify and _sha256(f) != curvature.get("sha256")):
                 raise UserError(f"gradient store {self.path}: {CURVATURE_FILE} is missing, "
                                 "truncated or altered; rebuild it")
 
@@ -460,7 +461,7 @@ class GradientStore:
         if getattr(self, "_curvature", None) is None:
             try:
                 self._curvature = load_curvature(self.path / CURVATURE_FILE)
-            except (OSError, ValueError, KeyError):
+            except (OSError, ValueError, KeyError, zipfile.BadZipFile):
                 raise UserError(f"gradient store {self.path}: {CURVATURE_FILE} cannot be "
                                 "read; rebuild it") from None
         return self._curvature
