@@ -66,9 +66,11 @@ def test_stored_vectors_are_the_projected_whitened_gradients(setup):
 
 
 def test_sharded_workers_share_one_fit_and_equal_one_process(setup, monkeypatch):
-    """Two --shard-of workers fit the curvature once (the second reads the first's file),
-    commit to the one-process store file for file; a shard whitened by another fit is
-    refused by the commit and, once the worker reruns, accepted."""
+    """Two --shard-of workers (one after the other, in one process: the plan lock itself
+    is not exercised here) fit the curvature once, the second reading the first's file,
+    and commit to the one-process store file for file. Once the curvature file holds
+    another fit, every shard counts as not written (its sidecar names the old fit) and the
+    commit refuses; with the fit restored, it commits."""
     tmp, rows, tmpl, model = setup
     build_gradient_store(tmp / "one", rows, tmpl, model, **KW)
     fits = []
@@ -146,6 +148,23 @@ def test_a_trace_through_a_whitened_store_scores_whitened_cosines(tmp_path,
     w = ek.whiten(tracer.model.gradients(texts).astype(np.float64)).numpy()
     w /= np.linalg.norm(w, axis=1, keepdims=True)
     want = w[1:] @ w[0]
+    # the store alone (no exact re-rank): the projected whitened cosine, fp16-stored
+    store = GradientStore.load(tmp_path / "idx")
+    p = store.projector.project(ek.whiten(tracer.model.gradients(texts)
+                                          .astype(np.float64)).numpy())
+    p /= np.linalg.norm(p, axis=1, keepdims=True)
+    scan = tracer.run(query, all_rows=True, top_k=len(ROWS), rerank=0)
+    got = scan.set_index("row")["score"].sort_index().to_numpy()
+    np.testing.assert_allclose(got, p[1:] @ p[0], atol=5e-3)
+    assert np.abs(got - want).max() > 1e-3  # projected, not exact: the store was read
+    # a queries file reads the store once for all its lines: the same as alone
+    tracer.scan_store_for([query], top_k=len(ROWS), rerank=0)
+    batched = tracer.run(query, all_rows=True, top_k=len(ROWS), rerank=0)
+    np.testing.assert_allclose(batched.set_index("row")["score"].sort_index(), got,
+                               atol=1e-6)
+    group = tracer.trace_group([query], top_k=len(ROWS), all_rows=True, rerank=len(ROWS))
+    np.testing.assert_allclose(group.set_index("row")["score"].sort_index(), want, atol=1e-4)
+    assert "after EK-FAC curvature" in group.attrs["method"]
     for df in (tracer.run(query, all_rows=True, top_k=len(ROWS), rerank=len(ROWS)),
                tracer.run(query, top_k=len(ROWS))):
         got = df.set_index("row")["score"].sort_index().to_numpy()
@@ -173,3 +192,34 @@ def test_curvature_options_are_refused_in_one_line_before_any_work(tmp_path, mon
                            "--curvature", "kfac")
     _assert_one_line_error(code, err, "unknown curvature 'kfac' (use auto, none, ekfac)")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_damaged_curvature_is_refused_even_without_checksums(tmp_path, random_lora_model):
+    """`--no-checksum` skips the curvature's sha256, not the curvature: a damaged file is
+    refused when the trace reads it, never replaced by plain (unwhitened) query
+    gradients against whitened rows."""
+    from datablame.text import GradientOptions, Query, Tracer, build_index
+
+    base, adapter = random_lora_model
+    train = write_jsonl(tmp_path / "t.jsonl", ROWS)
+    build_index(train, tmp_path / "idx", gradients=GradientOptions(
+        base, adapter, proj_dim=64, shard_rows=4, curvature="ekfac"))
+    f = tmp_path / "idx" / "gradients" / "curvature.npz"
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 1
+    f.write_bytes(bytes(data))
+    query = Query("hello there friend .", {"instruction": "say hello", "input": ""})
+    with pytest.raises(UserError, match="curvature.npz cannot be read"):
+        Tracer(tmp_path / "idx", base, adapter).run(query, all_rows=True, checksum=False)
+    with pytest.raises(UserError, match="curvature.npz cannot be read"):
+        Tracer(tmp_path / "idx", base, adapter).run(query)  # the candidate path too
+
+
+def test_an_empty_curvature_file_in_a_partial_build_is_fitted_again(setup):
+    tmp, rows, tmpl, model = setup
+    with pytest.raises(KeyboardInterrupt):
+        build_gradient_store(tmp / "a", rows, tmpl, model, stop_after_shards=1, **KW)
+    (tmp / "a" / "gradients.partial" / "curvature.npz").write_bytes(b"")
+    build_gradient_store(tmp / "a", rows, tmpl, model, **KW)
+    build_gradient_store(tmp / "b", rows, tmpl, model, **KW)
+    assert _files(tmp / "a" / "gradients") == _files(tmp / "b" / "gradients")

@@ -388,7 +388,8 @@ class Tracer:
         none): every alignment this tracer computes is then between whitened gradients,
         the quantity the store ranks by, whichever path finds the rows. A store built for
         another model or data cannot lend its curvature: the candidate path then says so
-        and scores plain gradients (`--all-rows` refuses such a store outright)."""
+        and scores plain gradients (`--all-rows` refuses such a store outright). A
+        curvature file that cannot be read is refused on every path."""
         if self._curvature_checked:
             return self._curvature
         self._curvature_checked = True
@@ -400,10 +401,12 @@ class Tracer:
         if not isinstance(manifest, dict) or not manifest.get("curvature"):
             return None
         try:
-            self._curvature = self._gradient_store(verify=False).curvature
-        except UserError as err:
+            store = self._gradient_store(verify=False)
+        except UserError as err:  # another model or data: not this trace's curvature
             progress.note(f"the gradient store's curvature is not used ({err}); gradients "
                           "are compared unwhitened")
+            return None
+        self._curvature = store.curvature  # a damaged curvature file is refused, one line
         return self._curvature
 
     def _grad_method(self, alignment: str) -> str:

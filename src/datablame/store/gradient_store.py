@@ -195,8 +195,8 @@ class GradientStoreWriter:
             fcntl.flock(guard, fcntl.LOCK_EX)
             try:
                 ek = load_curvature(path) if path.exists() else None
-            except (OSError, ValueError, KeyError, zipfile.BadZipFile):
-                ek = None  # damaged (ours, inside the build): fit it again
+            except (ValueError, KeyError, EOFError, zipfile.BadZipFile):
+                ek = None  # damaged content (ours, inside the build): fit it again
             if ek is None:
                 save_curvature(fit(), path)
                 ek = load_curvature(path)
@@ -461,7 +461,7 @@ class GradientStore:
         if getattr(self, "_curvature", None) is None:
             try:
                 self._curvature = load_curvature(self.path / CURVATURE_FILE)
-            except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
                 raise UserError(f"gradient store {self.path}: {CURVATURE_FILE} cannot be "
                                 "read; rebuild it") from None
         return self._curvature
