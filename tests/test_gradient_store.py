@@ -487,15 +487,16 @@ def test_rebuilding_the_retrieval_index_keeps_the_gradient_store(tmp_path, rando
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".idx.")]
 
 
-def one_process_store(tmp_path, random_lora_model, monkeypatch, capsys):
-    """ROWS and a one-process gradient store of them in tmp_path/one (4-row shards, K 64):
-    what every executor's store is compared with. Returns (train file, the index args)."""
+def one_process_store(tmp_path, random_lora_model, monkeypatch, capsys, extra=()):
+    """ROWS and a one-process gradient store of them in tmp_path/one (4-row shards, K 64,
+    and any `extra` index options): what every executor's store is compared with.
+    Returns (train file, the index args)."""
     from .test_cli import run_cli
 
     base, adapter = random_lora_model
     train = write_jsonl(tmp_path / "t.jsonl", ROWS)
     grad = ["--gradients", "--model", base, "--adapter", adapter, "--shard-rows", "4",
-            "--proj-dim", "64"]
+            "--proj-dim", "64", *extra]
     code, _, err = run_cli(monkeypatch, capsys, "index", train, "--out", tmp_path / "one",
                            *grad)
     assert code in (0, None), err
