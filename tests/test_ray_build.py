@@ -37,3 +37,75 @@ def test_ray_actors_build_the_one_process_store(tmp_path, random_lora_model, loc
     code, _, err = run_cli(monkeypatch, capsys, "index", train, "--out", tmp_path / "x",
                            "--ray", "local")
     _assert_one_line_error(code, err, "--ray builds a gradient store")
+
+
+@pytest.mark.parametrize("absolute", [False, True])
+def test_a_scan_split_over_ray_tasks_equals_one_scan(tmp_path, local_ray, absolute,
+                                                     monkeypatch):
+    """Shard groups scanned as Ray tasks and merged = one scan, ids and scores bit for bit,
+    ties (identical rows in different groups) to the lower id."""
+    import numpy as np
+
+    from datablame.store import ray_scan
+    from datablame.store.gradient_store import GradientStore
+
+    tasks = []
+    real = ray_scan._scan_group
+
+    def counted(*args):  # runs in Ray's worker processes: report back through the result
+        return [*real(*args), [(0.0, -os.getpid(), 0.0)]]
+
+    monkeypatch.setattr(ray_scan, "_scan_group", counted)
+    real_scan = ray_scan.scan_groups_on_ray
+
+    def spy(*args):
+        parts = real_scan(*args)
+        tasks.extend(part.pop()[0][1] for part in parts)  # each task's process id
+        return parts
+
+    monkeypatch.setattr(ray_scan, "scan_groups_on_ray", spy)
+
+    rng = np.random.default_rng(5)
+    vecs = rng.standard_normal((1000, 16)).astype(np.float16)
+    vecs[900:1000] = vecs[0:100]  # exact ties across the first and last groups
+    shards = []
+    for s, lo in enumerate(range(0, 1000, 250)):
+        np.save(tmp_path / f"shard-{s:05d}.npy", vecs[lo:lo + 250])
+        shards.append({"file": f"shard-{s:05d}.npy", "rows": [lo, lo + 250]})
+    np.save(tmp_path / "norms.npy",
+            np.linalg.norm(vecs.astype(np.float32), axis=1).astype(np.float32))
+    store = GradientStore(tmp_path, {"shards": shards, "proj_dim": 16})
+    queries = rng.standard_normal((3, 16)).astype(np.float32)
+    one = store.top_k_many(queries, 40, "cosine", absolute)
+    for workers in (1, 2, 3, 8):
+        split = store.top_k_many(queries, 40, "cosine", absolute, workers=workers,
+                                 ray="local")
+        for (ids, scores), (want_ids, want_scores) in zip(split, one, strict=True):
+            assert list(ids) == list(want_ids)
+            np.testing.assert_array_equal(scores, want_scores)
+    ids, scores = store.top_k(queries[0], 40, "cosine", absolute, workers=2, ray="local")
+    assert list(ids) == list(one[0][0])
+    assert len(tasks) == 1 + 2 + 3 + 4 + 2  # one task per shard group, 8 workers -> 4
+    assert all(-pid != os.getpid() for pid in tasks)  # scanned in Ray's workers
+
+
+def test_trace_all_rows_on_ray_equals_the_local_scan(tmp_path, random_lora_model, local_ray,
+                                                     monkeypatch, capsys):
+    import json
+
+    train, _ = one_process_store(tmp_path, random_lora_model, monkeypatch, capsys)
+    base, adapter = random_lora_model
+    args = ["trace", tmp_path / "one", "--model", base, "--adapter", adapter, "--all-rows",
+            "--query", "hello there friend .", "--field", "instruction=say hello",
+            "--top-k", "13", "--rerank", "0", "--json"]
+    code, alone, err = run_cli(monkeypatch, capsys, *args)
+    assert code in (0, None), err
+    code, on_ray, err = run_cli(monkeypatch, capsys, *args, "--ray", "auto",
+                                "--scan-workers", "3")
+    assert code in (0, None), err
+    rows = [[(r["row"], r["score"]) for r in json.loads(out)["results"]]
+            for out in (alone, on_ray)]
+    assert rows[0] == rows[1] and len(rows[0]) == 13
+    code, _, err = run_cli(monkeypatch, capsys, "trace", tmp_path / "one", "--model", base,
+                           "--adapter", adapter, "--query", "hi", "--ray", "auto")
+    _assert_one_line_error(code, err, "--ray scans the gradient store: add --all-rows")

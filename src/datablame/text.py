@@ -354,9 +354,11 @@ class Tracer:
         loss_on: str = "response",
         batch_size: int = 8,
         scan_workers: int = 1,
+        scan_ray: str | None = None,
     ):
         """`scan_workers`: threads that scan groups of gradient-store shards (merged exact
-        top-k, the same rows as one scan)."""
+        top-k, the same rows as one scan); `scan_ray` (a Ray address): the groups are Ray
+        tasks instead (`store.ray_scan`)."""
         from datablame.data.rows import load_rows
         from datablame.store.retrieval_index import load_index
 
@@ -374,7 +376,7 @@ class Tracer:
         self.model = self.options.load()
         if hasattr(self.template, "check_tokenizer"):  # a chat index: the same template
             self.template.check_tokenizer(self.model.tokenizer, model)
-        self.batch_size, self.scan_workers = batch_size, scan_workers
+        self.batch_size, self.scan_workers, self.scan_ray = batch_size, scan_workers, scan_ray
         self._embedder = None
         self._scanned: dict = {}  # scan_store_for's results, taken by trace_all_rows
         self._curvature_checked, self._curvature = False, None
@@ -580,7 +582,7 @@ class Tracer:
                                           1e-30)
             depth = min(len(self.rows), max(top_k, rerank))
             candidates, _ = store.top_k(unit.sum(axis=0), depth, "cosine",
-                                        workers=self.scan_workers)
+                                        workers=self.scan_workers, ray=self.scan_ray)
         else:
             found: dict[int, None] = {}
             for q in resolved:
@@ -672,7 +674,7 @@ class Tracer:
             self._gradients(texts[i:i + self.batch_size], batch_size=self.batch_size))
             for i in range(0, len(texts), self.batch_size)])
         found = store.top_k_many(vecs, depth, alignment, absolute=fused_mode,
-                                 workers=self.scan_workers)
+                                 workers=self.scan_workers, ray=self.scan_ray)
         for text, vec, (ids, scores) in zip(texts, vecs, found, strict=True):
             # the whole formatted text is the key: a focus or another split of the same
             # words is another query
@@ -705,7 +707,7 @@ class Tracer:
         if scanned is None:
             q_vec = store.projector.project(q_grad)[0]
             row_ids, proj_scores = store.top_k(q_vec, depth, alignment, absolute=fused_mode,
-                                               workers=self.scan_workers)
+                                               workers=self.scan_workers, ray=self.scan_ray)
         else:  # `scan_store_for` read the store once for a whole queries file
             q_vec, row_ids, proj_scores = scanned
         scores = proj_scores.copy()

@@ -373,6 +373,11 @@ def trace(
     scan_workers: Annotated[int, typer.Option(help="With --all-rows: threads scanning "
                                                    "groups of gradient shards (the same "
                                                    "rows as one scan).")] = 1,
+    ray: Annotated[str, typer.Option(help="With --all-rows: scan the --scan-workers shard "
+                                          "groups as Ray tasks on a cluster (auto or "
+                                          "HOST:PORT; local starts Ray here). Every node "
+                                          "must see the index at the same path. Needs "
+                                          "datablame[ray].")] = "",
     focus: Annotated[str, typer.Option(help="Trace only this span of the output (e.g. a "
                                             "name it made up): the loss covers its tokens."
                                             )] = "",
@@ -464,6 +469,8 @@ def trace(
         check_at_least(name, value, least)
     check_alignment(alignment)
     check_rank_by(rank_by)
+    if ray and not all_rows:
+        _fail("--ray scans the gradient store: add --all-rows")
     if method not in ("grad", "magic", *LM_METHODS):
         _fail(f"method '{method}' does not run on a language model here (use grad, "
               f"{', '.join(LM_METHODS)}, magic)")
@@ -523,7 +530,7 @@ def trace(
 
     tracer = Tracer(index_dir, model, adapter, data=data, params=params, dtype=dtype,
                     device=device, max_length=max_length, loss_on=loss_on,
-                    batch_size=batch_size, scan_workers=scan_workers)
+                    batch_size=batch_size, scan_workers=scan_workers, scan_ray=ray or None)
 
     def as_query(item: QueryLine) -> Query:
         if item.answer is None:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from datablame import progress
 from datablame.errors import UserError
+from datablame.ray_cluster import connect
 
 
 class ShardActor:
@@ -67,22 +68,10 @@ def build_on_ray(out: Path, train_file, split: str | None, options, actors: int,
     """Write every missing shard with `actors` Ray actors (one GPU each when the cluster
     has that many), then commit. `address`: "local" starts a Ray instance on this machine,
     "auto" or HOST:PORT joins a running cluster (an already initialised Ray is used)."""
-    try:
-        import ray
-    except ImportError:
-        raise UserError("--ray needs Ray: pip install 'datablame[ray]'") from None
+    connect(address, max(actors, os.cpu_count() or 1))
+    import ray
     import torch
 
-    if not ray.is_initialized():
-        if address == "local":
-            ray.init(num_cpus=max(actors, os.cpu_count() or 1), include_dashboard=False,
-                     log_to_driver=False)
-        else:
-            try:
-                ray.init(address=address, log_to_driver=False)
-            except (ConnectionError, RuntimeError, ValueError) as exc:
-                raise UserError(f"--ray {address}: cannot join the Ray cluster "
-                                f"({str(exc).splitlines()[0]})") from None
     gpus = ray.cluster_resources().get("GPU", 0) >= actors
     remote = ray.remote(num_cpus=1, num_gpus=1 if gpus else 0, max_restarts=3,
                         max_task_retries=3)(ShardActor)

@@ -513,13 +513,13 @@ class GradientStore:
         return projector_from_json(self.manifest["projection"])
 
     def top_k(self, query: np.ndarray, k: int, kind: str = "cosine", absolute: bool = False,
-              workers: int = 1) -> tuple[np.ndarray, np.ndarray]:
+              workers: int = 1, ray: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Exact scores of every stored row; returns (row ids, scores) of the best k, by
         score or, with `absolute`, by |score| (strongly aligned or strongly opposed)."""
-        return self.top_k_many(np.asarray(query)[None], k, kind, absolute, workers)[0]
+        return self.top_k_many(np.asarray(query)[None], k, kind, absolute, workers, ray)[0]
 
     def top_k_many(self, queries: np.ndarray, k: int, kind: str = "cosine",
-                   absolute: bool = False, workers: int = 1
+                   absolute: bool = False, workers: int = 1, ray: str | None = None
                    ) -> list[tuple[np.ndarray, np.ndarray]]:
         """`top_k` for each row of `queries` (m, K) in one pass over the store: each block
         of rows is read once and scored against every query by one matrix product.
@@ -529,6 +529,8 @@ class GradientStore:
         k-sized heap per query, whatever the number of rows. `workers` > 1 scans contiguous
         groups of shards in threads (the products release the GIL) and merges their exact
         top-k lists: the same rows and scores as one scan, ties to the lower row id.
+        `ray` (an address: local, auto or HOST:PORT): the groups are Ray tasks instead,
+        on any node that sees the store at this path (`store.ray_scan`); same merge.
         """
         q = np.asarray(queries, dtype=np.float32)
         if q.ndim != 2:
@@ -537,7 +539,13 @@ class GradientStore:
         if k <= 0:
             return [(np.zeros(0, dtype=np.int64), np.zeros(0)) for _ in range(len(q))]
         groups = [g for g in np.array_split(np.arange(len(shards)), max(1, workers)) if len(g)]
-        if len(groups) <= 1:
+        if ray:
+            from datablame.store.ray_scan import scan_groups_on_ray
+
+            parts = scan_groups_on_ray(self, q, [[int(i) for i in g] for g in groups], k,
+                                       kind, absolute, ray)
+            heaps = [[item for part in parts for item in part[j]] for j in range(len(q))]
+        elif len(groups) <= 1:
             heaps = self._scan(q, shards, k, kind, absolute)
         else:
             from concurrent.futures import ThreadPoolExecutor

@@ -1,0 +1,29 @@
+"""Joining Ray, said once for every `--ray` path (the gradient build's actors, the store
+scan's tasks). Optional: `pip install 'datablame[ray]'`."""
+
+from __future__ import annotations
+
+import os
+
+from datablame.errors import UserError
+
+
+def connect(address: str, cpus: int | None = None) -> None:
+    """Use a running Ray (already initialised), start one on this machine ("local", with
+    `cpus` CPUs, default all), or join a cluster ("auto" or HOST:PORT); a missing Ray or a
+    cluster that cannot be joined is one line."""
+    try:
+        import ray
+    except ImportError:
+        raise UserError("--ray needs Ray: pip install 'datablame[ray]'") from None
+    if ray.is_initialized():
+        return
+    if address == "local":
+        ray.init(num_cpus=cpus or os.cpu_count() or 1, include_dashboard=False,
+                 log_to_driver=False)
+        return
+    try:
+        ray.init(address=address, log_to_driver=False)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise UserError(f"--ray {address}: cannot join the Ray cluster "
+                        f"({str(exc).splitlines()[0]})") from None
