@@ -163,3 +163,86 @@ def test_index_ivfpq_end_to_end_finds_the_row_that_says_it(tmp_path, monkeypatch
     code, _, err = run_cli(monkeypatch, capsys, "index", small, "--out", tmp_path / "s",
                            "--index-type", "ivfpq")
     _assert_one_line_error(code, err, "use flat")
+
+
+def _index_files(path):
+    """An index's files as bytes, the manifest without its creation time (and not the
+    build lock's record of who built it)."""
+    files = {p.name: p.read_bytes() for p in sorted(path.iterdir()) if p.is_file()
+             and p.name not in ("manifest.json", ".lock")}
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest.pop("created")
+    return files, manifest
+
+
+def test_pieces_written_by_workers_commit_to_the_one_process_index(table, tmp_path):
+    """Three `shard_of` workers (the first trains, the others read its quantizers) and a
+    commit make the one-process index file for file; the commit refuses while a shard is
+    missing; a worker rerun writes nothing twice; the build directory is gone after."""
+    rows, tmpl, embed, _ = table(2500)
+    ri.save_ivfpq_index(tmp_path / "one", rows, tmpl, embed, "test", shard_rows=600)
+    calls = []
+
+    def counted(texts):
+        calls.append(len(texts))
+        return embed(texts)
+
+    out = tmp_path / "many"
+    for i in (0, 1):
+        done = ri.save_ivfpq_index(out, rows, tmpl, counted, "test", shard_rows=600,
+                                   shard_of=(i, 3))
+    assert done["missing"] == [2] and not out.exists()
+    with pytest.raises(UserError, match=r"1 of 5 ivfpq shards are not written yet \(shard 2\)"):
+        ri.save_ivfpq_index(out, rows, tmpl, counted, "test", shard_rows=600,
+                            commit_only=True)
+    ri.save_ivfpq_index(out, rows, tmpl, counted, "test", shard_rows=600, shard_of=(2, 3))
+    embedded = sum(calls)
+    assert ri.save_ivfpq_index(out, rows, tmpl, counted, "test", shard_rows=600,
+                               shard_of=(0, 3))["written"] == 0
+    assert sum(calls) == embedded  # nothing embedded twice
+    ri.save_ivfpq_index(out, rows, tmpl, counted, "test", shard_rows=600, commit_only=True)
+    assert _index_files(out) == _index_files(tmp_path / "one")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    assert ri.load_index(out).search(clustered(1, seed=3), 5)[1].shape == (1, 5)
+
+
+def test_index_ivfpq_shard_of_commit_and_workers_equal_one_process(tmp_path, monkeypatch,
+                                                                   capsys):
+    """The CLI: `--index-type ivfpq --shard-of 0/2`, `1/2`, `--commit`, and `--workers 2`
+    (two processes), with the real embedder, make the one-process index file for file."""
+    from .test_cli import _assert_one_line_error, run_cli
+
+    monkeypatch.setenv("DATABLAME_TEST_IVFPQ_SHARD_ROWS", "400")  # 3 shards, in workers too
+    rng = np.random.default_rng(1)
+    words = ["river", "stone", "copper", "violin", "garden", "engine", "winter", "orbit"]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"instruction": " ".join(rng.choice(words, 4)),
+                                        "output": " ".join(rng.choice(words, 5))}) + "\n"
+                            for _ in range(1000)))
+    pq = ["--index-type", "ivfpq"]
+    code, _, err = run_cli(monkeypatch, capsys, "index", data, "--out", tmp_path / "one", *pq)
+    assert code in (0, None), err
+    code, out, err = run_cli(monkeypatch, capsys, "index", data, "--out", tmp_path / "two",
+                             *pq, "--shard-of", "0/2")
+    assert code in (0, None), err
+    assert "wrote 2 of its 2 ivfpq index shards; 1 shard(s) of the index still missing" in \
+        " ".join((out + err).split())
+    code, _, err = run_cli(monkeypatch, capsys, "index", data, "--out", tmp_path / "two",
+                           *pq, "--commit")
+    _assert_one_line_error(code, err, "ivfpq shards are not written yet (shard 1)")
+    code, _, err = run_cli(monkeypatch, capsys, "index", data, "--out", tmp_path / "two",
+                           *pq, "--shard-of", "1/2")
+    assert code in (0, None), err
+    code, out, err = run_cli(monkeypatch, capsys, "index", data, "--out", tmp_path / "two",
+                             *pq, "--commit")
+    assert code in (0, None), err
+    assert "committed 3 ivfpq index shards (1000 rows)" in out + err
+    assert _index_files(tmp_path / "two") == _index_files(tmp_path / "one")
+    assert (tmp_path / "two" / "spans").exists()  # the copied-words index, as one process
+    code, _, err = run_cli(monkeypatch, capsys, "index", data, "--out", tmp_path / "three",
+                           *pq, "--workers", "2")
+    assert code in (0, None), err
+    assert _index_files(tmp_path / "three") == _index_files(tmp_path / "one")
+    code, _, err = run_cli(monkeypatch, capsys, "index", data, "--out", tmp_path / "f",
+                           "--shard-of", "0/2")
+    _assert_one_line_error(code, err, "or an ivfpq index (add --index-type ivfpq)")

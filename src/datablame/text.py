@@ -90,10 +90,24 @@ def build_index(
                     chat_model=gradients.model)
         with IndexLock(real_out):  # one Ray build at a time: its actors commit
             return build_on_ray(real_out, train_file, split, gradients, ray[1], ray[0])
+    if (shard_of is not None or commit) and gradients is None:
+        if index_type != "ivfpq":
+            raise UserError("--shard-of and --commit build a gradient store (add --gradients "
+                            "and the model options) or an ivfpq retrieval index (add "
+                            "--index-type ivfpq)")
+        if shard_of is not None:  # pieces in the build directory beside the index
+            return _ivfpq_worker(train_file, real_out, shard_of, template=template,
+                                 response_field=response_field, chat=chat,
+                                 embedder=embedder, batch_size=batch_size, device=device,
+                                 split=split, chat_model=chat_model)
+        with IndexLock(real_out) as lock:  # the commit, then the copied-words index
+            return _build_index_locked(train_file, real_out, lock, template=template,
+                                       response_field=response_field, chat=chat,
+                                       embedder=embedder, index_type=index_type,
+                                       batch_size=batch_size, device=device, gradients=None,
+                                       split=split, chat_model=chat_model,
+                                       ivfpq_commit=True)
     if shard_of is not None or commit:
-        if gradients is None:
-            raise UserError("--shard-of and --commit build a gradient store: add --gradients "
-                            "and the model options")
         with IndexLock(real_out, shared=shard_of is not None):
             return _gradient_shards(train_file, real_out, gradients, split, template,
                                     response_field, chat, shard_of)
@@ -111,7 +125,9 @@ def _build_index_locked(train_file: str | os.PathLike, out: Path, lock, *,
                         chat: ChatOptions | None, embedder: str | None, index_type: str,
                         batch_size: int, device: str, gradients: GradientOptions | None,
                         split: str | None = None,
-                        chat_model: str | os.PathLike | None = None) -> dict:
+                        chat_model: str | os.PathLike | None = None,
+                        ivfpq_commit: bool = False) -> dict:
+    """`ivfpq_commit`: merge the pieces `--shard-of` workers wrote, embedding nothing."""
     from datablame.data.rows import load_rows
     from datablame.features.embeddings import Embedder, resolve_embedder
     from datablame.store.retrieval_index import (
@@ -158,7 +174,7 @@ def _build_index_locked(train_file: str | os.PathLike, out: Path, lock, *,
             with progress.task("embedding rows", len(texts)) as advance:
                 manifest = save_ivfpq_index(
                     out, rows, tmpl, lambda chunk: enc.encode(chunk, batch_size=batch_size),
-                    enc.name, before_swap=swap, progress=advance)
+                    enc.name, before_swap=swap, progress=advance, commit_only=ivfpq_commit)
         else:
             with progress.task("embedding rows", len(texts)) as advance:
                 vectors = enc.encode(texts, batch_size=batch_size, progress=advance)
@@ -180,6 +196,34 @@ def _build_index_locked(train_file: str | os.PathLike, out: Path, lock, *,
             build_gradient_store(out, rows, tmpl, model, progress=advance,
                                  **g.store_options())
     return manifest
+
+
+def _ivfpq_worker(train_file, out: Path, shard_of: tuple[int, int], *, template,
+                  response_field, chat, embedder, batch_size: int, device: str, split,
+                  chat_model) -> dict:
+    """One worker's share of an ivfpq retrieval index: shards I, I+N, ... embedded and
+    added to the trained index as pieces (the first worker trains it); `--commit` merges."""
+    from datablame.data.rows import load_rows
+    from datablame.features.embeddings import Embedder
+    from datablame.store.retrieval_index import (
+        check_ivfpq_rows,
+        ivfpq_shard_rows,
+        save_ivfpq_index,
+    )
+
+    rows = load_rows(train_file, split=split)
+    check_ivfpq_rows(rows)
+    tmpl = resolve_template(template, response_field, rows, chat, chat_model)
+    tmpl.check_rows(rows)
+    enc = Embedder(embedder, device=device)
+    i, n = shard_of
+    size = ivfpq_shard_rows()
+    mine = sum(min(len(rows), (s + 1) * size) - s * size
+               for s in range(i, -(-len(rows) // size), n))
+    with progress.task(f"embedding rows, shards {i} mod {n}", mine) as advance:
+        return save_ivfpq_index(out, rows, tmpl,
+                                lambda chunk: enc.encode(chunk, batch_size=batch_size),
+                                enc.name, shard_of=shard_of, progress=advance)
 
 
 def _gradient_shards(train_file, out: Path, g: GradientOptions, split, template,

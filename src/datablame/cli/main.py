@@ -49,7 +49,7 @@ def _main(
     progress.enable_notes(True)
 
 
-def _run_shard_workers(n: int) -> None:
+def _run_shard_workers(n: int, what: str = "gradient") -> None:
     """This `index` command again as n `--shard-of i/n` processes: one GPU each when there
     are n, else the cores split between them. Waits for all; a failed worker fails the
     build with its own error line (its finished shards are kept: rerun to resume)."""
@@ -76,7 +76,7 @@ def _run_shard_workers(n: int) -> None:
     # that depends on it, and fewer threads would give other bytes than one process
     each = (f"GPUs {', '.join(devices)} in turn" if devices else
             "sharing the CPU cores: on a CPU, one process is usually faster")
-    progress.note(f"{n} gradient workers ({each}); the store is committed when all are done")
+    progress.note(f"{n} {what} workers ({each}); it is committed when all are done")
     procs, logs = [], []
     for i in range(n):
         env = dict(os.environ)
@@ -235,33 +235,45 @@ def index(
                       f"({manifest['rows']} rows, {workers} Ray actor(s)) -> {out}/gradients",
                       highlight=False, soft_wrap=True)
         return
+    # without --gradients, --shard-of / --commit / --workers split an ivfpq retrieval index
+    ivfpq_pieces = grad_opts is None and index_type == "ivfpq"
     if workers > 1:
-        if grad_opts is None:
-            _fail("--workers splits a gradient build: add --gradients --model ...")
+        if grad_opts is None and not ivfpq_pieces:
+            _fail("--workers splits a gradient build (add --gradients --model ...) or an "
+                  "ivfpq index (add --index-type ivfpq)")
         if worker is not None or commit:
             _fail("--workers runs the --shard-of workers and the --commit itself")
-        build_index(train_file, out, template=template or None, chat=chat,
-                    response_field=response_field or None, embedder=embedder or None,
-                    index_type=index_type, batch_size=batch_size, split=split or None,
-                    chat_model=grad_opts.model)
-        _run_shard_workers(workers)
+        if not ivfpq_pieces:  # the gradient workers share one retrieval index
+            build_index(train_file, out, template=template or None, chat=chat,
+                        response_field=response_field or None, embedder=embedder or None,
+                        index_type=index_type, batch_size=batch_size, split=split or None,
+                        chat_model=grad_opts.model)
+        _run_shard_workers(workers, "ivfpq index" if ivfpq_pieces else "gradient")
         commit = True
-    if (worker is not None or commit) and grad_opts is None:
-        _fail("--shard-of and --commit build a gradient store: add --gradients --model ...")
+    if (worker is not None or commit) and grad_opts is None and not ivfpq_pieces:
+        _fail("--shard-of and --commit build a gradient store (add --gradients --model ...) "
+              "or an ivfpq index (add --index-type ivfpq)")
     if worker is not None and commit:
         _fail("a --shard-of worker commits nothing: run --commit once all workers are done")
     manifest = build_index(train_file, out, template=template or None, chat=chat,
                            response_field=response_field or None, embedder=embedder or None,
                            index_type=index_type, batch_size=batch_size, gradients=grad_opts,
                            split=split or None, shard_of=worker, commit=commit)
+    what = "ivfpq index" if ivfpq_pieces else "gradient"
     if worker is not None:
         left = manifest["missing"]
         console.print(f"worker {worker[0]}/{worker[1]}: wrote {manifest['written']} of its "
-                      f"{manifest['mine']} gradient shards; {len(left)} shard(s) of the "
-                      "store still missing" + ("" if left else
-                                               "; make the store: the same command with "
-                                               "--commit instead of --shard-of"),
+                      f"{manifest['mine']} {what} shards; {len(left)} shard(s) of the "
+                      f"{'index' if ivfpq_pieces else 'store'} still missing"
+                      + ("" if left else "; make the "
+                         f"{'index' if ivfpq_pieces else 'store'}: the same command with "
+                         "--commit instead of --shard-of"),
                       highlight=False, soft_wrap=True)
+        return
+    if commit and ivfpq_pieces:
+        console.print(f"committed {len(manifest['shards'])} ivfpq index shards "
+                      f"({manifest['data']['rows']} rows) -> {out}", highlight=False,
+                      soft_wrap=True)
         return
     if commit:
         console.print(f"committed {len(manifest['shards'])} gradient shards "

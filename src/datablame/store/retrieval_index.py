@@ -43,6 +43,12 @@ INDEX_TYPES = ("flat", "ivf", "hnsw", "ivfpq")
 OWN_FILES = {"embeddings": "embeddings.npy", "faiss": "faiss.index", "ivfdata": "lists.ivfdata"}
 SHARD_FILE = re.compile(r"embeddings-\d{5}\.npy")
 IVFPQ_SHARD_ROWS = 65536
+
+
+def ivfpq_shard_rows() -> int:
+    """Rows per ivfpq shard (a test hook, DATABLAME_TEST_IVFPQ_SHARD_ROWS, makes small data
+    several shards, in worker processes too)."""
+    return int(os.environ.get("DATABLAME_TEST_IVFPQ_SHARD_ROWS", IVFPQ_SHARD_ROWS))
 IVFPQ_MIN_ROWS = 1000  # fewer rows than this train no product quantizer worth having
 IVFPQ_TRAIN_ROWS = 65536  # the sample the coarse and product quantizers are trained on
 IVFPQ_RERANK = 10  # approximate candidates per result, re-ranked with exact cosines
@@ -125,66 +131,31 @@ def _faiss_stdout_quiet():
 
 
 def save_ivfpq_index(out: Path, rows: Rows, template: PromptTemplate, embed,
-                     embedder_name: str, shard_rows: int = IVFPQ_SHARD_ROWS,
+                     embedder_name: str, shard_rows: int | None = None,
                      before_swap: Callable[[Path], None] | None = None,
-                     progress=None) -> dict:
-    """Embed the rows a shard at a time into an IVF-PQ index whose lists live on disk.
+                     progress=None, shard_of: tuple[int, int] | None = None,
+                     commit_only: bool = False) -> dict:
+    """Embed the rows a shard at a time into an IVF-PQ index whose lists live on disk
+    (`store.ivfpq_build`): the quantizers trained once, on evenly spaced rows; each shard's
+    rows added to a copy of the trained index and written as a piece, with the shard's
+    fp16 embeddings; FAISS then merges the pieces' inverted lists into one file on disk.
+    Memory holds one shard's embeddings, not every row's; an interrupted build resumes.
+    `embed(texts)` returns normalised float32 vectors.
 
-    The quantizers are trained once, on evenly spaced rows; each shard's rows are added to
-    a copy of the trained index and written as a piece, with the shard's fp16 embeddings;
-    FAISS then merges the pieces' inverted lists into one file on disk. Memory holds one
-    shard's embeddings, not every row's. `embed(texts)` returns normalised float32 vectors.
-    """
-    import faiss
-    from faiss.contrib.ondisk import merge_ondisk
+    `shard_of=(i, n)`: one of n workers writes the shards s with s % n == i and commits
+    nothing; returns {"written", "mine", "missing"}. `commit_only`: merge the pieces the
+    workers wrote (refused while any is missing)."""
+    from datablame.store.ivfpq_build import IvfpqBuild
 
-    n = len(rows)
-    check_ivfpq_rows(rows)
-    if shard_rows < 1:
-        raise UserError("rows per shard must be at least 1")
-    texts = rows.texts(template)
-    # 39 rows per list: FAISS's floor for training 4 sqrt(n) coarse centroids
-    train_rows = min(n, max(IVFPQ_TRAIN_ROWS, 39 * int(4 * math.sqrt(n))))
-    sample_ids = np.unique(np.linspace(0, n - 1, train_rows).astype(np.int64))
-    sample = embed([texts[int(i)] for i in sample_ids])
-    with _faiss_stdout_quiet():
-        trained = train_ivfpq(sample, n)
-    manifest = _manifest(rows, template, embedder_name, sample.shape[1], "ivfpq")
-    manifest["ivfpq"] = {"nlist": int(trained.nlist), "code_bytes": int(trained.code_size),
-                         "nprobe": int(trained.nprobe), "trained_on_rows": len(sample_ids),
-                         "rerank": IVFPQ_RERANK}
-    with atomic_dir(Path(out), before_swap) as tmp:
-        pieces, shards = [], []
-        for number, lo in enumerate(range(0, n, shard_rows)):
-            hi = min(n, lo + shard_rows)
-            # a sample of every row (small data) is every shard's embeddings already
-            vectors = sample[lo:hi] if len(sample_ids) == n else embed(texts[lo:hi])
-            name = f"embeddings-{number:05d}.npy"
-            np.save(tmp / name, vectors.astype(np.float16))
-            shards.append({**_file_entry(tmp / name), "rows": [lo, hi]})
-            piece = faiss.clone_index(trained)
-            with _faiss_stdout_quiet():
-                piece.add_with_ids(np.ascontiguousarray(vectors, np.float32),
-                                   np.arange(lo, hi, dtype=np.int64))
-            pieces.append(str(tmp / f".piece-{number:05d}.index"))
-            faiss.write_index(piece, pieces[-1])
-            del piece, vectors
-            if progress is not None:
-                progress(hi - lo)
-        merged = faiss.clone_index(trained)
-        with _faiss_stdout_quiet():
-            # the pieces stay mapped until the process ends (FAISS does not own them after
-            # the merge): their space on disk is freed then
-            merge_ondisk(merged, pieces, str(tmp / OWN_FILES["ivfdata"]))
-        faiss.write_index(merged, str(tmp / OWN_FILES["faiss"]))
-        del merged
-        for piece in pieces:  # our own temporary pieces, inside the new index
-            os.unlink(piece)
-        manifest["files"] = {key: _file_entry(tmp / OWN_FILES[key])
-                             for key in ("faiss", "ivfdata")}
-        manifest["shards"] = shards
-        write_json_atomic(tmp / "manifest.json", manifest)  # written last
-    return manifest
+    build = IvfpqBuild(out, rows, template, embed, embedder_name,
+                       shard_rows or ivfpq_shard_rows(), existing_only=commit_only)
+    if not commit_only:
+        mine = [s for s in range(build.n_shards)
+                if shard_of is None or s % shard_of[1] == shard_of[0]]
+        written = build.build(mine, progress)
+        if shard_of is not None:
+            return {"written": written, "mine": len(mine), "missing": build.missing()}
+    return build.commit(_manifest(rows, template, embedder_name, 0, "ivfpq"), before_swap)
 
 
 @dataclass

@@ -1,0 +1,253 @@
+"""An `ivfpq` retrieval index built in pieces, by one process or by many workers.
+
+The pieces live in a sibling build directory, `.NAME.ivfpq-partial/`, beside the index
+`NAME` (ours: it is named after the index and holds nothing else):
+  plan.json              what is being built (rows, fingerprint, template, embedder, shard
+                         size); a build with another plan discards the directory
+  trained.index          the IVF-PQ quantizers, trained once, on evenly spaced rows, by
+                         whichever worker comes first (under a lock; the others wait and
+                         read it); sample.npy holds the sample's embeddings when the
+                         sample is every row (small data: the shards reuse them)
+  embeddings-NNNNN.npy   a shard's fp16 embeddings, piece-NNNNN.index the trained index
+                         with the shard's rows added, piece-NNNNN.json its sidecar
+                         (written last: sizes and sha256 of both, the trained index's)
+The commit checks every sidecar, merges the pieces' inverted lists into the index's
+`lists.ivfdata` (FAISS's merge_ondisk), moves the embeddings in and renames the finished
+index into place. Shards are fixed row ranges embedded in fixed batches, so the index is
+the same whichever worker wrote which shard, and an interrupted build resumes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from datablame.data.rows import Rows
+from datablame.data.template import PromptTemplate
+from datablame.errors import UserError
+from datablame.store.atomic import atomic_dir, write_json_atomic
+from datablame.store.content_digest import sha256_file
+
+TRAINED, SAMPLE = "trained.index", "sample.npy"
+
+
+class IvfpqBuild:
+    def __init__(self, out: Path, rows: Rows, template: PromptTemplate, embed: Callable,
+                 embedder_name: str, shard_rows: int, *, existing_only: bool = False):
+        """`embed(texts)` returns normalised float32 vectors. `existing_only` (a commit):
+        use the build of this plan as it is, never start or discard one."""
+        import fcntl
+
+        from datablame.store.retrieval_index import IVFPQ_TRAIN_ROWS, check_ivfpq_rows
+
+        check_ivfpq_rows(rows)
+        if shard_rows < 1:
+            raise UserError("rows per shard must be at least 1")
+        self.out, self.rows, self.template, self.embed = Path(out), rows, template, embed
+        self.n, self.shard_rows = len(rows), shard_rows
+        self.partial = self.out.parent / f".{self.out.name}.ivfpq-partial"
+        self._lock = self.out.parent / f".{self.out.name}.ivfpq-partial.lock"
+        # 39 rows per list: FAISS's floor for training 4 sqrt(n) coarse centroids
+        train_rows = min(self.n, max(IVFPQ_TRAIN_ROWS, 39 * int(4 * math.sqrt(self.n))))
+        self.sample_ids = np.unique(np.linspace(0, self.n - 1, train_rows).astype(np.int64))
+        self.plan = {"rows": self.n, "fingerprint": rows.fingerprint(),
+                     "template": template.to_json(), "embedder": embedder_name,
+                     "shard_rows": shard_rows, "sample_rows": len(self.sample_ids)}
+        self.digest = hashlib.sha256(json.dumps(self.plan, sort_keys=True).encode()
+                                     ).hexdigest()
+        self._texts = None
+        self._trained_sha: str | None = None
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        with open(self._lock, "a") as guard:
+            fcntl.flock(guard, fcntl.LOCK_EX)
+            old = self.partial / "plan.json"
+            same = old.exists() and json.loads(old.read_text()) == self.plan
+            if existing_only:
+                if not same:
+                    raise UserError(f"no ivfpq pieces of these rows and options in "
+                                    f"{self.partial} to commit: run the --shard-of workers "
+                                    "with the same options first")
+                return
+            if self.partial.exists() and not same:
+                shutil.rmtree(self.partial)  # another build was interrupted: start over
+            self.partial.mkdir(parents=True, exist_ok=True)
+            if not same:
+                write_json_atomic(old, self.plan)
+
+    @property
+    def texts(self):
+        if self._texts is None:
+            self._texts = self.rows.texts(self.template)  # formatted a batch at a time
+        return self._texts
+
+    @property
+    def n_shards(self) -> int:
+        return -(-self.n // self.shard_rows)
+
+    def row_range(self, shard: int) -> tuple[int, int]:
+        return shard * self.shard_rows, min(self.n, (shard + 1) * self.shard_rows)
+
+    def _paths(self, shard: int) -> tuple[Path, Path, Path]:
+        return (self.partial / f"embeddings-{shard:05d}.npy",
+                self.partial / f"piece-{shard:05d}.index",
+                self.partial / f"piece-{shard:05d}.json")
+
+    def trained(self):
+        """The trained, empty IVF-PQ index: fitted by the first worker, read by the rest."""
+        import fcntl
+
+        import faiss
+
+        from datablame.store.retrieval_index import _faiss_stdout_quiet, train_ivfpq
+
+        path = self.partial / TRAINED
+        with open(self._lock, "a") as guard:
+            fcntl.flock(guard, fcntl.LOCK_EX)
+            if not path.exists():
+                sample = self.embed([self.texts[int(i)] for i in self.sample_ids])
+                if len(self.sample_ids) == self.n:  # every row: the shards reuse it
+                    _save_atomic(self.partial / SAMPLE, _npy(sample))
+                with _faiss_stdout_quiet():
+                    index = train_ivfpq(sample, self.n)
+                _save_atomic(path, lambda f: faiss.write_index(index, str(f)))
+            self._trained_sha = sha256_file(path)
+        with _faiss_stdout_quiet():
+            return faiss.read_index(str(path))
+
+    def _side(self, shard: int) -> dict | None:
+        try:
+            return json.loads(self._paths(shard)[2].read_text())
+        except (OSError, ValueError):
+            return None
+
+    def has(self, shard: int) -> bool:
+        """Complete: its sidecar (written last) is this plan's and this training's, and
+        both files have the sizes it records."""
+        emb, piece, _ = self._paths(shard)
+        side = self._side(shard)
+        return (side is not None and side.get("plan") == self.digest and
+                side.get("trained") == self._trained_sha and
+                side.get("rows") == list(self.row_range(shard)) and
+                emb.is_file() and emb.stat().st_size == side["embeddings"]["bytes"] and
+                piece.is_file() and piece.stat().st_size == side["piece"]["bytes"])
+
+    def missing(self) -> list[int]:
+        if self._trained_sha is None and (self.partial / TRAINED).exists():
+            self._trained_sha = sha256_file(self.partial / TRAINED)
+        return [s for s in range(self.n_shards) if not self.has(s)]
+
+    def write(self, shard: int, trained) -> None:
+        import faiss
+
+        from datablame.store.retrieval_index import _faiss_stdout_quiet
+
+        lo, hi = self.row_range(shard)
+        if len(self.sample_ids) == self.n:  # a sample of every row is every shard already
+            vectors = np.load(self.partial / SAMPLE, mmap_mode="r")[lo:hi]
+        else:
+            vectors = self.embed(self.texts[lo:hi])
+        emb, piece_path, side = self._paths(shard)
+        _save_atomic(emb, _npy(np.asarray(vectors).astype(np.float16)))
+        piece = faiss.clone_index(trained)
+        with _faiss_stdout_quiet():
+            piece.add_with_ids(np.ascontiguousarray(vectors, np.float32),
+                               np.arange(lo, hi, dtype=np.int64))
+        _save_atomic(piece_path, lambda f: faiss.write_index(piece, str(f)))
+        write_json_atomic(side, {"plan": self.digest, "trained": self._trained_sha,
+                                 "rows": [lo, hi], "embeddings": _entry(emb),
+                                 "piece": _entry(piece_path)})
+
+    def build(self, shards: list[int], progress=None) -> int:
+        """Write these shards unless done; returns how many were written."""
+        trained = self.trained()
+        written = 0
+        for s in shards:
+            if not self.has(s):
+                self.write(s, trained)
+                written += 1
+            if progress is not None:
+                progress(self.row_range(s)[1] - self.row_range(s)[0])
+        return written
+
+    def commit(self, manifest: dict, before_swap: Callable[[Path], None] | None = None
+               ) -> dict:
+        """Check every piece, merge them into the index at `out` (renamed into place) and
+        remove the build directory; `manifest`: the index manifest so far."""
+        import faiss
+        from faiss.contrib.ondisk import merge_ondisk
+
+        from datablame.store.retrieval_index import (
+            IVFPQ_RERANK,
+            OWN_FILES,
+            _faiss_stdout_quiet,
+            _file_entry,
+        )
+
+        missing = self.missing()
+        if missing:
+            shown = ", ".join(map(str, missing[:8])) + (" ..." if len(missing) > 8 else "")
+            raise UserError(f"{len(missing)} of {self.n_shards} ivfpq shards are not written "
+                            f"yet (shard {shown}): rerun their --shard-of workers")
+        with _faiss_stdout_quiet():
+            trained = faiss.read_index(str(self.partial / TRAINED))
+        manifest = {**manifest, "dim": int(trained.d), "ivfpq": {
+            "nlist": int(trained.nlist), "code_bytes": int(trained.code_size),
+            "nprobe": int(trained.nprobe), "trained_on_rows": len(self.sample_ids),
+            "rerank": IVFPQ_RERANK}}
+        with atomic_dir(self.out, before_swap) as tmp:
+            shards = []
+            for s in range(self.n_shards):
+                emb = self._paths(s)[0]
+                os.replace(emb, tmp / emb.name)  # ours: moved, not copied
+                shards.append({**self._side(s)["embeddings"], "file": emb.name,
+                               "rows": list(self.row_range(s))})
+            merged = faiss.clone_index(trained)
+            with _faiss_stdout_quiet():
+                # the pieces stay mapped until the process ends (FAISS does not own them
+                # after the merge): their space on disk is freed then
+                merge_ondisk(merged, [str(self._paths(s)[1]) for s in range(self.n_shards)],
+                             str(tmp / OWN_FILES["ivfdata"]))
+            # the lists' file name as the index loads it (IO_FLAG_ONDISK_SAME_DIR: beside
+            # the index), not this temporary directory's: the same bytes from any build
+            faiss.downcast_InvertedLists(faiss.extract_index_ivf(merged).invlists
+                                         ).filename = OWN_FILES["ivfdata"]
+            faiss.write_index(merged, str(tmp / OWN_FILES["faiss"]))
+            del merged
+            manifest["files"] = {key: _file_entry(tmp / OWN_FILES[key])
+                                 for key in ("faiss", "ivfdata")}
+            manifest["shards"] = shards
+            write_json_atomic(tmp / "manifest.json", manifest)  # written last
+        shutil.rmtree(self.partial, ignore_errors=True)  # ours, and merged
+        self._lock.unlink(missing_ok=True)
+        return manifest
+
+
+def _npy(array: np.ndarray) -> Callable[[Path], None]:
+    def write(path: Path) -> None:
+        with path.open("wb") as fh:  # a handle: np.save would add .npy to the name
+            np.save(fh, array)
+            fh.flush()
+            os.fsync(fh.fileno())
+    return write
+
+
+def _entry(path: Path) -> dict:
+    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def _save_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """`write(tmp)` then rename: a file of this name is always whole (two writers of one
+    shard leave one whole file)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{os.urandom(4).hex()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
