@@ -266,3 +266,33 @@ def test_a_saved_datasets_format_and_decodable_columns_do_not_change_its_rows(tm
     assert first.columns == ["output", "n", "picture"]
     assert isinstance(first.records[0]["n"], int)
     assert first.fingerprint() == second.fingerprint()
+
+
+def test_a_second_load_of_the_same_bytes_reads_no_row_again(tmp_path, monkeypatch):
+    """What one load learnt from the rows (their fingerprint, JSONL line numbers, that a
+    folder's shards parse) is kept beside their Arrow copy, named by the files' bytes: a
+    second load of a 1 TB file does not hash or re-parse every row, and says the same."""
+    import datablame.data.rows as rows_mod
+
+    unique = str(tmp_path)  # content no other test has loaded
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps({**ROWS[0], "output": unique}) + "\n\n"
+                    + json.dumps({**ROWS[1], "output": unique + "!"}) + "\n")
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    for i in range(2):
+        write_jsonl(folder / f"part-{i}.jsonl", [{**ROWS[i], "output": f"{unique} {i}"}])
+    first, first_folder = load_rows(path), load_rows(folder)
+    want = (first.fingerprint(), list(first.line_numbers), first_folder.fingerprint())
+    assert want[1] == [1, 3]
+
+    def refuse(*_):
+        raise AssertionError("read every row again")
+
+    monkeypatch.setattr(rows_mod, "_check_jsonl", refuse)
+    monkeypatch.setattr(rows_mod.ArrowRecords, "__iter__", refuse)
+    again, again_folder = load_rows(path), load_rows(folder)
+    assert (again.fingerprint(), list(again.line_numbers), again_folder.fingerprint()) == want
+    monkeypatch.undo()
+    path.write_text(json.dumps({**ROWS[0], "output": unique + "?"}) + "\n")  # new bytes
+    assert load_rows(path).fingerprint() != want[0]

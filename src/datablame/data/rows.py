@@ -8,8 +8,10 @@ read, so memory does not grow with the number of rows.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
+import io
 import json
 import os
 from array import array
@@ -105,14 +107,23 @@ class Rows:
 
     def fingerprint(self) -> str:
         """Content hash of every row, independent of the file's format or mtime (one pass
-        over the rows, kept: the rows of a `Rows` do not change)."""
+        over the rows, kept: the rows of a `Rows` do not change). Rows read from files
+        keep it beside their Arrow copy, which is named by the files' bytes: the next
+        load of the same bytes reads it instead of hashing every row again."""
         if self._fingerprint is None:
+            cache_dir = getattr(self.records, "cache_dir", None)
+            saved = _read_cached(cache_dir, _fingerprint_file() if cache_dir else "")
+            if saved is not None:
+                self._fingerprint = saved.decode()
+                return self._fingerprint
             h = hashlib.sha256()
             for rec in self.records:
                 h.update(json.dumps(rec, sort_keys=True, default=str,
                                     ensure_ascii=False).encode())
                 h.update(b"\n")
             self._fingerprint = "sha256:" + h.hexdigest()
+            if cache_dir is not None:
+                _write_cached(cache_dir, _fingerprint_file(), self._fingerprint.encode())
         return self._fingerprint
 
     def texts(self, template) -> Sequence[str]:
@@ -243,16 +254,19 @@ def _load_shards(path: Path, files: list[Path], split: str | None, where: str) -
         rows = _load_file(files[0])
         rows.path, rows.split = path, split
         return rows
+    cache = _arrow_cache([str(f) for f in files])
+    checked = _read_cached(cache, CHECKED_FILE) is not None  # this content was, before
     for f in files:
         if f.stat().st_size == 0:
             raise UserError(f"{f}: the file is empty")
-        if FORMATS[f.suffix.lower()] == "json" and (f.suffix.lower() == ".jsonl" or
-                                                    not _is_json_document(f)):
+        if not checked and FORMATS[f.suffix.lower()] == "json" and \
+                (f.suffix.lower() == ".jsonl" or not _is_json_document(f)):
             try:
                 _check_jsonl(f)
             except UnicodeDecodeError as exc:
                 raise UserError(f"{f}: not UTF-8 text ({exc.reason})") from None
-    records = _read_with_datasets(kinds.pop(), [str(f) for f in files], where)
+    records = _read_with_datasets(kinds.pop(), [str(f) for f in files], where, cache)
+    _write_cached(cache, CHECKED_FILE, b"")
     return Rows(path=path, records=records, split=split)
 
 
@@ -273,27 +287,60 @@ def _last_line(exc: Exception) -> str:
     return str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
 
 
+LINES_FILE, CHECKED_FILE = "line_numbers.npy", "checked"
+
+
+def _fingerprint_file() -> str:
+    """Per `datasets` version: another version may parse the same bytes into other rows."""
+    import datasets
+
+    return f"fingerprint-{datasets.__version__}.txt"
+
+
 def _content_digest(files: list[str]) -> str:
-    """sha256 over the files' bytes, in order (cheap beside parsing them)."""
+    """sha256 over the files' sha256s, in order: each read once, then taken from the digest
+    cache while its size, mtime, ctime and inode are unchanged (`store.content_digest`)."""
+    from datablame.store.content_digest import file_digests
+
     h = hashlib.sha256()
-    for f in files:
-        with open(f, "rb") as fh:
-            while chunk := fh.read(1 << 20):
-                h.update(chunk)
-        h.update(b"\0")
+    for digest in file_digests([Path(f) for f in files], "training data"):
+        h.update(digest.encode() + b"\0")
     return h.hexdigest()[:32]
 
 
-def _read_with_datasets(kind: str, data_files, where: str) -> ArrowRecords:
+def _arrow_cache(files: list[str]) -> Path:
+    """Where `datasets` keeps the Arrow copy of these files' rows (and we keep what was
+    learnt from them: their fingerprint, JSONL line numbers), named by the files' bytes:
+    `datasets` keys local files by path and mtime and served the old rows of a file
+    rewritten with the same size and mtime."""
+    import datasets
+
+    return Path(datasets.config.HF_DATASETS_CACHE) / "datablame" / _content_digest(files)
+
+
+def _read_cached(cache_dir: Path | None, name: str) -> bytes | None:
+    try:
+        return (cache_dir / name).read_bytes() if cache_dir is not None else None
+    except OSError:
+        return None
+
+
+def _write_cached(cache_dir: Path | None, name: str, data: bytes) -> None:
+    """Best effort, atomic: a cache that cannot be written is computed again next time."""
+    if cache_dir is None:
+        return
+    with contextlib.suppress(OSError):
+        tmp = cache_dir / f".{name}.{os.getpid()}.tmp"
+        tmp.write_bytes(data)
+        os.replace(tmp, cache_dir / name)
+
+
+def _read_with_datasets(kind: str, data_files, where: str, cache: Path) -> ArrowRecords:
     import datasets
 
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
-    files = [data_files] if isinstance(data_files, str) else list(data_files)
-    # converted once into `datasets`' Arrow cache and memory-mapped from there; the cache
-    # is keyed by the files' bytes, because `datasets` keys local files by path and mtime
-    # and served the old rows of a file rewritten with the same size and mtime
-    cache = Path(datasets.config.HF_DATASETS_CACHE) / "datablame" / _content_digest(files)
+    # converted once into `datasets`' Arrow cache (`_arrow_cache`) and memory-mapped
     try:
         ds = datasets.load_dataset(kind, data_files=data_files, split="train",
                                    cache_dir=str(cache))
@@ -301,7 +348,9 @@ def _read_with_datasets(kind: str, data_files, where: str) -> ArrowRecords:
         raise UserError(f"{where}: could not be read as {kind} ({_last_line(exc)})") from None
     if ds.num_rows == 0:
         raise UserError(f"{where}: the file has no rows")
-    return ArrowRecords(ds)
+    records = ArrowRecords(ds)
+    records.cache_dir = cache
+    return records
 
 
 def _load_file(path: Path) -> Rows:
@@ -312,16 +361,25 @@ def _load_file(path: Path) -> Rows:
         )
     if path.stat().st_size == 0:
         raise UserError(f"{path}: the file is empty")
+    cache = _arrow_cache([str(path)])
     line_numbers = None
-    try:
-        if suffix == ".jsonl" or (suffix == ".json" and not _is_json_document(path)):
-            line_numbers = _check_jsonl(path)
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{path}: not UTF-8 text ({exc.reason})") from None
+    saved = _read_cached(cache, LINES_FILE)  # this content was checked before
+    if saved is not None:
+        line_numbers = np.load(io.BytesIO(saved), allow_pickle=False)
+    else:
+        try:
+            if suffix == ".jsonl" or (suffix == ".json" and not _is_json_document(path)):
+                line_numbers = _check_jsonl(path)
+        except UnicodeDecodeError as exc:
+            raise UserError(f"{path}: not UTF-8 text ({exc.reason})") from None
     if line_numbers is not None and len(line_numbers) == 0:
         raise UserError(f"{path}: the file has no rows")
 
-    records = _read_with_datasets(FORMATS[suffix], str(path), str(path))
+    records = _read_with_datasets(FORMATS[suffix], str(path), str(path), cache)
+    if line_numbers is not None and saved is None:
+        buffer = io.BytesIO()
+        np.save(buffer, line_numbers)
+        _write_cached(cache, LINES_FILE, buffer.getvalue())
     if line_numbers is not None and len(line_numbers) != len(records):
         line_numbers = None  # datasets disagreed on row count; fall back to row ids only
     return Rows(path=path, records=records, line_numbers=line_numbers)

@@ -1,4 +1,5 @@
-"""Content digests of model directories: a store is tied to the weights, not to a path.
+"""Content digests of model directories (and data files): a store is tied to the weights,
+not to a path.
 
 A path says nothing about content: an adapter retrained in place keeps its path, a
 byte-identical copy of a base model elsewhere does not. So a store records the sha256 of
@@ -76,26 +77,32 @@ def _save_cache(path: Path, cache: dict) -> None:
         write_json_atomic(path, keep)
 
 
-def dir_digest(directory: str | os.PathLike) -> str:
-    """sha256 over (name, size, sha256) of every hashed file, in name order."""
-    files = hashed_files(Path(directory))
+def file_digests(files: list[Path], what: str) -> list[str]:
+    """sha256 of each file, read only where the cache's (size, mtime, ctime, inode) no
+    longer match (`what` names them on the progress bar)."""
     cpath = cache_path()
     cache = _load_cache(cpath)
-    stats = {f: f.stat() for f in files}
+    stats = {f: Path(f).stat() for f in files}
     todo = [f for f in files
             if (cache.get(os.path.realpath(f)) or {}).get("key") != _key(stats[f])]
     if todo:
-        with progress.task(f"hashing {directory}", sum(stats[f].st_size for f in todo)
+        with progress.task(f"hashing {what}", sum(stats[f].st_size for f in todo)
                            ) as advance:
             for f in todo:
                 cache.pop(os.path.realpath(f), None)  # re-inserted last: most recent
-                cache[os.path.realpath(f)] = {"key": _key(stats[f]), "sha256": sha256_file(f)}
+                cache[os.path.realpath(f)] = {"key": _key(stats[f]),
+                                              "sha256": sha256_file(Path(f))}
                 advance(stats[f].st_size)
         _save_cache(cpath, cache)
+    return [cache[os.path.realpath(f)]["sha256"] for f in files]
+
+
+def dir_digest(directory: str | os.PathLike) -> str:
+    """sha256 over (name, size, sha256) of every hashed file, in name order."""
+    files = hashed_files(Path(directory))
     h = hashlib.sha256()
-    for f in files:
-        h.update(f"{f.name}\t{stats[f].st_size}\t{cache[os.path.realpath(f)]['sha256']}\n"
-                 .encode())
+    for f, digest in zip(files, file_digests(files, str(directory)), strict=True):
+        h.update(f"{f.name}\t{f.stat().st_size}\t{digest}\n".encode())
     return h.hexdigest()
 
 
