@@ -28,7 +28,7 @@ from datablame import progress
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 CONFIG_SUFFIXES = (".json", ".model", ".tiktoken")  # configs and tokenizer files
 CONFIG_NAMES = ("merges.txt", "vocab.txt")
-MAX_CACHE_ENTRIES = 4096
+MAX_CACHE_ENTRIES = 65536  # a dataset of thousands of shard files, and the models
 
 
 def cache_path() -> Path:
