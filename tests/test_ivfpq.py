@@ -202,7 +202,10 @@ def test_pieces_written_by_workers_commit_to_the_one_process_index(table, tmp_pa
     assert sum(calls) == embedded  # nothing embedded twice
     ri.save_ivfpq_index(out, rows, tmpl, counted, "test", shard_rows=600, commit_only=True)
     assert _index_files(out) == _index_files(tmp_path / "one")
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    # only the workers' lock files stay (never removed: a lock file unlinked while a
+    # process waits on it lets two processes hold "the" lock)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == \
+        [".many.ivfpq-partial.lock", ".one.ivfpq-partial.lock"]
     assert ri.load_index(out).search(clustered(1, seed=3), 5)[1].shape == (1, 5)
 
 
@@ -243,6 +246,57 @@ def test_index_ivfpq_shard_of_commit_and_workers_equal_one_process(tmp_path, mon
                            *pq, "--workers", "2")
     assert code in (0, None), err
     assert _index_files(tmp_path / "three") == _index_files(tmp_path / "one")
+    # workers rerun on an index that is current already: nothing embedded, nothing left
+    code, out, err = run_cli(monkeypatch, capsys, "index", data, "--out", tmp_path / "three",
+                             *pq, "--shard-of", "1/2")
+    assert code in (0, None), err
+    assert "is an ivfpq index of these rows already: nothing to write" in \
+        " ".join((out + err).split())
+    assert not (tmp_path / ".three.ivfpq-partial").exists()
     code, _, err = run_cli(monkeypatch, capsys, "index", data, "--out", tmp_path / "f",
                            "--shard-of", "0/2")
     _assert_one_line_error(code, err, "or an ivfpq index (add --index-type ivfpq)")
+
+
+def test_a_failed_commit_loses_no_piece_and_running_workers_are_not_overrun(table, tmp_path,
+                                                                            monkeypatch):
+    """A commit that fails in the merge (a full disk) keeps every piece and embedding: the
+    rerun commits without embedding a row. While a worker holds the build, a build of
+    other rows is refused (not discarding its pieces) and so is a commit, in one line."""
+    import fcntl
+
+    from datablame.store import ivfpq_build
+
+    rows, tmpl, embed, _ = table(2500)
+    ri.save_ivfpq_index(tmp_path / "one", rows, tmpl, embed, "test", shard_rows=600)
+    out = tmp_path / "idx"
+    for i in (0, 1):
+        ri.save_ivfpq_index(out, rows, tmpl, embed, "test", shard_rows=600, shard_of=(i, 2))
+    guard = open(tmp_path / ".idx.ivfpq-partial.lock", "a")  # a worker still running
+    fcntl.flock(guard, fcntl.LOCK_SH)
+    with pytest.raises(UserError, match="workers are still writing ivfpq pieces"):
+        ri.save_ivfpq_index(out, rows, tmpl, embed, "test", shard_rows=600,
+                            commit_only=True)
+    other, other_tmpl, other_embed, _ = table(1500)  # other rows, into the same index
+    with pytest.raises(UserError, match="that workers are still writing: let them finish"):
+        ri.save_ivfpq_index(out, other, other_tmpl, other_embed, "test", shard_rows=600,
+                            shard_of=(0, 2))
+    guard.close()
+    assert (tmp_path / ".idx.ivfpq-partial" / "embeddings-00004.npy").exists()
+
+    def full_disk(*_):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("faiss.contrib.ondisk.merge_ondisk", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        ri.save_ivfpq_index(out, rows, tmpl, embed, "test", shard_rows=600,
+                            commit_only=True)
+    monkeypatch.undo()
+    assert not out.exists()
+
+    def refuse(texts):
+        raise AssertionError("embedded again")
+
+    ri.save_ivfpq_index(out, rows, tmpl, refuse, "test", shard_rows=600, commit_only=True)
+    assert _index_files(out) == _index_files(tmp_path / "one")
+    assert not (tmp_path / ".idx.ivfpq-partial").exists()

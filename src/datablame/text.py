@@ -132,7 +132,6 @@ def _build_index_locked(train_file: str | os.PathLike, out: Path, lock, *,
     from datablame.features.embeddings import Embedder, resolve_embedder
     from datablame.store.retrieval_index import (
         check_ivfpq_rows,
-        load_index,
         save_index,
         save_ivfpq_index,
     )
@@ -155,16 +154,11 @@ def _build_index_locked(train_file: str | os.PathLike, out: Path, lock, *,
         if (out / "gradients").is_dir() and not kept.exists():
             os.replace(out / "gradients", kept)
 
-    manifest = None
-    if (out / "manifest.json").exists():
-        try:
-            old = load_index(out).manifest
-        except UserError:
-            old = None
-        if old and old["data"]["fingerprint"] == rows.fingerprint() and \
-                old["template"] == tmpl.to_json() and old["index_type"] == index_type and \
-                old["embedder"] == resolve_embedder(embedder)[0]:
-            manifest = old
+    manifest = _current_index(out, rows, tmpl, index_type, resolve_embedder(embedder)[0])
+    if manifest is not None and index_type == "ivfpq":
+        from datablame.store.ivfpq_build import discard_build
+
+        discard_build(out)  # pieces of a rebuild that is not needed (workers rerun)
     if manifest is None:
         if index_type == "ivfpq":
             check_ivfpq_rows(rows)  # before the embedder loads
@@ -198,13 +192,32 @@ def _build_index_locked(train_file: str | os.PathLike, out: Path, lock, *,
     return manifest
 
 
+def _current_index(out: Path, rows, tmpl, index_type: str, embedder_name: str
+                   ) -> dict | None:
+    """The manifest of the index at `out` if it was built from these rows, with this
+    template, index type and embedder (nothing to rebuild), else None."""
+    from datablame.store.retrieval_index import load_index
+
+    if not (out / "manifest.json").exists():
+        return None
+    try:
+        old = load_index(out).manifest
+    except UserError:
+        return None
+    if old["data"]["fingerprint"] == rows.fingerprint() and \
+            old["template"] == tmpl.to_json() and old["index_type"] == index_type and \
+            old["embedder"] == embedder_name:
+        return old
+    return None
+
+
 def _ivfpq_worker(train_file, out: Path, shard_of: tuple[int, int], *, template,
                   response_field, chat, embedder, batch_size: int, device: str, split,
                   chat_model) -> dict:
     """One worker's share of an ivfpq retrieval index: shards I, I+N, ... embedded and
     added to the trained index as pieces (the first worker trains it); `--commit` merges."""
     from datablame.data.rows import load_rows
-    from datablame.features.embeddings import Embedder
+    from datablame.features.embeddings import Embedder, resolve_embedder
     from datablame.store.retrieval_index import (
         check_ivfpq_rows,
         ivfpq_shard_rows,
@@ -215,6 +228,9 @@ def _ivfpq_worker(train_file, out: Path, shard_of: tuple[int, int], *, template,
     check_ivfpq_rows(rows)
     tmpl = resolve_template(template, response_field, rows, chat, chat_model)
     tmpl.check_rows(rows)
+    if _current_index(out, rows, tmpl, "ivfpq", resolve_embedder(embedder)[0]):
+        progress.note(f"{out} is an ivfpq index of these rows already: nothing to write")
+        return {"written": 0, "mine": 0, "missing": []}
     enc = Embedder(embedder, device=device)
     i, n = shard_of
     size = ivfpq_shard_rows()

@@ -287,14 +287,17 @@ def _last_line(exc: Exception) -> str:
     return str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
 
 
-LINES_FILE, CHECKED_FILE = "line_numbers.npy", "checked"
+# what a load learnt, kept beside the Arrow copy; the version names the checks that made
+# them, so a stricter check in a later release reads the rows again
+LOADED_VERSION = 1
+LINES_FILE, CHECKED_FILE = f"line_numbers-v{LOADED_VERSION}.npy", f"checked-v{LOADED_VERSION}"
 
 
 def _fingerprint_file() -> str:
     """Per `datasets` version: another version may parse the same bytes into other rows."""
     import datasets
 
-    return f"fingerprint-{datasets.__version__}.txt"
+    return f"fingerprint-v{LOADED_VERSION}-{datasets.__version__}.txt"
 
 
 def _content_digest(files: list[str]) -> str:
@@ -303,7 +306,8 @@ def _content_digest(files: list[str]) -> str:
     from datablame.store.content_digest import file_digests
 
     h = hashlib.sha256()
-    for digest in file_digests([Path(f) for f in files], "training data"):
+    # a bar only where hashing takes a moment (the rows' own errors stay one line)
+    for digest in file_digests([Path(f) for f in files], "training data", bar_from=1 << 28):
         h.update(digest.encode() + b"\0")
     return h.hexdigest()[:32]
 

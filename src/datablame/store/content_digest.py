@@ -77,17 +77,18 @@ def _save_cache(path: Path, cache: dict) -> None:
         write_json_atomic(path, keep)
 
 
-def file_digests(files: list[Path], what: str) -> list[str]:
+def file_digests(files: list[Path], what: str, bar_from: int = 0) -> list[str]:
     """sha256 of each file, read only where the cache's (size, mtime, ctime, inode) no
-    longer match (`what` names them on the progress bar)."""
+    longer match (`what` names them on the progress bar, drawn when at least `bar_from`
+    bytes are to be read)."""
     cpath = cache_path()
     cache = _load_cache(cpath)
     stats = {f: Path(f).stat() for f in files}
     todo = [f for f in files
             if (cache.get(os.path.realpath(f)) or {}).get("key") != _key(stats[f])]
     if todo:
-        with progress.task(f"hashing {what}", sum(stats[f].st_size for f in todo)
-                           ) as advance:
+        total = sum(stats[f].st_size for f in todo)
+        with progress.task(f"hashing {what}", total if total >= bar_from else 0) as advance:
             for f in todo:
                 cache.pop(os.path.realpath(f), None)  # re-inserted last: most recent
                 cache[os.path.realpath(f)] = {"key": _key(stats[f]),

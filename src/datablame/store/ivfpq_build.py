@@ -12,9 +12,15 @@ The pieces live in a sibling build directory, `.NAME.ivfpq-partial/`, beside the
                          with the shard's rows added, piece-NNNNN.json its sidecar
                          (written last: sizes and sha256 of both, the trained index's)
 The commit checks every sidecar, merges the pieces' inverted lists into the index's
-`lists.ivfdata` (FAISS's merge_ondisk), moves the embeddings in and renames the finished
-index into place. Shards are fixed row ranges embedded in fixed batches, so the index is
-the same whichever worker wrote which shard, and an interrupted build resumes.
+`lists.ivfdata` (FAISS's merge_ondisk), links the embeddings in and renames the finished
+index into place; only then is the build directory removed, so a commit that fails (a
+full disk during the merge) loses nothing. Shards are fixed row ranges embedded in fixed
+batches, so the index is the same whichever worker wrote which shard, and an interrupted
+build resumes.
+
+Workers hold `.NAME.ivfpq-partial.lock` shared for as long as they run; discarding a build
+of other options and committing need it exclusive, and are refused in one line while
+workers are running (never waited for, never forced).
 """
 
 from __future__ import annotations
@@ -65,21 +71,47 @@ class IvfpqBuild:
         self._texts = None
         self._trained_sha: str | None = None
         self.out.parent.mkdir(parents=True, exist_ok=True)
-        with open(self._lock, "a") as guard:
-            fcntl.flock(guard, fcntl.LOCK_EX)
-            old = self.partial / "plan.json"
-            same = old.exists() and json.loads(old.read_text()) == self.plan
-            if existing_only:
-                if not same:
-                    raise UserError(f"no ivfpq pieces of these rows and options in "
-                                    f"{self.partial} to commit: run the --shard-of workers "
-                                    "with the same options first")
+        # held shared while this build writes pieces (released by `close`)
+        self._guard = open(self._lock, "a")  # noqa: SIM115
+        fcntl.flock(self._guard, fcntl.LOCK_SH)
+        if existing_only:
+            if not self._same_plan():
+                self.close()
+                raise UserError(f"no ivfpq pieces of these rows and options in "
+                                f"{self.partial} to commit: run the --shard-of workers "
+                                "with the same options first")
+            return
+        if self._same_plan():
+            return
+        # a new build, or one of other options to discard: only while no worker runs
+        fcntl.flock(self._guard, fcntl.LOCK_UN)
+        try:
+            fcntl.flock(self._guard, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # a worker is running: perhaps one of this very plan
+            fcntl.flock(self._guard, fcntl.LOCK_SH)
+            if self._same_plan():
                 return
-            if self.partial.exists() and not same:
-                shutil.rmtree(self.partial)  # another build was interrupted: start over
-            self.partial.mkdir(parents=True, exist_ok=True)
-            if not same:
-                write_json_atomic(old, self.plan)
+            self.close()
+            raise UserError(f"{self.partial} holds an ivfpq build of other rows or options "
+                            "that workers are still writing: let them finish (and commit) "
+                            "or stop them, then rerun") from None
+        if not self._same_plan():  # checked again, alone
+            if self.partial.exists():
+                shutil.rmtree(self.partial)  # ours, of other options: start over
+            self.partial.mkdir(parents=True)
+            write_json_atomic(self.partial / "plan.json", self.plan)
+        fcntl.flock(self._guard, fcntl.LOCK_SH)  # back to sharing with other workers
+
+    def _same_plan(self) -> bool:
+        try:
+            return json.loads((self.partial / "plan.json").read_text()) == self.plan
+        except (OSError, ValueError):
+            return False
+
+    def close(self) -> None:
+        """Stop holding the build (a worker that is done)."""
+        if not self._guard.closed:
+            self._guard.close()
 
     @property
     def texts(self):
@@ -108,7 +140,7 @@ class IvfpqBuild:
         from datablame.store.retrieval_index import _faiss_stdout_quiet, train_ivfpq
 
         path = self.partial / TRAINED
-        with open(self._lock, "a") as guard:
+        with open(self.partial / ".train.lock", "a") as guard:  # one trains, others wait
             fcntl.flock(guard, fcntl.LOCK_EX)
             if not path.exists():
                 sample = self.embed([self.texts[int(i)] for i in self.sample_ids])
@@ -180,6 +212,8 @@ class IvfpqBuild:
                ) -> dict:
         """Check every piece, merge them into the index at `out` (renamed into place) and
         remove the build directory; `manifest`: the index manifest so far."""
+        import fcntl
+
         import faiss
         from faiss.contrib.ondisk import merge_ondisk
 
@@ -190,6 +224,11 @@ class IvfpqBuild:
             _file_entry,
         )
 
+        try:  # alone: no worker may be writing pieces while they are merged
+            fcntl.flock(self._guard, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"workers are still writing ivfpq pieces into {self.partial}: "
+                            "commit when they are done") from None
         missing = self.missing()
         if missing:
             shown = ", ".join(map(str, missing[:8])) + (" ..." if len(missing) > 8 else "")
@@ -205,7 +244,7 @@ class IvfpqBuild:
             shards = []
             for s in range(self.n_shards):
                 emb = self._paths(s)[0]
-                os.replace(emb, tmp / emb.name)  # ours: moved, not copied
+                _link_or_copy(emb, tmp / emb.name)  # the build keeps its own until the swap
                 shards.append({**self._side(s)["embeddings"], "file": emb.name,
                                "rows": list(self.row_range(s))})
             merged = faiss.clone_index(trained)
@@ -224,9 +263,27 @@ class IvfpqBuild:
                                  for key in ("faiss", "ivfdata")}
             manifest["shards"] = shards
             write_json_atomic(tmp / "manifest.json", manifest)  # written last
-        shutil.rmtree(self.partial, ignore_errors=True)  # ours, and merged
-        self._lock.unlink(missing_ok=True)
+        shutil.rmtree(self.partial, ignore_errors=True)  # ours, merged and swapped in
+        self.close()
         return manifest
+
+
+
+def discard_build(out: Path) -> None:
+    """Remove `out`'s ivfpq build directory (the index is current already), unless a
+    worker is writing into it."""
+    import fcntl
+
+    out = Path(out)
+    partial = out.parent / f".{out.name}.ivfpq-partial"
+    if not partial.exists():
+        return
+    with open(out.parent / f".{out.name}.ivfpq-partial.lock", "a") as guard:
+        try:
+            fcntl.flock(guard, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return  # a worker still runs: it finds the index current and stops
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 def _npy(array: np.ndarray) -> Callable[[Path], None]:
@@ -236,6 +293,13 @@ def _npy(array: np.ndarray) -> Callable[[Path], None]:
             fh.flush()
             os.fsync(fh.fileno())
     return write
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:  # a file system without hard links
+        shutil.copyfile(source, target)
 
 
 def _entry(path: Path) -> dict:

@@ -18,10 +18,25 @@ from datablame.ray_cluster import connect
 
 def _scan_group(path: str, manifest: dict, q: np.ndarray, shard_ids: list[int], k: int,
                 kind: str, absolute: bool) -> list[list[tuple[float, int, float]]]:
-    from datablame.store.gradient_store import GradientStore
+    import socket
+
+    from datablame.store.gradient_store import NORMS_NAME, GradientStore
 
     store = GradientStore(Path(path), manifest)
-    return store._scan(q, [manifest["shards"][i] for i in shard_ids], k, kind, absolute)
+    shards = [manifest["shards"][i] for i in shard_ids]
+    # this node's copy must be the store the query was made for: present, same sizes
+    for name, want in [(sh["file"], sh.get("bytes")) for sh in shards] + \
+            [(NORMS_NAME, (manifest.get("norms") or {}).get("bytes"))]:
+        f = Path(path) / name
+        try:
+            size = f.stat().st_size
+        except OSError:
+            size = None
+        if size is None or (want is not None and size != want):
+            raise UserError(f"Ray node {socket.gethostname()}: {f} is "
+                            f"{'missing' if size is None else 'another size'} there; every "
+                            "node must see the gradient store at the same path")
+    return store._scan(q, shards, k, kind, absolute)
 
 
 def scan_groups_on_ray(store, q: np.ndarray, groups: list[list[int]], k: int, kind: str,

@@ -148,14 +148,19 @@ def save_ivfpq_index(out: Path, rows: Rows, template: PromptTemplate, embed,
     from datablame.store.ivfpq_build import IvfpqBuild
 
     build = IvfpqBuild(out, rows, template, embed, embedder_name,
-                       shard_rows or ivfpq_shard_rows(), existing_only=commit_only)
-    if not commit_only:
-        mine = [s for s in range(build.n_shards)
-                if shard_of is None or s % shard_of[1] == shard_of[0]]
-        written = build.build(mine, progress)
-        if shard_of is not None:
-            return {"written": written, "mine": len(mine), "missing": build.missing()}
-    return build.commit(_manifest(rows, template, embedder_name, 0, "ivfpq"), before_swap)
+                       ivfpq_shard_rows() if shard_rows is None else shard_rows,
+                       existing_only=commit_only)
+    try:
+        if not commit_only:
+            mine = [s for s in range(build.n_shards)
+                    if shard_of is None or s % shard_of[1] == shard_of[0]]
+            written = build.build(mine, progress)
+            if shard_of is not None:
+                return {"written": written, "mine": len(mine), "missing": build.missing()}
+        return build.commit(_manifest(rows, template, embedder_name, 0, "ivfpq"),
+                            before_swap)
+    finally:
+        build.close()
 
 
 @dataclass
