@@ -374,39 +374,29 @@ def main() -> None:
         for through, name in (("exact", "magic (replayed fine-tune)"),
                               ("first-order", "magic, first order (replayed Adam TracIn)")):
             timed(name, lambda t=through: _magic(root, train, recipe, q_texts, t))
-    # the trace default end to end: `datablame index --gradients` + `trace --all-rows`
-    if not (root / f"index-{TAG}" / "gradients" / "manifest.json").exists():
-        build_index(root / "train.jsonl", root / f"index-{TAG}",
-                    gradients=GradientOptions(root / "base", root / f"adapter-{TAG}"))
-    tracer = Tracer(root / f"index-{TAG}", root / "base", root / f"adapter-{TAG}")
-    t = time.time()
-    default_fused, default_signed = [], []
-    for q in queries:
-        df = tracer.run(Query(q["answer"], {"instruction": q["question"], "input": ""}),
-                        all_rows=True, top_k=len(rows)).sort_values("row")
-        default_fused.append(df["fused"].to_numpy())
-        default_signed.append(df["score"].to_numpy())
-    seconds["trace default (fused key)"] = time.time() - t
-    scores["trace default (fused key)"] = np.array(default_fused)
-    scores["trace default (its signed score)"] = np.array(default_signed)
-    # the same through a store whitened by EK-FAC (`index --gradients --curvature ekfac`)
-    whitened_index = root / f"index-{TAG}-ekfac"
-    if not (whitened_index / "gradients" / "manifest.json").exists():
-        shutil.copytree(root / f"index-{TAG}", whitened_index, dirs_exist_ok=True,
-                        ignore=shutil.ignore_patterns("gradients"))
-        build_index(root / "train.jsonl", whitened_index, gradients=GradientOptions(
-            root / "base", root / f"adapter-{TAG}", curvature="ekfac"))
-    tracer = Tracer(whitened_index, root / "base", root / f"adapter-{TAG}")
-    t = time.time()
-    whitened_fused, whitened_signed = [], []
-    for q in queries:
-        df = tracer.run(Query(q["answer"], {"instruction": q["question"], "input": ""}),
-                        all_rows=True, top_k=len(rows)).sort_values("row")
-        whitened_fused.append(df["fused"].to_numpy())
-        whitened_signed.append(df["score"].to_numpy())
-    seconds["trace, whitened store (fused key)"] = time.time() - t
-    scores["trace, whitened store (fused key)"] = np.array(whitened_fused)
-    scores["trace, whitened store (its signed score)"] = np.array(whitened_signed)
+    # the trace default end to end: `datablame index --gradients` + `trace --all-rows`;
+    # then the same through a store whitened by EK-FAC (`--curvature ekfac`)
+    def end_to_end(index: Path, name: str, curvature: str) -> None:
+        if not (index / "gradients" / "manifest.json").exists():
+            if index != root / f"index-{TAG}":  # the default's retrieval index, reused
+                shutil.copytree(root / f"index-{TAG}", index, dirs_exist_ok=True,
+                                ignore=shutil.ignore_patterns("gradients"))
+            build_index(root / "train.jsonl", index, gradients=GradientOptions(
+                root / "base", root / f"adapter-{TAG}", curvature=curvature))
+        tracer = Tracer(index, root / "base", root / f"adapter-{TAG}")
+        t = time.time()
+        fused, signed = [], []
+        for q in queries:
+            df = tracer.run(Query(q["answer"], {"instruction": q["question"], "input": ""}),
+                            all_rows=True, top_k=len(rows)).sort_values("row")
+            fused.append(df["fused"].to_numpy())
+            signed.append(df["score"].to_numpy())
+        seconds[f"{name} (fused key)"] = time.time() - t
+        scores[f"{name} (fused key)"] = np.array(fused)
+        scores[f"{name} (its signed score)"] = np.array(signed)
+
+    end_to_end(root / f"index-{TAG}", "trace default", "none")
+    end_to_end(root / f"index-{TAG}-ekfac", "trace, whitened store", "ekfac")
 
     # every score matrix, for trying orderings offline against the cached retrainings
     # (bench/text_fusion.py); rows in file order, one line per query

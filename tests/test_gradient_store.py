@@ -188,13 +188,12 @@ def test_many_queries_in_one_pass_equal_each_query_alone(tmp_path, monkeypatch, 
         np.testing.assert_allclose(single_scores, scores, rtol=1e-5)  # GEMV vs GEMM sums
 
 
-@pytest.mark.parametrize("absolute", [False, True])
-def test_a_scan_split_over_workers_equals_one_scan(tmp_path, absolute):
-    """Shard groups scanned in threads and merged = one scan: the same rows, in the same
-    order, the same scores, ties (identical rows in different groups) to the lower id."""
-    rng = np.random.default_rng(2)
+def tied_store(tmp_path, seed: int) -> tuple[GradientStore, np.ndarray]:
+    """Four fp16 shards of 250 rows whose last 100 rows repeat the first 100 (exact ties
+    across shard groups), and three queries."""
+    rng = np.random.default_rng(seed)
     vecs = rng.standard_normal((1000, 16)).astype(np.float16)
-    vecs[900:1000] = vecs[0:100]  # exact ties across the first and last shard groups
+    vecs[900:1000] = vecs[0:100]
     shards = []
     for s, lo in enumerate(range(0, 1000, 250)):
         np.save(tmp_path / f"shard-{s:05d}.npy", vecs[lo:lo + 250])
@@ -202,7 +201,14 @@ def test_a_scan_split_over_workers_equals_one_scan(tmp_path, absolute):
     np.save(tmp_path / "norms.npy",
             np.linalg.norm(vecs.astype(np.float32), axis=1).astype(np.float32))
     store = GradientStore(tmp_path, {"shards": shards, "proj_dim": 16})
-    queries = rng.standard_normal((3, 16)).astype(np.float32)
+    return store, rng.standard_normal((3, 16)).astype(np.float32)
+
+
+@pytest.mark.parametrize("absolute", [False, True])
+def test_a_scan_split_over_workers_equals_one_scan(tmp_path, absolute):
+    """Shard groups scanned in threads and merged = one scan: the same rows, in the same
+    order, the same scores, ties (identical rows in different groups) to the lower id."""
+    store, queries = tied_store(tmp_path, 2)
     one = store.top_k_many(queries, 40, "cosine", absolute)
     for workers in (2, 3, 8):  # 8: more workers than shards
         split = store.top_k_many(queries, 40, "cosine", absolute, workers=workers)

@@ -265,23 +265,20 @@ def test_a_failed_commit_loses_no_piece_and_running_workers_are_not_overrun(tabl
     other rows is refused (not discarding its pieces) and so is a commit, in one line."""
     import fcntl
 
-    from datablame.store import ivfpq_build
-
     rows, tmpl, embed, _ = table(2500)
     ri.save_ivfpq_index(tmp_path / "one", rows, tmpl, embed, "test", shard_rows=600)
     out = tmp_path / "idx"
     for i in (0, 1):
         ri.save_ivfpq_index(out, rows, tmpl, embed, "test", shard_rows=600, shard_of=(i, 2))
-    guard = open(tmp_path / ".idx.ivfpq-partial.lock", "a")  # a worker still running
-    fcntl.flock(guard, fcntl.LOCK_SH)
-    with pytest.raises(UserError, match="workers are still writing ivfpq pieces"):
-        ri.save_ivfpq_index(out, rows, tmpl, embed, "test", shard_rows=600,
-                            commit_only=True)
-    other, other_tmpl, other_embed, _ = table(1500)  # other rows, into the same index
-    with pytest.raises(UserError, match="that workers are still writing: let them finish"):
-        ri.save_ivfpq_index(out, other, other_tmpl, other_embed, "test", shard_rows=600,
-                            shard_of=(0, 2))
-    guard.close()
+    with open(tmp_path / ".idx.ivfpq-partial.lock", "a") as guard:  # a worker still runs
+        fcntl.flock(guard, fcntl.LOCK_SH)
+        with pytest.raises(UserError, match="workers are still writing ivfpq pieces"):
+            ri.save_ivfpq_index(out, rows, tmpl, embed, "test", shard_rows=600,
+                                commit_only=True)
+        other, other_tmpl, other_embed, _ = table(1500)  # other rows, into the same index
+        with pytest.raises(UserError, match="that workers are still writing: let them"):
+            ri.save_ivfpq_index(out, other, other_tmpl, other_embed, "test",
+                                shard_rows=600, shard_of=(0, 2))
     assert (tmp_path / ".idx.ivfpq-partial" / "embeddings-00004.npy").exists()
 
     def full_disk(*_):

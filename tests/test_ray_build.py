@@ -7,7 +7,7 @@ import os
 import pytest
 
 from .test_cli import _assert_one_line_error, run_cli
-from .test_gradient_store import _files, one_process_store
+from .test_gradient_store import _files, one_process_store, tied_store
 
 ray = pytest.importorskip("ray")
 
@@ -47,7 +47,6 @@ def test_a_scan_split_over_ray_tasks_equals_one_scan(tmp_path, local_ray, absolu
     import numpy as np
 
     from datablame.store import ray_scan
-    from datablame.store.gradient_store import GradientStore
 
     tasks = []
     real = ray_scan._scan_group
@@ -65,17 +64,7 @@ def test_a_scan_split_over_ray_tasks_equals_one_scan(tmp_path, local_ray, absolu
 
     monkeypatch.setattr(ray_scan, "scan_groups_on_ray", spy)
 
-    rng = np.random.default_rng(5)
-    vecs = rng.standard_normal((1000, 16)).astype(np.float16)
-    vecs[900:1000] = vecs[0:100]  # exact ties across the first and last groups
-    shards = []
-    for s, lo in enumerate(range(0, 1000, 250)):
-        np.save(tmp_path / f"shard-{s:05d}.npy", vecs[lo:lo + 250])
-        shards.append({"file": f"shard-{s:05d}.npy", "rows": [lo, lo + 250]})
-    np.save(tmp_path / "norms.npy",
-            np.linalg.norm(vecs.astype(np.float32), axis=1).astype(np.float32))
-    store = GradientStore(tmp_path, {"shards": shards, "proj_dim": 16})
-    queries = rng.standard_normal((3, 16)).astype(np.float32)
+    store, queries = tied_store(tmp_path, 5)  # exact ties across the first and last groups
     one = store.top_k_many(queries, 40, "cosine", absolute)
     for workers in (1, 2, 3, 8):
         split = store.top_k_many(queries, 40, "cosine", absolute, workers=workers,
