@@ -253,6 +253,13 @@ def test_index_ivfpq_shard_of_commit_and_workers_equal_one_process(tmp_path, mon
     assert "is an ivfpq index of these rows already: nothing to write" in \
         " ".join((out + err).split())
     assert not (tmp_path / ".three.ivfpq-partial").exists()
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("mine")
+    code, _, err = run_cli(monkeypatch, capsys, "index", data, "--out", taken, *pq,
+                           "--workers", "2")
+    _assert_one_line_error(code, err, "is a directory with")
+    assert "worker" not in err  # refused once, before any worker started
     code, _, err = run_cli(monkeypatch, capsys, "index", data, "--out", tmp_path / "f",
                            "--shard-of", "0/2")
     _assert_one_line_error(code, err, "or an ivfpq index (add --index-type ivfpq)")
@@ -297,3 +304,14 @@ def test_a_failed_commit_loses_no_piece_and_running_workers_are_not_overrun(tabl
     ri.save_ivfpq_index(out, rows, tmpl, refuse, "test", shard_rows=600, commit_only=True)
     assert _index_files(out) == _index_files(tmp_path / "one")
     assert not (tmp_path / ".idx.ivfpq-partial").exists()
+
+
+def test_a_folder_of_the_build_directorys_name_that_is_not_ours_is_kept(table, tmp_path):
+    rows, tmpl, embed, _ = table(1200)
+    mine = tmp_path / ".idx.ivfpq-partial"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("precious")
+    with pytest.raises(UserError, match="is not a datablame ivfpq build directory"):
+        ri.save_ivfpq_index(tmp_path / "idx", rows, tmpl, embed, "test", shard_rows=600,
+                            shard_of=(0, 2))
+    assert (mine / "notes.txt").read_text() == "precious"

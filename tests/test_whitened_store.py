@@ -191,7 +191,11 @@ def test_curvature_options_are_refused_in_one_line_before_any_work(tmp_path, mon
                            "--gradients", "--model", base, "--adapter", adapter,
                            "--curvature", "kfac")
     _assert_one_line_error(code, err, "unknown curvature 'kfac' (use auto, none, ekfac)")
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    code, _, err = run_cli(monkeypatch, capsys, "index", train, "--out", tmp_path / "c",
+                           "--gradients", "--model", base, "--adapter", adapter,
+                           "--params", "all", "--curvature", "ekfac")
+    _assert_one_line_error(code, err, "--curvature ekfac needs LoRA weights")
+    assert not any((tmp_path / d).exists() for d in "abc")  # before any embedding
 
 
 def test_a_damaged_curvature_is_refused_even_without_checksums(tmp_path, random_lora_model):

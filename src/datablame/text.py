@@ -252,9 +252,9 @@ def _gradient_shards(train_file, out: Path, g: GradientOptions, split, template,
     from datablame.store.retrieval_index import load_index
 
     if not (out / "manifest.json").exists():
-        raise UserError(f"{out} has no retrieval index yet: build it once first "
-                        f"(datablame index {train_file} --out {out}), then run the "
-                        "--shard-of workers and --commit")
+        raise UserError(f"{out} has no retrieval index yet: build it once first (the same "
+                        "command without --gradients and --shard-of / --commit), then run "
+                        "the --shard-of workers and --commit")
     index = load_index(out)
     rows = load_rows(train_file, split=split)
     index.check_rows(rows)
@@ -337,6 +337,11 @@ class GradientOptions(LMOptions):
         from datablame.features.curvature import check_curvature
 
         check_curvature(self.curvature)
+        if self.curvature == "ekfac" and (self.params == "all" or (
+                self.params == "auto" and self.adapter is None)):  # before any embedding
+            raise UserError("--curvature ekfac needs LoRA weights (Kronecker factors of "
+                            "linear layers): pass an adapter with --params lora or lora-b, "
+                            "or --curvature none")
 
 
 @dataclass

@@ -161,22 +161,24 @@ def index(
                              ".jinja file (default: --model).")] = None,
     chat_turns: Annotated[str, typer.Option(help="Chat rows: the loss covers all assistant "
                                                  "turns or the last.")] = "all",
-    shard_of: Annotated[str, typer.Option(help="I/N: with --gradients, be worker I of N (a "
-                                               "SLURM array task, a torchrun rank): write "
-                                               "shards I, I+N, ... of the gradient store, "
-                                               "commit nothing. The retrieval index must "
-                                               "exist.")] = "",
-    commit: Annotated[bool, typer.Option("--commit", help="With --gradients: check that "
-                                         "every worker's shards are there and make the "
-                                         "store (computes nothing).")] = False,
+    shard_of: Annotated[str, typer.Option(help="I/N: be worker I of N (a SLURM array task, "
+                                               "a torchrun rank): write shards I, I+N, ... "
+                                               "of the gradient store (with --gradients; the "
+                                               "retrieval index must exist) or of an ivfpq "
+                                               "index (--index-type ivfpq), commit "
+                                               "nothing.")] = "",
+    commit: Annotated[bool, typer.Option("--commit", help="Check that every --shard-of "
+                                         "worker's shards are there and make the gradient "
+                                         "store or ivfpq index (computes nothing).")] = False,
     ray: Annotated[str, typer.Option(help="With --gradients: build the shards with --workers "
                                           "Ray actors (one GPU each when the cluster has "
                                           "them): local (start Ray here), auto or HOST:PORT "
-                                          "(join a cluster). Needs datablame[ray].")] = "",
-    workers: Annotated[int, typer.Option(help="With --gradients: run N worker processes "
-                                              "(one per GPU when there are N GPUs), each "
-                                              "writing every N-th shard, then commit. "
-                                              "Same store as one process.")] = 1,
+                                          "(join a cluster). Needs datablame\\[ray].")] = "",
+    workers: Annotated[int, typer.Option(help="Run N --shard-of worker processes (one per "
+                                              "GPU when there are N GPUs), then commit: a "
+                                              "gradient store (with --gradients) or an "
+                                              "ivfpq index. Same bytes as one process."
+                                              )] = 1,
 ) -> None:
     """Embed every training row into a FAISS index; with --gradients, a gradient store too.
 
@@ -243,7 +245,11 @@ def index(
                   "ivfpq index (add --index-type ivfpq)")
         if worker is not None or commit:
             _fail("--workers runs the --shard-of workers and the --commit itself")
-        if not ivfpq_pieces:  # the gradient workers share one retrieval index
+        if ivfpq_pieces:  # refuse a bad --out here, once, not in every worker
+            from datablame.store.index_dir import check_out_dir
+
+            check_out_dir(out, {"training file": train_file})
+        else:  # the gradient workers share one retrieval index
             build_index(train_file, out, template=template or None, chat=chat,
                         response_field=response_field or None, embedder=embedder or None,
                         index_type=index_type, batch_size=batch_size, split=split or None,
@@ -389,7 +395,7 @@ def trace(
                                           "groups as Ray tasks on a cluster (auto or "
                                           "HOST:PORT; local starts Ray here). Every node "
                                           "must see the index at the same path. Needs "
-                                          "datablame[ray].")] = "",
+                                          "datablame\\[ray].")] = "",
     focus: Annotated[str, typer.Option(help="Trace only this span of the output (e.g. a "
                                             "name it made up): the loss covers its tokens."
                                             )] = "",

@@ -42,6 +42,7 @@ from datablame.store.atomic import atomic_dir, write_json_atomic
 from datablame.store.content_digest import sha256_file
 
 TRAINED, SAMPLE = "trained.index", "sample.npy"
+BUILD_FORMAT = "datablame.ivfpq-build"
 
 
 class IvfpqBuild:
@@ -63,7 +64,7 @@ class IvfpqBuild:
         # 39 rows per list: FAISS's floor for training 4 sqrt(n) coarse centroids
         train_rows = min(self.n, max(IVFPQ_TRAIN_ROWS, 39 * int(4 * math.sqrt(self.n))))
         self.sample_ids = np.unique(np.linspace(0, self.n - 1, train_rows).astype(np.int64))
-        self.plan = {"rows": self.n, "fingerprint": rows.fingerprint(),
+        self.plan = {"format": BUILD_FORMAT, "rows": self.n, "fingerprint": rows.fingerprint(),
                      "template": template.to_json(), "embedder": embedder_name,
                      "shard_rows": shard_rows, "sample_rows": len(self.sample_ids)}
         self.digest = hashlib.sha256(json.dumps(self.plan, sort_keys=True).encode()
@@ -97,10 +98,29 @@ class IvfpqBuild:
                             "or stop them, then rerun") from None
         if not self._same_plan():  # checked again, alone
             if self.partial.exists():
+                self._check_ours()
+                done = len(list(self.partial.glob("piece-*.json")))
                 shutil.rmtree(self.partial)  # ours, of other options: start over
+                if done:
+                    from datablame import progress
+
+                    progress.note(f"discarded {done} finished piece(s) of an ivfpq build "
+                                  f"of other rows or options in {self.partial}")
             self.partial.mkdir(parents=True)
             write_json_atomic(self.partial / "plan.json", self.plan)
         fcntl.flock(self._guard, fcntl.LOCK_SH)  # back to sharing with other workers
+
+    def _check_ours(self) -> None:
+        """The build directory is named after the index; refuse to touch one that a
+        datablame ivfpq build did not make (someone's folder of that name)."""
+        try:
+            plan = json.loads((self.partial / "plan.json").read_text())
+        except (OSError, ValueError):
+            plan = None
+        if not isinstance(plan, dict) or plan.get("format") != BUILD_FORMAT:
+            self.close()
+            raise UserError(f"{self.partial} exists and is not a datablame ivfpq build "
+                            "directory: move it away (the build keeps its pieces there)")
 
     def _same_plan(self) -> bool:
         try:
@@ -283,7 +303,13 @@ def discard_build(out: Path) -> None:
             fcntl.flock(guard, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             return  # a worker still runs: it finds the index current and stops
-        shutil.rmtree(partial, ignore_errors=True)
+        try:
+            ours = json.loads((partial / "plan.json").read_text()).get("format") == \
+                BUILD_FORMAT
+        except (OSError, ValueError, AttributeError):
+            ours = False
+        if ours:  # never someone's folder that happens to have the name
+            shutil.rmtree(partial, ignore_errors=True)
 
 
 def _npy(array: np.ndarray) -> Callable[[Path], None]:

@@ -48,7 +48,11 @@ IVFPQ_SHARD_ROWS = 65536
 def ivfpq_shard_rows() -> int:
     """Rows per ivfpq shard (a test hook, DATABLAME_TEST_IVFPQ_SHARD_ROWS, makes small data
     several shards, in worker processes too)."""
-    return int(os.environ.get("DATABLAME_TEST_IVFPQ_SHARD_ROWS", IVFPQ_SHARD_ROWS))
+    try:
+        rows = int(os.environ.get("DATABLAME_TEST_IVFPQ_SHARD_ROWS", IVFPQ_SHARD_ROWS))
+    except ValueError:
+        rows = IVFPQ_SHARD_ROWS
+    return rows if rows >= 1 else IVFPQ_SHARD_ROWS
 IVFPQ_MIN_ROWS = 1000  # fewer rows than this train no product quantizer worth having
 IVFPQ_TRAIN_ROWS = 65536  # the sample the coarse and product quantizers are trained on
 IVFPQ_RERANK = 10  # approximate candidates per result, re-ranked with exact cosines
