@@ -117,7 +117,8 @@ class IvfpqBuild:
             plan = json.loads((self.partial / "plan.json").read_text())
         except (OSError, ValueError):
             plan = None
-        if not isinstance(plan, dict) or plan.get("format") != BUILD_FORMAT:
+        empty = not any(self.partial.iterdir())  # a build stopped before its plan
+        if not empty and (not isinstance(plan, dict) or plan.get("format") != BUILD_FORMAT):
             self.close()
             raise UserError(f"{self.partial} exists and is not a datablame ivfpq build "
                             "directory: move it away (the build keeps its pieces there)")
