@@ -165,3 +165,24 @@ def test_max_length_past_the_model_positions_is_said(random_lora_model):
     with pytest.warns(UserWarning, match="more than the model's 64 positions: using 64"):
         m = CausalLMAdapter(base, adapter, device="cpu", max_length=4096)
     assert m.max_length == 64
+
+
+def test_a_query_of_mostly_unknown_tokens_is_said(random_lora_model, capsys):
+    """A query the tokenizer mostly cannot read (another language, another model's
+    tokenizer) scores every row alike: a note says so; a readable one gets none."""
+    from datablame import progress
+
+    lm = CausalLMAdapter(*random_lora_model)
+    tmpl = PromptTemplate()
+    progress.enable_notes(True)
+    try:
+        lm.check_scored(tmpl.format({"instruction": "say hi", "input": "",
+                                     "output": "zebra quantum flux orbit"}))
+        unreadable = capsys.readouterr().err
+        lm.check_scored(tmpl.format({"instruction": "say hi", "input": "",
+                                     "output": "hello there friend ."}))
+        readable = capsys.readouterr().err
+    finally:
+        progress.enable_notes(False)
+    assert "traced tokens are the tokenizer's unknown token" in " ".join(unreadable.split())
+    assert "unknown token" not in readable

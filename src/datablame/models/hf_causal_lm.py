@@ -482,12 +482,20 @@ class CausalLMAdapter:
         if batch.unscored():
             raise UserError(f"{what} has no tokens to trace (the answer or focus span is "
                             "empty after tokenization): give the answer the model produced")
-        if batch.cut[0]:
-            from datablame import progress
+        from datablame import progress
 
+        if batch.cut[0]:
             part = "the prompt's head" if batch.cut[0] == "prompt" else "the answer's end"
             progress.note(f"{what} is longer than max length {self.max_length} tokens: "
                           f"{part} was cut")
+        unk = getattr(self.tokenizer, "unk_token_id", None)
+        traced = batch.input_ids[0][batch.labels[0] != -100]
+        if unk is not None and len(traced) and int((traced == unk).sum()) * 2 >= len(traced):
+            progress.note(f"{what}: {int((traced == unk).sum())} of {len(traced)} traced "
+                          f"tokens are the tokenizer's unknown token "
+                          f"({self.tokenizer.unk_token}), which the model sees as one token "
+                          "whatever the word: its scores say little (is this the model's "
+                          "own tokenizer and language?)")
 
     def _batch_gradients(self, batch: EncodedBatch, strategy: str) -> np.ndarray:
         ids = batch.input_ids.to(self.device)
