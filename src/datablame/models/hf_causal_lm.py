@@ -490,8 +490,9 @@ class CausalLMAdapter:
                           f"{part} was cut")
         unk = getattr(self.tokenizer, "unk_token_id", None)
         traced = batch.input_ids[0][batch.labels[0] != -100]
-        if unk is not None and len(traced) and int((traced == unk).sum()) * 2 >= len(traced):
-            progress.note(f"{what}: {int((traced == unk).sum())} of {len(traced)} traced "
+        unknown = int((traced == unk).sum()) if unk is not None else 0
+        if unknown >= 3 and unknown * 2 > len(traced):  # not one odd word in a short answer
+            progress.note(f"{what}: {unknown} of {len(traced)} traced "
                           f"tokens are the tokenizer's unknown token "
                           f"({self.tokenizer.unk_token}), which the model sees as one token "
                           "whatever the word: its scores say little (is this the model's "
