@@ -333,10 +333,10 @@ def _write_cached(cache_dir: Path | None, name: str, data: bytes) -> None:
     """Best effort, atomic: a cache that cannot be written is computed again next time."""
     if cache_dir is None:
         return
+    from datablame.store.atomic import write_bytes_atomic
+
     with contextlib.suppress(OSError):
-        tmp = cache_dir / f".{name}.{os.getpid()}.tmp"
-        tmp.write_bytes(data)
-        os.replace(tmp, cache_dir / name)
+        write_bytes_atomic(cache_dir / name, data)
 
 
 def _read_with_datasets(kind: str, data_files, where: str, cache: Path) -> ArrowRecords:

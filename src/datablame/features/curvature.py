@@ -16,7 +16,6 @@ whitens with the same bytes, and the commit refuses shards whitened with another
 from __future__ import annotations
 
 import io
-import os
 from pathlib import Path
 
 import numpy as np
@@ -78,15 +77,12 @@ def fit_curvature(model, texts: list, plan: dict):
 
 
 def save_curvature(ek, path: Path) -> None:
-    """Write atomically (a temporary name of this process's, fsync, rename)."""
+    """Write atomically: the workers of a build read it while others may be starting."""
+    from datablame.store.atomic import write_bytes_atomic
+
     buffer = io.BytesIO()
     np.savez(buffer, **ek.curvature_arrays())
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{os.urandom(4).hex()}.tmp")
-    with tmp.open("wb") as fh:
-        fh.write(buffer.getvalue())
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    write_bytes_atomic(path, buffer.getvalue())
 
 
 def load_curvature(path: Path):

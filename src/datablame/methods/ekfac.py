@@ -153,12 +153,11 @@ class EKFAC(_InverseHessianMethod):
     def _rotate(mats: torch.Tensor, q_s: torch.Tensor, q_a: torch.Tensor) -> torch.Tensor:
         return q_s.T @ mats @ q_a
 
-    def _solve(self, v: torch.Tensor) -> torch.Tensor:
-        return self._apply(v, -1.0)
-
     def solve(self, v) -> torch.Tensor:
         """H^-1 v (damped), for (m, d) vectors."""
         return self._apply(torch.as_tensor(v), -1.0)
+
+    _solve = solve  # what the influence methods' scores call
 
     def whiten(self, v: torch.Tensor) -> torch.Tensor:
         """H^-1/2 v: vectors whose dot product is g_q^T H^-1 g_i, and whose cosine is the

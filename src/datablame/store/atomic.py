@@ -61,13 +61,25 @@ def write_jsonl_atomic(path: Path, items: list) -> None:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    write_file_atomic(path, lambda tmp: tmp.write_bytes(data))
+
+
+def write_file_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """`write(tmp)` fills a temporary file beside `path` (by name: FAISS writes to a path),
+    which is then given the umask's mode, fsynced and renamed into place; each writer has
+    a name of its own, so two writers of one file leave one whole file, and a failure
+    leaves no temporary file behind."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        os.fchmod(fd, 0o666 & ~umask())
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
+        write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~umask())
+        with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:

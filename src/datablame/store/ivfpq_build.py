@@ -26,6 +26,7 @@ workers are running (never waited for, never forced).
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
@@ -38,7 +39,12 @@ import numpy as np
 from datablame.data.rows import Rows
 from datablame.data.template import PromptTemplate
 from datablame.errors import UserError
-from datablame.store.atomic import atomic_dir, write_json_atomic
+from datablame.store.atomic import (
+    atomic_dir,
+    write_bytes_atomic,
+    write_file_atomic,
+    write_json_atomic,
+)
 from datablame.store.content_digest import sha256_file
 
 TRAINED, SAMPLE = "trained.index", "sample.npy"
@@ -166,10 +172,10 @@ class IvfpqBuild:
             if not path.exists():
                 sample = self.embed([self.texts[int(i)] for i in self.sample_ids])
                 if len(self.sample_ids) == self.n:  # every row: the shards reuse it
-                    _save_atomic(self.partial / SAMPLE, _npy(sample))
+                    write_bytes_atomic(self.partial / SAMPLE, _npy_bytes(sample))
                 with _faiss_stdout_quiet():
                     index = train_ivfpq(sample, self.n)
-                _save_atomic(path, lambda f: faiss.write_index(index, str(f)))
+                write_file_atomic(path, lambda f: faiss.write_index(index, str(f)))
             self._trained_sha = sha256_file(path)
         with _faiss_stdout_quiet():
             return faiss.read_index(str(path))
@@ -207,12 +213,12 @@ class IvfpqBuild:
         else:
             vectors = self.embed(self.texts[lo:hi])
         emb, piece_path, side = self._paths(shard)
-        _save_atomic(emb, _npy(np.asarray(vectors).astype(np.float16)))
+        write_bytes_atomic(emb, _npy_bytes(np.asarray(vectors).astype(np.float16)))
         piece = faiss.clone_index(trained)
         with _faiss_stdout_quiet():
             piece.add_with_ids(np.ascontiguousarray(vectors, np.float32),
                                np.arange(lo, hi, dtype=np.int64))
-        _save_atomic(piece_path, lambda f: faiss.write_index(piece, str(f)))
+        write_file_atomic(piece_path, lambda f: faiss.write_index(piece, str(f)))
         write_json_atomic(side, {"plan": self.digest, "trained": self._trained_sha,
                                  "rows": [lo, hi], "embeddings": _entry(emb),
                                  "piece": _entry(piece_path)})
@@ -313,13 +319,10 @@ def discard_build(out: Path) -> None:
             shutil.rmtree(partial, ignore_errors=True)
 
 
-def _npy(array: np.ndarray) -> Callable[[Path], None]:
-    def write(path: Path) -> None:
-        with path.open("wb") as fh:  # a handle: np.save would add .npy to the name
-            np.save(fh, array)
-            fh.flush()
-            os.fsync(fh.fileno())
-    return write
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
@@ -331,14 +334,3 @@ def _link_or_copy(source: Path, target: Path) -> None:
 
 def _entry(path: Path) -> dict:
     return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
-
-
-def _save_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """`write(tmp)` then rename: a file of this name is always whole (two writers of one
-    shard leave one whole file)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{os.urandom(4).hex()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
