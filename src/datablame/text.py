@@ -417,6 +417,9 @@ class Tracer:
         device: str = "auto",
         max_length: int | None = None,
         loss_on: str = "response",
+        quantize: str = "none",
+        device_map: str = "",
+        checkpointing: bool = False,
         batch_size: int = 8,
         scan_workers: int = 1,
         scan_ray: str | None = None,
@@ -437,7 +440,8 @@ class Tracer:
         self.index.check_rows(self.rows)
         self.template = self.index.template
         self.options = LMOptions(model, adapter, params=params, dtype=dtype, device=device,
-                                 max_length=max_length, loss_on=loss_on)
+                                 max_length=max_length, loss_on=loss_on, quantize=quantize,
+                                 device_map=device_map, checkpointing=checkpointing)
         self.model = self.options.load()
         if hasattr(self.template, "check_tokenizer"):  # a chat index: the same template
             self.template.check_tokenizer(self.model.tokenizer, model)

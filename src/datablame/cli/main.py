@@ -32,6 +32,20 @@ app = typer.Typer(
 )
 _fail = fail
 
+# How a large model is loaded: the same three options on every command that loads one.
+QuantizeOption = Annotated[str, typer.Option(
+    help="Load the base weights in 8bit or 4bit (NF4) through bitsandbytes (needs "
+         "datablame\\[quant]): a quarter of fp16's memory in 4bit, half in 8bit; the LoRA "
+         "weights are traced. none: as "
+         "saved.")]
+DeviceMapOption = Annotated[str, typer.Option(
+    help="auto: spread the model's layers over every visible GPU (then CPU) with "
+         "accelerate, for a model larger than one GPU.")]
+CheckpointingOption = Annotated[bool, typer.Option(
+    "--gradient-checkpointing", help="Keep one layer's activations at a time and "
+    "recompute the rest in the backward pass: less memory, ~1/3 more compute, the same "
+    "gradients.")]
+
 
 def _version(value: bool) -> None:
     if value:
@@ -150,6 +164,9 @@ def index(
     loss_on: Annotated[str, typer.Option(help="response or text.")] = "response",
     dtype: Annotated[str, typer.Option(help="fp32, bf16 or fp16.")] = "fp32",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    quantize: QuantizeOption = "none",
+    device_map: DeviceMapOption = "",
+    gradient_checkpointing: CheckpointingOption = False,
     max_length: Annotated[Optional[int], typer.Option(help="Tokens per text (default: 512, "  # noqa: UP045
                                                            "or the model's limit).")] = None,
     grad_batch_size: Annotated[int, typer.Option(help="Rows per gradient batch (0: as many "
@@ -204,6 +221,8 @@ def index(
         if model is None:
             _fail("--gradients needs --model (and --adapter for a LoRA model)")
         grad_opts = GradientOptions(model, adapter, params=params, dtype=dtype, device=device,
+                                    quantize=quantize, device_map=device_map,
+                                    checkpointing=gradient_checkpointing,
                                     max_length=max_length, loss_on=loss_on, proj_dim=proj_dim,
                                     seed=seed, shard_rows=shard_rows,
                                     batch_size=grad_batch_size, store_dtype=store_dtype,
@@ -371,6 +390,9 @@ def trace(
     alignment: Annotated[str, typer.Option(help="cosine or dot.")] = "cosine",
     dtype: Annotated[str, typer.Option(help="fp32, bf16 or fp16.")] = "fp32",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    quantize: QuantizeOption = "none",
+    device_map: DeviceMapOption = "",
+    gradient_checkpointing: CheckpointingOption = False,
     max_length: Annotated[Optional[int], typer.Option(help="Tokens per text (default: 512, "  # noqa: UP045
                                                            "or the model's limit); a longer "
                                                            "text keeps its answer and loses "
@@ -510,7 +532,7 @@ def trace(
         _fail("--checkpoint is only used with a method that reads checkpoints "
               f"({', '.join(n for n in LM_METHODS if METHODS[n].needs_checkpoints)})")
     check_options(params=params, dtype=dtype, device=device, max_length=max_length,
-                  loss_on=loss_on)
+                  loss_on=loss_on, quantize=quantize, device_map=device_map, adapter=adapter)
     template = template_from_json(read_manifest(index_dir)["template"])
     prompt = _parse_fields(field)
     if query_file is None and queries is None and not generate and not query.strip():
@@ -547,7 +569,9 @@ def trace(
         lines = [QueryLine(0, None if generate else query, prompt, None, focus or None)]
 
     tracer = Tracer(index_dir, model, adapter, data=data, params=params, dtype=dtype,
-                    device=device, max_length=max_length, loss_on=loss_on,
+                    device=device, quantize=quantize, device_map=device_map,
+                    checkpointing=gradient_checkpointing, max_length=max_length,
+                    loss_on=loss_on,
                     batch_size=batch_size, scan_workers=scan_workers, scan_ray=ray or None)
 
     def as_query(item: QueryLine) -> Query:

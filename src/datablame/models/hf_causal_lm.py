@@ -34,6 +34,8 @@ ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 
 
 PARAM_SETS = ("auto", "lora-b", "lora", "all")
+QUANTIZE = ("none", "8bit", "4bit")
+DEVICE_MAPS = ("", "auto")
 
 
 def _param_patterns(spec: str) -> list[re.Pattern]:
@@ -48,9 +50,28 @@ def _param_patterns(spec: str) -> list[re.Pattern]:
 
 
 def check_options(*, params: str = "auto", dtype: str = "fp32", device: str = "auto",
-                  max_length: int | None = None, loss_on: str = "response") -> None:
+                  max_length: int | None = None, loss_on: str = "response",
+                  quantize: str = "none", device_map: str = "",
+                  adapter: object | None = None) -> None:
     """Every model option that can be checked without the model: callers run this before
     loading anything, so a typo costs a second, not the minutes a 7B load takes."""
+    if quantize not in QUANTIZE:
+        raise UserError(f"unknown --quantize '{quantize}' (use {', '.join(QUANTIZE)})")
+    if device_map not in DEVICE_MAPS:
+        raise UserError(f"unknown --device-map '{device_map}' (use auto, or leave it out)")
+    if device_map and device != "auto":
+        raise UserError(f"--device-map {device_map} places the model's layers itself: drop "
+                        f"--device {device}")
+    if quantize != "none":
+        if params == "all" or (params == "auto" and adapter is None):
+            raise UserError(f"--quantize {quantize} stores the base weights as integers, "
+                            "which have no gradient: trace a LoRA adapter's weights "
+                            "(--adapter with --params lora-b or lora)")
+        import importlib.util
+
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise UserError(f"--quantize {quantize} needs bitsandbytes: pip install "
+                            "'datablame[quant]'")
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype '{dtype}' (use {', '.join(DTYPES)})")
     if loss_on not in LOSS_SCOPES:
@@ -60,6 +81,31 @@ def check_options(*, params: str = "auto", dtype: str = "fp32", device: str = "a
     if params not in PARAM_SETS:
         _param_patterns(params)
     resolve_device(device)
+
+
+def _checkpoint_layers(model: torch.nn.Module) -> None:
+    """Gradient (activation) checkpointing without dropout: each decoder layer keeps only
+    its input and recomputes the rest in the backward pass, so activations take one
+    layer's memory, not all of them. Transformers checkpoints only in training mode, so
+    the flagged layers (and, in older releases, the model that loops over them) are put in
+    training mode *alone*: their attention, MLP and dropout modules stay in eval mode, and
+    the gradients are the same as without checkpointing. Non-reentrant, so the hooks that
+    take per-example gradients see a normal autograd graph."""
+    from transformers import PreTrainedModel
+
+    base = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
+    if base is None or not getattr(base, "supports_gradient_checkpointing", False):
+        name = type(base or model).__name__
+        raise UserError(f"{name} does not support gradient checkpointing: drop "
+                        "--gradient-checkpointing")
+    kwargs = {"use_reentrant": False}
+    if hasattr(base, "activation_checkpointing_enable"):
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:  # transformers before 5
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    for module in model.modules():
+        if getattr(module, "gradient_checkpointing", False) is True:
+            module.training = True  # this module only, not its children
 
 
 def _first_line(exc: Exception) -> str:
@@ -150,9 +196,13 @@ class CausalLMAdapter:
         device: str = "auto",
         max_length: int | None = None,
         loss_on: str = "response",
+        quantize: str = "none",
+        device_map: str = "",
+        checkpointing: bool = False,
     ):
         check_options(params=params, dtype=dtype, device=device, max_length=max_length,
-                      loss_on=loss_on)
+                      loss_on=loss_on, quantize=quantize, device_map=device_map,
+                      adapter=adapter_dir)
         self.model_dir = Path(model_dir)
         self.adapter_dir = Path(adapter_dir) if adapter_dir else None
         self.dtype_name = dtype
@@ -160,7 +210,10 @@ class CausalLMAdapter:
         self.max_length = max_length
         self.loss_on = loss_on
         self.params_spec = params
+        self.quantize, self.device_map, self.checkpointing = quantize, device_map, checkpointing
         self.model, self.tokenizer = self._load()
+        if device_map or quantize != "none":  # placed by accelerate: inputs go where the
+            self.device = self.model.get_input_embeddings().weight.device  # embeddings are
         config = getattr(self.model, "config", None)
         limit = getattr(config, "max_position_embeddings", None) or \
             getattr(config, "n_positions", None)
@@ -172,6 +225,7 @@ class CausalLMAdapter:
             self.max_length = limit  # longer inputs would index past the position table
         self.param_names = self._select_params(params)
         self._vmap_ok: bool | None = None
+        self.batch_limit: int | None = None  # rows per batch that fit, once one did not
         self.last_report: dict[str, list[int]] = {}
         self._hooks_ok = linear_hooks.eligible(self.model, self.param_names)
 
@@ -180,15 +234,19 @@ class CausalLMAdapter:
         """From an `LMOptions` (the one place the option set is spelled out)."""
         o = options
         return cls(o.model, o.adapter, params=o.params, dtype=o.dtype, device=o.device,
-                   max_length=o.max_length, loss_on=o.loss_on)
+                   max_length=o.max_length, loss_on=o.loss_on, quantize=o.quantize,
+                   device_map=o.device_map, checkpointing=o.checkpointing)
 
     def options(self):
         """The `LMOptions` this model was loaded with (max length as resolved)."""
         from datablame.models.lm_options import LMOptions
 
         return LMOptions(self.model_dir, self.adapter_dir, params=self.params_spec,
-                         dtype=self.dtype_name, device=str(self.device),
-                         max_length=self.max_length, loss_on=self.loss_on)
+                         dtype=self.dtype_name,
+                         device="auto" if self.device_map else str(self.device),
+                         max_length=self.max_length, loss_on=self.loss_on,
+                         quantize=self.quantize, device_map=self.device_map,
+                         checkpointing=self.checkpointing)
 
     # -- loading ---------------------------------------------------------------------------
     def _load(self):
@@ -214,12 +272,19 @@ class CausalLMAdapter:
         except Exception as exc:
             raise UserError(f"could not load a tokenizer from {self.model_dir}: "
                             f"{_first_line(exc)}") from None
+        placement = {}
+        if self.device_map:  # accelerate spreads the layers over the GPUs (then CPU)
+            placement["device_map"] = self.device_map
+        elif self.quantize != "none":  # quantized weights are placed as they load
+            placement["device_map"] = {"": str(self.device)}
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 self.model_dir,
                 dtype=DTYPES[self.dtype_name],
                 attn_implementation="eager",  # sdpa/flash kernels do not run under vmap
                 trust_remote_code=False,
+                quantization_config=self._quantization_config(),
+                **placement,
             )
         except Exception as exc:
             raise UserError(f"could not load a causal LM from {self.model_dir}: "
@@ -231,11 +296,31 @@ class CausalLMAdapter:
                 model = PeftModel.from_pretrained(model, self.adapter_dir, is_trainable=False)
             except Exception as exc:
                 raise UserError(self._adapter_error(exc)) from None
-        model.to(self.device)
+        if not placement:
+            model.to(self.device)
         model.eval()  # no dropout: gradients must be deterministic
         for p in model.parameters():
             p.requires_grad_(False)
+        if self.checkpointing:
+            _checkpoint_layers(model)
         return model, tokenizer
+
+    def _quantization_config(self):
+        """bitsandbytes' config for `--quantize` (None: full-precision weights). 4-bit is
+        NF4 with double quantization, computing in `--dtype`: the QLoRA recipe most
+        adapters of large models were trained with."""
+        if self.quantize == "none":
+            return None
+        from transformers import BitsAndBytesConfig
+
+        # Its warnings are per matrix product (an fp32 input cast to fp16) or about an
+        # optional CPU kernel it could not fetch offline: noise on every line of a trace.
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+        if self.quantize == "8bit":
+            return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                  bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=DTYPES[self.dtype_name])
 
     def _adapter_error(self, exc: Exception) -> str:
         """One line: a size-mismatch dump of every layer says less than the adapter's own
@@ -301,6 +386,8 @@ class CausalLMAdapter:
             "loss_on": self.loss_on,
             "max_length": self.max_length,
             "dtype": self.dtype_name,
+            # quantized base weights give other gradients; placement and checkpointing do not
+            **({"quantize": self.quantize} if self.quantize != "none" else {}),
         }
 
     # -- tokenization ----------------------------------------------------------------------
@@ -364,7 +451,7 @@ class CausalLMAdapter:
         out = functional_call(self.model, params, (ids,),
                               {"attention_mask": torch.ones_like(ids), "use_cache": False})
         logits = out.logits[0, :-1].float()
-        targets = labels[1:]
+        targets = labels[1:].to(logits.device)
         mask = targets != -100
         nll = torch.nn.functional.cross_entropy(
             logits, targets.clamp(min=0), reduction="none"
@@ -409,22 +496,54 @@ class CausalLMAdapter:
         out = np.empty((len(examples), self.num_params), dtype=np.float32)
         report: dict[str, list[int]] = {"prompt": [], "answer": [], "unscored": []}
         order = length_order(examples)  # similar lengths share a batch: less padding
-        for start in range(0, len(examples), batch_size):
+        start, batch_size = 0, min(batch_size, self.batch_limit or batch_size)
+        while start < len(examples):
             take = order[start : start + batch_size]
             batch = self.encode([examples[i] for i in take])
+            try:
+                out[take] = self._batch_gradients(batch, strategy) if factors is None else \
+                    self._hook_gradients(batch.input_ids.to(self.device),
+                                         batch.labels.to(self.device), factors,
+                                         sampled_labels)
+            except Exception as exc:
+                batch_size = self._smaller_batch(exc, batch, factors)
+                continue  # the same rows again, fewer at a time
             for j, how in enumerate(batch.cut):
                 if how:
                     report[how].append(int(take[j]))
             report["unscored"] += [int(take[j]) for j in batch.unscored()]
-            out[take] = self._batch_gradients(batch, strategy) if factors is None else \
-                self._hook_gradients(batch.input_ids.to(self.device),
-                                     batch.labels.to(self.device), factors, sampled_labels)
+            start += len(take)
             if progress is not None:
                 progress(len(take))
         self.last_report = {k: sorted(v) for k, v in report.items()}
         if warn:
             self.warn_report(self.last_report, len(examples), names)
         return out
+
+    def _smaller_batch(self, exc: Exception, batch: EncodedBatch, factors: dict | None
+                       ) -> int:
+        """After running out of memory on `batch`: half as many rows from now on, for this
+        model's life (the rows come shortest first, so later batches would not fit either).
+        Anything else, or one row that does not fit, is raised. Kronecker factors summed
+        from a half-done batch would count its rows twice, so a factor fit is not retried."""
+        from accelerate.utils.memory import clear_device_cache, should_reduce_batch_size
+
+        if not should_reduce_batch_size(exc):
+            raise exc
+        rows, tokens = batch.input_ids.shape
+        clear_device_cache(garbage_collection=True)
+        if rows == 1 or factors is not None:
+            what = "one row" if rows == 1 else f"a batch of {rows} rows"
+            raise UserError(f"out of memory on {self.device} with {what} of {tokens} "
+                            "tokens: try --gradient-checkpointing, --quantize 4bit, a "
+                            "smaller --max-length, or a larger device") from None
+        self.batch_limit = (rows + 1) // 2
+        from datablame import progress
+
+        each = f"{self.batch_limit} row{'s' if self.batch_limit > 1 else ''}"
+        progress.note(f"out of memory on {self.device} with {rows} rows of {tokens} tokens: "
+                      f"going on with {each} per batch")
+        return self.batch_limit
 
     def warn_report(self, report: dict[str, list[int]], total: int,
                     names: Sequence[object] | None = None) -> None:
@@ -525,7 +644,7 @@ class CausalLMAdapter:
         """(B,) mean token loss per example from one ordinary batched forward pass."""
         out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
         logits = out.logits[:, :-1].float()
-        targets = labels[:, 1:]
+        targets = labels[:, 1:].to(logits.device)
         mask = targets != -100
         nll = torch.nn.functional.cross_entropy(
             logits.transpose(1, 2), targets.clamp(min=0), reduction="none"
@@ -539,7 +658,7 @@ class CausalLMAdapter:
         gradient is the Gauss-Newton Hessian of the example's mean loss."""
         out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
         logits = out.logits[:, :-1].float()
-        mask = labels[:, 1:] != -100
+        mask = labels[:, 1:].to(logits.device) != -100
         with torch.no_grad():  # only the answer positions: (tokens, vocab), not (B, L, vocab)
             probs = torch.softmax(logits[mask], -1).cpu()
             targets = torch.zeros(mask.shape, dtype=torch.long)

@@ -99,4 +99,4 @@ def per_example_grads(
             flat.append(torch.einsum("bto,bti->boi", g, x).reshape(x.shape[0], -1))
         else:  # conv1d weight (in, out)
             flat.append(torch.einsum("bti,bto->bio", x, g).reshape(x.shape[0], -1))
-    return torch.cat(flat, dim=1)
+    return torch.cat([f.to(flat[0].device) for f in flat], dim=1)  # layers on many GPUs

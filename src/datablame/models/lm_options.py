@@ -21,12 +21,17 @@ class LMOptions:
     device: str = "auto"
     max_length: int | None = None  # None: 512, or the model's positions if fewer
     loss_on: str = "response"
+    quantize: str = "none"  # 8bit / 4bit: base weights through bitsandbytes (LoRA traced)
+    device_map: str = ""  # auto: accelerate spreads the layers over GPUs, then CPU
+    checkpointing: bool = False  # recompute each layer's activations in the backward pass
 
     def check(self) -> None:
         from datablame.models.hf_causal_lm import check_options
 
         check_options(params=self.params, dtype=self.dtype, device=self.device,
-                      max_length=self.max_length, loss_on=self.loss_on)
+                      max_length=self.max_length, loss_on=self.loss_on,
+                      quantize=self.quantize, device_map=self.device_map,
+                      adapter=self.adapter)
 
     def lm_fields(self) -> dict:
         """Just the LM options (a subclass's extra fields left out)."""

@@ -117,6 +117,8 @@ def store_identity(model_identity: dict, template: PromptTemplate, rows: Rows,
         "params_sha256": ident["params_sha256"],
         "num_params": ident["num_params"],
         "dtype": ident["dtype"],
+        # only when quantized: stores of full-precision models keep their plan and manifest
+        **({"quantize": ident["quantize"]} if ident.get("quantize", "none") != "none" else {}),
         "loss_on": ident["loss_on"],
         "max_length": ident["max_length"],
         "template": template.to_json(),
@@ -493,18 +495,21 @@ class GradientStore:
                                      f"'{m.get('params')}' when built, "
                                      f"{want['param_tensors']} from '{want['params']}' now",
             "dtype": lambda: f"{m.get('dtype')} gradients when built, {want['dtype']} now",
+            "quantize": lambda: f"base weights {m.get('quantize', 'none')} when built, "
+                                f"{want.get('quantize', 'none')} now",
         }
         labels = {"model_sha256": "model", "adapter_sha256": "adapter",
                   "params_sha256": "parameter set", "num_params": "parameter set",
-                  "dtype": "dtype", "loss_on": "loss scope",
+                  "dtype": "dtype", "quantize": "quantization", "loss_on": "loss scope",
                   "max_length": "max length", "template": "template",
                   "data_fingerprint": "training data", "rows": "training data"}
         for key, label in labels.items():
-            if m.get(key) != want[key]:
+            if m.get(key) != want.get(key):
                 why = detail[key]() if key in detail else \
                     f"{key}: {m.get(key)!r} vs {want[key]!r}"
                 fix = f"trace with --dtype {m.get('dtype')} or rebuild it" if key == "dtype" \
-                    else "rebuild it"
+                    else f"trace with --quantize {m.get('quantize', 'none')} or rebuild it" \
+                    if key == "quantize" else "rebuild it"
                 raise UserError(f"gradient store {self.path} was built for a different "
                                 f"{label} ({why}); {fix}")
 
