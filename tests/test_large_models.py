@@ -83,6 +83,7 @@ def test_quantized_base_weights_give_exact_per_example_lora_gradients(llama64, q
     """On a bitsandbytes-quantized base the batched hook gradients equal per-row autograd
     on the same quantized model, and stay close to the full-precision ones (quantization
     moves them a little: that is why a store records it)."""
+    from datablame.errors import UserError
     from datablame.models.hf_causal_lm import CausalLMAdapter
 
     base, adapter = llama64
@@ -96,12 +97,16 @@ def test_quantized_base_weights_give_exact_per_example_lora_gradients(llama64, q
     assert _cosines(batched, full).min() > 0.99
     assert lm.identity()["quantize"] == quantize
     assert "quantize" not in CausalLMAdapter(base, adapter).identity()  # old stores stay valid
+    with pytest.raises(UserError, match="selects 2 quantized base weights .* no gradient"):
+        CausalLMAdapter(base, adapter, quantize=quantize, params=r"layers\.0\.self_attn\."
+                        r"(q_proj\.base_layer|k_proj\.base_layer)\.weight")
 
 
 def test_device_map_auto_loads_through_accelerate_and_keeps_the_gradients(llama64):
     """On a machine without GPUs accelerate places every layer on the CPU, so this checks
     the path (no `.to()`, inputs to the embeddings' device, labels to the logits'), not a
     split over several GPUs, which needs them."""
+    from datablame.errors import UserError
     from datablame.models.hf_causal_lm import CausalLMAdapter
 
     base, adapter = llama64
@@ -111,6 +116,14 @@ def test_device_map_auto_loads_through_accelerate_and_keeps_the_gradients(llama6
     assert lm.device == lm.model.get_input_embeddings().weight.device
     assert _relative_gap(lm.gradients(texts, batch_size=3, warn=False), plain) <= 1e-6
     assert lm.options().device_map == "auto" and lm.options().device == "auto"
+    # layers accelerate could not fit on the GPUs, put on the CPU / disk: refused
+    lm.model.get_base_model().hf_device_map = {"model.embed_tokens": 0, "model.layers.0": 0,
+                                               "model.layers.1": "cpu", "lm_head": "disk"}
+    with pytest.raises(UserError, match="does not fit the GPUs: accelerate put layers on "
+                                        "cpu and disk"):
+        lm._check_placement()
+    lm.model.get_base_model().hf_device_map = {"": "cpu"}  # no GPU at all: fine
+    lm._check_placement()
 
 
 def test_a_batch_that_runs_out_of_memory_is_retried_smaller(llama64, capsys):

@@ -7,6 +7,20 @@ model produce the queried output; a negative score means it pushed against it.
 
 __version__ = "0.1.0"
 
+import logging as _logging  # noqa: E402
+
+
+class _NoOfflineKernelNotice(_logging.Filter):
+    """bitsandbytes (installed for --quantize) logs, on CPUs with AVX512-bf16, that it could
+    not fetch an optional kernel from the Hub, when anything imports peft: offline, as
+    datablame always is, that is every run, and it would precede every one-line error."""
+
+    def filter(self, record: _logging.LogRecord) -> bool:
+        return "kernels-community" not in str(record.msg)
+
+
+_logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_NoOfflineKernelNotice())
+
 from datablame.text import build_index, trace  # noqa: E402
 
 __all__ = ["__version__", "build_index", "trace"]

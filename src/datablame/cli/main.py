@@ -264,6 +264,10 @@ def index(
                   "ivfpq index (add --index-type ivfpq)")
         if worker is not None or commit:
             _fail("--workers runs the --shard-of workers and the --commit itself")
+        if device_map or device.startswith("cuda:"):  # each worker sees one GPU, as cuda
+            _fail(f"--workers gives each worker one GPU: drop "
+                  f"{'--device-map ' + device_map if device_map else '--device ' + device} "
+                  "(or build with one process)")
         if ivfpq_pieces:  # refuse a bad --out here, once, not in every worker
             from datablame.store.index_dir import check_out_dir
 
@@ -511,6 +515,8 @@ def trace(
     check_rank_by(rank_by)
     if ray and not all_rows:
         _fail("--ray scans the gradient store: add --all-rows")
+    if scan_workers > 1 and not all_rows:
+        _fail("--scan-workers splits the scan of the gradient store: add --all-rows")
     if method not in ("grad", "magic", *LM_METHODS):
         _fail(f"method '{method}' does not run on a language model here (use grad, "
               f"{', '.join(LM_METHODS)}, magic)")

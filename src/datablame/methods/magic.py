@@ -159,7 +159,7 @@ class FineTuneReplay:
             if key not in saved:
                 raise UserError(f"{adapter_dir} has no LoRA weight {key}: the recipe does "
                                 "not describe this adapter")
-            ref = saved[key].to(value.dtype)
+            ref = saved[key].to(device=value.device, dtype=value.dtype)
             worst = max(worst, float((ref - value).abs().max()))
             scale = max(scale, float(ref.abs().max()))
         return worst / max(scale, 1e-12)

@@ -214,6 +214,7 @@ class CausalLMAdapter:
         self.model, self.tokenizer = self._load()
         if device_map or quantize != "none":  # placed by accelerate: inputs go where the
             self.device = self.model.get_input_embeddings().weight.device  # embeddings are
+            self._check_placement()
         config = getattr(self.model, "config", None)
         limit = getattr(config, "max_position_embeddings", None) or \
             getattr(config, "n_positions", None)
@@ -305,6 +306,20 @@ class CausalLMAdapter:
             _checkpoint_layers(model)
         return model, tokenizer
 
+    def _check_placement(self) -> None:
+        """Layers accelerate could not fit on the GPUs go to the CPU or disk, where their
+        weights are swapped in at each forward pass: per-example gradients there are
+        neither tested nor fast, so say so instead of computing them slowly or wrongly."""
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") \
+            else self.model
+        where = {str(v) for v in (getattr(base, "hf_device_map", None) or {}).values()}
+        on_gpu = any(w not in ("cpu", "disk", "meta") for w in where)
+        offloaded = where & {"cpu", "disk", "meta"}
+        if on_gpu and offloaded:
+            raise UserError(f"the model does not fit the GPUs: accelerate put layers on "
+                            f"{' and '.join(sorted(offloaded))}, which datablame does not "
+                            "take gradients through; try --quantize 4bit, or more GPUs")
+
     def _quantization_config(self):
         """bitsandbytes' config for `--quantize` (None: full-precision weights). 4-bit is
         NF4 with double quantization, computing in `--dtype`: the QLoRA recipe most
@@ -354,6 +369,12 @@ class CausalLMAdapter:
             chosen = [n for n in names if any(p.search(n) for p in patterns)]
         if not chosen:
             raise UserError(f"no model parameter matches '{spec}'")
+        params = dict(self.model.named_parameters())
+        frozen = [n for n in chosen if not params[n].is_floating_point()]
+        if frozen:  # bitsandbytes' packed integer weights
+            raise UserError(f"'{spec}' selects {len(frozen)} quantized base weights (e.g. "
+                            f"{frozen[0]}), which have no gradient: trace the LoRA weights "
+                            "(--params lora-b or lora)")
         return chosen
 
     @property
@@ -629,8 +650,10 @@ class CausalLMAdapter:
                 self._vmap_ok = True
                 return grads
             except Exception as exc:  # model code that vmap cannot trace
-                if strategy == "vmap":
-                    raise
+                from accelerate.utils.memory import should_reduce_batch_size
+
+                if strategy == "vmap" or should_reduce_batch_size(exc):
+                    raise  # out of memory: a smaller batch, not the per-row loop
                 self._vmap_ok = False
                 warnings.warn(
                     f"batched gradients failed for this model ({type(exc).__name__}: "
@@ -685,8 +708,8 @@ class CausalLMAdapter:
 
         params = self._trainable()
         per_example = vmap(grad(self._example_loss), in_dims=(None, 0, 0))(params, ids, labels)
-        flat = torch.cat([per_example[n].reshape(ids.shape[0], -1).float()
-                          for n in self.param_names], dim=1)
+        flat = torch.cat([per_example[n].reshape(ids.shape[0], -1).float().cpu()
+                          for n in self.param_names], dim=1)  # layers may be on many GPUs
         return flat.cpu().numpy()
 
     def _loop_gradient(self, ids: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
@@ -697,6 +720,6 @@ class CausalLMAdapter:
         grads = torch.autograd.grad(loss, [params[n] for n in self.param_names],
                                     allow_unused=True)
         return torch.cat([
-            (g if g is not None else torch.zeros_like(params[n])).reshape(-1).float()
+            (g if g is not None else torch.zeros_like(params[n])).reshape(-1).float().cpu()
             for n, g in zip(self.param_names, grads, strict=True)
-        ]).cpu().numpy()
+        ]).numpy()

@@ -43,60 +43,85 @@ def per_example_grads(
     `factors` (a dict), when given, accumulates each weight's Kronecker factors over the
     tokens that carry gradient: "A" = sum of x x^T (inputs), "S" = sum of g g^T (output
     gradients), "tokens", and "kind" (linear or conv1d): what EK-FAC is built from.
+
+    Each layer's output gradient is reduced to its per-example weight gradients by a hook
+    the moment the backward pass computes it, and then freed: memory holds one layer's
+    (B, T, out) output gradient at a time, not every layer's (for LoRA on every linear
+    layer of a large model, that difference is gigabytes). The backward pass also sums
+    the selected weights' gradients, which are small and thrown away.
     """
     owners = {n: _owner_of(model, n) for n in param_names}
     modules = {id(o[0]): o[0] for o in owners.values()}
+    names_of: dict[int, list[str]] = {}
+    for n, (module, _, _) in owners.items():
+        names_of.setdefault(id(module), []).append(n)
     inputs: dict[int, torch.Tensor] = {}
-    outputs: dict[int, torch.Tensor] = {}
+    parts: dict[str, torch.Tensor] = {}
     calls: dict[int, int] = {}
     handles = []
+    recording = [True]
+
+    def reducer(key: int):
+        def on_output_grad(g: torch.Tensor) -> None:
+            x = inputs.pop(key)
+            g = g.detach().reshape(g.shape[0], -1, g.shape[-1]).float()
+            # accelerate moves a placed module's input inside its forward, after the hook
+            x = x.reshape(x.shape[0], -1, x.shape[-1]).float().to(g.device)
+            for n in names_of[key]:
+                _, attr, kind = owners[n]
+                if factors is not None and attr == "weight":
+                    _add_factors(factors, n, x, g)
+                if attr == "bias":
+                    parts[n] = g.sum(1)
+                elif kind == "linear":  # weight (out, in)
+                    parts[n] = torch.einsum("bto,bti->boi", g, x).reshape(x.shape[0], -1)
+                else:  # conv1d weight (in, out)
+                    parts[n] = torch.einsum("bti,bto->bio", x, g).reshape(x.shape[0], -1)
+        return on_output_grad
 
     def fwd(mod, args, out):
+        if not recording[0]:  # a checkpointed layer recomputed in the backward pass: its
+            return  # original output's hook already stands
         calls[id(mod)] = calls.get(id(mod), 0) + 1
         inputs[id(mod)] = args[0].detach()
-        outputs[id(mod)] = out
+        if out.requires_grad:
+            out.register_hook(reducer(id(mod)))
 
+    if factors is not None:  # in parameter order, whatever order the backward pass takes
+        for n, (_, attr, kind) in owners.items():
+            if attr == "weight":
+                factors.setdefault(n, {"A": 0.0, "S": 0.0, "tokens": 0, "kind": kind})
     params = dict(model.named_parameters())
-    previous = {n: params[n].requires_grad for n in param_names}
+    previous = {n: (params[n].requires_grad, params[n].grad) for n in param_names}
     try:
         for mod in modules.values():
             handles.append(mod.register_forward_hook(fwd))
         for n in param_names:  # puts the layers' outputs in the autograd graph
             params[n].requires_grad_(True)
+            params[n].grad = None
         losses = per_example_loss()
         if any(c != 1 for c in calls.values()) or len(calls) != len(modules):
             raise RuntimeError("a layer ran more or less than once per forward pass")
-        # Differentiate with respect to the layers' *outputs*, not their weights: autograd
-        # then skips the summed weight gradients, which per-example gradients never use.
-        keys = list(modules)
-        out_grads = torch.autograd.grad(losses.sum(), [outputs[k] for k in keys],
-                                        allow_unused=True)
+        recording[0] = False
+        selected = [params[n] for n in param_names]
+        if losses.requires_grad:
+            losses.sum().backward(inputs=selected)
     finally:
         for h in handles:
             h.remove()
-        for n, flag in previous.items():
+        for n, (flag, grad) in previous.items():
             params[n].requires_grad_(flag)
-    grad_of = {}
-    for k, g in zip(keys, out_grads, strict=True):
-        grad_of[k] = torch.zeros_like(outputs[k]) if g is None else g.detach()
-
-    flat = []
-    for n in param_names:
-        module, attr, kind = owners[n]
-        x, g = inputs[id(module)], grad_of[id(module)]
-        x = x.reshape(x.shape[0], -1, x.shape[-1]).float()
-        g = g.reshape(g.shape[0], -1, g.shape[-1]).float()
-        if factors is not None and attr == "weight":
-            active = g.abs().sum(-1) > 0  # tokens that reach some example's loss
-            xs, gs = x[active].double().cpu(), g[active].double().cpu()  # beside g_train
-            f = factors.setdefault(n, {"A": 0.0, "S": 0.0, "tokens": 0, "kind": kind})
-            f["A"] = f["A"] + xs.T @ xs
-            f["S"] = f["S"] + gs.T @ gs
-            f["tokens"] += int(active.sum())
-        if attr == "bias":
-            flat.append(g.sum(1))
-        elif kind == "linear":  # weight (out, in)
-            flat.append(torch.einsum("bto,bti->boi", g, x).reshape(x.shape[0], -1))
-        else:  # conv1d weight (in, out)
-            flat.append(torch.einsum("bti,bto->bio", x, g).reshape(x.shape[0], -1))
+            params[n].grad = grad
+    rows = losses.shape[0]
+    flat = [parts.get(n, torch.zeros(rows, params[n].numel(), device=losses.device))
+            for n in param_names]  # a layer whose output never reached the loss: zeros
     return torch.cat([f.to(flat[0].device) for f in flat], dim=1)  # layers on many GPUs
+
+
+def _add_factors(factors: dict, name: str, x: torch.Tensor, g: torch.Tensor) -> None:
+    active = g.abs().sum(-1) > 0  # tokens that reach some example's loss
+    xs, gs = x[active].double().cpu(), g[active].double().cpu()  # beside g_train
+    f = factors[name]
+    f["A"] = f["A"] + xs.T @ xs
+    f["S"] = f["S"] + gs.T @ gs
+    f["tokens"] += int(active.sum())
