@@ -302,6 +302,13 @@ class CausalLMAdapter:
         model.eval()  # no dropout: gradients must be deterministic
         for p in model.parameters():
             p.requires_grad_(False)
+        for module in model.modules():
+            if type(module).__name__ == "Linear4bit" and \
+                    type(module).__module__.startswith("bitsandbytes"):
+                # In eval mode on a CPU, bitsandbytes repacks 4-bit weights at the first
+                # gradient-free call into an inference-only layout that a later backward
+                # cannot pass (layers with a bias fail); the flag changes nothing else.
+                module.training = True
         if self.checkpointing:
             _checkpoint_layers(model)
         return model, tokenizer
