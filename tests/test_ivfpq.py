@@ -233,6 +233,19 @@ def test_index_ivfpq_shard_of_commit_and_workers_equal_one_process(tmp_path, mon
     code, _, err = run_cli(monkeypatch, capsys, "index", data, "--out", tmp_path / "two",
                            *pq, "--commit")
     _assert_one_line_error(code, err, "ivfpq shards are not written yet (shard 1)")
+    # `status` sees the build from its files (the index itself does not exist yet)
+    code, out, err = run_cli(monkeypatch, capsys, "status", tmp_path / "two")
+    assert code in (0, None), err
+    assert "ivfpq index build in progress: 2/3 shards (800/1000 rows)" in out
+    assert "missing: 1 shard(s): 1" in out
+    piece = tmp_path / ".two.ivfpq-partial" / "piece-00002.index"
+    kept = piece.read_bytes()
+    piece.write_bytes(kept[:-1])  # a truncated piece counts as damaged, not done
+    code, out, err = run_cli(monkeypatch, capsys, "status", tmp_path / "two", "--json")
+    assert code in (0, None), err
+    build = json.loads(out)["ivfpq_build"]
+    assert (build["done"], build["missing"], build["damaged"]) == (1, [1], [2])
+    piece.write_bytes(kept)
     code, _, err = run_cli(monkeypatch, capsys, "index", data, "--out", tmp_path / "two",
                            *pq, "--shard-of", "1/2")
     assert code in (0, None), err

@@ -3,6 +3,7 @@ scan's tasks). Optional: `pip install 'datablame[ray]'`."""
 
 from __future__ import annotations
 
+import logging
 import os
 
 from datablame.errors import UserError
@@ -20,10 +21,11 @@ def connect(address: str, cpus: int | None = None) -> None:
         return
     if address == "local":
         ray.init(num_cpus=cpus or os.cpu_count() or 1, include_dashboard=False,
-                 log_to_driver=False)
+                 log_to_driver=False, logging_level=logging.WARNING)
         return
     try:
-        ray.init(address=address, log_to_driver=False)
+        # WARNING: Ray's "Connecting to existing Ray cluster" line would precede the error
+        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise UserError(f"--ray {address}: cannot join the Ray cluster "
                         f"({str(exc).splitlines()[0]})") from None

@@ -14,11 +14,12 @@ from datablame.cli.console import console, fail
 def status(index_dir: Annotated[Path, typer.Argument(help="The index directory.")],
            as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False
            ) -> None:
-    """Show a gradient store build's shards: done, missing, damaged, rate and ETA (files
-    only: safe to run while workers write)."""
+    """Show a gradient store build's shards, or an ivfpq index build's: done, missing,
+    damaged, rate and ETA (files only: safe to run while workers write)."""
     from datablame.store.gradient_store import build_status
 
-    if not index_dir.is_dir():
+    sibling = index_dir.parent / f".{index_dir.name}.ivfpq-partial"
+    if not index_dir.is_dir() and not sibling.is_dir():  # a first ivfpq build has no index
         fail(f"index directory not found: {index_dir}")
     info = build_status(index_dir)
     if as_json:
@@ -27,7 +28,7 @@ def status(index_dir: Annotated[Path, typer.Argument(help="The index directory."
     if "note" in info:
         console.print(info["note"], highlight=False, soft_wrap=True)
         return
-    if "store" not in info and "build" not in info:
+    if not {"store", "build", "ivfpq_build"} & set(info):
         console.print(f"{index_dir}: no gradient store and no build in progress",
                       highlight=False, soft_wrap=True)
     if "store" in info:
@@ -35,12 +36,16 @@ def status(index_dir: Annotated[Path, typer.Argument(help="The index directory."
         console.print(f"gradient store: {s['rows']} rows in {s['shards']} shards, K = "
                       f"{s['proj_dim']} {s['store_dtype']}, {s['bytes'] / 1e6:.1f} MB",
                       highlight=False, soft_wrap=True)
-    if "build" in info:
-        b = info["build"]
+    for key, what, commit in (("build", "build", "--gradients --commit"),
+                              ("ivfpq_build", "ivfpq index build", "--index-type ivfpq "
+                                                                   "--commit")):
+        if key not in info:
+            continue
+        b = info[key]
         rate = f"{b['rows_per_s']:.0f} rows/s" if b["rows_per_s"] else "rate unknown yet"
         eta = "" if not b["eta_s"] else (f", about {b['eta_s']:.0f} s left" if b["eta_s"] < 120
                                          else f", about {b['eta_s'] / 60:.0f} min left")
-        console.print(f"build in progress: {b['done']}/{b['shards']} shards "
+        console.print(f"{what} in progress: {b['done']}/{b['shards']} shards "
                       f"({b['rows_done']}/{b['rows']} rows), {rate}{eta}", highlight=False,
                       soft_wrap=True)
         for name in ("missing", "damaged"):
@@ -50,5 +55,5 @@ def status(index_dir: Annotated[Path, typer.Argument(help="The index directory."
                 console.print(f"  {name}: {len(b[name])} shard(s): {shown}", highlight=False,
                               soft_wrap=True)
         if not b["missing"] and not b["damaged"]:
-            console.print("  every shard is done: commit with `index ... --gradients "
-                          "--commit`", highlight=False, soft_wrap=True)
+            console.print(f"  every shard is done: commit with `index ... {commit}`",
+                          highlight=False, soft_wrap=True)

@@ -738,15 +738,16 @@ def _build_status(index_dir: Path) -> dict:
                 damaged.append(s)
             else:
                 missing.append(s)
-        rows_done = sum(writer.row_range(s)[1] - writer.row_range(s)[0] for s in done)
-        times = sorted(writer._sidecar(s).stat().st_mtime for s in done)
-        rate = None
-        if len(times) >= 2 and times[-1] > times[0]:
-            first = writer.row_range(done[0])
-            rate = (rows_done - (first[1] - first[0])) / (times[-1] - times[0])
-        left = writer.rows - rows_done
-        out["build"] = {"shards": writer.n_shards, "done": len(done), "missing": missing,
-                        "damaged": damaged, "rows": writer.rows, "rows_done": rows_done,
-                        "rows_per_s": rate,
-                        "eta_s": left / rate if rate else None}
+        from datablame.store.ivfpq_build import progress_of
+
+        times = [writer._sidecar(s).stat().st_mtime for s in done]
+        out["build"] = {**progress_of(done, times, writer.rows,
+                                      lambda s: writer.row_range(s)[1] - writer.row_range(s)[0],
+                                      writer.n_shards),
+                        "missing": missing, "damaged": damaged}
+    from datablame.store.ivfpq_build import build_status as ivfpq_status
+
+    ivfpq = ivfpq_status(index_dir)
+    if ivfpq is not None:
+        out["ivfpq_build"] = ivfpq
     return out

@@ -296,6 +296,59 @@ class IvfpqBuild:
 
 
 
+def build_status(out: Path) -> dict | None:
+    """Where an ivfpq build of the index `out` stands, from its files alone (no model, no
+    lock; safe while workers write): None without a build directory, else shards done /
+    missing / damaged (a piece whose sidecar is not this plan's and training's, or whose
+    files have other sizes), rows, and the rate from the sidecars' times."""
+    out = Path(out)
+    partial = out.parent / f".{out.name}.ivfpq-partial"
+    try:
+        plan = json.loads((partial / "plan.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(plan, dict) or plan.get("format") != BUILD_FORMAT:
+        return None
+    digest = hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()
+    trained = partial / TRAINED
+    trained_sha = sha256_file(trained) if trained.exists() else None
+    rows, size = int(plan["rows"]), int(plan["shard_rows"])
+    done, missing, damaged, times = [], [], [], []
+    for shard in range(-(-rows // size)):
+        side_path = partial / f"piece-{shard:05d}.json"
+        try:
+            side = json.loads(side_path.read_text())
+        except (OSError, ValueError):
+            side = None
+        files = [(partial / f"embeddings-{shard:05d}.npy", "embeddings"),
+                 (partial / f"piece-{shard:05d}.index", "piece")]
+        if side is None:
+            (damaged if any(f.exists() for f, _ in files) else missing).append(shard)
+        elif side.get("plan") == digest and side.get("trained") == trained_sha and all(
+                f.is_file() and f.stat().st_size == side[key]["bytes"] for f, key in files):
+            done.append(shard)
+            times.append(side_path.stat().st_mtime)
+        else:
+            damaged.append(shard)
+    return {"partial": str(partial), "trained": trained_sha is not None,
+            **progress_of(done, times, rows, lambda s: min(rows, (s + 1) * size) - s * size,
+                          -(-rows // size)),
+            "missing": missing, "damaged": damaged}
+
+
+def progress_of(done: list[int], times: list[float], rows: int,
+                rows_of: Callable[[int], int], shards: int) -> dict:
+    """Shards and rows done, rows/s over the finished shards' sidecar times, and an ETA:
+    what `datablame status` prints for a gradient store build and an ivfpq build alike."""
+    rows_done = sum(rows_of(s) for s in done)
+    ordered = sorted(zip(times, done, strict=True))
+    rate = None
+    if len(ordered) >= 2 and ordered[-1][0] > ordered[0][0]:
+        rate = (rows_done - rows_of(ordered[0][1])) / (ordered[-1][0] - ordered[0][0])
+    return {"shards": shards, "done": len(done), "rows": rows, "rows_done": rows_done,
+            "rows_per_s": rate, "eta_s": (rows - rows_done) / rate if rate else None}
+
+
 def discard_build(out: Path) -> None:
     """Remove `out`'s ivfpq build directory (the index is current already), unless a
     worker is writing into it."""
