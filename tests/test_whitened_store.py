@@ -227,3 +227,28 @@ def test_an_empty_curvature_file_in_a_partial_build_is_fitted_again(setup):
     build_gradient_store(tmp / "a", rows, tmpl, model, **KW)
     build_gradient_store(tmp / "b", rows, tmpl, model, **KW)
     assert _files(tmp / "a" / "gradients") == _files(tmp / "b" / "gradients")
+
+
+def test_auto_whitens_only_while_the_curvature_is_cheap(setup, monkeypatch, capsys):
+    """`--curvature auto` fits EK-FAC while the eigenbases are small (the size written is
+    the size predicted) and builds a plain store, with a note, when they would not be;
+    `ekfac` whitens whatever the size."""
+    from datablame import progress
+
+    tmp, rows, tmpl, model = setup
+    size, flops = curvature_mod.curvature_cost(model)
+    manifest = build_gradient_store(tmp, rows, tmpl, model, **{**KW, "curvature": "auto"})
+    assert manifest["curvature"]["kind"] == "ekfac"
+    with np.load(tmp / "gradients" / curvature_mod.CURVATURE_FILE) as arrays:
+        written = sum(arrays[k].nbytes for k in arrays.files if not k.endswith(
+            ("names", "layout")))
+    assert written == size
+    monkeypatch.setattr(curvature_mod, "AUTO_LIMIT_BYTES", size - 1)
+    progress.enable_notes(True)
+    try:
+        assert curvature_mod.curvature_plan("auto", len(rows), 0, model) is None
+    finally:
+        progress.enable_notes(False)
+    note = " ".join(capsys.readouterr().err.split())
+    assert f"~{flops / 1e9:.0f} GFLOP per row" in note and "building a plain store" in note
+    assert curvature_mod.curvature_plan("ekfac", len(rows), 0, model)["kind"] == "ekfac"

@@ -25,6 +25,7 @@ from datablame.errors import UserError
 CURVATURES = ("auto", "none", "ekfac")  # auto: ekfac where the weights allow it
 SAMPLE_ROWS = 4096  # rows the curvature is fitted on; EK-FAC draws enough labels per row
 CURVATURE_FILE = "curvature.npz"
+AUTO_LIMIT_BYTES = 1 << 30  # "auto" whitens while the curvature stays this small (below)
 
 
 def check_curvature(kind: str) -> None:
@@ -48,6 +49,16 @@ def curvature_plan(kind: str, n_rows: int, seed: int, model) -> dict | None:
     check_curvature(kind)
     if kind == "none" or (kind == "auto" and not model._hooks_ok):
         return None
+    if kind == "auto":
+        size, flops = curvature_cost(model)
+        if size > AUTO_LIMIT_BYTES:
+            from datablame import progress
+
+            progress.note(f"--curvature auto: this model's curvature would take "
+                          f"{size / 2**30:.1f} GB and whitening ~{flops / 1e9:.0f} GFLOP "
+                          "per row on the CPU; building a plain store (pass --curvature "
+                          "ekfac to whiten anyway)")
+            return None
     if not model._hooks_ok:
         raise UserError("--curvature ekfac needs LoRA weights (Kronecker factors of linear "
                         "layers): pass an adapter with --params lora or lora-b, or "
@@ -59,6 +70,23 @@ def curvature_plan(kind: str, n_rows: int, seed: int, model) -> dict | None:
     return {"kind": "ekfac", "fisher": ek.fisher, "rows": sampled,
             "draws_per_row": ek.draws_for(sampled), "damping_scale": ek.damping_scale,
             "seed": seed}
+
+
+def curvature_cost(model) -> tuple[int, int]:
+    """(bytes of curvature.npz, FLOPs of whitening one row) for the model's selected
+    weights: per (out, in) weight, EK-FAC keeps an in x in and an out x out eigenbasis and
+    out x in eigenvalues (float32), and whitening rotates the gradient into the eigenbasis
+    and back (4 matrix products)."""
+    params = dict(model.model.named_parameters())
+    size = flops = 0
+    for name in model.param_names:
+        weight = params[name]
+        if weight.dim() != 2:  # biases: no Kronecker factor
+            continue
+        out, inp = weight.shape
+        size += 4 * (inp * inp + out * out + out * inp)
+        flops += 4 * out * inp * (out + inp)
+    return size, flops
 
 
 def fit_curvature(model, texts: list, plan: dict):
