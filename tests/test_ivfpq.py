@@ -265,6 +265,7 @@ def test_index_ivfpq_shard_of_commit_and_workers_equal_one_process(tmp_path, mon
     assert code in (0, None), err
     assert "is an ivfpq index of these rows already: nothing to write" in \
         " ".join((out + err).split())
+    assert "wrote 0 of its 0" not in out + err  # the note says it all
     assert not (tmp_path / ".three.ivfpq-partial").exists()
     taken = tmp_path / "taken"
     taken.mkdir()

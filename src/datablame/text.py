@@ -230,7 +230,7 @@ def _ivfpq_worker(train_file, out: Path, shard_of: tuple[int, int], *, template,
     tmpl.check_rows(rows)
     if _current_index(out, rows, tmpl, "ivfpq", resolve_embedder(embedder)[0]):
         progress.note(f"{out} is an ivfpq index of these rows already: nothing to write")
-        return {"written": 0, "mine": 0, "missing": []}
+        return {"written": 0, "mine": 0, "missing": [], "current": True}
     enc = Embedder(embedder, device=device)
     i, n = shard_of
     size = ivfpq_shard_rows()

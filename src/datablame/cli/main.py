@@ -290,6 +290,8 @@ def index(
                            split=split or None, shard_of=worker, commit=commit)
     what = "ivfpq index" if ivfpq_pieces else "gradient"
     if worker is not None:
+        if manifest.get("current"):  # said in a note: nothing to write, nothing to commit
+            return
         left = manifest["missing"]
         console.print(f"worker {worker[0]}/{worker[1]}: wrote {manifest['written']} of its "
                       f"{manifest['mine']} {what} shards; {len(left)} shard(s) of the "
