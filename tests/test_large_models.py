@@ -68,8 +68,64 @@ def test_gradient_checkpointing_recomputes_and_keeps_the_gradients(model, reques
     grads = lm.gradients(texts, batch_size=3, warn=False)
     assert len(calls) == 2, "the layer was not recomputed: checkpointing is off"
     assert _relative_gap(grads, plain) <= 1e-6
-    assert not any(m.training for m in lm.model.modules()
-                   if isinstance(m, torch.nn.Dropout))
+    assert not any(m.training for m in lm.model.modules())  # no dropout anywhere
+
+
+@pytest.fixture(scope="module")
+def opt_model(tmp_path_factory):
+    """A random tiny OPT with dropout 0.1, which its decoder layer applies itself by its
+    training flag, and which flattens tokens to (B*T, d) before its MLP; LoRA on q/v and
+    the MLP."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import OPTConfig, OPTForCausalLM
+
+    from datablame.demo.toy_lm import train_tokenizer
+
+    root = tmp_path_factory.mktemp("opt")
+    tok = train_tokenizer(["### Instruction :\n say hi\n\n### Response :\n hello there .",
+                           "the quick brown fox jumps over the lazy dog again ,"], root / "base")
+    torch.manual_seed(0)
+    config = OPTConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
+                       ffn_dim=64, num_attention_heads=2, max_position_embeddings=64,
+                       word_embed_proj_dim=32, dropout=0.1, attention_dropout=0.1,
+                       pad_token_id=tok.pad_token_id, bos_token_id=tok.eos_token_id,
+                       eos_token_id=tok.eos_token_id)
+    OPTForCausalLM(config).save_pretrained(root / "base")
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "fc1", "fc2"],
+                      init_lora_weights=False, task_type="CAUSAL_LM")
+    get_peft_model(OPTForCausalLM.from_pretrained(root / "base"), lora
+                   ).save_pretrained(root / "adapter")
+    return root / "base", root / "adapter"
+
+
+def test_a_model_whose_layers_apply_their_own_dropout_keeps_its_gradients(opt_model):
+    """OPT: the batched hooks equal per-row autograd (its MLP sees (B*T, d) inputs), and
+    checkpointing neither brings its dropout back nor changes a gradient, run after run."""
+    from datablame.models.hf_causal_lm import CausalLMAdapter
+
+    texts = _alpaca_texts()
+    lm = CausalLMAdapter(*opt_model)
+    plain = lm.gradients(texts, batch_size=3, strategy="hooks", warn=False)
+    per_row = np.stack([lm.gradients([t], strategy="loop", warn=False)[0] for t in texts])
+    assert _relative_gap(plain, per_row) <= 1e-5
+    checkpointed = CausalLMAdapter(*opt_model, checkpointing=True)
+    for _ in range(2):
+        assert _relative_gap(checkpointed.gradients(texts, batch_size=3, warn=False),
+                             plain) <= 1e-6
+
+
+def test_checkpointing_with_weights_off_the_hook_path_is_said_and_changes_nothing(
+        random_lora_model):
+    """--params all (embeddings, norms: the vmap path): a warning, the plain gradients."""
+    from datablame.models.hf_causal_lm import CausalLMAdapter
+
+    base, _ = random_lora_model
+    texts = _alpaca_texts()
+    plain = CausalLMAdapter(base, None, params="all").gradients(texts, batch_size=3,
+                                                                warn=False)
+    with pytest.warns(UserWarning, match="--gradient-checkpointing applies to linear"):
+        lm = CausalLMAdapter(base, None, params="all", checkpointing=True)
+    assert _relative_gap(lm.gradients(texts, batch_size=3, warn=False), plain) <= 1e-6
 
 
 def _alpaca_texts():
@@ -136,6 +192,9 @@ def test_device_map_auto_loads_through_accelerate_and_keeps_the_gradients(llama6
         lm._check_placement()
     lm.model.get_base_model().hf_device_map = {"": "cpu"}  # no GPU at all: fine
     lm._check_placement()
+    lm.model.get_base_model().hf_device_map = {"model": "cpu", "lm_head": "disk"}
+    with pytest.raises(UserError, match="does not fit memory: accelerate put layers on disk"):
+        lm._check_placement()
 
 
 def test_a_batch_that_runs_out_of_memory_is_retried_smaller(llama64, capsys):
@@ -168,9 +227,16 @@ def test_a_batch_that_runs_out_of_memory_is_retried_smaller(llama64, capsys):
     assert _relative_gap(grads, plain) <= 1e-5
     assert lm.batch_limit == 2 and seen[:3] == [6, 3, 2] and max(seen[3:]) == 2
     assert "going on with 2 rows per batch" in capsys.readouterr().err
+    # per-token scores of a traced answer: batches of its tokens, halved the same way
+    parts = lm.token_gradients(texts[0], plain[:2], batch_size=8)
+    want = CausalLMAdapter(base, adapter).token_gradients(texts[0], plain[:2], batch_size=8)
+    np.testing.assert_allclose(parts[1], want[1], rtol=1e-4, atol=1e-9)
+    assert max(seen[-3:]) <= 2
     fits["rows"] = 0
     with pytest.raises(UserError, match="out of memory .* with one row of"):
         lm.gradients(texts[:1], warn=False)
+    with pytest.raises(UserError, match="out of memory .* with one row of"):
+        lm.losses(texts[:1])
     fits["rows"] = 6
     lm.model.register_forward_pre_hook(
         lambda *_: (_ for _ in ()).throw(RuntimeError("something else")))

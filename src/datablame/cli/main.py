@@ -247,6 +247,9 @@ def index(
             _fail("--ray builds a gradient store: add --gradients --model ...")
         if worker is not None or commit:
             _fail("--ray runs the shards and the commit itself")
+        if device_map:
+            _fail("--ray gives each actor one GPU: drop --device-map (a model that needs "
+                  "several GPUs: build with one process)")
         manifest = build_index(train_file, out, template=template or None, chat=chat,
                                response_field=response_field or None,
                                embedder=embedder or None, index_type=index_type,
@@ -524,6 +527,9 @@ def trace(
               f"{', '.join(LM_METHODS)}, magic)")
     if method == "magic" and adapter is None:
         _fail("magic replays a LoRA fine-tune: pass the --adapter it made")
+    if method == "magic" and (quantize != "none" or device_map or gradient_checkpointing):
+        _fail("magic replays the fine-tune in full precision on one device: drop "
+              "--quantize / --device-map / --gradient-checkpointing, or use --method grad")
     if recipe is not None and method != "magic":
         _fail("--recipe is only used with --method magic (verify takes its own --recipe)")
     if recipe is not None:

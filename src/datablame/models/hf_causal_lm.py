@@ -83,29 +83,59 @@ def check_options(*, params: str = "auto", dtype: str = "fp32", device: str = "a
     resolve_device(device)
 
 
-def _checkpoint_layers(model: torch.nn.Module) -> None:
-    """Gradient (activation) checkpointing without dropout: each decoder layer keeps only
-    its input and recomputes the rest in the backward pass, so activations take one
-    layer's memory, not all of them. Transformers checkpoints only in training mode, so
-    the flagged layers (and, in older releases, the model that loops over them) are put in
-    training mode *alone*: their attention, MLP and dropout modules stay in eval mode, and
-    the gradients are the same as without checkpointing. Non-reentrant, so the hooks that
-    take per-example gradients see a normal autograd graph."""
-    from transformers import PreTrainedModel
+def _out_of_memory(exc: Exception) -> bool:
+    """A device (or the CPU) ran out of memory: a smaller batch may fit."""
+    from accelerate.utils.memory import should_reduce_batch_size
 
-    base = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
-    if base is None or not getattr(base, "supports_gradient_checkpointing", False):
-        name = type(base or model).__name__
-        raise UserError(f"{name} does not support gradient checkpointing: drop "
-                        "--gradient-checkpointing")
-    kwargs = {"use_reentrant": False}
-    if hasattr(base, "activation_checkpointing_enable"):
-        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:  # transformers before 5
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    for module in model.modules():
-        if getattr(module, "gradient_checkpointing", False) is True:
-            module.training = True  # this module only, not its children
+    return should_reduce_batch_size(exc)
+
+
+def _add_factors(total: dict, batch: dict) -> None:
+    """Add one batch's Kronecker factor sums to the running ones."""
+    for name, f in batch.items():
+        t = total.setdefault(name, {"A": 0.0, "S": 0.0, "tokens": 0, "kind": f["kind"]})
+        t["A"] = t["A"] + f["A"]
+        t["S"] = t["S"] + f["S"]
+        t["tokens"] += f["tokens"]
+
+
+class _Checkpointing:
+    """Gradient (activation) checkpointing of the decoder layers, done here rather than by
+    transformers' own switch: that one acts only in training mode, and several families'
+    layers apply dropout by `self.training` themselves (OPT, Falcon, XGLM, ...), so the
+    gradients would change. Every module stays in eval mode; each decoder layer's forward
+    is wrapped in a non-reentrant `torch.utils.checkpoint` that keeps its input and
+    recomputes the rest in the backward pass, so activations take one layer's memory,
+    not every layer's. It is on only while the batched hook path runs (`active`): the
+    vmap and per-row paths swap parameters in with `functional_call`, which a recompute
+    after the call would not see."""
+
+    def __init__(self, model: torch.nn.Module):
+        from torch.utils.checkpoint import checkpoint
+
+        try:
+            from transformers.modeling_layers import GradientCheckpointingLayer
+        except ImportError:  # transformers before 4.52
+            GradientCheckpointingLayer = None  # noqa: N806
+        layers = [m for m in model.modules()
+                  if GradientCheckpointingLayer is not None and
+                  isinstance(m, GradientCheckpointingLayer)]
+        if not layers:
+            raise UserError(f"{type(model).__name__} has no decoder layers datablame can "
+                            "checkpoint (needs transformers >= 4.52): drop "
+                            "--gradient-checkpointing")
+        self.active = False
+
+        def wrap(forward):
+            def checkpointed(*args, **kwargs):
+                if self.active and torch.is_grad_enabled():
+                    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+                return forward(*args, **kwargs)
+            return checkpointed
+
+        for layer in layers:
+            layer.forward = wrap(layer.forward)
+        self.layers = len(layers)
 
 
 def _first_line(exc: Exception) -> str:
@@ -229,6 +259,10 @@ class CausalLMAdapter:
         self.batch_limit: int | None = None  # rows per batch that fit, once one did not
         self.last_report: dict[str, list[int]] = {}
         self._hooks_ok = linear_hooks.eligible(self.model, self.param_names)
+        if checkpointing and not self._hooks_ok:
+            warnings.warn("--gradient-checkpointing applies to linear-layer and LoRA weights "
+                          "(the batched hook path); these parameters are not all such, so "
+                          "their gradients are taken without it", stacklevel=2)
 
     @classmethod
     def from_options(cls, options) -> CausalLMAdapter:
@@ -309,8 +343,7 @@ class CausalLMAdapter:
                 # gradient-free call into an inference-only layout that a later backward
                 # cannot pass (layers with a bias fail); the flag changes nothing else.
                 module.training = True
-        if self.checkpointing:
-            _checkpoint_layers(model)
+        self._checkpointing = _Checkpointing(model) if self.checkpointing else None
         return model, tokenizer
 
     def _check_placement(self) -> None:
@@ -321,11 +354,12 @@ class CausalLMAdapter:
             else self.model
         where = {str(v) for v in (getattr(base, "hf_device_map", None) or {}).values()}
         on_gpu = any(w not in ("cpu", "disk", "meta") for w in where)
-        offloaded = where & {"cpu", "disk", "meta"}
-        if on_gpu and offloaded:
-            raise UserError(f"the model does not fit the GPUs: accelerate put layers on "
-                            f"{' and '.join(sorted(offloaded))}, which datablame does not "
-                            "take gradients through; try --quantize 4bit, or more GPUs")
+        offloaded = where & ({"cpu", "disk", "meta"} if on_gpu else {"disk", "meta"})
+        if offloaded:
+            raise UserError(f"the model does not fit {'the GPUs' if on_gpu else 'memory'}: "
+                            f"accelerate put layers on {' and '.join(sorted(offloaded))}, "
+                            "which datablame does not take gradients through; try "
+                            "--quantize 4bit, or more GPUs")
 
     def _quantization_config(self):
         """bitsandbytes' config for `--quantize` (None: full-precision weights). 4-bit is
@@ -492,8 +526,16 @@ class CausalLMAdapter:
         out = []
         with torch.no_grad():
             for ids, lab in zip(batch.input_ids, batch.labels, strict=True):
-                out.append(float(self._example_loss(self._trainable(), ids.to(self.device),
-                                                    lab.to(self.device))))
+                try:
+                    loss = float(self._example_loss(self._trainable(), ids.to(self.device),
+                                                    lab.to(self.device)))
+                except Exception as exc:
+                    if not _out_of_memory(exc):
+                        raise
+                    loss = None
+                if loss is None:  # one row that does not fit: one line (raises)
+                    self._smaller_batch(EncodedBatch(ids[None], lab[None], [""]))
+                out.append(loss)
         return np.asarray(out)
 
     def gradients(
@@ -528,14 +570,23 @@ class CausalLMAdapter:
         while start < len(examples):
             take = order[start : start + batch_size]
             batch = self.encode([examples[i] for i in take])
+            summed = None if factors is None else {}  # this batch's, added once it is done
             try:
                 out[take] = self._batch_gradients(batch, strategy) if factors is None else \
                     self._hook_gradients(batch.input_ids.to(self.device),
-                                         batch.labels.to(self.device), factors,
+                                         batch.labels.to(self.device), summed,
                                          sampled_labels)
             except Exception as exc:
-                batch_size = self._smaller_batch(exc, batch, factors)
+                if not _out_of_memory(exc):
+                    raise
+                out_of_memory = True
+            else:
+                out_of_memory = False
+            if out_of_memory:  # outside `except`: its traceback no longer holds the batch
+                batch_size = self._smaller_batch(batch)
                 continue  # the same rows again, fewer at a time
+            if summed is not None:
+                _add_factors(factors, summed)
             for j, how in enumerate(batch.cut):
                 if how:
                     report[how].append(int(take[j]))
@@ -548,23 +599,18 @@ class CausalLMAdapter:
             self.warn_report(self.last_report, len(examples), names)
         return out
 
-    def _smaller_batch(self, exc: Exception, batch: EncodedBatch, factors: dict | None
-                       ) -> int:
+    def _smaller_batch(self, batch: EncodedBatch) -> int:
         """After running out of memory on `batch`: half as many rows from now on, for this
-        model's life (the rows come shortest first, so later batches would not fit either).
-        Anything else, or one row that does not fit, is raised. Kronecker factors summed
-        from a half-done batch would count its rows twice, so a factor fit is not retried."""
-        from accelerate.utils.memory import clear_device_cache, should_reduce_batch_size
+        model's life (the rows come shortest first, so later batches would not fit either);
+        one row that does not fit is one line saying what would help."""
+        from accelerate.utils.memory import clear_device_cache
 
-        if not should_reduce_batch_size(exc):
-            raise exc
         rows, tokens = batch.input_ids.shape
         clear_device_cache(garbage_collection=True)
-        if rows == 1 or factors is not None:
-            what = "one row" if rows == 1 else f"a batch of {rows} rows"
-            raise UserError(f"out of memory on {self.device} with {what} of {tokens} "
+        if rows == 1:
+            raise UserError(f"out of memory on {self.device} with one row of {tokens} "
                             "tokens: try --gradient-checkpointing, --quantize 4bit, a "
-                            "smaller --max-length, or a larger device") from None
+                            "smaller --max-length, or a larger device")
         self.batch_limit = (rows + 1) // 2
         from datablame import progress
 
@@ -613,14 +659,25 @@ class CausalLMAdapter:
                                  return_offsets_mapping=True)["offset_mapping"]
         against = np.asarray(against, dtype=np.float64).reshape(-1, self.num_params)
         parts = []
-        for start in range(0, len(positions), batch_size):
+        start, batch_size = 0, min(batch_size, self.batch_limit or batch_size)
+        while start < len(positions):
             take = positions[start:start + batch_size]
             ids = batch.input_ids.repeat(len(take), 1)
             one = torch.full_like(ids, -100)
             for i, p in enumerate(take):
                 one[i, p] = labels[p]
-            grads = self._batch_gradients(EncodedBatch(ids, one, [""] * len(take)), "auto")
+            tokens = EncodedBatch(ids, one, [""] * len(take))
+            try:
+                grads = self._batch_gradients(tokens, "auto")
+            except Exception as exc:
+                if not _out_of_memory(exc):
+                    raise
+                grads = None
+            if grads is None:  # the same tokens again, fewer at a time
+                batch_size = self._smaller_batch(tokens)
+                continue
             parts.append(grads.astype(np.float64) @ against.T)
+            start += len(take)
         return [tuple(offsets[p]) for p in positions], np.concatenate(parts) / len(positions)
 
     def check_scored(self, example: FormattedText, what: str = "the query") -> None:
@@ -657,9 +714,7 @@ class CausalLMAdapter:
                 self._vmap_ok = True
                 return grads
             except Exception as exc:  # model code that vmap cannot trace
-                from accelerate.utils.memory import should_reduce_batch_size
-
-                if strategy == "vmap" or should_reduce_batch_size(exc):
+                if strategy == "vmap" or _out_of_memory(exc):
                     raise  # out of memory: a smaller batch, not the per-row loop
                 self._vmap_ok = False
                 warnings.warn(
@@ -707,7 +762,14 @@ class CausalLMAdapter:
         else:
             def loss():
                 return self._sampled_losses(ids, labels, sampled_labels)
-        grads = linear_hooks.per_example_grads(self.model, self.param_names, loss, factors)
+        checkpointing = self._checkpointing
+        if checkpointing is not None:
+            checkpointing.active = True
+        try:
+            grads = linear_hooks.per_example_grads(self.model, self.param_names, loss, factors)
+        finally:
+            if checkpointing is not None:
+                checkpointing.active = False
         return grads.cpu().numpy()
 
     def _vmap_gradients(self, ids: torch.Tensor, labels: torch.Tensor) -> np.ndarray:

@@ -59,14 +59,15 @@ def per_example_grads(
     parts: dict[str, torch.Tensor] = {}
     calls: dict[int, int] = {}
     handles = []
-    recording = [True]
+    recording, rows = [True], [0]
 
     def reducer(key: int):
         def on_output_grad(g: torch.Tensor) -> None:
             x = inputs.pop(key)
-            g = g.detach().reshape(g.shape[0], -1, g.shape[-1]).float()
+            # (B, T, d), also where a model flattens its tokens to (B*T, d) first (OPT's MLP)
+            g = g.detach().reshape(rows[0], -1, g.shape[-1]).float()
             # accelerate moves a placed module's input inside its forward, after the hook
-            x = x.reshape(x.shape[0], -1, x.shape[-1]).float().to(g.device)
+            x = x.reshape(rows[0], -1, x.shape[-1]).float().to(g.device)
             for n in names_of[key]:
                 _, attr, kind = owners[n]
                 if factors is not None and attr == "weight":
@@ -103,6 +104,7 @@ def per_example_grads(
         if any(c != 1 for c in calls.values()) or len(calls) != len(modules):
             raise RuntimeError("a layer ran more or less than once per forward pass")
         recording[0] = False
+        rows[0] = losses.shape[0]
         selected = [params[n] for n in param_names]
         if losses.requires_grad:
             losses.sum().backward(inputs=selected)
@@ -112,8 +114,7 @@ def per_example_grads(
         for n, (flag, grad) in previous.items():
             params[n].requires_grad_(flag)
             params[n].grad = grad
-    rows = losses.shape[0]
-    flat = [parts.get(n, torch.zeros(rows, params[n].numel(), device=losses.device))
+    flat = [parts.get(n, torch.zeros(rows[0], params[n].numel(), device=losses.device))
             for n in param_names]  # a layer whose output never reached the loss: zeros
     return torch.cat([f.to(flat[0].device) for f in flat], dim=1)  # layers on many GPUs
 
