@@ -80,6 +80,9 @@ PROTOCOLS = [
     # anywhere this round, scored only after the choice.
     ("seed 3, 10 epochs, halves re-batched", 3, TEN, 0.5, False, NEW),
     ("seed 4, 10 epochs, halves re-batched", 4, TEN, 0.5, False, FRESH),
+    # seed 5 (stop 32): retrained after a rule for the default's curvature was written
+    # down (commit 7b41994), scored once; no key was chosen on it
+    ("seed 5, 10 epochs, halves re-batched", 5, TEN, 0.5, False, FRESH),
 ]
 GRADIENT, RETRIEVAL = "grad-cos (lora-b)", "retrieval"
 # the cosine of gradients whitened by EK-FAC, as a store built with --curvature ekfac holds

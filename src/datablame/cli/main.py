@@ -160,7 +160,8 @@ def index(
                                                 "LoRA weights before projecting; fitted once "
                                                 "per build), none (plain gradients), or auto "
                                                 "(ekfac where the weights are linear / LoRA "
-                                                "layers, else none).")] = "none",
+                                                "layers and the curvature takes at most 1 GiB, "
+                                                "else none).")] = "none",
     loss_on: Annotated[str, typer.Option(help="response or text.")] = "response",
     dtype: Annotated[str, typer.Option(help="fp32, bf16 or fp16.")] = "fp32",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
