@@ -36,27 +36,6 @@ VARIANTS = {  # name: (quantize, checkpointing)
 }
 
 
-def build(root: Path, hidden: int, layers: int, positions: int) -> None:
-    import torch
-    from families import WORDS
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    from datablame.demo.toy_lm import toy_decoder_config, train_bpe_tokenizer
-
-    rng = random.Random(0)
-    corpus = [" ".join(rng.choice(WORDS) for _ in range(40)) for _ in range(200)]
-    tok = train_bpe_tokenizer(corpus, root / "base", vocab_size=400)
-    torch.manual_seed(0)
-    config = toy_decoder_config("llama", tok, hidden=hidden, layers=layers,
-                                positions=positions)
-    model = AutoModelForCausalLM.from_config(config)
-    model.save_pretrained(root / "base")
-    lora = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
-                      init_lora_weights=False, task_type="CAUSAL_LM")
-    get_peft_model(model, lora).save_pretrained(root / "adapter")
-
-
 def child(args) -> None:
     """One variant, in this process: load, take the gradients, report as one JSON line."""
     import torch
@@ -110,6 +89,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.variant:
         return child(args)
+    from gpu import build  # the same random Llama + LoRA r=16 on every linear layer
     from provenance import with_provenance
 
     hidden, layers = map(int, args.size.split("x"))
