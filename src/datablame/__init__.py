@@ -11,15 +11,17 @@ import logging as _logging  # noqa: E402
 
 
 class _NoOfflineKernelNotice(_logging.Filter):
-    """bitsandbytes (installed for --quantize) logs, on CPUs with AVX512-bf16, that it could
-    not fetch an optional kernel from the Hub, when anything imports peft: offline, as
-    datablame always is, that is every run, and it would precede every one-line error."""
+    """bitsandbytes (installed for --quantize) looks for an optional CPU kernel on the Hub
+    when anything imports peft, on CPUs with AVX512-bf16, and it and the `kernels` package
+    log that they could not fetch or verify it: offline, as datablame always is, that is
+    every run, and it would precede every one-line error."""
 
     def filter(self, record: _logging.LogRecord) -> bool:
         return "kernels-community" not in str(record.msg)
 
 
-_logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_NoOfflineKernelNotice())
+for _name in ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub"):
+    _logging.getLogger(_name).addFilter(_NoOfflineKernelNotice())
 
 from datablame.text import build_index, trace  # noqa: E402
 
