@@ -532,6 +532,15 @@ def test_sharded_workers_then_commit_equal_one_process_byte_for_byte(tmp_path,
     code, _, err = run_cli(monkeypatch, capsys, "index", train, "--out", sharded, *grad,
                            "--commit")
     _assert_one_line_error(code, err, "gradient shards are not written yet (shard 1")
+    # a worker of other options never discards the shards another worker finished
+    other = [*grad[:-1], "32"]  # --proj-dim 32 instead of 64
+    code, _, err = run_cli(monkeypatch, capsys, "index", train, "--out", sharded, *other,
+                           "--shard-of", "1/2")
+    _assert_one_line_error(code, err, "holds 2 finished shard(s) of a build with other "
+                                      "options (proj_dim: 64 -> 32")
+    code, _, err = run_cli(monkeypatch, capsys, "index", train, "--out", sharded, *other,
+                           "--commit")
+    _assert_one_line_error(code, err, "its shards were built with proj_dim: 64 -> 32")
     code, out, err = run_cli(monkeypatch, capsys, "status", sharded)
     assert code in (0, None), err
     assert "build in progress: 2/4 shards" in out + err and "missing: 2 shard(s): 1, 3" in \

@@ -279,3 +279,13 @@ def test_a_store_of_another_quantization_is_refused_and_bad_options_are_one_line
         code, _, err = run_cli(monkeypatch, capsys, "trace", tmp_path / "full", "--model",
                                base, *extra, *query)
         _assert_one_line_error(code, err, needle)
+    # index: the options need --gradients; --workers checks them once, before any worker
+    code, _, err = run_cli(monkeypatch, capsys, "index", train, "--out", tmp_path / "x",
+                           "--quantize", "8bit")
+    _assert_one_line_error(code, err, "--quantize, --device-map and --gradient-checkpointing "
+                                      "load the gradient model: add --gradients")
+    code, _, err = run_cli(monkeypatch, capsys, "index", train, "--out", tmp_path / "y",
+                           "--gradients", "--model", base, "--quantize", "8bit", "--workers",
+                           "2")
+    _assert_one_line_error(code, err, "--quantize 8bit stores the base weights as integers")
+    assert "worker" not in err and not (tmp_path / "y").exists()  # nothing embedded

@@ -87,13 +87,15 @@ def test_trace_report_shows_the_culprit_first_with_its_copied_words(demo_assets,
                                                                      browser):
     root, info = demo_assets
     html, saved = tmp_path / "trace.html", tmp_path / "trace.json"
-    code, _, err = run_cli(monkeypatch, capsys, "trace", root / "index", "--model",
-                           root / "base", "--adapter", root / "adapter", "--query",
-                           CULPRIT["output"], "--field", f"instruction={CULPRIT['instruction']}",
-                           "--field", f"input={CULPRIT['input']}", "--show", "5", "--html",
-                           html, "--out", saved)
+    code, printed, err = run_cli(monkeypatch, capsys, "trace", root / "index", "--model",
+                                 root / "base", "--adapter", root / "adapter", "--query",
+                                 CULPRIT["output"], "--field",
+                                 f"instruction={CULPRIT['instruction']}", "--field",
+                                 f"input={CULPRIT['input']}", "--show", "5", "--html", html,
+                                 "--out", saved, "--token-scores", "--json")
     assert code in (0, None), err
     record = json.loads(saved.read_text())
+    assert json.loads(printed) == record  # what --json prints: token scores included
     shares = record["token_scores"]["answer"]["shares"]
     # per-word shares of a row's score add up to that score (the loss is a mean over
     # tokens, the alignment linear in each token's gradient), both ways round

@@ -39,8 +39,9 @@ QuantizeOption = Annotated[str, typer.Option(
          "weights are traced. none: as "
          "saved.")]
 DeviceMapOption = Annotated[str, typer.Option(
-    help="auto: spread the model's layers over every visible GPU (then CPU) with "
-         "accelerate, for a model larger than one GPU.")]
+    help="auto: spread the model's layers over every visible GPU with accelerate, for a "
+         "model larger than one GPU (layers that would be offloaded to CPU or disk are "
+         "refused).")]
 CheckpointingOption = Annotated[bool, typer.Option(
     "--gradient-checkpointing", help="Keep one layer's activations at a time and "
     "recompute the rest in the backward pass: less memory, ~1/3 more compute, the same "
@@ -228,8 +229,15 @@ def index(
                                     seed=seed, shard_rows=shard_rows,
                                     batch_size=grad_batch_size, store_dtype=store_dtype,
                                     projection=projection, curvature=curvature)
+        try:  # here, once: before embedding, and before --workers start processes
+            grad_opts.check()
+        except UserError as exc:
+            _fail(str(exc))
     elif adapter is not None:
         _fail("--adapter is only used with --gradients")
+    elif quantize != "none" or device_map or gradient_checkpointing:
+        _fail("--quantize, --device-map and --gradient-checkpointing load the gradient "
+              "model: add --gradients --model ...")
     elif curvature != "none":
         _fail("--curvature whitens the gradient store: add --gradients --model ...")
     chat = None
@@ -436,7 +444,8 @@ def trace(
                                               "retrieval and |score| lists; measured best) "
                                               "or gradient (the seed's order).")] = "fused",
     method: Annotated[str, typer.Option(help="grad (cosine/dot alignment, default), or "
-                                             "datainf, trak, tracin, trackstar on exact LoRA "
+                                             "datainf, ekfac, trak, tracin, trackstar, "
+                                             "grad-dot, grad-cos on exact LoRA "
                                              "gradients of the candidates (all rows with "
                                              "--all-rows), or magic (every row, by replaying "
                                              "the fine-tune: small models).")
@@ -638,7 +647,10 @@ def trace(
         if out is not None:
             write_json_atomic(out, record)
         write_report(html, record, show=show)
-        print_results(df, show, as_json, wide_console())
+        if as_json:  # the record, token scores included
+            print(json.dumps(record, indent=2, ensure_ascii=False))
+        else:
+            print_results(df, show, as_json, wide_console())
         return
     done, pages = [], []
     for item in lines:

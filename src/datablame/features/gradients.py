@@ -94,7 +94,8 @@ def build_gradient_store(
     fit_plan = curvature_plan(curvature, len(rows), seed, model)
     if fit_plan is not None:  # absent otherwise: a plain store's plan is unchanged
         plan["curvature"] = fit_plan
-    writer = GradientStoreWriter(index_dir, plan, existing_only=commit_only)
+    writer = GradientStoreWriter(index_dir, plan, existing_only=commit_only,
+                                 worker=shard_of is not None)
     projector = make_projector(projection, model.num_params, proj_dim, seed)
     if commit_only:
         missing = writer.missing()

@@ -245,6 +245,10 @@ class CausalLMAdapter:
         if device_map or quantize != "none":  # placed by accelerate: inputs go where the
             self.device = self.model.get_input_embeddings().weight.device  # embeddings are
             self._check_placement()
+        if device_map and self.device.type == "cpu":
+            from datablame import progress
+
+            progress.note(f"--device-map {device_map}: no GPU here, every layer is on the CPU")
         config = getattr(self.model, "config", None)
         limit = getattr(config, "max_position_embeddings", None) or \
             getattr(config, "n_positions", None)
@@ -255,7 +259,8 @@ class CausalLMAdapter:
                               f"positions: using {limit}", stacklevel=2)
             self.max_length = limit  # longer inputs would index past the position table
         self.param_names = self._select_params(params)
-        self._vmap_ok: bool | None = None
+        # bitsandbytes' matrix products are autograd Functions vmap cannot run: per row
+        self._vmap_ok: bool | None = False if quantize != "none" else None
         self.batch_limit: int | None = None  # rows per batch that fit, once one did not
         self.last_report: dict[str, list[int]] = {}
         self._hooks_ok = linear_hooks.eligible(self.model, self.param_names)
@@ -608,9 +613,11 @@ class CausalLMAdapter:
         rows, tokens = batch.input_ids.shape
         clear_device_cache(garbage_collection=True)
         if rows == 1:
+            tries = [t for t, used in (("--gradient-checkpointing", self.checkpointing),
+                                       ("--quantize 4bit", self.quantize == "4bit"))
+                     if not used] + ["a smaller --max-length", "a larger device"]
             raise UserError(f"out of memory on {self.device} with one row of {tokens} "
-                            "tokens: try --gradient-checkpointing, --quantize 4bit, a "
-                            "smaller --max-length, or a larger device")
+                            f"tokens: try {', '.join(tries[:-1])} or {tries[-1]}")
         self.batch_limit = (rows + 1) // 2
         from datablame import progress
 

@@ -137,6 +137,21 @@ def check_store_options(projection: str, store_dtype: str) -> None:
         raise UserError(f"unknown projection '{projection}' (use {', '.join(PROJECTIONS)})")
 
 
+def _plan_difference(old: dict, new: dict) -> str:
+    """Which build options differ between two plans, said as a person would: `key: was
+    -> now` for short values, the key alone for digests and templates."""
+    parts = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if a == b:
+            continue
+        short = all(x is None or isinstance(x, (int, float, str)) and len(str(x)) <= 24
+                    for x in (a, b))
+        parts.append(f"{key}: {a if a is not None else 'none'} -> "
+                     f"{b if b is not None else 'none'}" if short else key)
+    return ", ".join(parts[:4]) + (", ..." if len(parts) > 4 else "")
+
+
 class GradientStoreWriter:
     """Writes a store shard by shard into INDEX_DIR/gradients.partial/ and promotes it.
 
@@ -146,10 +161,11 @@ class GradientStoreWriter:
     """
 
     def __init__(self, index_dir: Path, plan: dict, *, existing_only: bool = False,
-                 read_only: bool = False):
+                 read_only: bool = False, worker: bool = False):
         """`existing_only` (the commit of a sharded build): use the partial build of this
         plan as it is, never start or discard one. `read_only` (`build_status`): touch
-        nothing on disk."""
+        nothing on disk. `worker` (a `--shard-of` worker): never discard another plan's
+        finished shards, which other workers wrote; refuse, naming what differs."""
         import fcntl
 
         self.plan = plan
@@ -168,14 +184,31 @@ class GradientStoreWriter:
         with open(self._lock_path, "a") as guard:
             fcntl.flock(guard, fcntl.LOCK_EX)
             old = self.partial / "plan.json"
-            same = old.exists() and json.loads(old.read_text()) == plan
+            try:
+                found = json.loads(old.read_text()) if old.exists() else None
+            except ValueError:
+                found = None
+            same = found == plan
+            finished = len(list(self.partial.glob("shard-*.json"))) if found else 0
+            differs = _plan_difference(found, plan) if isinstance(found, dict) else ""
             if existing_only:
                 if not same:
+                    why = f" (its shards were built with {differs})" if differs else ""
                     raise UserError(f"no gradient shards of this model, data and options "
-                                    f"in {self.partial} to commit: run the --shard-of "
+                                    f"in {self.partial} to commit{why}: run the --shard-of "
                                     "workers with the same options first")
                 return
             if self.partial.exists() and not same:
+                if worker and finished > 0:
+                    raise UserError(f"{self.partial} holds {finished} finished shard(s) of a "
+                                    f"build with other options ({differs}): run this worker "
+                                    "with that build's options, or remove the directory to "
+                                    "start over")
+                if finished > 0:
+                    from datablame import progress
+
+                    progress.note(f"discarded {finished} finished gradient shard(s) of a "
+                                  f"build with other options ({differs})")
                 shutil.rmtree(self.partial)  # a different build was interrupted: start over
             self.partial.mkdir(parents=True, exist_ok=True)
             if not same:
