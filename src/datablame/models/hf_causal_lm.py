@@ -135,7 +135,6 @@ class _Checkpointing:
 
         for layer in layers:
             layer.forward = wrap(layer.forward)
-        self.layers = len(layers)
 
 
 def _first_line(exc: Exception) -> str:
@@ -313,7 +312,7 @@ class CausalLMAdapter:
             raise UserError(f"could not load a tokenizer from {self.model_dir}: "
                             f"{_first_line(exc)}") from None
         placement = {}
-        if self.device_map:  # accelerate spreads the layers over the GPUs (then CPU)
+        if self.device_map:  # accelerate spreads the layers over the GPUs
             placement["device_map"] = self.device_map
         elif self.quantize != "none":  # quantized weights are placed as they load
             placement["device_map"] = {"": str(self.device)}
