@@ -98,3 +98,32 @@ def test_trace_all_rows_on_ray_equals_the_local_scan(tmp_path, random_lora_model
     code, _, err = run_cli(monkeypatch, capsys, "trace", tmp_path / "one", "--model", base,
                            "--adapter", adapter, "--query", "hi", "--ray", "auto")
     _assert_one_line_error(code, err, "--ray scans the gradient store: add --all-rows")
+
+
+def test_ivfpq_pieces_on_ray_tasks_equal_one_process(tmp_path, local_ray, monkeypatch,
+                                                     capsys):
+    """`index --index-type ivfpq --ray local --workers 2`: two Ray tasks write the pieces
+    (the `--shard-of` workers), the commit merges them: the one-process index, file for
+    file."""
+    import json
+
+    import numpy as np
+
+    from .test_ivfpq import _index_files
+
+    monkeypatch.setenv("DATABLAME_TEST_IVFPQ_SHARD_ROWS", "400")  # 3 shards, in tasks too
+    rng = np.random.default_rng(2)
+    words = ["river", "stone", "copper", "violin", "garden", "engine", "winter", "orbit"]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"instruction": " ".join(rng.choice(words, 4)),
+                                        "output": " ".join(rng.choice(words, 5))}) + "\n"
+                            for _ in range(1000)))
+    pq = ["--index-type", "ivfpq"]
+    code, _, err = run_cli(monkeypatch, capsys, "index", data, "--out", tmp_path / "one", *pq)
+    assert code in (0, None), err
+    code, out, err = run_cli(monkeypatch, capsys, "index", data, "--out", tmp_path / "ray",
+                             *pq, "--ray", "local", "--workers", "2")
+    assert code in (0, None), err
+    assert "committed 3 ivfpq index shards (1000 rows, 2 Ray task(s))" in out + err
+    assert _index_files(tmp_path / "ray") == _index_files(tmp_path / "one")
+    assert not (tmp_path / ".ray.ivfpq-partial").exists()

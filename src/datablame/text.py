@@ -79,9 +79,20 @@ def build_index(
                         "would be read as rows next time; put the index elsewhere")
     real_out = Path(os.path.realpath(out))  # a symlinked index is rebuilt where it lives
     if ray is not None:
+        if gradients is None and index_type == "ivfpq":  # pieces on Ray tasks, then commit
+            from datablame.features.ray_build import build_ivfpq_on_ray
+
+            build_ivfpq_on_ray(train_file, real_out, ray[1], ray[0], dict(
+                template=template, response_field=response_field, chat=chat,
+                embedder=embedder, batch_size=batch_size, device=device, split=split,
+                chat_model=chat_model))
+            return build_index(train_file, out, template=template,
+                               response_field=response_field, chat=chat, embedder=embedder,
+                               index_type=index_type, batch_size=batch_size, device=device,
+                               split=split, chat_model=chat_model, commit=True)
         if gradients is None:
-            raise UserError("--ray builds a gradient store: add --gradients and the model "
-                            "options")
+            raise UserError("--ray builds a gradient store (add --gradients and the model "
+                            "options) or an ivfpq index (add --index-type ivfpq)")
         from datablame.features.ray_build import build_on_ray
 
         build_index(train_file, out, template=template, response_field=response_field,

@@ -252,10 +252,21 @@ def index(
     worker = _parse_shard_of(shard_of) if shard_of else None
     check_at_least("--workers", workers, 1)
     if ray:
-        if grad_opts is None:
-            _fail("--ray builds a gradient store: add --gradients --model ...")
+        if grad_opts is None and index_type != "ivfpq":
+            _fail("--ray builds a gradient store (add --gradients --model ...) or an ivfpq "
+                  "index (add --index-type ivfpq)")
         if worker is not None or commit:
             _fail("--ray runs the shards and the commit itself")
+        if grad_opts is None:  # ivfpq pieces on Ray tasks, then the commit
+            manifest = build_index(train_file, out, template=template or None, chat=chat,
+                                   response_field=response_field or None,
+                                   embedder=embedder or None, index_type=index_type,
+                                   batch_size=batch_size, split=split or None,
+                                   ray=(ray, workers))
+            console.print(f"committed {len(manifest['shards'])} ivfpq index shards "
+                          f"({manifest['data']['rows']} rows, {workers} Ray task(s)) -> {out}",
+                          highlight=False, soft_wrap=True)
+            return
         if device_map:
             _fail("--ray gives each actor one GPU: drop --device-map (a model that needs "
                   "several GPUs: build with one process)")

@@ -109,3 +109,45 @@ def build_on_ray(out: Path, train_file, split: str | None, options, actors: int,
     finally:
         for actor in pool:
             ray.kill(actor)
+
+
+def _ivfpq_task(train_file: str, out: str, shard_of: tuple[int, int], options: dict,
+                threads: int) -> dict:
+    """One `--shard-of I/N` worker of an ivfpq index, as a Ray task."""
+    import torch
+
+    from datablame.text import _ivfpq_worker
+
+    torch.set_num_threads(threads)  # the parent's: the same embeddings, the same bytes
+    return _ivfpq_worker(train_file, Path(out), shard_of, **options)
+
+
+def build_ivfpq_on_ray(train_file, out: Path, tasks: int, address: str, options: dict
+                       ) -> None:
+    """Write every piece of an ivfpq index with `tasks` Ray tasks, each the `--shard-of
+    I/N` worker I (one GPU each when the cluster has that many); a task that dies is
+    retried and resumes its finished pieces. The caller commits."""
+    connect(address, max(tasks, os.cpu_count() or 1))
+    import ray
+    import torch
+
+    gpus = ray.cluster_resources().get("GPU", 0) >= tasks
+    # the test hooks (DATABLAME_TEST_*) reach the workers as they reach --workers' processes
+    env = {k: v for k, v in os.environ.items() if k.startswith("DATABLAME_TEST_")}
+    remote = ray.remote(num_cpus=1, num_gpus=1 if gpus else 0, max_retries=3)(_ivfpq_task)
+    if env:
+        remote = remote.options(runtime_env={"env_vars": env})
+    refs = [remote.remote(os.path.abspath(train_file), os.path.abspath(out), (i, tasks),
+                          options, torch.get_num_threads()) for i in range(tasks)]
+    try:
+        with progress.task(f"ivfpq index pieces on {tasks} Ray tasks", tasks) as advance:
+            pending = list(refs)
+            while pending:
+                (ready,), pending = ray.wait(pending, num_returns=1)
+                ray.get(ready)
+                advance(1)
+    except ray.exceptions.RayTaskError as exc:
+        cause = exc.cause if isinstance(getattr(exc, "cause", None), UserError) else None
+        if cause is not None:
+            raise UserError(str(cause)) from None
+        raise
