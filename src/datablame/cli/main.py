@@ -191,8 +191,10 @@ def index(
                                          "store or ivfpq index (computes nothing).")] = False,
     ray: Annotated[str, typer.Option(help="With --gradients: build the shards with --workers "
                                           "Ray actors (one GPU each when the cluster has "
-                                          "them): local (start Ray here), auto or HOST:PORT "
-                                          "(join a cluster). Needs datablame\\[ray].")] = "",
+                                          "them); with --index-type ivfpq: its pieces with "
+                                          "--workers Ray tasks. local (start Ray here), auto "
+                                          "or HOST:PORT (join a cluster). Needs "
+                                          "datablame\\[ray].")] = "",
     workers: Annotated[int, typer.Option(help="Run N --shard-of worker processes (one per "
                                               "GPU when there are N GPUs), then commit: a "
                                               "gradient store (with --gradients) or an "
