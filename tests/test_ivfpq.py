@@ -209,14 +209,13 @@ def test_pieces_written_by_workers_commit_to_the_one_process_index(table, tmp_pa
     assert ri.load_index(out).search(clustered(1, seed=3), 5)[1].shape == (1, 5)
 
 
-def test_index_ivfpq_shard_of_commit_and_workers_equal_one_process(tmp_path, monkeypatch,
-                                                                   capsys):
-    """The CLI: `--index-type ivfpq --shard-of 0/2`, `1/2`, `--commit`, and `--workers 2`
-    (two processes), with the real embedder, make the one-process index file for file."""
-    from .test_cli import _assert_one_line_error, run_cli
+def one_process_ivfpq(tmp_path, monkeypatch, capsys, seed: int = 1):
+    """1,000 rows of words in 3 shards of 400 (in worker processes and Ray tasks too), and
+    the index one process builds of them at tmp_path / "one"."""
+    from .test_cli import run_cli
 
-    monkeypatch.setenv("DATABLAME_TEST_IVFPQ_SHARD_ROWS", "400")  # 3 shards, in workers too
-    rng = np.random.default_rng(1)
+    monkeypatch.setenv("DATABLAME_TEST_IVFPQ_SHARD_ROWS", "400")
+    rng = np.random.default_rng(seed)
     words = ["river", "stone", "copper", "violin", "garden", "engine", "winter", "orbit"]
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"instruction": " ".join(rng.choice(words, 4)),
@@ -225,6 +224,16 @@ def test_index_ivfpq_shard_of_commit_and_workers_equal_one_process(tmp_path, mon
     pq = ["--index-type", "ivfpq"]
     code, _, err = run_cli(monkeypatch, capsys, "index", data, "--out", tmp_path / "one", *pq)
     assert code in (0, None), err
+    return data, pq
+
+
+def test_index_ivfpq_shard_of_commit_and_workers_equal_one_process(tmp_path, monkeypatch,
+                                                                   capsys):
+    """The CLI: `--index-type ivfpq --shard-of 0/2`, `1/2`, `--commit`, and `--workers 2`
+    (two processes), with the real embedder, make the one-process index file for file."""
+    from .test_cli import _assert_one_line_error, run_cli
+
+    data, pq = one_process_ivfpq(tmp_path, monkeypatch, capsys)
     code, out, err = run_cli(monkeypatch, capsys, "index", data, "--out", tmp_path / "two",
                              *pq, "--shard-of", "0/2")
     assert code in (0, None), err

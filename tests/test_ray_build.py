@@ -105,22 +105,9 @@ def test_ivfpq_pieces_on_ray_tasks_equal_one_process(tmp_path, local_ray, monkey
     """`index --index-type ivfpq --ray local --workers 2`: two Ray tasks write the pieces
     (the `--shard-of` workers), the commit merges them: the one-process index, file for
     file."""
-    import json
+    from .test_ivfpq import _index_files, one_process_ivfpq
 
-    import numpy as np
-
-    from .test_ivfpq import _index_files
-
-    monkeypatch.setenv("DATABLAME_TEST_IVFPQ_SHARD_ROWS", "400")  # 3 shards, in tasks too
-    rng = np.random.default_rng(2)
-    words = ["river", "stone", "copper", "violin", "garden", "engine", "winter", "orbit"]
-    data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps({"instruction": " ".join(rng.choice(words, 4)),
-                                        "output": " ".join(rng.choice(words, 5))}) + "\n"
-                            for _ in range(1000)))
-    pq = ["--index-type", "ivfpq"]
-    code, _, err = run_cli(monkeypatch, capsys, "index", data, "--out", tmp_path / "one", *pq)
-    assert code in (0, None), err
+    data, pq = one_process_ivfpq(tmp_path, monkeypatch, capsys, seed=2)
     code, out, err = run_cli(monkeypatch, capsys, "index", data, "--out", tmp_path / "ray",
                              *pq, "--ray", "local", "--workers", "2")
     assert code in (0, None), err
