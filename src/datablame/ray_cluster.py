@@ -3,6 +3,7 @@ scan's tasks). Optional: `pip install 'datablame[ray]'`."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -29,3 +30,18 @@ def connect(address: str, cpus: int | None = None) -> None:
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise UserError(f"--ray {address}: cannot join the Ray cluster "
                         f"({str(exc).splitlines()[0]})") from None
+
+
+@contextlib.contextmanager
+def user_errors():
+    """A `UserError` raised inside a Ray task or actor reaches the user as its one line,
+    not as Ray's wrapped traceback."""
+    import ray
+
+    try:
+        yield
+    except ray.exceptions.RayTaskError as exc:
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, UserError):
+            raise UserError(str(cause)) from None
+        raise

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from datablame import progress
 from datablame.errors import UserError
-from datablame.ray_cluster import connect
+from datablame.ray_cluster import connect, user_errors
 
 
 class ShardActor:
@@ -83,25 +83,22 @@ def build_on_ray(out: Path, train_file, split: str | None, options, actors: int,
                           torch.get_num_threads())
             for _ in range(actors)]
     try:
-        todo = ray.get(pool[0].missing.remote())
-        with progress.task(f"gradient shards on {actors} Ray actors", len(todo)) as advance:
-            pending = {}
-            for actor in pool:
-                if todo:
-                    pending[actor.build.remote(todo.pop(0))] = actor
-            while pending:
-                (ready,), _ = ray.wait(list(pending), num_returns=1)
-                actor = pending.pop(ready)
-                ray.get(ready)
-                advance(1)
-                if todo:
-                    pending[actor.build.remote(todo.pop(0))] = actor
-        return ray.get(pool[0].commit.remote())
-    except ray.exceptions.RayTaskError as exc:
-        cause = exc.cause if isinstance(getattr(exc, "cause", None), UserError) else None
-        if cause is not None:
-            raise UserError(str(cause)) from None
-        raise
+        with user_errors():
+            todo = ray.get(pool[0].missing.remote())
+            with progress.task(f"gradient shards on {actors} Ray actors", len(todo)
+                               ) as advance:
+                pending = {}
+                for actor in pool:
+                    if todo:
+                        pending[actor.build.remote(todo.pop(0))] = actor
+                while pending:
+                    (ready,), _ = ray.wait(list(pending), num_returns=1)
+                    actor = pending.pop(ready)
+                    ray.get(ready)
+                    advance(1)
+                    if todo:
+                        pending[actor.build.remote(todo.pop(0))] = actor
+            return ray.get(pool[0].commit.remote())
     except ray.exceptions.RayActorError as exc:  # died more often than Ray restarts it
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"a Ray actor building the gradient store died ({first}); its "
@@ -139,15 +136,10 @@ def build_ivfpq_on_ray(train_file, out: Path, tasks: int, address: str, options:
         remote = remote.options(runtime_env={"env_vars": env})
     refs = [remote.remote(os.path.abspath(train_file), os.path.abspath(out), (i, tasks),
                           options, torch.get_num_threads()) for i in range(tasks)]
-    try:
-        with progress.task(f"ivfpq index pieces on {tasks} Ray tasks", tasks) as advance:
-            pending = list(refs)
-            while pending:
-                (ready,), pending = ray.wait(pending, num_returns=1)
-                ray.get(ready)
-                advance(1)
-    except ray.exceptions.RayTaskError as exc:
-        cause = exc.cause if isinstance(getattr(exc, "cause", None), UserError) else None
-        if cause is not None:
-            raise UserError(str(cause)) from None
-        raise
+    with user_errors(), progress.task(f"ivfpq index pieces on {tasks} Ray tasks",
+                                      tasks) as advance:
+        pending = list(refs)
+        while pending:
+            (ready,), pending = ray.wait(pending, num_returns=1)
+            ray.get(ready)
+            advance(1)

@@ -90,7 +90,19 @@ def _out_of_memory(exc: Exception) -> bool:
     return should_reduce_batch_size(exc)
 
 
-def _add_factors(total: dict, batch: dict) -> None:
+def _unless_out_of_memory(compute):
+    """(compute(), False), or (None, True) when the device ran out of memory: returned,
+    not raised, so the caller retries after the exception (and the batch its traceback
+    holds) is gone."""
+    try:
+        return compute(), False
+    except Exception as exc:
+        if not _out_of_memory(exc):
+            raise
+    return None, True
+
+
+def _merge_factors(total: dict, batch: dict) -> None:
     """Add one batch's Kronecker factor sums to the running ones."""
     for name, f in batch.items():
         t = total.setdefault(name, {"A": 0.0, "S": 0.0, "tokens": 0, "kind": f["kind"]})
@@ -530,14 +542,10 @@ class CausalLMAdapter:
         out = []
         with torch.no_grad():
             for ids, lab in zip(batch.input_ids, batch.labels, strict=True):
-                try:
-                    loss = float(self._example_loss(self._trainable(), ids.to(self.device),
-                                                    lab.to(self.device)))
-                except Exception as exc:
-                    if not _out_of_memory(exc):
-                        raise
-                    loss = None
-                if loss is None:  # one row that does not fit: one line (raises)
+                loss, oom = _unless_out_of_memory(lambda i=ids, lb=lab: float(
+                    self._example_loss(self._trainable(), i.to(self.device),
+                                       lb.to(self.device))))
+                if oom:  # one row that does not fit: one line (raises)
                     self._smaller_batch(EncodedBatch(ids[None], lab[None], [""]))
                 out.append(loss)
         return np.asarray(out)
@@ -575,22 +583,16 @@ class CausalLMAdapter:
             take = order[start : start + batch_size]
             batch = self.encode([examples[i] for i in take])
             summed = None if factors is None else {}  # this batch's, added once it is done
-            try:
-                out[take] = self._batch_gradients(batch, strategy) if factors is None else \
-                    self._hook_gradients(batch.input_ids.to(self.device),
-                                         batch.labels.to(self.device), summed,
-                                         sampled_labels)
-            except Exception as exc:
-                if not _out_of_memory(exc):
-                    raise
-                out_of_memory = True
-            else:
-                out_of_memory = False
-            if out_of_memory:  # outside `except`: its traceback no longer holds the batch
+            grads, oom = _unless_out_of_memory(
+                lambda b=batch, f=summed: self._batch_gradients(b, strategy) if f is None else
+                self._hook_gradients(b.input_ids.to(self.device), b.labels.to(self.device),
+                                     f, sampled_labels))
+            if oom:
                 batch_size = self._smaller_batch(batch)
                 continue  # the same rows again, fewer at a time
+            out[take] = grads
             if summed is not None:
-                _add_factors(factors, summed)
+                _merge_factors(factors, summed)
             for j, how in enumerate(batch.cut):
                 if how:
                     report[how].append(int(take[j]))
@@ -673,13 +675,9 @@ class CausalLMAdapter:
             for i, p in enumerate(take):
                 one[i, p] = labels[p]
             tokens = EncodedBatch(ids, one, [""] * len(take))
-            try:
-                grads = self._batch_gradients(tokens, "auto")
-            except Exception as exc:
-                if not _out_of_memory(exc):
-                    raise
-                grads = None
-            if grads is None:  # the same tokens again, fewer at a time
+            grads, oom = _unless_out_of_memory(
+                lambda t=tokens: self._batch_gradients(t, "auto"))
+            if oom:  # the same tokens again, fewer at a time
                 batch_size = self._smaller_batch(tokens)
                 continue
             parts.append(grads.astype(np.float64) @ against.T)

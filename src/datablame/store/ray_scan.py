@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from datablame.errors import UserError
-from datablame.ray_cluster import connect
+from datablame.ray_cluster import connect, user_errors
 
 
 def _scan_group(path: str, manifest: dict, q: np.ndarray, shard_ids: list[int], k: int,
@@ -48,11 +48,6 @@ def scan_groups_on_ray(store, q: np.ndarray, groups: list[list[int]], k: int, ki
     task = ray.remote(num_cpus=1)(_scan_group)
     path = os.path.abspath(store.path)
     q_ref, manifest_ref = ray.put(q), ray.put(store.manifest)
-    try:
+    with user_errors():
         return ray.get([task.remote(path, manifest_ref, q_ref, g, k, kind, absolute)
                         for g in groups])
-    except ray.exceptions.RayTaskError as exc:
-        cause = getattr(exc, "cause", None)
-        if isinstance(cause, UserError):
-            raise UserError(str(cause)) from None
-        raise
