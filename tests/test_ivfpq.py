@@ -214,6 +214,14 @@ def one_process_ivfpq(tmp_path, monkeypatch, capsys, seed: int = 1):
     the index one process builds of them at tmp_path / "one"."""
     from .test_cli import run_cli
 
+    data, pq = ivfpq_rows(tmp_path, monkeypatch, seed)
+    code, _, err = run_cli(monkeypatch, capsys, "index", data, "--out", tmp_path / "one", *pq)
+    assert code in (0, None), err
+    return data, pq
+
+
+def ivfpq_rows(tmp_path, monkeypatch, seed: int = 1):
+    """(train.jsonl of 1,000 rows of words, the ivfpq index options), 3 shards of 400."""
     monkeypatch.setenv("DATABLAME_TEST_IVFPQ_SHARD_ROWS", "400")
     rng = np.random.default_rng(seed)
     words = ["river", "stone", "copper", "violin", "garden", "engine", "winter", "orbit"]
@@ -221,10 +229,7 @@ def one_process_ivfpq(tmp_path, monkeypatch, capsys, seed: int = 1):
     data.write_text("".join(json.dumps({"instruction": " ".join(rng.choice(words, 4)),
                                         "output": " ".join(rng.choice(words, 5))}) + "\n"
                             for _ in range(1000)))
-    pq = ["--index-type", "ivfpq"]
-    code, _, err = run_cli(monkeypatch, capsys, "index", data, "--out", tmp_path / "one", *pq)
-    assert code in (0, None), err
-    return data, pq
+    return data, ["--index-type", "ivfpq"]
 
 
 def test_index_ivfpq_shard_of_commit_and_workers_equal_one_process(tmp_path, monkeypatch,

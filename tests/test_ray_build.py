@@ -114,3 +114,24 @@ def test_ivfpq_pieces_on_ray_tasks_equal_one_process(tmp_path, local_ray, monkey
     assert "committed 3 ivfpq index shards (1000 rows, 2 Ray task(s))" in out + err
     assert _index_files(tmp_path / "ray") == _index_files(tmp_path / "one")
     assert not (tmp_path / ".ray.ivfpq-partial").exists()
+
+
+def test_ivfpq_task_that_keeps_dying_is_one_line_and_a_rerun_resumes(tmp_path, local_ray,
+                                                                      monkeypatch, capsys):
+    """A Ray task that dies more often than Ray retries it (worker 1 of 2, every time):
+    one line, exit 2, worker 0's finished pieces kept; the rerun completes the index."""
+    from .test_ivfpq import ivfpq_rows
+
+    data, pq = ivfpq_rows(tmp_path, monkeypatch, seed=3)
+    monkeypatch.setenv("DATABLAME_TEST_RAY_TASK_DIE", "1")
+    code, _, err = run_cli(monkeypatch, capsys, "index", data, "--out", tmp_path / "idx",
+                           *pq, "--ray", "local", "--workers", "2")
+    _assert_one_line_error(code, err, "a Ray task building the ivfpq index died more often "
+                                      "than Ray retries it")
+    partial = tmp_path / ".idx.ivfpq-partial"
+    assert partial.is_dir() and any(partial.iterdir())  # worker 0's pieces
+    monkeypatch.delenv("DATABLAME_TEST_RAY_TASK_DIE")
+    code, out, err = run_cli(monkeypatch, capsys, "index", data, "--out", tmp_path / "idx",
+                             *pq, "--ray", "local", "--workers", "2")
+    assert code in (0, None), err
+    assert "committed 3 ivfpq index shards (1000 rows, 2 Ray task(s))" in out + err

@@ -33,15 +33,30 @@ def connect(address: str, cpus: int | None = None) -> None:
 
 
 @contextlib.contextmanager
-def user_errors():
+def user_errors(died: str | None = None):
     """A `UserError` raised inside a Ray task or actor reaches the user as its one line,
-    not as Ray's wrapped traceback."""
+    not as Ray's wrapped traceback; so does, with `died` (a line with "{}" where Ray's
+    reason goes), a worker, actor or node that died more often than Ray retries it."""
     import ray
 
+    lost = (ray.exceptions.WorkerCrashedError, ray.exceptions.RayActorError,
+            ray.exceptions.NodeDiedError, ray.exceptions.LocalRayletDiedError,
+            ray.exceptions.OutOfMemoryError)
     try:
         yield
     except ray.exceptions.RayTaskError as exc:
         cause = getattr(exc, "cause", None)
         if isinstance(cause, UserError):
             raise UserError(str(cause)) from None
+        if died is not None and isinstance(cause, lost):
+            raise UserError(died.format(_first_line(cause))) from None
         raise
+    except lost as exc:
+        if died is None:
+            raise
+        raise UserError(died.format(_first_line(exc))) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

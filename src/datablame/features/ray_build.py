@@ -16,7 +16,6 @@ from dataclasses import replace
 from pathlib import Path
 
 from datablame import progress
-from datablame.errors import UserError
 from datablame.ray_cluster import connect, user_errors
 
 
@@ -83,7 +82,8 @@ def build_on_ray(out: Path, train_file, split: str | None, options, actors: int,
                           torch.get_num_threads())
             for _ in range(actors)]
     try:
-        with user_errors():
+        with user_errors(died="a Ray actor building the gradient store died ({}); its "
+                              "finished shards are kept: rerun to resume"):
             todo = ray.get(pool[0].missing.remote())
             with progress.task(f"gradient shards on {actors} Ray actors", len(todo)
                                ) as advance:
@@ -99,10 +99,6 @@ def build_on_ray(out: Path, train_file, split: str | None, options, actors: int,
                     if todo:
                         pending[actor.build.remote(todo.pop(0))] = actor
             return ray.get(pool[0].commit.remote())
-    except ray.exceptions.RayActorError as exc:  # died more often than Ray restarts it
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"a Ray actor building the gradient store died ({first}); its "
-                        "finished shards are kept: rerun to resume") from None
     finally:
         for actor in pool:
             ray.kill(actor)
@@ -115,6 +111,8 @@ def _ivfpq_task(train_file: str, out: str, shard_of: tuple[int, int], options: d
 
     from datablame.text import _ivfpq_worker
 
+    if os.environ.get("DATABLAME_TEST_RAY_TASK_DIE") == str(shard_of[0]):  # test hook
+        os._exit(1)
     torch.set_num_threads(threads)  # the parent's: the same embeddings, the same bytes
     return _ivfpq_worker(train_file, Path(out), shard_of, **options)
 
@@ -136,8 +134,10 @@ def build_ivfpq_on_ray(train_file, out: Path, tasks: int, address: str, options:
         remote = remote.options(runtime_env={"env_vars": env})
     refs = [remote.remote(os.path.abspath(train_file), os.path.abspath(out), (i, tasks),
                           options, torch.get_num_threads()) for i in range(tasks)]
-    with user_errors(), progress.task(f"ivfpq index pieces on {tasks} Ray tasks",
-                                      tasks) as advance:
+    died = ("a Ray task building the ivfpq index died more often than Ray retries it ({}); "
+            "its finished pieces are kept: rerun to resume")
+    with user_errors(died), progress.task(f"ivfpq index pieces on {tasks} Ray tasks",
+                                          tasks) as advance:
         pending = list(refs)
         while pending:
             (ready,), pending = ray.wait(pending, num_returns=1)

@@ -48,6 +48,6 @@ def scan_groups_on_ray(store, q: np.ndarray, groups: list[list[int]], k: int, ki
     task = ray.remote(num_cpus=1)(_scan_group)
     path = os.path.abspath(store.path)
     q_ref, manifest_ref = ray.put(q), ray.put(store.manifest)
-    with user_errors():
+    with user_errors(died="a Ray task scanning the gradient store died ({}); rerun the trace"):
         return ray.get([task.remote(path, manifest_ref, q_ref, g, k, kind, absolute)
                         for g in groups])
