@@ -41,7 +41,7 @@ def user_errors(died: str | None = None):
 
     lost = (ray.exceptions.WorkerCrashedError, ray.exceptions.RayActorError,
             ray.exceptions.NodeDiedError, ray.exceptions.LocalRayletDiedError,
-            ray.exceptions.OutOfMemoryError)
+            ray.exceptions.OutOfMemoryError, ray.exceptions.ObjectLostError)
     try:
         yield
     except ray.exceptions.RayTaskError as exc:

@@ -16,6 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from datablame import progress
+from datablame.errors import UserError
 from datablame.ray_cluster import connect, user_errors
 
 
@@ -135,11 +136,18 @@ def build_ivfpq_on_ray(train_file, out: Path, tasks: int, address: str, options:
     refs = [remote.remote(os.path.abspath(train_file), os.path.abspath(out), (i, tasks),
                           options, torch.get_num_threads()) for i in range(tasks)]
     died = ("a Ray task building the ivfpq index died more often than Ray retries it ({}); "
-            "its finished pieces are kept: rerun to resume")
-    with user_errors(died), progress.task(f"ivfpq index pieces on {tasks} Ray tasks",
-                                          tasks) as advance:
+            "the pieces the tasks finished are kept: rerun to resume")
+    failed: UserError | None = None
+    with progress.task(f"ivfpq index pieces on {tasks} Ray tasks", tasks) as advance:
         pending = list(refs)
         while pending:
             (ready,), pending = ray.wait(pending, num_returns=1)
-            ray.get(ready)
+            try:
+                with user_errors(died):
+                    ray.get(ready)
+            except UserError as exc:  # the other tasks go on: their pieces serve the rerun
+                failed = failed or exc
+                continue
             advance(1)
+        if failed is not None:  # inside the task: no progress line before the error
+            raise failed
