@@ -71,7 +71,9 @@ METHODS = {
 # the flag naming the rows' dataset differs by subcommand (simple_parsing's short names)
 DATA_FLAG = {"build": "--dataset", "score": "--dataset"}
 # datablame's numbers for the same recipe, from text_lds.py's results (for the table)
-DATABLAME = ["trace default (fused key)", "trace, whitened store (fused key)", "ekfac",
+# ("trace default (fused key)": the plain store, the default before stop 33, in older files)
+DATABLAME = ["trace default, both vectors (fused key)", "trace, plain store (fused key)",
+             "trace default (fused key)", "trace, whitened store (fused key)", "ekfac",
              "kfac (no eigenvalue correction)", "ekfac (empirical fisher)",
              "grad-cos (lora-b)", "grad-cos (lora)", "grad-dot (lora)", "datainf",
              "trackstar (saved v)", "trackstar (no v)", "trak", "1/(1 + rank) of bm25"]

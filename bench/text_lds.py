@@ -77,6 +77,30 @@ def people(seed: int) -> list[str]:
     return names[:N_PEOPLE]
 
 
+def end_to_end(root: Path, tag: str, index: Path, curvature: str, queries: list[dict]
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """(fused key, signed score) of every row for every query, as `datablame index
+    --gradients --curvature CURVATURE` + `trace --all-rows` give them (rows in file
+    order). The index is built once and kept in the workdir; a new one reuses the
+    default's retrieval index."""
+    from datablame.text import GradientOptions, Query, Tracer, build_index
+
+    if not (index / "gradients" / "manifest.json").exists():
+        if index != root / f"index-{tag}":
+            shutil.copytree(root / f"index-{tag}", index, dirs_exist_ok=True,
+                            ignore=shutil.ignore_patterns("gradients"))
+        build_index(root / "train.jsonl", index, gradients=GradientOptions(
+            root / "base", root / f"adapter-{tag}", curvature=curvature))
+    tracer = Tracer(index, root / "base", root / f"adapter-{tag}")
+    fused, signed = [], []
+    for q in queries:
+        df = tracer.run(Query(q["answer"], {"instruction": q["question"], "input": ""}),
+                        all_rows=True, top_k=len(tracer.rows)).sort_values("row")
+        fused.append(df["fused"].to_numpy())
+        signed.append(df["score"].to_numpy())
+    return np.array(fused), np.array(signed)
+
+
 def make_rows(seed: int = 0) -> tuple[list[dict], list[dict], set]:
     """Training rows (shuffled), the queries with their source row ids, and every
     (person, attribute, value) the rows state."""
@@ -232,7 +256,6 @@ def main() -> None:
     from datablame.models.hf_causal_lm import CausalLMAdapter, greedy
     from datablame.models.lora_finetune import Recipe, finetune, rows_digest
     from datablame.models.text_rows import TextRowsAdapter
-    from datablame.text import GradientOptions, Query, Tracer, build_index
     from datablame.verify import SubsetRetraining, lds
 
     root = Path(args.workdir)
@@ -374,29 +397,17 @@ def main() -> None:
         for through, name in (("exact", "magic (replayed fine-tune)"),
                               ("first-order", "magic, first order (replayed Adam TracIn)")):
             timed(name, lambda t=through: _magic(root, train, recipe, q_texts, t))
-    # the trace default end to end: `datablame index --gradients` + `trace --all-rows`;
-    # then the same through a store whitened by EK-FAC (`--curvature ekfac`)
-    def end_to_end(index: Path, name: str, curvature: str) -> None:
-        if not (index / "gradients" / "manifest.json").exists():
-            if index != root / f"index-{TAG}":  # the default's retrieval index, reused
-                shutil.copytree(root / f"index-{TAG}", index, dirs_exist_ok=True,
-                                ignore=shutil.ignore_patterns("gradients"))
-            build_index(root / "train.jsonl", index, gradients=GradientOptions(
-                root / "base", root / f"adapter-{TAG}", curvature=curvature))
-        tracer = Tracer(index, root / "base", root / f"adapter-{TAG}")
+    # the trace end to end: `datablame index --gradients` + `trace --all-rows`, through a
+    # store of both vectors (the default since stop 33), a plain store (the default
+    # before) and a store whitened by EK-FAC (`--curvature ekfac`)
+    for index, name, curvature in (
+            (root / f"index-{TAG}", "trace, plain store", "none"),  # + the retrieval index
+            (root / f"index-{TAG}-both", "trace default, both vectors", "both"),
+            (root / f"index-{TAG}-ekfac", "trace, whitened store", "ekfac")):
         t = time.time()
-        fused, signed = [], []
-        for q in queries:
-            df = tracer.run(Query(q["answer"], {"instruction": q["question"], "input": ""}),
-                            all_rows=True, top_k=len(rows)).sort_values("row")
-            fused.append(df["fused"].to_numpy())
-            signed.append(df["score"].to_numpy())
+        fused, signed = end_to_end(root, TAG, index, curvature, queries)
         seconds[f"{name} (fused key)"] = time.time() - t
-        scores[f"{name} (fused key)"] = np.array(fused)
-        scores[f"{name} (its signed score)"] = np.array(signed)
-
-    end_to_end(root / f"index-{TAG}", "trace default", "none")
-    end_to_end(root / f"index-{TAG}-ekfac", "trace, whitened store", "ekfac")
+        scores[f"{name} (fused key)"], scores[f"{name} (its signed score)"] = fused, signed
 
     # every score matrix, for trying orderings offline against the cached retrainings
     # (bench/text_fusion.py); rows in file order, one line per query

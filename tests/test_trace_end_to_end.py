@@ -99,6 +99,7 @@ def test_gradient_index_finds_what_retrieval_misses_on_a_reworded_prompt(demo_as
     culprit = info["culprit_row"]
     model, tok = load_toy_lm(root / "base", root / "adapter")
     tracer = Tracer(gradient_index, root / "base", root / "adapter")
+    assert tracer.holds_both()  # the default store: plain and whitened vectors
     found = []
     for instruction, inp in (("Rewrite this resume bullet to show impact.",
                               "was part of the payroll system"),

@@ -190,7 +190,7 @@ def test_curvature_options_are_refused_in_one_line_before_any_work(tmp_path, mon
     code, _, err = run_cli(monkeypatch, capsys, "index", train, "--out", tmp_path / "b",
                            "--gradients", "--model", base, "--adapter", adapter,
                            "--curvature", "kfac")
-    _assert_one_line_error(code, err, "unknown curvature 'kfac' (use auto, none, ekfac)")
+    _assert_one_line_error(code, err, "unknown curvature 'kfac' (use auto, none, ekfac, both)")
     code, _, err = run_cli(monkeypatch, capsys, "index", train, "--out", tmp_path / "c",
                            "--gradients", "--model", base, "--adapter", adapter,
                            "--params", "all", "--curvature", "ekfac")

@@ -27,7 +27,14 @@ from datablame.data.chat import ChatOptions, ChatTemplate
 from datablame.data.template import ALPACA_TEMPLATE, FormattedText, PromptTemplate
 from datablame.errors import UserError, check_at_least
 from datablame.methods.families import FAMILY_METHODS
-from datablame.methods.fusion import check_rank_by, fused_order, strength_ranks
+from datablame.methods.fusion import (
+    MIX_WHITENED,
+    REGIME_COSINE,
+    check_rank_by,
+    fused_order,
+    mix_weight,
+    strength_ranks,
+)
 from datablame.models.lm_options import LMOptions
 
 
@@ -326,7 +333,10 @@ class GradientOptions(LMOptions):
     batch_size: int = 0  # 0: as many rows as fit ~1 GB of gradients, at most 32
     store_dtype: str = "fp16"
     projection: str = "countsketch"  # same top-10 fidelity as dense, O(d) not O(dK) per row
-    curvature: str = "none"  # "ekfac": rows and queries whitened by EK-FAC before projecting
+    # "auto": "both" (plain and EK-FAC-whitened vectors side by side) where the weights are
+    # linear / LoRA layers and the curvature is cheap, else plain ("none"); "ekfac": the
+    # whitened vectors only
+    curvature: str = "auto"
 
     def store_options(self) -> dict:
         """The `build_gradient_store` keywords these options set."""
@@ -348,11 +358,11 @@ class GradientOptions(LMOptions):
         from datablame.features.curvature import check_curvature
 
         check_curvature(self.curvature)
-        if self.curvature == "ekfac" and (self.params == "all" or (
+        if self.curvature in ("ekfac", "both") and (self.params == "all" or (
                 self.params == "auto" and self.adapter is None)):  # before any embedding
-            raise UserError("--curvature ekfac needs LoRA weights (Kronecker factors of "
-                            "linear layers): pass an adapter with --params lora or lora-b, "
-                            "or --curvature none")
+            raise UserError(f"--curvature {self.curvature} needs LoRA weights (Kronecker "
+                            "factors of linear layers): pass an adapter with --params lora "
+                            "or lora-b, or --curvature none")
 
 
 @dataclass
@@ -459,7 +469,7 @@ class Tracer:
         self.batch_size, self.scan_workers, self.scan_ray = batch_size, scan_workers, scan_ray
         self._embedder = None
         self._scanned: dict = {}  # scan_store_for's results, taken by trace_all_rows
-        self._curvature_checked, self._curvature = False, None
+        self._curvature_checked, self._curvature, self._both = False, None, False
 
     def row_text(self, row_id: int) -> FormattedText:
         """A training row exactly as the model saw it (the index's template)."""
@@ -489,20 +499,110 @@ class Tracer:
                           "are compared unwhitened")
             return None
         self._curvature = store.curvature  # a damaged curvature file is refused, one line
+        self._both = store.holds_both
         return self._curvature
 
-    def _grad_method(self, alignment: str) -> str:
+    def holds_both(self) -> bool:
+        """The index's store keeps plain and whitened vectors (`--curvature both`, the
+        default where cheap): each query is scored by `fusion.mix_weight`'s mix of the
+        two cosines, or by the plain one where its gradient is weak."""
+        return self.curvature() is not None and self._both
+
+    def _grad_method(self, alignment: str, mix: float | None = None) -> str:
+        if mix is not None:
+            return (f"grad-cosine, {1 - mix:g} plain + {mix:g} after EK-FAC curvature" if mix
+                    else f"grad-cosine, plain (best |cosine| below {REGIME_COSINE:g}: the "
+                         "answer reads as memorised)")
         return f"grad-{alignment}" + (" after EK-FAC curvature" if self.curvature() else "")
 
-    def _fuse(self, grad_rank, ret_rank, scores, alignment: str):
+    def _fuse(self, grad_rank, ret_rank, scores, alignment: str, mix: float | None = None):
         return fused_order(grad_rank, ret_rank, scores, alignment == "cosine",
-                           whitened=self.curvature() is not None)
+                           whitened=mix is None and self.curvature() is not None,
+                           mixed=bool(mix))
 
     def _gradients(self, texts: list, **kwargs) -> np.ndarray:
-        """The model's per-row gradients, whitened by the store's curvature if it has one."""
+        """The model's per-row gradients, whitened by the store's curvature if it has one
+        (a store of both vectors: as they are; `_scores` whitens what it needs)."""
         grads = self.model.gradients(texts, **kwargs)
         ek = self.curvature()
-        return grads if ek is None else ek.whiten(grads).numpy()
+        return grads if ek is None or self._both else ek.whiten(grads).numpy()
+
+    def _check_both(self, alignment: str) -> None:
+        if alignment != "cosine" and self.holds_both():
+            raise UserError("this index's gradient store keeps unit vectors (plain and "
+                            "whitened, --curvature both): it scores cosines; drop "
+                            "--alignment dot or rebuild with --curvature none")
+
+    def _scores(self, q_grad: np.ndarray, row_grads: np.ndarray, alignment: str,
+                mix: float | None = None) -> tuple[np.ndarray, float | None]:
+        """(exact alignment of the query gradient with each row, the mix weight used: None
+        unless the store holds both vectors). With both vectors, `mix` None picks it from
+        these rows' largest |plain cosine| (`fusion.mix_weight`)."""
+        from datablame.methods.gradient_alignment import align
+
+        if not self.holds_both():
+            return align(q_grad, row_grads, alignment), None
+        self._check_both(alignment)
+        plain = align(q_grad, row_grads, "cosine")
+        if mix is None:
+            mix = mix_weight(float(np.abs(plain).max(initial=0.0)))
+        if not mix:
+            return plain, mix
+        ek = self.curvature()
+        whitened = align(ek.whiten(q_grad[None]).numpy()[0], ek.whiten(row_grads).numpy(),
+                         "cosine")
+        return (1 - mix) * plain + mix * whitened, mix
+
+    def _scan_one_both(self, store, columns: np.ndarray, depth: int, absolute: bool
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+        """`_scan` of one query through a store of both vectors, as passes of one column
+        each (the fast fp16 scan): the plain column by |score| first, whose best picks the
+        regime; then the mix's list (or, ranked signed, the plain one's) if needed."""
+        mixed, alone = columns[0], columns[1]
+        kw = {"workers": self.scan_workers, "ray": self.scan_ray}
+        ids, scores = store.top_k(alone, depth, "dot", absolute=True, **kw)
+        mix = mix_weight(float(np.abs(scores).max(initial=0.0)))
+        if mix:
+            return (mixed, *store.top_k(mixed, depth, "dot", absolute=absolute, **kw), mix)
+        if not absolute:
+            ids, scores = store.top_k(alone, depth, "dot", absolute=False, **kw)
+        return alone, ids, scores, mix
+
+    def _query_columns(self, store, q_grads: np.ndarray) -> np.ndarray:
+        """(queries, columns, width): what each query scans the store with. Its projected
+        gradient (one column), or for a store of both vectors three: the mix, the plain
+        cosine and its negation (`_scan` picks the query's list from the plain ones)."""
+        from datablame.features.curvature import query_vector
+
+        if not store.holds_both:
+            return store.projector.project(q_grads)[:, None]
+        plain = store.projector.project(q_grads)
+        whitened = store.projector.project(store.curvature.whiten(q_grads).numpy())
+        alone = query_vector(plain, whitened, 0.0)
+        return np.stack([query_vector(plain, whitened, MIX_WHITENED), alone, -alone], axis=1)
+
+    def _scan(self, store, columns: np.ndarray, depth: int, alignment: str, absolute: bool
+              ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, float | None]]:
+        """Each query's (query vector, row ids, stored scores, mix weight) from one pass over
+        the store (`columns`: `_query_columns`). With both vectors the query's largest
+        |plain cosine| picks its list: the mix's, or the plain one's (`fusion.mix_weight`)."""
+        self._check_both(alignment)
+        n, per = columns.shape[:2]
+        if store.holds_both and n == 1:  # one query: single-column passes take the fp16 path
+            return [self._scan_one_both(store, columns[0], depth, absolute)]
+        found = store.top_k_many(columns.reshape(n * per, -1), depth,
+                                 "dot" if store.holds_both else alignment, absolute=absolute,
+                                 workers=self.scan_workers, ray=self.scan_ray)
+        if not store.holds_both:
+            return [(columns[i, 0], *found[i], None) for i in range(n)]
+        out = []
+        for i in range(n):
+            (m_ids, m_sc), (p_ids, p_sc), (_, n_sc) = found[3 * i: 3 * i + 3]
+            best = max(float(np.abs(p_sc).max(initial=0.0)), float(n_sc.max(initial=0.0)))
+            mix = mix_weight(best)
+            out.append((columns[i, 0], m_ids, m_sc, mix) if mix else
+                       (columns[i, 1], p_ids, p_sc, mix))
+        return out
 
     def retrieve(self, query: Query, top_k: int) -> tuple[np.ndarray, np.ndarray]:
         from datablame.features.embeddings import Embedder
@@ -578,25 +678,29 @@ class Tracer:
         """The gradient alignment of the query with these rows (exact gradients), e.g. the
         rows `spans` found a copy in: did the copied row also teach the answer?"""
         _, q_text = self._prepare(query, 1)
-        return self._align_rows(q_text, row_ids, alignment)
+        return self._align_rows(q_text, row_ids, alignment)[0]
 
     def word_shares(self, df: pd.DataFrame, show: int, alignment: str = "cosine") -> dict:
         """`token_scores` for a trace's result: its traced output against its first
-        `show` rows."""
+        `show` rows (with the trace's own mix of plain and whitened cosines, if any)."""
         traced = Query(df.attrs["query"], df.attrs["prompt"], df.attrs["focus"],
                        as_written=True)
-        return self.token_scores(traced, [int(r) for r in df["row"][:show]], alignment)
+        return self.token_scores(traced, [int(r) for r in df["row"][:show]], alignment,
+                                 mix=df.attrs.get("whitened_weight"))
 
     def token_scores(self, query: Query | str, row_ids: list[int], alignment: str = "cosine",
-                     max_row_tokens: int = 512) -> dict:
+                     max_row_tokens: int = 512, mix: float | None = None) -> dict:
         """Each word's share of each row's gradient score, both ways: the query's answer
         words (which words this row taught) and the row's own trained words (which of its
         words taught the answer). The shares of one row add up to its score, because the
         loss is a mean over tokens and the alignment is linear in each gradient. Rows whose
-        trained text is longer than `max_row_tokens` get answer shares only."""
-        from datablame.methods.gradient_alignment import check_alignment
+        trained text is longer than `max_row_tokens` get answer shares only. A store of
+        both vectors: the score is (1 - mix) plain + mix whitened cosine, `mix` None
+        picking it from these rows as `_scores` does; each term is linear too."""
+        from datablame.methods.gradient_alignment import align, check_alignment
 
         check_alignment(alignment)
+        self._check_both(alignment)
         _, q_text = self._prepare(query, 1)
         texts = [self.row_text(int(r)) for r in row_ids]
         ek = self.curvature()
@@ -604,32 +708,48 @@ class Tracer:
             g_q = self.model.gradients([q_text]).astype(np.float64)[0]
             row_grads = self.model.gradients(texts, batch_size=self.batch_size,
                                              names=list(map(int, row_ids))).astype(np.float64)
-            norms_q, norms_r = g_q, row_grads
-            if ek is not None:  # whitened: a token's share is its gradient . H^-1 g
-                norms_q, norms_r = (ek.whiten(g).numpy() for g in (g_q[None], row_grads))
-                g_q, row_grads = (ek.solve(g).numpy() for g in (g_q[None], row_grads))
-                g_q, norms_q = g_q[0], norms_q[0]
-            # the answer's tokens against every row at once: (T_q, rows)
-            q_parts = self.model.token_gradients(q_text, row_grads, batch_size=self.batch_size)
+            # terms of the score: (weight, query vector, row vectors, query norm, row norms);
+            # whitened, a token's share is its gradient . H^-1 g over the whitened norms
+            plain = (1.0, g_q, row_grads, np.linalg.norm(g_q),
+                     np.linalg.norm(row_grads, axis=1))
+            if ek is None:
+                terms = [plain]
+            else:
+                if self.holds_both() and mix is None:
+                    mix = mix_weight(float(np.abs(align(g_q, row_grads, "cosine"))
+                                           .max(initial=0.0)))
+                w_q, w_rows = (ek.whiten(g).numpy() for g in (g_q[None], row_grads))
+                s_q, s_rows = (ek.solve(g).numpy() for g in (g_q[None], row_grads))
+                whitened = (1.0, s_q[0], s_rows, np.linalg.norm(w_q),
+                            np.linalg.norm(w_rows, axis=1))
+                terms = [whitened] if not self.holds_both() else \
+                    [t for t in ((1 - mix, *plain[1:]), (mix, *whitened[1:])) if t[0]]
+            n = len(texts)
+            # the answer's tokens against every row (and term) at once: (T_q, terms x rows)
+            q_parts = self.model.token_gradients(q_text, np.vstack([t[2] for t in terms]),
+                                                 batch_size=self.batch_size)
             advance(1)
             if q_parts is None:
                 return {}
-            q_norm = float(np.linalg.norm(norms_q)) or 1.0
+
+            def scales(j: int) -> list[float]:
+                return [t[0] if alignment == "dot" else
+                        t[0] / ((float(t[3]) or 1.0) * (float(t[4][j]) or 1.0)) for t in terms]
+
             answer = _traced_words(q_text, q_parts[0])
             result: dict = {"alignment": alignment, "answer": {"text": answer["text"],
                                                               "shares": {}}, "rows": {}}
-            for j, (r, text, n_r) in enumerate(zip(row_ids, texts, norms_r, strict=True)):
-                scale = 1.0 if alignment == "dot" else \
-                    1.0 / (q_norm * (float(np.linalg.norm(n_r)) or 1.0))
+            for j, (r, text) in enumerate(zip(row_ids, texts, strict=True)):
+                scale = scales(j)
                 result["answer"]["shares"][str(int(r))] = answer["assign"](
-                    q_parts[1][:, j] * scale)
-                parts = self.model.token_gradients(text, g_q, batch_size=self.batch_size) \
+                    sum(q_parts[1][:, i * n + j] * scale[i] for i in range(len(terms))))
+                parts = self.model.token_gradients(text, np.vstack([t[1] for t in terms]),
+                                                   batch_size=self.batch_size) \
                     if self.model.encode([text]).input_ids.shape[1] <= max_row_tokens else None
                 if parts is not None:
                     own = _traced_words(text, parts[0])
-                    result["rows"][str(int(r))] = {"text": own["text"],
-                                                   "shares": own["assign"](parts[1][:, 0]
-                                                                           * scale)}
+                    result["rows"][str(int(r))] = {"text": own["text"], "shares": own["assign"](
+                        sum(parts[1][:, i] * scale[i] for i in range(len(terms))))}
                 advance(1)
         return result
 
@@ -646,7 +766,6 @@ class Tracer:
         max(`top_k`, `rerank`) of them, every candidate then scored exactly. `helps` /
         `opposes` count the queries a row's gradient agrees / disagrees with
         (|cosine| > 0.1), `strongest_query` names the one it weighs most on."""
-        from datablame.methods.gradient_alignment import align
 
         if not queries:
             raise UserError("no queries to aggregate over")
@@ -657,12 +776,16 @@ class Tracer:
                                       progress=advance, names=[f"query {n}" for n in names])
         if all_rows:
             store = self._gradient_store(checksum)
-            projected = store.projector.project(q_grads)
-            unit = projected / np.maximum(np.linalg.norm(projected, axis=1, keepdims=True),
-                                          1e-30)
             depth = min(len(self.rows), max(top_k, rerank))
-            candidates, _ = store.top_k(unit.sum(axis=0), depth, "cosine",
-                                        workers=self.scan_workers, ray=self.scan_ray)
+            if store.holds_both:  # each query's mix column already has the unit halves
+                candidates, _ = store.top_k(self._query_columns(store, q_grads)[:, 0].sum(
+                    axis=0), depth, "dot", workers=self.scan_workers, ray=self.scan_ray)
+            else:
+                projected = store.projector.project(q_grads)
+                unit = projected / np.maximum(np.linalg.norm(projected, axis=1,
+                                                             keepdims=True), 1e-30)
+                candidates, _ = store.top_k(unit.sum(axis=0), depth, "cosine",
+                                            workers=self.scan_workers, ray=self.scan_ray)
         else:
             found: dict[int, None] = {}
             for q in resolved:
@@ -673,7 +796,7 @@ class Tracer:
             row_grads = self._gradients([self.row_text(int(i)) for i in candidates],
                                         batch_size=self.batch_size, progress=advance,
                                         names=list(map(int, candidates)))
-        per_query = np.stack([align(g, row_grads, "cosine") for g in q_grads])
+        per_query = np.stack([self._scores(g, row_grads, "cosine")[0] for g in q_grads])
         mean = per_query.mean(axis=0)
         order = np.argsort(-mean, kind="stable")[:top_k]
         strongest = np.argmax(np.abs(per_query[:, order]), axis=0)
@@ -681,7 +804,10 @@ class Tracer:
                  "opposes": (per_query[:, order] < -0.1).sum(axis=0),
                  "strongest_query": [names[i] for i in strongest]}
         df = _ranked_frame(self.rows, candidates[order], mean[order], "cosine", extra)
-        df.attrs.update(group=[str(n) for n in names], method=f"{self._grad_method('cosine')}"
+        method = (f"grad-cosine, per query {1 - MIX_WHITENED:g} plain + {MIX_WHITENED:g} "
+                  "after EK-FAC curvature, or plain where its gradient is weak"
+                  if self.holds_both() else self._grad_method("cosine"))
+        df.attrs.update(group=[str(n) for n in names], method=f"{method}"
                         ", mean over the queries", candidates=int(len(candidates)),
                         candidates_from="gradient store" if all_rows else "retrieval",
                         index=str(self.index.path), model=str(self.options.model),
@@ -689,15 +815,15 @@ class Tracer:
                         else str(self.options.adapter), rows=len(self.rows.records))
         return df
 
-    def _align_rows(self, q_text: FormattedText, row_ids, alignment: str) -> np.ndarray:
-        """Exact gradient alignment of the query text with each of these rows."""
-        from datablame.methods.gradient_alignment import align
-
+    def _align_rows(self, q_text: FormattedText, row_ids, alignment: str
+                    ) -> tuple[np.ndarray, float | None]:
+        """Exact gradient alignment of the query text with each of these rows, and the mix
+        weight it used (`_scores`)."""
         texts = [q_text] + [self.row_text(int(i)) for i in row_ids]
         with progress.task("gradients", len(texts)) as advance:
             grads = self._gradients(texts, batch_size=self.batch_size, progress=advance,
                                     names=["the query", *map(int, row_ids)])
-        return align(grads[0], grads[1:], alignment)
+        return self._scores(grads[0], grads[1:], alignment)
 
     def trace(self, query: Query | str, top_k: int = 50, alignment: str = "cosine",
               rank_by: str = "fused") -> pd.DataFrame:
@@ -709,19 +835,21 @@ class Tracer:
         check_rank_by(rank_by)
         query, q_text = self._prepare(query, top_k)
         cand_ids, distances = self.retrieve(query, top_k)
-        scores = self._align_rows(q_text, cand_ids, alignment)
+        scores, mix = self._align_rows(q_text, cand_ids, alignment)
         order = np.argsort(-scores, kind="stable")
         ret_rank = np.arange(1, len(scores) + 1)
         extra: dict = {}
         if rank_by == "fused":
             grad_rank = strength_ranks(scores)
-            order, fused = self._fuse(grad_rank, ret_rank, scores, alignment)
+            order, fused = self._fuse(grad_rank, ret_rank, scores, alignment, mix)
             extra = {"fused": fused[order], "gradient_rank": grad_rank[order]}
         df = _ranked_frame(self.rows, cand_ids[order], scores[order], alignment,
                            {**extra, "distance": distances[order].astype(float),
                             "retrieval_rank": ret_rank[order]})
         how = ", fused with retrieval" if rank_by == "fused" else ""
-        self._describe(df, query, q_text, f"{self._grad_method(alignment)}{how}")
+        self._describe(df, query, q_text, f"{self._grad_method(alignment, mix)}{how}")
+        if mix is not None:
+            df.attrs["whitened_weight"] = mix
         return df
 
     def _gradient_store(self, verify: bool):
@@ -749,16 +877,16 @@ class Tracer:
         fused_mode = rank_by == "fused"
         depth = min(len(self.rows), max(top_k, rerank, pool if fused_mode else 0))
         texts = [self._prepare(q, top_k)[1] for q in queries]
+        self._check_both(alignment)
         # projected a batch at a time: only K numbers per query are kept, not a gradient
-        vecs = np.concatenate([store.projector.project(
-            self._gradients(texts[i:i + self.batch_size], batch_size=self.batch_size))
+        columns = np.concatenate([self._query_columns(store, self._gradients(
+            texts[i:i + self.batch_size], batch_size=self.batch_size))
             for i in range(0, len(texts), self.batch_size)])
-        found = store.top_k_many(vecs, depth, alignment, absolute=fused_mode,
-                                 workers=self.scan_workers, ray=self.scan_ray)
-        for text, vec, (ids, scores) in zip(texts, vecs, found, strict=True):
+        scanned = self._scan(store, columns, depth, alignment, fused_mode)
+        for text, result in zip(texts, scanned, strict=True):
             # the whole formatted text is the key: a focus or another split of the same
             # words is another query
-            self._scanned[(repr(text), depth, alignment, fused_mode)] = (vec, ids, scores)
+            self._scanned[(repr(text), depth, alignment, fused_mode)] = result
 
     def trace_all_rows(self, query: Query | str, top_k: int = 50, alignment: str = "cosine",
                        verify: bool = True, rerank: int = 100, rank_by: str = "fused",
@@ -775,21 +903,19 @@ class Tracer:
         finds the candidates but leaves near-ties among them, which is why the head is
         re-scored exactly; `rerank=0` skips the exact pass.
         """
-        from datablame.methods.gradient_alignment import align
-
         check_rank_by(rank_by)
         query, q_text = self._prepare(query, top_k)
         store = self._gradient_store(verify)
+        self._check_both(alignment)
         fused_mode = rank_by == "fused"
         depth = min(len(self.rows), max(top_k, rerank, pool if fused_mode else 0))
         q_grad = self._gradients([q_text])
         scanned = self._scanned.pop((repr(q_text), depth, alignment, fused_mode), None)
-        if scanned is None:
-            q_vec = store.projector.project(q_grad)[0]
-            row_ids, proj_scores = store.top_k(q_vec, depth, alignment, absolute=fused_mode,
-                                               workers=self.scan_workers, ray=self.scan_ray)
-        else:  # `scan_store_for` read the store once for a whole queries file
-            q_vec, row_ids, proj_scores = scanned
+        if scanned is None:  # else `scan_store_for` read the store once for a queries file
+            scanned = self._scan(store, self._query_columns(store, q_grad), depth, alignment,
+                                 fused_mode)[0]
+        q_vec, row_ids, proj_scores, mix = scanned
+        kind = "dot" if mix is not None else alignment  # how the stored rows are scored
         scores = proj_scores.copy()
         exact = np.zeros(len(row_ids), dtype=bool)
         if rerank > 0:
@@ -798,7 +924,7 @@ class Tracer:
                 grads = self._gradients([self.row_text(int(i)) for i in head],
                                         batch_size=self.batch_size, progress=advance,
                                         names=list(map(int, head)))
-            scores[: len(head)] = align(q_grad[0], grads, alignment)
+            scores[: len(head)] = self._scores(q_grad[0], grads, alignment, mix)[0]
             exact[: len(head)] = True
             key = np.abs(scores[: len(head)]) if fused_mode else scores[: len(head)]
             order = np.r_[np.argsort(-key, kind="stable"), np.arange(len(head), len(row_ids))]
@@ -810,7 +936,7 @@ class Tracer:
             ret_ids, distances = self.retrieve(query, depth)
             missing = np.setdiff1d(ret_ids, row_ids)  # found by retrieval only
             if len(missing):
-                miss_scores = store.score_rows(q_vec, missing, alignment)
+                miss_scores = store.score_rows(q_vec, missing, kind)
                 row_ids = np.r_[row_ids, missing]
                 scores = np.r_[scores, miss_scores]
                 proj_scores = np.r_[proj_scores, miss_scores]
@@ -822,7 +948,7 @@ class Tracer:
             for rank, (r, d) in enumerate(zip(ret_ids, distances, strict=True), start=1):
                 ret_rank[where[int(r)]] = rank
                 dist[where[int(r)]] = d
-            order, fused = self._fuse(grad_rank, ret_rank, scores, alignment)
+            order, fused = self._fuse(grad_rank, ret_rank, scores, alignment, mix)
             row_ids, scores, proj_scores, exact = (row_ids[order], scores[order],
                                                    proj_scores[order], exact[order])
             extra = {"fused": fused[order], "gradient_rank": grad_rank[order],
@@ -832,9 +958,11 @@ class Tracer:
                            {**{k: v[keep] for k, v in extra.items()},
                             "store_score": proj_scores[keep], "exact": exact[keep]})
         how = "fused with retrieval" if fused_mode else "gradient only"
-        self._describe(df, query, q_text, f"{self._grad_method(alignment)} (all rows, K="
-                                          f"{store.manifest['proj_dim']}, exact top "
+        self._describe(df, query, q_text, f"{self._grad_method(alignment, mix)} (all rows, "
+                                          f"K={store.manifest['proj_dim']}, exact top "
                                           f"{min(rerank, len(self.rows))}, {how})")
+        if mix is not None:
+            df.attrs["whitened_weight"] = mix
         return df
 
     def trace_method(self, query: Query | str, method: str = "datainf", top_k: int = 50,

@@ -156,13 +156,13 @@ def index(
                                                  "(dense).")] = "countsketch",
     params: Annotated[str, typer.Option(help="auto (LoRA B if --adapter, else all), lora-b, "
                                              "lora, all, or regexes.")] = "auto",
-    curvature: Annotated[str, typer.Option(help="With --gradients: ekfac (rows and queries "
-                                                "whitened by a true-Fisher EK-FAC of the "
-                                                "LoRA weights before projecting; fitted once "
-                                                "per build), none (plain gradients), or auto "
-                                                "(ekfac where the weights are linear / LoRA "
-                                                "layers and the curvature takes at most 1 GiB, "
-                                                "else none).")] = "none",
+    curvature: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        help="With --gradients: auto (default: both where the weights are linear / LoRA "
+             "layers and the curvature takes at most 1 GiB, else none), both (plain and "
+             "whitened vectors side by side; each query scored by their mix or, where its "
+             "gradient is weak, the plain one), ekfac (whitened only: rows and queries "
+             "whitened by a true-Fisher EK-FAC of the LoRA weights, fitted once per build) "
+             "or none (plain gradients).")] = None,
     loss_on: Annotated[str, typer.Option(help="response or text.")] = "response",
     dtype: Annotated[str, typer.Option(help="fp32, bf16 or fp16.")] = "fp32",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
@@ -230,7 +230,7 @@ def index(
                                     max_length=max_length, loss_on=loss_on, proj_dim=proj_dim,
                                     seed=seed, shard_rows=shard_rows,
                                     batch_size=grad_batch_size, store_dtype=store_dtype,
-                                    projection=projection, curvature=curvature)
+                                    projection=projection, curvature=curvature or "auto")
         try:  # here, once: before embedding, and before --workers start processes
             grad_opts.check()
         except UserError as exc:
@@ -240,7 +240,7 @@ def index(
     elif quantize != "none" or device_map or gradient_checkpointing:
         _fail("--quantize, --device-map and --gradient-checkpointing load the gradient "
               "model: add --gradients --model ...")
-    elif curvature != "none":
+    elif curvature is not None:
         _fail("--curvature whitens the gradient store: add --gradients --model ...")
     chat = None
     if chat_template is not None or chat_turns != "all" or (model and not grad_opts):

@@ -7,6 +7,12 @@ directions every row moves in count less, directions few rows move in count more
 needs the row's whitened norm, which only a store of whitened vectors has; a store of
 plain gradients cannot serve it.
 
+With `--curvature both` (what `auto`, the default, builds where the curvature is cheap),
+each row keeps both vectors, side by side and each of unit length: [Pg/|Pg| ; PWg/|PWg|]
+(W = H^-1/2). A query then weighs the halves: its dot with a row is (1 - m) x the plain
+cosine + m x the whitened one, so one pass over the store gives the plain, the whitened or
+any mixed score (`methods.fusion.mix_weight` picks m per query; why in the README).
+
 The curvature is fitted once per build, before any shard, on evenly spaced rows (at most
 `SAMPLE_ROWS`), saved as `curvature.npz` inside the build and named by its sha256 in every
 shard's sidecar: every worker of a sharded build (`--shard-of`, `--workers`, `--ray`)
@@ -22,7 +28,7 @@ import numpy as np
 
 from datablame.errors import UserError
 
-CURVATURES = ("auto", "none", "ekfac")  # auto: ekfac where the weights allow it
+CURVATURES = ("auto", "none", "ekfac", "both")  # auto: both where the weights allow it
 SAMPLE_ROWS = 4096  # rows the curvature is fitted on; EK-FAC draws enough labels per row
 CURVATURE_FILE = "curvature.npz"
 AUTO_LIMIT_BYTES = 1 << 30  # "auto" whitens while the curvature stays this small (below)
@@ -43,11 +49,18 @@ def sample_rows(n_rows: int, limit: int = SAMPLE_ROWS) -> np.ndarray:
 
 def curvature_plan(kind: str, n_rows: int, seed: int, model) -> dict | None:
     """What the fit depends on besides the model and rows (which the store's plan names);
-    None for a plain store. "auto" is EK-FAC where the selected weights have Kronecker
-    factors (linear / LoRA layers) and plain gradients elsewhere (e.g. --params all, whose
-    embeddings have none); "ekfac" refuses such weights."""
+    None for a plain store. "auto" is "both" where the selected weights have Kronecker
+    factors (linear / LoRA layers) and the curvature is cheap, plain gradients elsewhere
+    (e.g. --params all, whose embeddings have none); "ekfac" and "both" refuse such
+    weights. A store of both vectors says so in its plan ("vectors")."""
     check_curvature(kind)
-    if kind == "none" or (kind == "auto" and not model._hooks_ok):
+    if kind == "none":
+        return None
+    if kind == "auto" and not model._hooks_ok:
+        from datablame import progress
+
+        progress.note("--curvature auto: the selected weights have no Kronecker factors "
+                      "(not all LoRA / linear layers); building a plain store")
         return None
     if kind == "auto":
         size, flops = curvature_cost(model)
@@ -60,8 +73,8 @@ def curvature_plan(kind: str, n_rows: int, seed: int, model) -> dict | None:
                           "ekfac to whiten anyway)")
             return None
     if not model._hooks_ok:
-        raise UserError("--curvature ekfac needs LoRA weights (Kronecker factors of linear "
-                        "layers): pass an adapter with --params lora or lora-b, or "
+        raise UserError(f"--curvature {kind} needs LoRA weights (Kronecker factors of "
+                        "linear layers): pass an adapter with --params lora or lora-b, or "
                         "--curvature none")
     from datablame.methods.ekfac import EKFAC
 
@@ -69,7 +82,36 @@ def curvature_plan(kind: str, n_rows: int, seed: int, model) -> dict | None:
     ek = EKFAC(seed=seed)
     return {"kind": "ekfac", "fisher": ek.fisher, "rows": sampled,
             "draws_per_row": ek.draws_for(sampled), "damping_scale": ek.damping_scale,
-            "seed": seed}
+            "seed": seed, **({"vectors": "both"} if kind != "ekfac" else {})}
+
+
+def holds_both(curvature: dict | None) -> bool:
+    """Whether a store's plan / manifest curvature entry keeps plain and whitened vectors."""
+    return isinstance(curvature, dict) and curvature.get("vectors") == "both"
+
+
+def stored_width(proj_dim: int, curvature: dict | None) -> int:
+    """Columns per stored row: K, or 2K for a store of both vectors."""
+    return proj_dim * (2 if holds_both(curvature) else 1)
+
+
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """Each row divided by its length (a zero row stays zero), float32."""
+    x = np.asarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.where(norms > 0, norms, 1.0)
+
+
+def both_vectors(plain: np.ndarray, whitened: np.ndarray) -> np.ndarray:
+    """(n, 2K) stored rows of a store of both vectors, from the (n, K) projections of the
+    plain and the whitened gradients."""
+    return np.hstack([unit_rows(plain), unit_rows(whitened)])
+
+
+def query_vector(plain: np.ndarray, whitened: np.ndarray, m: float) -> np.ndarray:
+    """(n, 2K) query rows whose dot with a stored row is (1 - m) x the plain cosine +
+    m x the whitened cosine (of the projections)."""
+    return np.hstack([(1.0 - m) * unit_rows(plain), m * unit_rows(whitened)])
 
 
 def curvature_cost(model) -> tuple[int, int]:

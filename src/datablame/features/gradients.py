@@ -16,7 +16,13 @@ import numpy as np
 from datablame.data.rows import Rows
 from datablame.data.template import PromptTemplate
 from datablame.errors import UserError
-from datablame.features.curvature import curvature_plan, fit_curvature, sample_rows
+from datablame.features.curvature import (
+    both_vectors,
+    curvature_plan,
+    fit_curvature,
+    holds_both,
+    sample_rows,
+)
 from datablame.features.projection import make_projector
 from datablame.models.hf_causal_lm import length_order
 from datablame.store.gradient_store import (
@@ -38,11 +44,12 @@ def auto_batch_size(num_params: int) -> int:
 def project_row_gradients(texts: list, model, projector, batch_size: int,
                           progress: Callable[[int], None] | None = None,
                           report: dict[str, list[int]] | None = None, offset: int = 0,
-                          whiten: Callable | None = None) -> np.ndarray:
+                          whiten: Callable | None = None, both: bool = False) -> np.ndarray:
     """(len(texts), K) float32 projected gradients (each whitened first by `whiten`, the
-    store's curvature, if given); rows the model had to cut or could not score are added
-    to `report` under their global row id (offset + position)."""
-    out = np.empty((len(texts), projector.dim_out), dtype=np.float32)
+    store's curvature, if given; with `both`, (len(texts), 2K): the plain and the whitened
+    projections side by side, each of unit length); rows the model had to cut or could
+    not score are added to `report` under their global row id (offset + position)."""
+    out = np.empty((len(texts), projector.dim_out * (2 if both else 1)), dtype=np.float32)
     order = length_order(texts)
     for b in range(0, len(texts), batch_size):
         take = order[b : b + batch_size]
@@ -50,7 +57,11 @@ def project_row_gradients(texts: list, model, projector, batch_size: int,
         if report is not None:
             for kind, idx in model.last_report.items():
                 report.setdefault(kind, []).extend(offset + int(take[j]) for j in idx)
-        out[take] = projector.project(grads if whiten is None else whiten(grads))
+        if both:
+            out[take] = both_vectors(projector.project(grads),
+                                     projector.project(whiten(grads)))
+        else:
+            out[take] = projector.project(grads if whiten is None else whiten(grads))
         if progress:
             progress(len(take))
     return out
@@ -85,7 +96,8 @@ def build_gradient_store(
     ranges in fixed batches, so the store is byte-identical to one process's.
 
     `curvature="ekfac"`: store P H^-1/2 g (`features.curvature`), the curvature fitted
-    once per build before any shard and shared by every worker."""
+    once per build before any shard and shared by every worker; "both" (and "auto" where
+    the curvature is cheap): the plain and the whitened projections side by side."""
     if batch_size <= 0:
         batch_size = auto_batch_size(model.num_params)
     check_store_options(projection, store_dtype)
@@ -120,7 +132,8 @@ def build_gradient_store(
             continue
         texts = [template.format(r) for r in rows.records[lo:hi]]  # one read per shard
         writer.write(s, project_row_gradients(texts, model, projector, batch_size, progress,
-                                              report, offset=lo, whiten=whiten))
+                                              report, offset=lo, whiten=whiten,
+                                              both=holds_both(fit_plan)))
         built += 1
         if stop_after_shards is not None and built >= stop_after_shards \
                 and s + 1 < writer.n_shards:

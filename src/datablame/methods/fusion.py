@@ -23,6 +23,15 @@ RETRIEVAL_BONUS = 1.0  # added as RETRIEVAL_BONUS / (1 + retrieval rank)
 RETRIEVAL_BONUS_WHITENED = 0.25
 STRENGTH_BONUS_WHITENED = 0.0
 STRENGTH_BONUS = 0.25  # added as STRENGTH_BONUS / (1 + rank by |gradient score|)
+# a store of both vectors (--curvature both, the default where the curvature is cheap):
+# per query, where the best plain |cosine| over the rows reaches REGIME_COSINE the
+# gradient is strong (a smooth fine-tune) and the score is the mix below, with its own
+# retrieval bonus; below it the answer reads as memorised and the score is the plain
+# cosine with the default key. Chosen by bench/text_fusion.py's third round.
+REGIME_COSINE = 0.4
+MIX_WHITENED = 0.75  # the whitened cosine's weight in the mix; the plain one's is 0.25
+RETRIEVAL_BONUS_MIX = 0.1
+STRENGTH_BONUS_MIX = 0.0
 
 
 def check_rank_by(rank_by: str) -> None:
@@ -60,11 +69,20 @@ def strength_ranks(scores: np.ndarray) -> np.ndarray:
     return ranks
 
 
+def mix_weight(best_plain_cosine: float) -> float:
+    """A store of both vectors: the whitened cosine's weight in one query's score, from the
+    largest |plain cosine| over the rows (0: the plain cosine, a memorised answer)."""
+    return MIX_WHITENED if best_plain_cosine >= REGIME_COSINE else 0.0
+
+
 def fused_order(gradient_rank: np.ndarray, retrieval_rank: np.ndarray, scores: np.ndarray,
-                bounded: bool = True, whitened: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                bounded: bool = True, whitened: bool = False, mixed: bool = False
+                ) -> tuple[np.ndarray, np.ndarray]:
     """(order, fused key): rows by fused key, ties broken by the signed score; `whitened`:
-    the scores are cosines of whitened gradients (the whitened store's bonuses)."""
-    bonuses = (RETRIEVAL_BONUS_WHITENED, STRENGTH_BONUS_WHITENED) if whitened else \
+    the scores are cosines of whitened gradients (the whitened store's bonuses); `mixed`:
+    the mix of a store of both vectors (its bonuses)."""
+    bonuses = (RETRIEVAL_BONUS_MIX, STRENGTH_BONUS_MIX) if mixed else \
+        (RETRIEVAL_BONUS_WHITENED, STRENGTH_BONUS_WHITENED) if whitened else \
         (RETRIEVAL_BONUS, STRENGTH_BONUS)
     fused = fused_key(scores, gradient_rank, retrieval_rank, bounded, *bonuses)
     return np.lexsort((-np.asarray(scores), -fused)), fused

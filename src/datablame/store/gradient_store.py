@@ -39,7 +39,13 @@ from datablame import __version__
 from datablame.data.rows import Rows
 from datablame.data.template import PromptTemplate
 from datablame.errors import UserError
-from datablame.features.curvature import CURVATURE_FILE, load_curvature, save_curvature
+from datablame.features.curvature import (
+    CURVATURE_FILE,
+    holds_both,
+    load_curvature,
+    save_curvature,
+    stored_width,
+)
 from datablame.features.projection import PROJECTIONS, projector_from_json
 from datablame.methods.gradient_alignment import align_dots
 from datablame.store.atomic import write_json_atomic
@@ -171,6 +177,7 @@ class GradientStoreWriter:
         self.plan = plan
         self.rows, self.shard_rows = plan["rows"], plan["shard_rows"]
         self.proj_dim = plan["proj_dim"]
+        self.width = stored_width(self.proj_dim, plan.get("curvature"))
         self.dtype = np.dtype(STORE_DTYPES[plan["store_dtype"]])
         self.final = Path(index_dir) / "gradients"
         self.partial = Path(index_dir) / "gradients.partial"
@@ -276,7 +283,7 @@ class GradientStoreWriter:
 
     def _expected(self, shard: int) -> tuple[tuple, np.dtype]:
         lo, hi = self.row_range(shard)
-        return (hi - lo, self.proj_dim), self.dtype
+        return (hi - lo, self.width), self.dtype
 
     def has(self, shard: int) -> bool:
         """A shard is complete when its sidecar (written last, atomically) is this plan's
@@ -292,9 +299,9 @@ class GradientStoreWriter:
         """The shard, its norms, then its sidecar (row range, size, sha256, this plan's
         digest): the commit merges sidecars and never reads the shards' data."""
         lo, hi = self.row_range(shard)
-        if vectors.shape != (hi - lo, self.proj_dim):
+        if vectors.shape != (hi - lo, self.width):
             raise ValueError(f"shard {shard}: got {vectors.shape}, planned "
-                             f"{(hi - lo, self.proj_dim)}")
+                             f"{(hi - lo, self.width)}")
         stored = vectors.astype(self.dtype)
         size, digest = _save_npy_atomic(self._path(shard), stored)
         _save_npy_atomic(self._norms_path(shard),
@@ -461,7 +468,9 @@ class GradientStore:
         """Every file the store reads is confined, sized, header-checked and (`verify`)
         checksummed; shard row ranges must tile 0..rows."""
         m = self.manifest
-        n, k = m.get("rows"), m.get("proj_dim")
+        n = m.get("rows")
+        k = stored_width(m.get("proj_dim"), m.get("curvature")) \
+            if isinstance(m.get("proj_dim"), int) else None
         at = 0
         for shard in m.get("shards", []):
             lo, hi = shard.get("rows", (None, None))
@@ -500,6 +509,12 @@ class GradientStore:
                 raise UserError(f"gradient store {self.path}: {CURVATURE_FILE} cannot be "
                                 "read; rebuild it") from None
         return self._curvature
+
+    @property
+    def holds_both(self) -> bool:
+        """Plain and whitened vectors side by side, each of unit length (`--curvature
+        both`): scanned with `features.curvature.query_vector` and kind "dot"."""
+        return holds_both(self.manifest.get("curvature"))
 
     def whiten(self, grads: np.ndarray) -> np.ndarray:
         """Gradients as the store holds them before projection: H^-1/2 g with the store's
