@@ -121,3 +121,84 @@ def test_dot_alignment_is_refused_on_a_store_of_unit_vectors(tmp_path, random_lo
     for all_rows in (True, False):
         with pytest.raises(UserError, match="scores cosines; drop --alignment dot"):
             tracer.run(query, all_rows=all_rows, alignment="dot")
+
+
+def test_one_query_gets_one_regime_on_every_path(tmp_path, random_lora_model, monkeypatch):
+    """The regime comes from the store (the best projected |plain cosine| over every row)
+    on every path, even where the exact best differs: the threshold is put between them.
+    Two queries in two regimes: a queries file's three-column pass, the retrieval-only rows
+    (`score_rows`), and a group trace's per-query mixes agree with ground truth."""
+    from datablame.text import GradientOptions, Query, Tracer, build_index
+
+    base, adapter = random_lora_model
+    train = write_jsonl(tmp_path / "t.jsonl", ROWS)
+    build_index(train, tmp_path / "idx", gradients=GradientOptions(base, adapter, proj_dim=64,
+                                                                   shard_rows=4))
+    tracer = Tracer(tmp_path / "idx", base, adapter)
+    store = GradientStore.load(tmp_path / "idx")
+    rows, tmpl = load_rows(train), PromptTemplate()
+    ek = _independent_ekfac(tracer.model, rows, tmpl)
+    queries = [Query("quick brown fox again .", {"instruction": "say a thing", "input": ""}),
+               Query("the cat sat on the mat .", {"instruction": "a cat", "input": ""})]
+    truth = []
+    for q in queries:
+        texts = [q.formatted(tmpl)] + [tmpl.format(r) for r in rows.records]
+        grads = tracer.model.gradients(texts).astype(np.float64)
+        whitened = ek.whiten(grads).numpy()
+        p, w = (_unit(store.projector.project(g)) for g in (grads, whitened))
+        exact = [_unit(g)[1:] @ _unit(g)[0] for g in (grads, whitened)]
+        truth.append({"best": float(np.abs(p[1:] @ p[0]).max()),
+                      "exact best": float(np.abs(exact[0]).max()),
+                      "projected": (p[1:] @ p[0], w[1:] @ w[0]), "exact": exact})
+    first = truth[0]
+    assert abs(first["best"] - first["exact best"]) > 1e-4  # K = 64: they differ
+    monkeypatch.setattr(fusion, "REGIME_COSINE", (first["best"] + first["exact best"]) / 2)
+    m = fusion.mix_weight(first["best"])
+    for df in (tracer.run(queries[0], all_rows=True, top_k=len(ROWS)),
+               tracer.run(queries[0], top_k=len(ROWS))):
+        assert df.attrs["whitened_weight"] == m
+        plain, white = first["exact"]
+        np.testing.assert_allclose(df.set_index("row")["score"].sort_index(),
+                                   (1 - m) * plain + m * white, atol=1e-4)
+    # now one query on each side of the threshold
+    monkeypatch.setattr(fusion, "REGIME_COSINE", (truth[0]["best"] + truth[1]["best"]) / 2)
+    weights = [fusion.mix_weight(t["best"]) for t in truth]
+    assert sorted(weights) == [0.0, 0.75]
+    alone = [tracer.trace_all_rows(q, top_k=3, rerank=0, pool=3) for q in queries]
+    tracer.scan_store_for(queries, top_k=3, rerank=0, pool=3)  # three columns per query
+    for q, t, m, one in zip(queries, truth, weights, alone, strict=True):
+        df = tracer.trace_all_rows(q, top_k=3, rerank=0, pool=3)
+        assert df.attrs["whitened_weight"] == one.attrs["whitened_weight"] == m
+        assert list(df["row"]) == list(one["row"])
+        plain, white = t["projected"]  # retrieval-only rows included (`score_rows`)
+        np.testing.assert_allclose(df["score"], ((1 - m) * plain + m * white)[df["row"]],
+                                   atol=5e-3)
+        np.testing.assert_allclose(df["score"], one["score"], atol=1e-6)
+    assert any((df["gradient_rank"] > 3).any() for df in alone)  # found by retrieval only
+    group = tracer.trace_group(queries, top_k=len(ROWS), all_rows=True, rerank=len(ROWS))
+    want = np.mean([(1 - m) * t["exact"][0] + m * t["exact"][1]
+                    for t, m in zip(truth, weights, strict=True)], axis=0)
+    np.testing.assert_allclose(group.set_index("row")["score"].sort_index(), want, atol=1e-4)
+
+
+def test_damaged_rows_are_refused_without_checksums(tmp_path, random_lora_model):
+    """Scores of unit halves are bounded by the query's halves: rows scaled in place (same
+    size, no checksum read) are refused by the scan and by `score_rows`."""
+    from datablame.features.curvature import query_vector
+
+    base, adapter = random_lora_model
+    rows, tmpl = load_rows(write_jsonl(tmp_path / "t.jsonl", ROWS)), PromptTemplate()
+    model = CausalLMAdapter(base, adapter)
+    build_gradient_store(tmp_path, rows, tmpl, model, proj_dim=16, shard_rows=8,
+                         curvature="both")
+    store = GradientStore.load(tmp_path, verify=False)
+    g = model.gradients([tmpl.format(rows.records[0])])
+    q = query_vector(store.projector.project(g),
+                     store.projector.project(store.curvature.whiten(g).numpy()), 0.75)[0]
+    assert np.abs(store.top_k(q, 3, "dot")[1]).max() <= 1.0 + 1e-3  # intact
+    shard = tmp_path / "gradients" / "shard-00000.npy"
+    np.save(shard, np.load(shard) * 50)
+    with pytest.raises(UserError, match="is damaged"):
+        GradientStore.load(tmp_path, verify=False).top_k(q, 3, "dot")
+    with pytest.raises(UserError, match="is damaged"):
+        GradientStore.load(tmp_path, verify=False).score_rows(q, np.arange(3), "dot")

@@ -533,11 +533,21 @@ class Tracer:
                             "whitened, --curvature both): it scores cosines; drop "
                             "--alignment dot or rebuild with --curvature none")
 
+    def _store_mix(self, q_grad: np.ndarray) -> float:
+        """The query's mix weight as `--all-rows` picks it, whichever path scores it: from
+        its largest |plain cosine| over every stored row (one single-column pass), so a
+        query gets one regime whatever rows a path looks at."""
+        store = self._gradient_store(verify=False)
+        alone = self._query_columns(store, np.asarray(q_grad)[None])[0, 1]
+        _, scores = store.top_k(alone, 1, "dot", absolute=True, workers=self.scan_workers,
+                                ray=self.scan_ray)
+        return mix_weight(float(np.abs(scores).max(initial=0.0)))
+
     def _scores(self, q_grad: np.ndarray, row_grads: np.ndarray, alignment: str,
                 mix: float | None = None) -> tuple[np.ndarray, float | None]:
         """(exact alignment of the query gradient with each row, the mix weight used: None
-        unless the store holds both vectors). With both vectors, `mix` None picks it from
-        these rows' largest |plain cosine| (`fusion.mix_weight`)."""
+        unless the store holds both vectors). With both vectors, `mix` None takes the
+        query's regime from the store (`_store_mix`)."""
         from datablame.methods.gradient_alignment import align
 
         if not self.holds_both():
@@ -545,7 +555,7 @@ class Tracer:
         self._check_both(alignment)
         plain = align(q_grad, row_grads, "cosine")
         if mix is None:
-            mix = mix_weight(float(np.abs(plain).max(initial=0.0)))
+            mix = self._store_mix(q_grad)
         if not mix:
             return plain, mix
         ek = self.curvature()
@@ -696,8 +706,9 @@ class Tracer:
         loss is a mean over tokens and the alignment is linear in each gradient. Rows whose
         trained text is longer than `max_row_tokens` get answer shares only. A store of
         both vectors: the score is (1 - mix) plain + mix whitened cosine, `mix` None
-        picking it from these rows as `_scores` does; each term is linear too."""
-        from datablame.methods.gradient_alignment import align, check_alignment
+        taking the query's regime from the store as `_scores` does; each term is linear
+        too."""
+        from datablame.methods.gradient_alignment import check_alignment
 
         check_alignment(alignment)
         self._check_both(alignment)
@@ -716,8 +727,7 @@ class Tracer:
                 terms = [plain]
             else:
                 if self.holds_both() and mix is None:
-                    mix = mix_weight(float(np.abs(align(g_q, row_grads, "cosine"))
-                                           .max(initial=0.0)))
+                    mix = self._store_mix(g_q)
                 w_q, w_rows = (ek.whiten(g).numpy() for g in (g_q[None], row_grads))
                 s_q, s_rows = (ek.solve(g).numpy() for g in (g_q[None], row_grads))
                 whitened = (1.0, s_q[0], s_rows, np.linalg.norm(w_q),

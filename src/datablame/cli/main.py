@@ -240,7 +240,7 @@ def index(
     elif quantize != "none" or device_map or gradient_checkpointing:
         _fail("--quantize, --device-map and --gradient-checkpointing load the gradient "
               "model: add --gradients --model ...")
-    elif curvature is not None:
+    elif curvature not in (None, "none"):
         _fail("--curvature whitens the gradient store: add --gradients --model ...")
     chat = None
     if chat_template is not None or chat_turns != "all" or (model and not grad_opts):

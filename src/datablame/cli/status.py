@@ -34,7 +34,8 @@ def status(index_dir: Annotated[Path, typer.Argument(help="The index directory."
     if "store" in info:
         s = info["store"]
         console.print(f"gradient store: {s['rows']} rows in {s['shards']} shards, K = "
-                      f"{s['proj_dim']} {s['store_dtype']}, {s['bytes'] / 1e6:.1f} MB",
+                      f"{s['proj_dim']} {s['store_dtype']}, {s['vectors']} vectors, "
+                      f"{s['bytes'] / 1e6:.1f} MB",
                       highlight=False, soft_wrap=True)
     for key, what, commit in (("build", "build", "--gradients --commit"),
                               ("ivfpq_build", "ivfpq index build", "--index-type ivfpq "

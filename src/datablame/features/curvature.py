@@ -70,7 +70,7 @@ def curvature_plan(kind: str, n_rows: int, seed: int, model) -> dict | None:
             progress.note(f"--curvature auto: this model's curvature would take "
                           f"{size / 2**30:.1f} GB and whitening ~{flops / 1e9:.0f} GFLOP "
                           "per row on the CPU; building a plain store (pass --curvature "
-                          "ekfac to whiten anyway)")
+                          "both or ekfac to whiten anyway)")
             return None
     if not model._hooks_ok:
         raise UserError(f"--curvature {kind} needs LoRA weights (Kronecker factors of "

@@ -625,6 +625,7 @@ class GradientStore:
         q_t = torch.from_numpy(np.ascontiguousarray(q.T))
         heaps: list[list[tuple[float, int, float]]] = [[] for _ in range(len(q))]
         fast = _Fp16Filter(q[0], k, kind, absolute) if len(q) == 1 else None
+        bounds = [self._dot_bound(row) for row in q]
         for shard in shards:
             lo, hi = shard["rows"]
             # copy-on-write mapping: writable for torch, never written, so never copied
@@ -638,7 +639,7 @@ class GradientStore:
                     if found is not None:  # only these rows can be in the top k: score them
                         rows, dots = found
                         scores = align_dots(dots, norms[first + rows], qn[0], kind)
-                        self._check_cosines(scores, ids[rows], kind)
+                        self._check_cosines(scores, ids[rows], kind, bounds[0])
                         _push_rows(heaps[0], np.abs(scores) if absolute else scores, scores,
                                    ids[rows], k)
                         continue
@@ -646,7 +647,7 @@ class GradientStore:
                 for j in range(len(q)):
                     scores = align_dots(dots[:, j], norms[first:first + len(part)], qn[j],
                                         kind)
-                    self._check_cosines(scores, ids, kind)
+                    self._check_cosines(scores, ids, kind, bounds[j])
                     _push_rows(heaps[j], np.abs(scores) if absolute else scores, scores,
                                ids, k)
         return heaps
@@ -667,16 +668,25 @@ class GradientStore:
             block = np.load(self.path / shard["file"], mmap_mode="r")
             vecs = np.asarray(block[ids[inside] - lo], dtype=np.float32)
             out[inside] = align_dots(vecs @ q, norms[ids[inside]], qn, kind)
-            self._check_cosines(out[inside], ids[inside], kind)
+            self._check_cosines(out[inside], ids[inside], kind, self._dot_bound(q))
         return out
 
-    def _check_cosines(self, scores: np.ndarray, row_ids: np.ndarray, kind: str) -> None:
-        """A cosine outside [-1, 1] means the vectors or their norms are damaged: refuse
-        rather than label a 62.9 `strong` (a last line of defence under --no-checksum)."""
-        if kind != "cosine" or not len(scores):
+    def _dot_bound(self, q: np.ndarray) -> float:
+        """The largest |dot| a query can have with an intact row of a store of both
+        vectors (two unit halves): the sum of its halves' lengths."""
+        half = len(q) // 2
+        return float(np.linalg.norm(q[:half]) + np.linalg.norm(q[half:]))
+
+    def _check_cosines(self, scores: np.ndarray, row_ids: np.ndarray, kind: str,
+                       bound: float = 1.0) -> None:
+        """A cosine outside [-1, 1] (or, in a store of both vectors, a dot beyond the
+        query's `_dot_bound`) means the vectors or their norms are damaged: refuse rather
+        than label a 62.9 `strong` (a last line of defence under --no-checksum)."""
+        if not len(scores) or (kind != "cosine" and not self.holds_both):
             return
+        limit = 1.0 if kind == "cosine" else bound
         worst = int(np.argmax(np.abs(np.nan_to_num(scores, nan=0.0))))
-        if abs(scores[worst]) > 1 + COSINE_SLACK:
+        if abs(scores[worst]) > limit * (1 + COSINE_SLACK) + 1e-6:
             raise UserError(f"gradient store {self.path} is damaged: a cosine of "
                             f"{scores[worst]:.4g} (row {int(row_ids[worst])}) is impossible; "
                             "rebuild it")
@@ -773,6 +783,9 @@ def _build_status(index_dir: Path) -> dict:
         manifest = json.loads((final / "manifest.json").read_text())
         out["store"] = {"rows": manifest.get("rows"), "shards": len(manifest.get("shards", [])),
                         "proj_dim": manifest.get("proj_dim"),
+                        "vectors": "plain and whitened" if holds_both(
+                            manifest.get("curvature")) else "whitened"
+                        if manifest.get("curvature") else "plain",
                         "store_dtype": manifest.get("store_dtype"),
                         "bytes": sum(int(s.get("bytes", 0)) for s in manifest["shards"])}
     if (partial / "plan.json").exists():
