@@ -107,6 +107,7 @@ def test_every_trace_path_scores_the_regimes_mix(tmp_path, random_lora_model, mo
     for r, score in zip(df["row"][:3], df["score"][:3], strict=True):
         assert sum(shares["answer"]["shares"][str(r)]) == pytest.approx(score, abs=1e-5)
         assert sum(shares["rows"][str(r)]["shares"]) == pytest.approx(score, abs=1e-5)
+        assert shares["scores"][str(r)] == pytest.approx(score, abs=1e-5)
 
 
 def test_dot_alignment_is_refused_on_a_store_of_unit_vectors(tmp_path, random_lora_model):

@@ -610,3 +610,32 @@ def test_commit_merges_sidecars_and_refuses_what_they_do_not_vouch_for(setup):
         ["manifest.json"]
     assert build_status(tmp / "two")["store"]["rows"] == len(rows)
     assert "build" not in build_status(tmp / "two")
+
+
+def test_a_rebuild_never_deletes_files_it_did_not_write(setup):
+    """A rebuild swaps INDEX/gradients out whole: a user's notes or folder inside it, or a
+    gradients directory that is not a store, are refused in one line and left as they
+    were; the store itself is untouched."""
+    tmp, rows, tmpl, model = setup
+    build_gradient_store(tmp, rows, tmpl, model, proj_dim=16, shard_rows=8)
+    final = tmp / "gradients"
+    before = {p.name: p.read_bytes() for p in final.iterdir()}
+    (final / "NOTES.txt").write_text("mine")
+    (final / "backup").mkdir()
+    (final / "backup" / "README-mine.txt").write_text("mine too")
+    with pytest.raises(UserError, match=r"holds files datablame did not write \(NOTES.txt, "
+                                        r"backup/\)"):
+        build_gradient_store(tmp, rows, tmpl, model, proj_dim=32, shard_rows=8)
+    assert (final / "NOTES.txt").read_text() == "mine"
+    assert (final / "backup" / "README-mine.txt").read_text() == "mine too"
+    assert all((final / name).read_bytes() == data for name, data in before.items())
+    other = tmp / "other"
+    (other / "gradients").mkdir(parents=True)
+    (other / "gradients" / "manifest.json").write_text("{}")
+    (other / "gradients" / "thesis.txt").write_text("mine")
+    with pytest.raises(UserError, match="did not write"):
+        build_gradient_store(other, rows, tmpl, model, proj_dim=16, shard_rows=8)
+    (other / "gradients" / "manifest.json").unlink()
+    with pytest.raises(UserError, match="did not write"):
+        build_gradient_store(other, rows, tmpl, model, proj_dim=16, shard_rows=8)
+    assert (other / "gradients" / "thesis.txt").read_text() == "mine"

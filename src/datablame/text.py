@@ -485,10 +485,14 @@ class Tracer:
         if self._curvature_checked:
             return self._curvature
         self._curvature_checked = True
+        path = self.index.path / "gradients" / "manifest.json"
         try:
-            manifest = json.loads((self.index.path / "gradients" / "manifest.json")
-                                  .read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            manifest = json.loads(path.read_text(encoding="utf-8"))
+        except OSError:  # no gradient store
+            return None
+        except ValueError:
+            progress.note(f"the gradient store's curvature is not used ({path} is damaged: "
+                          "not valid JSON); gradients are compared unwhitened")
             return None
         if not isinstance(manifest, dict) or not manifest.get("curvature"):
             return None
@@ -748,11 +752,15 @@ class Tracer:
 
             answer = _traced_words(q_text, q_parts[0])
             result: dict = {"alignment": alignment, "answer": {"text": answer["text"],
-                                                              "shares": {}}, "rows": {}}
+                                                              "shares": {}}, "rows": {},
+                            "scores": {}}
             for j, (r, text) in enumerate(zip(row_ids, texts, strict=True)):
                 scale = scales(j)
-                result["answer"]["shares"][str(int(r))] = answer["assign"](
-                    sum(q_parts[1][:, i * n + j] * scale[i] for i in range(len(terms))))
+                mine = sum(q_parts[1][:, i * n + j] * scale[i] for i in range(len(terms)))
+                result["answer"]["shares"][str(int(r))] = answer["assign"](mine)
+                # what the shares add up to: the exact score (an --all-rows row outside the
+                # exact re-rank shows the store's projected one)
+                result["scores"][str(int(r))] = float(np.sum(mine))
                 parts = self.model.token_gradients(text, np.vstack([t[1] for t in terms]),
                                                    batch_size=self.batch_size) \
                     if self.model.encode([text]).input_ids.shape[1] <= max_row_tokens else None

@@ -333,12 +333,24 @@ def index(
         return
     if commit:
         console.print(f"committed {len(manifest['shards'])} gradient shards "
-                      f"({manifest['rows']} rows) -> {out}/gradients", highlight=False,
-                      soft_wrap=True)
+                      f"({manifest['rows']} rows) -> {out}/gradients" + _store_kind(out),
+                      highlight=False, soft_wrap=True)
         return
     console.print(f"indexed {manifest['data']['rows']} rows from {train_file} -> {out} "
-                  f"({manifest['index_type']}, {manifest['embedder']}, dim {manifest['dim']})",
+                  f"({manifest['index_type']}, {manifest['embedder']}, dim {manifest['dim']})"
+                  + _store_kind(out if grad_opts is not None else None),
                   highlight=False)
+
+
+def _store_kind(out: Path | None) -> str:
+    """', gradient store: K = ..., which vectors' for a build that made one."""
+    if out is None:
+        return ""
+    from datablame.store.gradient_store import build_status
+
+    store = build_status(out).get("store")
+    return (f"; gradient store: K = {store['proj_dim']}, {store['vectors']} vectors"
+            if store else "")
 
 
 def _parse_fields(items: list[str]) -> dict[str, str]:

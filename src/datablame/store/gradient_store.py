@@ -143,6 +143,27 @@ def check_store_options(projection: str, store_dtype: str) -> None:
         raise UserError(f"unknown projection '{projection}' (use {', '.join(PROJECTIONS)})")
 
 
+def check_store_dir(final: Path) -> None:
+    """Refuse to replace an `INDEX/gradients` that holds anything a build did not write
+    (a user's notes, a backup folder, a directory that is not a store): a rebuild swaps the
+    whole directory out and deletes it."""
+    if not final.exists() or (final.is_dir() and not any(final.iterdir())):
+        return
+    if not final.is_dir():
+        raise UserError(f"{final} is not a gradient store directory: move it away, then "
+                        "rerun")
+    ours = re.compile(r"(manifest\.json|norms\.npy|shard-\d{5}\.npy|"
+                      + re.escape(CURVATURE_FILE) + r"|\..*\.tmp)")
+    foreign = sorted(p.name + ("/" if p.is_dir() else "") for p in final.iterdir()
+                     if p.is_dir() or not ours.fullmatch(p.name))
+    if foreign or not (final / "manifest.json").is_file():
+        shown = ", ".join(foreign[:4]) + (" ..." if len(foreign) > 4 else "")
+        what = f"holds files datablame did not write ({shown})" if foreign else \
+            "is not a gradient store (no manifest.json)"
+        raise UserError(f"{final} {what}; a rebuild replaces that directory: move them "
+                        "out (or remove it), then rerun")
+
+
 def _plan_difference(old: dict, new: dict) -> str:
     """Which build options differ between two plans, said as a person would: `key: was
     -> now` for short values, the key alone for digests and templates."""
@@ -185,6 +206,7 @@ class GradientStoreWriter:
         self._curvature_sha256: str | None = None
         if read_only:
             return
+        check_store_dir(self.final)  # before any work: a rebuild would replace it
         # shard workers start together: one at a time decides whether the partial build
         # is theirs (a worker must not discard the directory another has just made)
         Path(index_dir).mkdir(parents=True, exist_ok=True)
@@ -318,6 +340,7 @@ class GradientStoreWriter:
         """Check every shard against its sidecar, merge the sidecars and norms (reading
         headers and metadata, not the shards' data: `GradientStore.load` checks the
         sha256 on use), write the manifest last, swap the store in."""
+        check_store_dir(self.final)  # again, before merging: files added during the build
         shards, norms = [], []
         curvature = None
         if self.plan.get("curvature"):
@@ -771,7 +794,14 @@ def build_status(index_dir: Path) -> dict:
     without a matching sidecar), the rate from the sidecars' times and an ETA."""
     try:
         return _build_status(Path(index_dir))
-    except (FileNotFoundError, ValueError):  # a commit renamed things as we read them
+    except (FileNotFoundError, ValueError):  # a commit renamed things as we read them ...
+        manifest = Path(index_dir) / "gradients" / "manifest.json"
+        try:
+            if manifest.is_file():
+                json.loads(manifest.read_text())
+        except ValueError:  # ... or the store's manifest is damaged
+            return {"index": str(index_dir),
+                    "note": f"{manifest} is damaged (not valid JSON): rebuild the store"}
         return {"index": str(index_dir), "note": "a build is being committed right now: "
                                                  "run status again"}
 
