@@ -343,7 +343,7 @@ def index(
 
 
 def _store_kind(out: Path | None) -> str:
-    """', gradient store: K = ..., which vectors' for a build that made one."""
+    """'; gradient store: K = ..., which vectors' for a build that made one."""
     if out is None:
         return ""
     from datablame.store.gradient_store import build_status
