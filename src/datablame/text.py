@@ -541,14 +541,18 @@ class Tracer:
         """The query's mix weight as `--all-rows` picks it, whichever path scores it: from
         its largest |plain cosine| over every stored row (one single-column pass), so a
         query gets one regime whatever rows a path looks at."""
+        from datablame.features.curvature import query_vector
+
         store = self._gradient_store(verify=False)
-        alone = self._query_columns(store, np.asarray(q_grad)[None])[0, 1]
+        plain = store.projector.project(np.asarray(q_grad)[None])
+        alone = query_vector(plain, np.zeros_like(plain), 0.0)[0]  # no whitening needed
         _, scores = store.top_k(alone, 1, "dot", absolute=True, workers=self.scan_workers,
                                 ray=self.scan_ray)
         return mix_weight(float(np.abs(scores).max(initial=0.0)))
 
     def _scores(self, q_grad: np.ndarray, row_grads: np.ndarray, alignment: str,
-                mix: float | None = None) -> tuple[np.ndarray, float | None]:
+                mix: float | None = None, whitened_rows: np.ndarray | None = None
+                ) -> tuple[np.ndarray, float | None]:
         """(exact alignment of the query gradient with each row, the mix weight used: None
         unless the store holds both vectors). With both vectors, `mix` None takes the
         query's regime from the store (`_store_mix`)."""
@@ -563,8 +567,9 @@ class Tracer:
         if not mix:
             return plain, mix
         ek = self.curvature()
-        whitened = align(ek.whiten(q_grad[None]).numpy()[0], ek.whiten(row_grads).numpy(),
-                         "cosine")
+        if whitened_rows is None:  # a group passes them, whitened once for all its queries
+            whitened_rows = ek.whiten(row_grads).numpy()
+        whitened = align(ek.whiten(q_grad[None]).numpy()[0], whitened_rows, "cosine")
         return (1 - mix) * plain + mix * whitened, mix
 
     def _scan_one_both(self, store, columns: np.ndarray, depth: int, absolute: bool
@@ -814,7 +819,10 @@ class Tracer:
             row_grads = self._gradients([self.row_text(int(i)) for i in candidates],
                                         batch_size=self.batch_size, progress=advance,
                                         names=list(map(int, candidates)))
-        per_query = np.stack([self._scores(g, row_grads, "cosine")[0] for g in q_grads])
+        whitened_rows = self.curvature().whiten(row_grads).numpy() if self.holds_both() \
+            else None
+        per_query = np.stack([self._scores(g, row_grads, "cosine", whitened_rows=whitened_rows)
+                              [0] for g in q_grads])
         mean = per_query.mean(axis=0)
         order = np.argsort(-mean, kind="stable")[:top_k]
         strongest = np.argmax(np.abs(per_query[:, order]), axis=0)
