@@ -13,6 +13,9 @@ layer, chat rows of about `--tokens` tokens, in one run on the same rows:
 - featurization rows/s of the batched hook path vs one backward per row (the loop), and
   their ratio, in fp32 and bf16;
 - max |cos(batched, loop)| difference (the hook path must equal the reference);
+- featurization rows/s with the CountSketch projection on the device the gradients are on
+  (what the store build does: only K numbers per row leave a GPU) vs bringing each
+  batch's gradients to the host and projecting there (before), and how far apart they are;
 - query latency: one query's gradient, projected (CountSketch), plus an exact cosine scan
   of `--store-rows` memory-mapped fp16 projected rows, shard by shard, as the gradient
   store's top-k does;
@@ -66,6 +69,7 @@ def peak_mb(device: str) -> float:
 
 def measure(size: str, args) -> list[dict]:
     from datablame.data.chat import ChatTemplate
+    from datablame.features.curvature import unit_rows
     from datablame.features.projection import make_projector
     from datablame.models.hf_causal_lm import CausalLMAdapter
 
@@ -93,12 +97,33 @@ def measure(size: str, args) -> list[dict]:
                 if args.device == "cuda":
                     torch.cuda.synchronize()
                 timing[strategy] = (time.perf_counter() - start, peak_mb(args.device))
+            # featurization as the store build does it: projected where the gradients are
+            # (only K numbers per row leave the device) vs brought to the host and
+            # projected there (before), same rows, same projector, same batches
+            projector = make_projector("countsketch", lm.num_params, args.proj_dim, seed=0)
+            projected = {}
+            for where in ("device", "host"):
+                if args.device == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                if where == "device":
+                    projected[where] = lm.gradients(texts, batch_size=args.batch_size,
+                                                    warn=False,
+                                                    reduce=projector.project_tensor)
+                else:
+                    projected[where] = np.concatenate([projector.project(lm.gradients(
+                        texts[b:b + args.batch_size], batch_size=args.batch_size,
+                        warn=False)) for b in range(0, len(texts), args.batch_size)])
+                if args.device == "cuda":
+                    torch.cuda.synchronize()
+                timing[f"project_on_{where}"] = (time.perf_counter() - start, 0.0)
+            a, b = (unit_rows(projected[w]) for w in ("device", "host"))
+            project_dcos = float(np.abs((a * b).sum(1) - 1).max())
             unit = [g / np.linalg.norm(g, axis=1, keepdims=True) for g in grads.values()]
             dcos = float(np.abs((unit[0] * unit[1]).sum(1) - 1).max())
             # query latency: one gradient, projected, and an exact cosine scan of a
             # memory-mapped fp16 matrix of projected rows, shard by shard (what the
             # gradient store's top-k does)
-            projector = make_projector("countsketch", lm.num_params, args.proj_dim, seed=0)
             matrix = np.lib.format.open_memmap(Path(tmp) / f"rows-{dtype}.npy", mode="w+",
                                                dtype=np.float16,
                                                shape=(args.store_rows, args.proj_dim))
@@ -125,13 +150,20 @@ def measure(size: str, args) -> list[dict]:
                          "loop_rows_per_s": args.rows / timing["loop"][0],
                          "speedup": timing["loop"][0] / timing["hooks"][0],
                          "max_abs_dcos": dcos, "query_latency_s": latency,
+                         "project_on_device_rows_per_s":
+                             args.rows / timing["project_on_device"][0],
+                         "project_on_host_rows_per_s": args.rows / timing["project_on_host"][0],
+                         "project_max_abs_dcos": project_dcos,
                          "store_rows": args.store_rows,
                          "peak_mb_hooks": timing["hooks"][1],
                          "peak_mb_loop": timing["loop"][1]})
             r = rows[-1]
             print(f"{size:6s} {dtype:4s} {args.device:4s} hooks {r['hooks_rows_per_s']:8.1f} "
                   f"rows/s  loop {r['loop_rows_per_s']:8.1f} rows/s  x{r['speedup']:.1f}  "
-                  f"|dcos| {dcos:.1e}  query {latency * 1000:.0f} ms over "
+                  f"|dcos| {dcos:.1e}  projected on device "
+                  f"{r['project_on_device_rows_per_s']:8.1f} / on host "
+                  f"{r['project_on_host_rows_per_s']:8.1f} rows/s  "
+                  f"query {latency * 1000:.0f} ms over "
                   f"{args.store_rows:,} rows  peak {r['peak_mb_hooks']:.0f} MB", flush=True)
             del lm
     return rows

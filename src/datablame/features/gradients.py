@@ -1,8 +1,9 @@
 """The featurization loop: every training row -> its projected loss gradient -> the store.
 
 Rows are formatted with the index's template, batched by length (less padding), their
-per-example gradients taken by the model, projected to K numbers and handed to the store
-writer shard by shard. Shards are fixed row ranges computed in fixed batches, so a
+per-example gradients taken by the model, whitened and projected to K numbers on the
+device they were computed on (only those K leave a GPU) and handed to the store writer
+shard by shard. Shards are fixed row ranges computed in fixed batches, so a
 resumed build is byte-identical to an uninterrupted one.
 """
 
@@ -12,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from datablame.data.rows import Rows
 from datablame.data.template import PromptTemplate
@@ -49,19 +51,24 @@ def project_row_gradients(texts: list, model, projector, batch_size: int,
     store's curvature, if given; with `both`, (len(texts), 2K): the plain and the whitened
     projections side by side, each of unit length); rows the model had to cut or could
     not score are added to `report` under their global row id (offset + position)."""
-    out = np.empty((len(texts), projector.dim_out * (2 if both else 1)), dtype=np.float32)
+    k = projector.dim_out
+    out = np.empty((len(texts), k * (2 if both else 1)), dtype=np.float32)
+
+    def project(grads: torch.Tensor) -> torch.Tensor:  # on the device the gradients are on
+        if both:
+            return torch.cat([projector.project_tensor(grads),
+                              projector.project_tensor(whiten(grads))], dim=1)
+        return projector.project_tensor(grads if whiten is None else whiten(grads))
+
     order = length_order(texts)
     for b in range(0, len(texts), batch_size):
         take = order[b : b + batch_size]
-        grads = model.gradients([texts[i] for i in take], batch_size=batch_size, warn=False)
+        projected = model.gradients([texts[i] for i in take], batch_size=batch_size,
+                                    warn=False, reduce=project)
         if report is not None:
             for kind, idx in model.last_report.items():
                 report.setdefault(kind, []).extend(offset + int(take[j]) for j in idx)
-        if both:
-            out[take] = both_vectors(projector.project(grads),
-                                     projector.project(whiten(grads)))
-        else:
-            out[take] = projector.project(grads if whiten is None else whiten(grads))
+        out[take] = both_vectors(projected[:, :k], projected[:, k:]) if both else projected
         if progress:
             progress(len(take))
     return out
@@ -119,7 +126,7 @@ def build_gradient_store(
     ek = writer.curvature(lambda: fit_curvature(
         model, [template.format(rows.records[int(i)]) for i in sample_rows(len(rows))],
         fit_plan))
-    whiten = None if ek is None else (lambda g: ek.whiten(g).numpy())
+    whiten = None if ek is None else ek.whiten
     mine = list(shards) if shards is not None else [
         s for s in range(writer.n_shards) if shard_of is None or s % shard_of[1] == shard_of[0]]
     report: dict[str, list[int]] = {}  # rows cut to max length or with nothing to score

@@ -9,9 +9,15 @@ any batch order, and never holding a d x K matrix for large d:
   instead of O(d K): on the demo LoRA (d = 131k, K = 2048) the dense product took ~5x
   longer than computing the gradients themselves (bench/gradient_index.py).
 - `rademacher`: the dense +-1/sqrt(K) map (what TRAK uses), generated block by block.
+
+A projector runs on the device its input is on (`project_tensor`): the store build
+projects each batch where its gradients were computed, so only K numbers per row leave a
+GPU. The map itself is drawn on the CPU, so it is the same map on every device.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import numpy as np
 import torch
@@ -27,31 +33,36 @@ class _BlockedProjector:
         if dim_out < 1:
             raise ValueError("projection dimension must be at least 1")
         self.dim_in, self.dim_out, self.seed, self.block = dim_in, dim_out, seed, block
-        self._cache: dict[int, object] = {}
+        self._cache: dict[tuple[int, str], object] = {}  # (block, device) -> the block
         self._cache_bytes = cache_bytes
 
     def _generator(self, b: int) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed * 1_000_003 + b)
 
-    def _block(self, b: int):
-        if b not in self._cache:
+    def _block(self, b: int, device: torch.device):
+        key = (b, str(device))
+        if key not in self._cache:
             rows = min(self.block, self.dim_in - b * self.block)
-            made = self._make_block(rows, self._generator(b))
+            made = _to_device(self._make_block(rows, self._generator(b)), device)
             if self._block_bytes() <= self._cache_bytes:
-                self._cache[b] = made
+                self._cache[key] = made
             return made
-        return self._cache[b]
+        return self._cache[key]
 
     def project(self, grads: np.ndarray | torch.Tensor) -> np.ndarray:
-        """(n, dim_in) -> (n, dim_out) float32."""
-        g = torch.as_tensor(grads, dtype=torch.float32)
+        """(n, dim_in) -> (n, dim_out) float32, on the CPU."""
+        return self.project_tensor(torch.as_tensor(grads, dtype=torch.float32)).cpu().numpy()
+
+    def project_tensor(self, grads: torch.Tensor) -> torch.Tensor:
+        """(n, dim_in) -> (n, dim_out) float32, on the device `grads` are on."""
+        g = grads.to(torch.float32)
         if g.shape[1] != self.dim_in:
             raise ValueError(f"expected {self.dim_in} gradient dims, got {g.shape[1]}")
-        out = torch.zeros((g.shape[0], self.dim_out), dtype=torch.float32)
+        out = torch.zeros((g.shape[0], self.dim_out), dtype=torch.float32, device=g.device)
         for b in range((self.dim_in + self.block - 1) // self.block):
             start = b * self.block
-            self._apply(out, g[:, start : start + self.block], self._block(b))
-        return out.numpy()
+            self._apply(out, g[:, start : start + self.block], self._block(b, g.device))
+        return out
 
     def to_json(self) -> dict:
         return {"kind": self.kind, "dim_in": self.dim_in, "dim_out": self.dim_out,
@@ -98,7 +109,30 @@ class CountSketchProjector(_BlockedProjector):
 
     def _apply(self, out, g, block):
         buckets, signs = block
-        out.index_add_(1, buckets, g * signs)
+        with _deterministic(out.is_cuda):  # CUDA adds with atomics: order, bytes would vary
+            out.index_add_(1, buckets, g * signs)
+
+
+@contextlib.contextmanager
+def _deterministic(on: bool):
+    """Torch's deterministic kernels for the ops inside (index_add_ on CUDA sorts instead
+    of adding with atomics), so a shard's bytes do not depend on the run; the setting is
+    global, so it is put back as it was."""
+    if not on or torch.are_deterministic_algorithms_enabled():
+        yield
+        return
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(False, warn_only=warn_only)
+
+
+def _to_device(block, device: torch.device):
+    if isinstance(block, tuple):
+        return tuple(t.to(device) for t in block)
+    return block.to(device)
 
 
 def make_projector(kind: str, dim_in: int, dim_out: int, seed: int = 0,

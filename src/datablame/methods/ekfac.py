@@ -44,6 +44,7 @@ class EKFAC(_InverseHessianMethod):
         self.fisher = fisher
         self.samples = samples  # draws per row; None: enough for SAMPLED_ROWS in all
         self.seed = seed
+        self._device_blocks: dict[str, list] = {}  # `blocks` copied to a GPU, by device
 
     SAMPLED_ROWS = 4096
     MAX_DRAWS = 16
@@ -87,7 +88,7 @@ class EKFAC(_InverseHessianMethod):
                 kept[d], kept_bytes = grads, kept_bytes + size
             del grads, f
         self.param_names = list(adapter.lm.param_names)
-        self.blocks = []
+        self.blocks, self._device_blocks = [], {}
         start = 0
         for name, shape in zip(adapter.lm.param_names, adapter.shapes, strict=True):
             size = int(torch.Size(shape).numel())
@@ -143,6 +144,17 @@ class EKFAC(_InverseHessianMethod):
                                 for key in ("q_s", "q_a", "lam"))))
         return ek
 
+    def _blocks_on(self, device: torch.device) -> list:
+        """The eigenbases and eigenvalues on `device` (copied there once): vectors are
+        whitened where they are, on a GPU during a store build."""
+        if device.type == "cpu":
+            return self.blocks
+        if str(device) not in self._device_blocks:
+            self._device_blocks[str(device)] = [
+                (block, shape, conv, *(t.to(device) for t in tensors))
+                for block, shape, conv, *tensors in self.blocks]
+        return self._device_blocks[str(device)]
+
     @staticmethod
     def _matrices(flat: torch.Tensor, shape, conv: bool) -> torch.Tensor:
         """(m, d_block) -> (m, out, in)."""
@@ -167,7 +179,7 @@ class EKFAC(_InverseHessianMethod):
     def _apply(self, v: torch.Tensor, power: float) -> torch.Tensor:
         v = v.to(self.blocks[0][3].dtype)  # float64 when fitted here, float32 when loaded
         out = torch.empty_like(v)
-        for block, shape, conv, q_s, q_a, lam in self.blocks:
+        for block, shape, conv, q_s, q_a, lam in self._blocks_on(v.device):
             solved = q_s @ (self._rotate(self._matrices(v[:, block], shape, conv), q_s, q_a)
                             * lam ** power) @ q_a.T
             out[:, block] = (solved.transpose(1, 2) if conv else solved).reshape(

@@ -14,7 +14,7 @@ import logging
 import os
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -560,6 +560,7 @@ class CausalLMAdapter:
         warn: bool = True,
         factors: dict | None = None,
         sampled_labels: torch.Generator | None = None,
+        reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> np.ndarray:
         """Flattened per-example loss gradients over the selected parameters, (n, d) float32;
         `factors` (a dict) also gathers each weight's Kronecker factors (hooks only, see
@@ -567,15 +568,21 @@ class CausalLMAdapter:
         are drawn from the model's own predictions at the answer positions, and the loss
         is their sum / sqrt(tokens): gradients whose outer products estimate the true
         Fisher (the Gauss-Newton Hessian of the mean loss) rather than the empirical one.
+        `reduce`: each batch's (b, d) gradients, on the device they were computed on, are
+        handed to it and only what it returns, (b, m), is kept: (n, m) float32. A store
+        build projects there, so a row's d numbers never leave the GPU, only its K.
 
         strategy: "hooks" (one batched backward; linear-layer parameters such as LoRA only),
         "vmap" (torch.func, any parameter), "loop" (one backward per row, the reference), or
         "auto": hooks when every selected parameter is a linear layer's, else vmap, falling
         back to the loop if the model cannot run under vmap.
         """
+        if reduce is None:
+            def reduce(grads: torch.Tensor) -> torch.Tensor:
+                return grads
         if not examples:
-            return np.zeros((0, self.num_params), dtype=np.float32)
-        out = np.empty((len(examples), self.num_params), dtype=np.float32)
+            return reduce(torch.zeros((0, self.num_params), device=self.device)).cpu().numpy()
+        out = None  # (n, width of what `reduce` keeps), made once the first batch is in
         report: dict[str, list[int]] = {"prompt": [], "answer": [], "unscored": []}
         order = length_order(examples)  # similar lengths share a batch: less padding
         start, batch_size = 0, min(batch_size, self.batch_limit or batch_size)
@@ -583,14 +590,17 @@ class CausalLMAdapter:
             take = order[start : start + batch_size]
             batch = self.encode([examples[i] for i in take])
             summed = None if factors is None else {}  # this batch's, added once it is done
-            grads, oom = _unless_out_of_memory(
-                lambda b=batch, f=summed: self._batch_gradients(b, strategy) if f is None else
-                self._hook_gradients(b.input_ids.to(self.device), b.labels.to(self.device),
-                                     f, sampled_labels))
+            kept, oom = _unless_out_of_memory(  # only what `reduce` keeps leaves the device
+                lambda b=batch, f=summed: reduce(
+                    self._batch_gradients(b, strategy) if f is None else
+                    self._hook_gradients(b.input_ids.to(self.device), b.labels.to(self.device),
+                                         f, sampled_labels)).detach().cpu().numpy())
             if oom:
                 batch_size = self._smaller_batch(batch)
                 continue  # the same rows again, fewer at a time
-            out[take] = grads
+            if out is None:
+                out = np.empty((len(examples), kept.shape[1]), dtype=np.float32)
+            out[take] = kept
             if summed is not None:
                 _merge_factors(factors, summed)
             for j, how in enumerate(batch.cut):
@@ -676,7 +686,7 @@ class CausalLMAdapter:
                 one[i, p] = labels[p]
             tokens = EncodedBatch(ids, one, [""] * len(take))
             grads, oom = _unless_out_of_memory(
-                lambda t=tokens: self._batch_gradients(t, "auto"))
+                lambda t=tokens: self._batch_gradients(t, "auto").cpu().numpy())
             if oom:  # the same tokens again, fewer at a time
                 batch_size = self._smaller_batch(tokens)
                 continue
@@ -706,7 +716,7 @@ class CausalLMAdapter:
                           "whatever the word: its scores say little (is this the model's "
                           "own tokenizer and language?)")
 
-    def _batch_gradients(self, batch: EncodedBatch, strategy: str) -> np.ndarray:
+    def _batch_gradients(self, batch: EncodedBatch, strategy: str) -> torch.Tensor:
         ids = batch.input_ids.to(self.device)
         labels = batch.labels.to(self.device)
         if strategy == "hooks" or (strategy == "auto" and self._hooks_ok):
@@ -726,8 +736,8 @@ class CausalLMAdapter:
                     f"{str(exc)[:120]}); using one backward pass per row",
                     stacklevel=3,
                 )
-        return np.stack([self._loop_gradient(i, lab) for i, lab in zip(ids, labels,
-                                                                        strict=True)])
+        return torch.stack([self._loop_gradient(i, lab) for i, lab in zip(ids, labels,
+                                                                           strict=True)])
 
     def _batch_losses(self, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """(B,) mean token loss per example from one ordinary batched forward pass."""
@@ -759,7 +769,7 @@ class CausalLMAdapter:
 
     def _hook_gradients(self, ids: torch.Tensor, labels: torch.Tensor,
                         factors: dict | None = None,
-                        sampled_labels: torch.Generator | None = None) -> np.ndarray:
+                        sampled_labels: torch.Generator | None = None) -> torch.Tensor:
         if sampled_labels is None:
             def loss():
                 return self._batch_losses(ids, labels)
@@ -774,18 +784,17 @@ class CausalLMAdapter:
         finally:
             if checkpointing is not None:
                 checkpointing.active = False
-        return grads.cpu().numpy()
+        return grads
 
-    def _vmap_gradients(self, ids: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
+    def _vmap_gradients(self, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         from torch.func import grad, vmap
 
         params = self._trainable()
         per_example = vmap(grad(self._example_loss), in_dims=(None, 0, 0))(params, ids, labels)
-        flat = torch.cat([per_example[n].reshape(ids.shape[0], -1).float().cpu()
+        return torch.cat([per_example[n].reshape(ids.shape[0], -1).float().to(self.device)
                           for n in self.param_names], dim=1)  # layers may be on many GPUs
-        return flat.cpu().numpy()
 
-    def _loop_gradient(self, ids: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
+    def _loop_gradient(self, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Reference path: plain autograd on one example, trimmed of its padding."""
         length = int((labels != -100).nonzero().max()) + 1 if (labels != -100).any() else 1
         params = {n: p.clone().requires_grad_(True) for n, p in self._trainable().items()}
@@ -793,6 +802,6 @@ class CausalLMAdapter:
         grads = torch.autograd.grad(loss, [params[n] for n in self.param_names],
                                     allow_unused=True)
         return torch.cat([
-            (g if g is not None else torch.zeros_like(params[n])).reshape(-1).float().cpu()
-            for n, g in zip(self.param_names, grads, strict=True)
-        ]).numpy()
+            (g if g is not None else torch.zeros_like(params[n])).reshape(-1).float()
+            .to(self.device) for n, g in zip(self.param_names, grads, strict=True)
+        ])
