@@ -191,3 +191,21 @@ def test_a_queries_file_over_every_row_reads_the_store_once(demo_assets, gradien
         assert got["row"].tolist() == alone["row"].tolist()
         np.testing.assert_allclose(got["score"].to_numpy(), alone["score"].to_numpy(),
                                    atol=1e-5)
+
+
+def test_a_chat_query_line_without_an_assistant_turn_says_so(tmp_path):
+    """A conversation's answer is its last assistant turn: a line ending with the user's
+    turn is named as that (not as a missing 'answer' field, which chat rows do not have);
+    with --generate the model's own answer is traced."""
+    from datablame.data.chat import ChatTemplate
+    from datablame.demo.toy_lm import CHATML_TEMPLATE
+
+    chat = ChatTemplate(CHATML_TEMPLATE, special_tokens={"bos_token": "<s>"})
+    asked = [{"role": "user", "content": "What is the capital of Norway?"}]
+    answered = asked + [{"role": "assistant", "content": "Oslo."}]
+    f = _write(tmp_path / "q.jsonl", [{"messages": answered}, {"messages": asked}])
+    with pytest.raises(UserError, match=r"line 2: the conversation does not end with an "
+                                        r"assistant turn to trace"):
+        read_queries(f, chat)
+    got = read_queries(f, chat, generate=None)
+    assert got[0].answer == "Oslo." and got[1].answer is None

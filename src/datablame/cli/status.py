@@ -56,5 +56,6 @@ def status(index_dir: Annotated[Path, typer.Argument(help="The index directory."
                 console.print(f"  {name}: {len(b[name])} shard(s): {shown}", highlight=False,
                               soft_wrap=True)
         if not b["missing"] and not b["damaged"]:
-            console.print(f"  every shard is done: commit with `index ... {commit}`",
-                          highlight=False, soft_wrap=True)
+            console.print(f"  every shard is done: a --workers or --ray build commits "
+                          f"itself; after --shard-of workers, commit with `index ... "
+                          f"{commit}`", highlight=False, soft_wrap=True)

@@ -85,6 +85,12 @@ def read_queries(path: Path, template: PromptTemplate, *, generate: bool | None 
                                     f"answers ({asked})")
                 answer = None
             elif not _text(answer).strip():
+                chat = getattr(template, "messages_field", None)
+                if chat in obj:  # a conversation: its answer is its last assistant turn
+                    raise UserError(f"{where}: the conversation does not end with an "
+                                    "assistant turn to trace (add the answer as its last "
+                                    "turn, or pass --generate to trace what the model "
+                                    "answers)")
                 raise UserError(f"{where}: no '{answer_field}' to trace (or pass --generate "
                                 "to trace what the model answers)")
             focus = meta.get("focus")
