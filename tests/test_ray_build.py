@@ -141,3 +141,22 @@ def test_ivfpq_task_that_keeps_dying_is_one_line_and_a_rerun_resumes(tmp_path, l
                              *pq, "--ray", "local", "--workers", "2")
     assert code in (0, None), err
     assert "committed 3 ivfpq index shards (1000 rows, 2 Ray task(s))" in out + err
+
+
+def test_a_runtime_environment_ray_cannot_set_up_is_one_line(local_ray):
+    """A task whose runtime environment fails on the worker (here a conda env on a machine
+    without conda; on a cluster, a pip install that fails): Ray's multi-line traceback
+    becomes one line that keeps the setup's own last line."""
+    from datablame.errors import UserError
+    from datablame.ray_cluster import user_errors
+
+    @ray.remote(runtime_env={"conda": "datablame-no-such-env"})
+    def task() -> int:
+        return 1
+
+    with pytest.raises(UserError) as caught, user_errors(died="a task died ({})"):
+        ray.get(task.remote())
+    message = str(caught.value)
+    assert "\n" not in message and "could not set up the workers' runtime environment" in \
+        message
+    assert "Conda" in message or "conda" in message, message

@@ -36,7 +36,8 @@ def connect(address: str, cpus: int | None = None) -> None:
 def user_errors(died: str | None = None):
     """A `UserError` raised inside a Ray task or actor reaches the user as its one line,
     not as Ray's wrapped traceback; so does, with `died` (a line with "{}" where Ray's
-    reason goes), a worker, actor or node that died more often than Ray retries it."""
+    reason goes), a worker, actor or node that died more often than Ray retries it; and
+    a runtime environment the cluster could not set up."""
     import ray
 
     lost = (ray.exceptions.WorkerCrashedError, ray.exceptions.RayActorError,
@@ -44,6 +45,10 @@ def user_errors(died: str | None = None):
             ray.exceptions.OutOfMemoryError, ray.exceptions.ObjectLostError)
     try:
         yield
+    except ray.exceptions.RuntimeEnvSetupError as exc:  # the cluster's pip / conda / files
+        raise UserError(f"--ray: Ray could not set up the workers' runtime environment "
+                        f"({_last_line(exc)}): check the cluster's or the job's "
+                        "runtime_env") from None
     except ray.exceptions.RayTaskError as exc:
         cause = getattr(exc, "cause", None)
         if isinstance(cause, UserError):
@@ -60,3 +65,9 @@ def user_errors(died: str | None = None):
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _last_line(exc: BaseException) -> str:
+    """Ray puts the setup's own error (pip's, conda's) last, after its traceback."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return lines[-1] if lines else type(exc).__name__
