@@ -49,6 +49,7 @@ def test_trace_uses_the_index_template_for_gradients(demo_assets, tmp_path):
                                   "input": CULPRIT["input"]})
     df = tracer.trace(q, top_k=5)
     assert df.attrs["text"].startswith("Task: ")
+    assert df.attrs["whitened_weight"] == 0.0  # no store, no curvature: plain gradients
 
     tmpl = PromptTemplate(custom)
     rows = [tracer.rows.records[int(r)] for r in df["row"]]

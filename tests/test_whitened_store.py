@@ -170,6 +170,7 @@ def test_a_trace_through_a_whitened_store_scores_whitened_cosines(tmp_path,
         got = df.set_index("row")["score"].sort_index().to_numpy()
         np.testing.assert_allclose(got, want, atol=1e-4)
         assert "after EK-FAC curvature" in df.attrs["method"]
+        assert df.attrs["whitened_weight"] == 1.0  # --json says the score is whitened
         ret_rank = df["retrieval_rank"].to_numpy()
         grad_rank = df["gradient_rank"].to_numpy()
         np.testing.assert_allclose(

@@ -531,6 +531,13 @@ class Tracer:
         ek = self.curvature()
         return grads if ek is None or self._both else ek.whiten(grads).numpy()
 
+    def _whitened_weight(self, mix: float | None) -> float:
+        """The whitened cosine's weight in a gradient score (JSON `whitened_weight`): the
+        query's mix in a store of both vectors, else 1 through a whitened store, 0 plain."""
+        if mix is not None:
+            return float(mix)
+        return 1.0 if self.curvature() is not None else 0.0
+
     def _check_both(self, alignment: str) -> None:
         if alignment != "cosine" and self.holds_both():
             raise UserError("this index's gradient store keeps unit vectors (plain and "
@@ -874,8 +881,7 @@ class Tracer:
                             "retrieval_rank": ret_rank[order]})
         how = ", fused with retrieval" if rank_by == "fused" else ""
         self._describe(df, query, q_text, f"{self._grad_method(alignment, mix)}{how}")
-        if mix is not None:
-            df.attrs["whitened_weight"] = mix
+        df.attrs["whitened_weight"] = self._whitened_weight(mix)
         return df
 
     def _gradient_store(self, verify: bool):
@@ -987,8 +993,7 @@ class Tracer:
         self._describe(df, query, q_text, f"{self._grad_method(alignment, mix)} (all rows, "
                                           f"K={store.manifest['proj_dim']}, exact top "
                                           f"{min(rerank, len(self.rows))}, {how})")
-        if mix is not None:
-            df.attrs["whitened_weight"] = mix
+        df.attrs["whitened_weight"] = self._whitened_weight(mix)
         return df
 
     def trace_method(self, query: Query | str, method: str = "datainf", top_k: int = 50,
