@@ -110,10 +110,9 @@ def measure(size: str, args) -> list[dict]:
                     projected[where] = lm.gradients(texts, batch_size=args.batch_size,
                                                     warn=False,
                                                     reduce=projector.project_tensor)
-                else:
-                    projected[where] = np.concatenate([projector.project(lm.gradients(
-                        texts[b:b + args.batch_size], batch_size=args.batch_size,
-                        warn=False)) for b in range(0, len(texts), args.batch_size)])
+                else:  # the same length-sorted batches, whole gradients brought back
+                    projected[where] = projector.project(lm.gradients(
+                        texts, batch_size=args.batch_size, warn=False))
                 if args.device == "cuda":
                     torch.cuda.synchronize()
                 timing[f"project_on_{where}"] = (time.perf_counter() - start, 0.0)

@@ -557,27 +557,61 @@ class Tracer:
                                 ray=self.scan_ray)
         return mix_weight(float(np.abs(scores).max(initial=0.0)))
 
-    def _scores(self, q_grad: np.ndarray, row_grads: np.ndarray, alignment: str,
-                mix: float | None = None, whitened_rows: np.ndarray | None = None
-                ) -> tuple[np.ndarray, float | None]:
-        """(exact alignment of the query gradient with each row, the mix weight used: None
-        unless the store holds both vectors). With both vectors, `mix` None takes the
-        query's regime from the store (`_store_mix`)."""
-        from datablame.methods.gradient_alignment import align
+    def _exact_scores(self, q_vecs: np.ndarray, texts: list, alignment: str,
+                      mixes: list[float | None] | None = None, **kwargs
+                      ) -> tuple[np.ndarray, list[float | None]]:
+        """((queries, rows) exact alignment of each query with each row's gradient, each
+        query's mix weight: None unless the store holds both vectors, where a None in
+        `mixes` takes the query's regime from the store, `_store_mix`). `q_vecs`: the
+        queries' vectors as `_gradients` gives them (whitened through a whitened store).
 
+        The rows' gradients are reduced where they are computed: each batch is whitened
+        if needed and dotted with the queries there, and only those dots and the rows'
+        norms come back, so memory holds one batch of d-number gradients, not all of
+        them (100 candidates of a 7B model's LoRA would be ~8 GB). `kwargs` go to
+        `gradients` (batch size, progress, names)."""
+        import torch
+
+        from datablame.methods.gradient_alignment import align_dots
+
+        q_vecs = np.asarray(q_vecs, dtype=np.float64).reshape(-1, self.model.num_params)
+        n_q, ek = len(q_vecs), self.curvature()
+        if not self.holds_both():  # one space: plain, or whitened through a whitened store
+            spaces = {"whitened" if ek is not None else "plain": q_vecs}
+            mixes = [None] * n_q
+        else:
+            self._check_both(alignment)
+            mixes = [self._store_mix(q) if m is None else m
+                     for q, m in zip(q_vecs, mixes or [None] * n_q, strict=True)]
+            spaces = {"plain": q_vecs}
+            if any(mixes):
+                spaces["whitened"] = ek.whiten(q_vecs).numpy().astype(np.float64)
+        on_device: dict[str, torch.Tensor] = {}
+
+        def dots_and_norms(grads: torch.Tensor) -> torch.Tensor:
+            """(b, d) gradients -> (b, per space: n_q dots + the row's norm), float64."""
+            out = []
+            for space, q in spaces.items():
+                v = (grads if space == "plain" else ek.whiten(grads)).to(torch.float64)
+                key = f"{space}:{v.device}"
+                if key not in on_device:
+                    on_device[key] = torch.as_tensor(q, device=v.device)
+                out += [v @ on_device[key].T, torch.linalg.vector_norm(v, dim=1)[:, None]]
+            return torch.cat(out, dim=1)
+
+        reduced = self.model.gradients(texts, reduce=dots_and_norms, **kwargs)
+        scores = {}
+        for j, (space, q) in enumerate(spaces.items()):
+            cols = reduced[:, j * (n_q + 1): (j + 1) * (n_q + 1)]
+            kind = "cosine" if self.holds_both() else alignment
+            scores[space] = np.stack([align_dots(cols[:, i], cols[:, n_q],
+                                                 np.linalg.norm(q[i]), kind)
+                                      for i in range(n_q)])
         if not self.holds_both():
-            return align(q_grad, row_grads, alignment), None
-        self._check_both(alignment)
-        plain = align(q_grad, row_grads, "cosine")
-        if mix is None:
-            mix = self._store_mix(q_grad)
-        if not mix:
-            return plain, mix
-        ek = self.curvature()
-        if whitened_rows is None:  # a group passes them, whitened once for all its queries
-            whitened_rows = ek.whiten(row_grads).numpy()
-        whitened = align(ek.whiten(q_grad[None]).numpy()[0], whitened_rows, "cosine")
-        return (1 - mix) * plain + mix * whitened, mix
+            return next(iter(scores.values())), mixes
+        mixed = np.stack([(1 - m) * scores["plain"][i] + m * scores["whitened"][i] if m
+                          else scores["plain"][i] for i, m in enumerate(mixes)])
+        return mixed, mixes
 
     def _scan_one_both(self, store, columns: np.ndarray, depth: int, absolute: bool
                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
@@ -823,13 +857,9 @@ class Tracer:
                     found.setdefault(int(r), None)
             candidates = np.fromiter(found, dtype=int)
         with progress.task("gradients", len(candidates)) as advance:
-            row_grads = self._gradients([self.row_text(int(i)) for i in candidates],
-                                        batch_size=self.batch_size, progress=advance,
-                                        names=list(map(int, candidates)))
-        whitened_rows = self.curvature().whiten(row_grads).numpy() if self.holds_both() \
-            else None
-        per_query = np.stack([self._scores(g, row_grads, "cosine", whitened_rows=whitened_rows)
-                              [0] for g in q_grads])
+            per_query, _ = self._exact_scores(
+                q_grads, [self.row_text(int(i)) for i in candidates], "cosine",
+                batch_size=self.batch_size, progress=advance, names=list(map(int, candidates)))
         mean = per_query.mean(axis=0)
         order = np.argsort(-mean, kind="stable")[:top_k]
         strongest = np.argmax(np.abs(per_query[:, order]), axis=0)
@@ -852,11 +882,14 @@ class Tracer:
                     ) -> tuple[np.ndarray, float | None]:
         """Exact gradient alignment of the query text with each of these rows, and the mix
         weight it used (`_scores`)."""
-        texts = [q_text] + [self.row_text(int(i)) for i in row_ids]
-        with progress.task("gradients", len(texts)) as advance:
-            grads = self._gradients(texts, batch_size=self.batch_size, progress=advance,
-                                    names=["the query", *map(int, row_ids)])
-        return self._scores(grads[0], grads[1:], alignment)
+        texts = [self.row_text(int(i)) for i in row_ids]
+        with progress.task("gradients", len(texts) + 1) as advance:
+            q_vec = self._gradients([q_text], names=["the query"])
+            advance(1)
+            scores, mixes = self._exact_scores(q_vec, texts, alignment,
+                                               batch_size=self.batch_size, progress=advance,
+                                               names=list(map(int, row_ids)))
+        return scores[0], mixes[0]
 
     def trace(self, query: Query | str, top_k: int = 50, alignment: str = "cosine",
               rank_by: str = "fused") -> pd.DataFrame:
@@ -953,10 +986,10 @@ class Tracer:
         if rerank > 0:
             head = row_ids[:rerank]
             with progress.task("exact re-ranking", len(head)) as advance:
-                grads = self._gradients([self.row_text(int(i)) for i in head],
-                                        batch_size=self.batch_size, progress=advance,
-                                        names=list(map(int, head)))
-            scores[: len(head)] = self._scores(q_grad[0], grads, alignment, mix)[0]
+                scores[: len(head)] = self._exact_scores(
+                    q_grad, [self.row_text(int(i)) for i in head], alignment, [mix],
+                    batch_size=self.batch_size, progress=advance,
+                    names=list(map(int, head)))[0][0]
             exact[: len(head)] = True
             key = np.abs(scores[: len(head)]) if fused_mode else scores[: len(head)]
             order = np.r_[np.argsort(-key, kind="stable"), np.arange(len(head), len(row_ids))]

@@ -69,7 +69,7 @@ def curvature_plan(kind: str, n_rows: int, seed: int, model) -> dict | None:
 
             progress.note(f"--curvature auto: this model's curvature would take "
                           f"{size / 2**30:.1f} GB and whitening ~{flops / 1e9:.0f} GFLOP "
-                          "per row on the CPU; building a plain store (pass --curvature "
+                          "per row; building a plain store (pass --curvature "
                           "both or ekfac to whiten anyway)")
             return None
     if not model._hooks_ok:

@@ -17,8 +17,6 @@ GPU. The map itself is drawn on the CPU, so it is the same map on every device.
 
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import torch
 
@@ -109,24 +107,20 @@ class CountSketchProjector(_BlockedProjector):
 
     def _apply(self, out, g, block):
         buckets, signs = block
-        with _deterministic(out.is_cuda):  # CUDA adds with atomics: order, bytes would vary
-            out.index_add_(1, buckets, g * signs)
+        sketch_add(out, buckets, g * signs, sort_based=out.is_cuda)
 
 
-@contextlib.contextmanager
-def _deterministic(on: bool):
-    """Torch's deterministic kernels for the ops inside (index_add_ on CUDA sorts instead
-    of adding with atomics), so a shard's bytes do not depend on the run; the setting is
-    global, so it is put back as it was."""
-    if not on or torch.are_deterministic_algorithms_enabled():
-        yield
-        return
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(False, warn_only=warn_only)
+def sketch_add(out: torch.Tensor, buckets: torch.Tensor, values: torch.Tensor,
+               sort_based: bool) -> None:
+    """out[:, buckets[j]] += values[:, j] for every column j. On CUDA, index_add_ adds with
+    atomics, in an order (and so to bytes) that varies from run to run; index_put_ with
+    accumulate sorts the indices first on CUDA, always, so a shard's bytes do not depend on
+    the run (without torch's global deterministic switch). The CPU keeps index_add_: its
+    order is fixed, and the stores built before stay byte-identical."""
+    if sort_based:
+        out.T.index_put_((buckets,), values.T, accumulate=True)
+    else:
+        out.index_add_(1, buckets, values)
 
 
 def _to_device(block, device: torch.device):

@@ -569,19 +569,25 @@ class CausalLMAdapter:
         is their sum / sqrt(tokens): gradients whose outer products estimate the true
         Fisher (the Gauss-Newton Hessian of the mean loss) rather than the empirical one.
         `reduce`: each batch's (b, d) gradients, on the device they were computed on, are
-        handed to it and only what it returns, (b, m), is kept: (n, m) float32. A store
-        build projects there, so a row's d numbers never leave the GPU, only its K.
+        handed to it and only what it returns, (b, m), is kept: (n, m), float32 or what it
+        returns if wider. A store build projects there, so a row's d numbers never leave
+        the GPU, only its K; an exact re-rank keeps only each row's dots with the query.
 
         strategy: "hooks" (one batched backward; linear-layer parameters such as LoRA only),
         "vmap" (torch.func, any parameter), "loop" (one backward per row, the reference), or
         "auto": hooks when every selected parameter is a linear layer's, else vmap, falling
         back to the loop if the model cannot run under vmap.
         """
+        # where the vmap / loop paths gather a batch's (b, d) gradients: on the device only
+        # for a `reduce` to run there (else the host, as they come: less device memory)
+        gather = self.device if reduce is not None else torch.device("cpu")
         if reduce is None:
             def reduce(grads: torch.Tensor) -> torch.Tensor:
                 return grads
         if not examples:
-            return reduce(torch.zeros((0, self.num_params), device=self.device)).cpu().numpy()
+            self.last_report = {"prompt": [], "answer": [], "unscored": []}
+            empty = reduce(torch.zeros((0, self.num_params), device=self.device)).cpu().numpy()
+            return empty.astype(np.result_type(empty.dtype, np.float32))
         out = None  # (n, width of what `reduce` keeps), made once the first batch is in
         report: dict[str, list[int]] = {"prompt": [], "answer": [], "unscored": []}
         order = length_order(examples)  # similar lengths share a batch: less padding
@@ -592,14 +598,15 @@ class CausalLMAdapter:
             summed = None if factors is None else {}  # this batch's, added once it is done
             kept, oom = _unless_out_of_memory(  # only what `reduce` keeps leaves the device
                 lambda b=batch, f=summed: reduce(
-                    self._batch_gradients(b, strategy) if f is None else
+                    self._batch_gradients(b, strategy, gather) if f is None else
                     self._hook_gradients(b.input_ids.to(self.device), b.labels.to(self.device),
                                          f, sampled_labels)).detach().cpu().numpy())
             if oom:
                 batch_size = self._smaller_batch(batch)
                 continue  # the same rows again, fewer at a time
-            if out is None:
-                out = np.empty((len(examples), kept.shape[1]), dtype=np.float32)
+            if out is None:  # float32 gradients and projections; float64 where reduced so
+                out = np.empty((len(examples), kept.shape[1]),
+                               dtype=np.result_type(kept.dtype, np.float32))
             out[take] = kept
             if summed is not None:
                 _merge_factors(factors, summed)
@@ -716,7 +723,11 @@ class CausalLMAdapter:
                           "whatever the word: its scores say little (is this the model's "
                           "own tokenizer and language?)")
 
-    def _batch_gradients(self, batch: EncodedBatch, strategy: str) -> torch.Tensor:
+    def _batch_gradients(self, batch: EncodedBatch, strategy: str,
+                         gather: torch.device | None = None) -> torch.Tensor:
+        """(b, d) float32 per-example gradients: on the device they were computed on by the
+        hooks; the vmap and loop paths gather them on `gather` (default: the host)."""
+        gather = gather or torch.device("cpu")
         ids = batch.input_ids.to(self.device)
         labels = batch.labels.to(self.device)
         if strategy == "hooks" or (strategy == "auto" and self._hooks_ok):
@@ -724,7 +735,7 @@ class CausalLMAdapter:
         use_vmap = strategy == "vmap" or (strategy == "auto" and self._vmap_ok is not False)
         if use_vmap:
             try:
-                grads = self._vmap_gradients(ids, labels)
+                grads = self._vmap_gradients(ids, labels, gather)
                 self._vmap_ok = True
                 return grads
             except Exception as exc:  # model code that vmap cannot trace
@@ -736,8 +747,10 @@ class CausalLMAdapter:
                     f"{str(exc)[:120]}); using one backward pass per row",
                     stacklevel=3,
                 )
-        return torch.stack([self._loop_gradient(i, lab) for i, lab in zip(ids, labels,
-                                                                           strict=True)])
+        out = torch.empty((len(ids), self.num_params), dtype=torch.float32, device=gather)
+        for row, (i, lab) in enumerate(zip(ids, labels, strict=True)):
+            out[row] = self._loop_gradient(i, lab)
+        return out
 
     def _batch_losses(self, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """(B,) mean token loss per example from one ordinary batched forward pass."""
@@ -786,13 +799,20 @@ class CausalLMAdapter:
                 checkpointing.active = False
         return grads
 
-    def _vmap_gradients(self, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def _vmap_gradients(self, ids: torch.Tensor, labels: torch.Tensor,
+                        gather: torch.device) -> torch.Tensor:
         from torch.func import grad, vmap
 
         params = self._trainable()
         per_example = vmap(grad(self._example_loss), in_dims=(None, 0, 0))(params, ids, labels)
-        return torch.cat([per_example[n].reshape(ids.shape[0], -1).float().to(self.device)
-                          for n in self.param_names], dim=1)  # layers may be on many GPUs
+        out = torch.empty((ids.shape[0], self.num_params), dtype=torch.float32, device=gather)
+        start = 0
+        for n in self.param_names:  # each part copied in (layers may be on many GPUs), freed
+            part = per_example.pop(n).reshape(ids.shape[0], -1)
+            out[:, start:start + part.shape[1]] = part
+            start += part.shape[1]
+            del part
+        return out
 
     def _loop_gradient(self, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Reference path: plain autograd on one example, trimmed of its padding."""
@@ -804,4 +824,4 @@ class CausalLMAdapter:
         return torch.cat([
             (g if g is not None else torch.zeros_like(params[n])).reshape(-1).float()
             .to(self.device) for n, g in zip(self.param_names, grads, strict=True)
-        ])
+        ])  # one row: its parts meet on the model's input device, then go to `gather`
