@@ -46,6 +46,36 @@ def test_tabular_json_and_score_matrix(tables, monkeypatch, capsys):
     assert q0 == list(np.argsort(-scores[0])[:3])
 
 
+def test_an_output_is_overwritten_only_where_datablame_wrote_it(tables, monkeypatch, capsys):
+    """A .npy (or a JSON with a result's keys) of the user's is refused and left as it was,
+    however much it looks like ours; a file datablame wrote is replaced on a rerun, but
+    not once the user has changed it."""
+    t = tables
+    args = ["tabular", t / "train.csv", "--target", "approved", "--model",
+            t / "model.safetensors", "--query", t / "query.parquet", "--top-k", "3"]
+    mine = t / "mine.npy"
+    np.save(mine, np.arange(5))
+    before = mine.read_bytes()
+    code, _, err = run_cli(monkeypatch, capsys, *args, "--out", mine)
+    _assert_one_line_error(code, err, "refusing to overwrite")
+    assert mine.read_bytes() == before
+    code, _, err = run_cli(monkeypatch, capsys, *args, "--out", t / "ours.npy")
+    assert code in (0, None), err
+    code, _, err = run_cli(monkeypatch, capsys, *args, "--out", t / "ours.npy")
+    assert code in (0, None), err  # ours, unchanged: a rerun replaces it
+    np.save(t / "ours.npy", np.load(t / "ours.npy") * 0)  # the user's now
+    edited = (t / "ours.npy").read_bytes()
+    code, _, err = run_cli(monkeypatch, capsys, *args, "--out", t / "ours.npy")
+    _assert_one_line_error(code, err, "refusing to overwrite")
+    assert (t / "ours.npy").read_bytes() == edited
+    notes = t / "v.json"  # a JSON with a verify result's keys, and the user's notes
+    notes.write_text(json.dumps({"method": "x", "n_train": 1, "query_loss": 0,
+                                 "my": "notes"}))
+    code, _, err = run_cli(monkeypatch, capsys, "verify", *args[1:-2], "--out", notes)
+    _assert_one_line_error(code, err, "refusing to overwrite")
+    assert json.loads(notes.read_text())["my"] == "notes"
+
+
 @pytest.mark.slow
 def test_verify_writes_lds_and_remove_top_k(tables, monkeypatch, capsys):
     t = tables

@@ -1,7 +1,14 @@
 """Output paths are checked before any work: a typo in --out must not cost the run.
 
-Every file datablame writes is either new or one of its own (recognised by content), so a
-user's file is never overwritten; a directory where a file is meant is refused.
+Every file datablame writes is either new or one of its own, so a user's file is never
+overwritten; a directory where a file is meant is refused. "One of its own" takes two
+things: the content looks like the output it would write (a .npy array, a JSON object
+with the result's keys, a page with datablame's generator tag), and datablame recorded
+writing this very file (its path, size, mtime, ctime and inode, kept in
+DATABLAME_CACHE_DIR/outputs.json). Content alone was a guess: any .npy array, or any JSON
+with a "query" and a "results" key, passed for ours. A file of ours that was changed or
+replaced since, or written on another machine, is refused too: remove it or pick
+another name.
 """
 
 from __future__ import annotations
@@ -27,10 +34,51 @@ def check_output_file(path: str | os.PathLike, option: str, *, suffix: str | Non
         raise UserError(f"{option}: {path}: directory does not exist ({parent})")
     if not os.access(parent, os.W_OK):
         raise UserError(f"{option}: {path}: directory {parent} is not writable")
-    if path.exists() and ours is not None and not ours(path):
+    if path.exists() and ours is not None and not (ours(path) and wrote(path)):
         raise UserError(f"{option}: refusing to overwrite {path}: it is not a file datablame "
-                        "wrote")
+                        "wrote (none recorded as written here, unchanged since); remove it or "
+                        "choose another name")
     return path
+
+
+OUTPUTS_FILE = "outputs.json"
+
+
+def remember_written(path: str | os.PathLike) -> None:
+    """Record that datablame wrote `path`, as it is now (call right after the write)."""
+    from datablame.store.content_digest import cache_path, load_cache, save_cache, stat_key
+
+    registry = cache_path(OUTPUTS_FILE)
+    written = load_cache(registry)
+    real = os.path.realpath(path)
+    written.pop(real, None)  # re-inserted last: the most recent is kept longest
+    written[real] = {"key": stat_key(Path(path).stat())}
+    save_cache(registry, written)
+
+
+def wrote(path: str | os.PathLike) -> bool:
+    """datablame wrote `path` and nobody changed or replaced it since."""
+    from datablame.store.content_digest import cache_path, load_cache, stat_key
+
+    entry = load_cache(cache_path(OUTPUTS_FILE)).get(os.path.realpath(path)) or {}
+    try:
+        return entry.get("key") == stat_key(Path(path).stat())
+    except OSError:
+        return False
+
+
+def write_json_output(path: str | os.PathLike, data: object) -> None:
+    from datablame.store.atomic import write_json_atomic
+
+    write_json_atomic(Path(path), data)
+    remember_written(path)
+
+
+def write_jsonl_output(path: str | os.PathLike, items: list) -> None:
+    from datablame.store.atomic import write_jsonl_atomic
+
+    write_jsonl_atomic(Path(path), items)
+    remember_written(path)
 
 
 def check_output_dir(path: str | os.PathLike, option: str) -> Path:
@@ -84,6 +132,7 @@ def save_npy(path: Path, array) -> None:
     with open(tmp, "wb") as f:
         np.save(f, np.asarray(array))
     os.replace(tmp, path)
+    remember_written(path)
 
 
 def write_training_rows(train_file: str | os.PathLike, path: str | os.PathLike,

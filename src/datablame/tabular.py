@@ -24,7 +24,12 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from datablame.data.tables import as_array, check_feature_matrix, check_targets
+from datablame.data.tables import (
+    as_array,
+    check_feature_matrix,
+    check_targets,
+    class_positions,
+)
 from datablame.errors import UserError, check_at_least
 from datablame.methods.base import Method
 from datablame.methods.registry import check_fits, get_method
@@ -50,6 +55,9 @@ class TabularTask:
     y_train: np.ndarray
     x_query: object
     config: dict | None = None  # torch model files: architecture and training settings
+
+    def __post_init__(self) -> None:
+        self.classes = class_labels_checked(self.model, self.adapter, self.y_train)
 
     @property
     def family(self) -> str:
@@ -79,6 +87,8 @@ class TabularTask:
         yq = as_array(y_query)
         if len(yq) != len(self.x_query):
             raise UserError(f"{len(self.x_query)} query rows but {len(yq)} query targets")
+        if self.classes is not None:
+            class_positions(yq, self.classes, "the query targets")
         if self.family == "torch":
             yq = yq.astype(self.y_train.dtype).reshape(-1, *self.y_train.shape[1:])
         return yq
@@ -139,6 +149,16 @@ def task(model, x_train, y_train, x_query, *, loss: str = "ce", l2: float = 0.0,
     y = np.asarray(as_array(y_train))
     adapter = loading.adapter_for(model, x_train, y, loss=loss, l2=l2)
     return TabularTask(model, adapter, x_train, y, x_query, config)
+
+
+def class_labels_checked(model, adapter, y_train) -> list | None:
+    """A classifier's class labels, once every training target is checked to be one of
+    them (a "yes"/"no" column for a model trained on 1/0 is one line, not all rows read as
+    class 0); None for regression and torch models."""
+    classes = loading.class_labels(model, adapter)
+    if classes is not None:
+        class_positions(y_train, classes)
+    return classes
 
 
 def _fit_and_score(model, x_train, y_train, x_query, y_query=None, *, loss="ce",

@@ -186,4 +186,6 @@ def mislabel_auc(self_influence: np.ndarray, flipped: np.ndarray) -> float:
 
 
 def save(result: dict, path: str | os.PathLike) -> None:
-    write_json_atomic(Path(path), result)
+    from datablame.outputs import write_json_output
+
+    write_json_output(path, result)

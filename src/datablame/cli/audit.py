@@ -102,8 +102,7 @@ def labels(
 
     from datablame.audit import label_audit
     from datablame.cli.tabular import load_task
-    from datablame.outputs import check_output_file, is_json_with
-    from datablame.store.atomic import write_json_atomic
+    from datablame.outputs import check_output_file, is_json_with, write_json_output
 
     _check_files(train_file, model, eval_file)
     for option, value, least in (("--top-k", top_k, 1), ("--folds", folds, 2),
@@ -126,7 +125,7 @@ def labels(
                              scorer=scorer, top_k=top_k, folds=folds, n_random=n_random,
                              method=method)
     if out is not None:
-        write_json_atomic(out, result)
+        write_json_output(out, result)
     if relabelled is not None:
         _write_relabelled(train_file, target, relabelled, result["ranked"])
     write_report(html, result, table=x_train)
@@ -219,8 +218,12 @@ def prune(
     from datablame.audit import PRUNE_SCORERS, prune_audit
     from datablame.cli.tabular import load_task
     from datablame.data.rows import load_table
-    from datablame.outputs import check_output_file, is_json_with, write_training_rows
-    from datablame.store.atomic import write_json_atomic
+    from datablame.outputs import (
+        check_output_file,
+        is_json_with,
+        write_json_output,
+        write_training_rows,
+    )
 
     _check_files(train_file, model, eval_file)
     if scorer not in PRUNE_SCORERS:
@@ -250,7 +253,7 @@ def prune(
         if path is not None:
             write_training_rows(train_file, path, part, table)
     if out is not None:
-        write_json_atomic(out, result)
+        write_json_output(out, result)
     write_report(html, result, table=table)
     if as_json:
         print(json.dumps(result, indent=2))
@@ -309,8 +312,7 @@ def fairness(
     from datablame.audit import FAIRNESS_METRICS, fairness_audit
     from datablame.cli.tabular import load_task
     from datablame.data.rows import load_table
-    from datablame.outputs import check_output_file, is_json_with
-    from datablame.store.atomic import write_json_atomic
+    from datablame.outputs import check_output_file, is_json_with, write_json_output
 
     _check_files(train_file, model, eval_file)
     if metric not in FAIRNESS_METRICS:
@@ -360,7 +362,7 @@ def fairness(
                                 method=method)
     result["favorable"] = favorable
     if out is not None:
-        write_json_atomic(out, result)
+        write_json_output(out, result)
     write_report(html, result, table=train_table)
     if as_json:
         print(json.dumps(result, indent=2, default=str))

@@ -516,8 +516,13 @@ def trace(
     from datablame.methods.fusion import check_rank_by
     from datablame.methods.gradient_alignment import check_alignment
     from datablame.models.hf_causal_lm import check_options
-    from datablame.outputs import check_output_file, is_json_with, is_jsonl_with
-    from datablame.store.atomic import write_json_atomic, write_jsonl_atomic
+    from datablame.outputs import (
+        check_output_file,
+        is_json_with,
+        is_jsonl_with,
+        write_json_output,
+        write_jsonl_output,
+    )
     from datablame.store.retrieval_index import read_manifest
     from datablame.text import LM_METHODS, Query, Tracer
 
@@ -670,7 +675,7 @@ def trace(
         df = one(lines[0])
         record = with_tokens(df, results_json(df))
         if out is not None:
-            write_json_atomic(out, record)
+            write_json_output(out, record)
         write_report(html, record, show=show)
         if as_json:  # the record, token scores included
             print(json.dumps(record, indent=2, ensure_ascii=False))
@@ -688,7 +693,7 @@ def trace(
         done.append(record)
         print(json.dumps(record, ensure_ascii=False), flush=True)
     if out is not None:
-        write_jsonl_atomic(out, done)
+        write_jsonl_output(out, done)
     write_report(html, pages, show=show)
 
 
@@ -696,7 +701,7 @@ def _trace_group(tracer, queries, names, *, top_k, all_rows, rerank, checksum, s
                  as_json, out, html) -> None:
     """`trace --queries --aggregate`: one table (and JSON / page) for the group."""
     from datablame.cli.render import results_json, wide_console
-    from datablame.store.atomic import write_json_atomic
+    from datablame.outputs import write_json_output
 
     df = tracer.trace_group(queries, top_k=top_k, all_rows=all_rows, rerank=rerank,
                             checksum=checksum, names=names)
@@ -705,7 +710,7 @@ def _trace_group(tracer, queries, names, *, top_k, all_rows, rerank, checksum, s
                           for n, q in zip(names, queries, strict=True)]}
     record.pop("query", None)
     if out is not None:
-        write_json_atomic(out, record)
+        write_json_output(out, record)
     write_report(html, record, show=show)
     if as_json:
         print(json.dumps(record, indent=2, ensure_ascii=False, default=str))
@@ -751,8 +756,7 @@ def spans(
     answer field, or a chat's assistant turns), with the rows that hold it. A string match,
     no model needed; with --model, each matched row's gradient alignment says whether it
     also taught the output."""
-    from datablame.outputs import check_output_file, is_json_with
-    from datablame.store.atomic import write_json_atomic
+    from datablame.outputs import check_output_file, is_json_with, write_json_output
     from datablame.store.retrieval_index import read_manifest
     from datablame.text import Query, verbatim_spans
 
@@ -777,7 +781,7 @@ def spans(
     result = verbatim_spans(index_dir, Query(query, prompt), min_words=min_words,
                             max_rows=max_rows, data=data, tracer=tracer)
     if out is not None:
-        write_json_atomic(out, result)
+        write_json_output(out, result)
     write_report(html, json.loads(json.dumps(result, default=str)))
     if as_json:
         print(json.dumps(result, indent=2, ensure_ascii=False, default=str))

@@ -13,15 +13,16 @@ from datablame.cli.console import console, fail
 HTML_HELP = "Also write a self-contained HTML report here (opens in any browser, offline)."
 
 
-def check_html(html: Path | None) -> None:
+def check_html(html: Path | None, option: str = "--html") -> None:
     """Refuse a bad report path before the work, not after it."""
     if html is not None:
         from datablame.report import check_html_path
 
-        check_html_path(html)
+        check_html_path(html, option)
 
 
-def write_report(html: Path | None, result, *, table=None, show: int = 10) -> None:
+def write_report(html: Path | None, result, *, table=None, show: int = 10,
+                 option: str = "--html") -> None:
     """Write the page (with the listed rows' content from `table` for an audit) and say
     where it went."""
     if html is None:
@@ -30,7 +31,7 @@ def write_report(html: Path | None, result, *, table=None, show: int = 10) -> No
 
     if table is not None:
         result = attach_rows(result, table)
-    write_html(html, result, show=show)
+    write_html(html, result, show=show, option=option)
     console.print(f"report written to {html}", highlight=False)
 
 
@@ -58,7 +59,7 @@ def report(
     out = out or result_file.with_suffix(".html")
     if out.resolve() == result_file.resolve():
         fail(f"--out {out} is the result file itself; give another name")
-    check_html(out)
+    check_html(out, "--out")
     result = load_result(result_file)
     kind = kind_of(result)
     table = None
@@ -68,7 +69,7 @@ def report(
         from datablame.data.rows import load_table
 
         table = load_table(data)[0]
-    write_report(out, result, table=table, show=show)
+    write_report(out, result, table=table, show=show, option="--out")
 
 
 def serve(

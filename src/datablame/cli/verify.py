@@ -107,8 +107,12 @@ def _verify_text(train_file, model, adapter, query_file, trace, remove, top_k, n
                  recipe_file, fields, out, cache, lds_subsets, html=None,
                  same_schedule: bool = False, lds_keep: float = 0.5) -> None:
     from datablame.cli.main import _parse_fields
-    from datablame.outputs import check_output_dir, check_output_file, is_json_with
-    from datablame.store.atomic import write_json_atomic
+    from datablame.outputs import (
+        check_output_dir,
+        check_output_file,
+        is_json_with,
+        write_json_output,
+    )
     from datablame.text_verify import (
         lds_text,
         resolve_recipe,
@@ -153,7 +157,7 @@ def _verify_text(train_file, model, adapter, query_file, trace, remove, top_k, n
             train_file, model, adapter, the_query, scores, n_subsets=lds_subsets,
             recipe_file=recipe_file, cache=cache, keep_fraction=lds_keep,
             same_schedule=same_schedule, also=None if signed is None else {"score": signed})}
-    write_json_atomic(out, result)
+    write_json_output(out, result)
     for name, run in [("original adapter", result["original"]),
                       *((n, r) for n, r in result["runs"].items())]:
         console.print(f"{name:>18}: loss {run['loss']:.3f}, says "
@@ -244,8 +248,12 @@ def fix(
     A language model is re-fine-tuned with its recipe into a new adapter (--out) and the
     answer generated again; a tabular model is retrained and each query row's prediction
     shown next to retraining on every row and without random rows."""
-    from datablame.outputs import check_output_file, is_json_with, write_training_rows
-    from datablame.store.atomic import write_json_atomic
+    from datablame.outputs import (
+        check_output_file,
+        is_json_with,
+        write_json_output,
+        write_training_rows,
+    )
 
     if not train_file.exists():
         fail(f"training file not found: {train_file}")
@@ -275,7 +283,7 @@ def fix(
         write_training_rows(train_file, kept, [i for i in range(result["n_train"])
                                                if i not in gone])
     if result_file is not None:
-        write_json_atomic(result_file, result)
+        write_json_output(result_file, result)
     if as_json:
         print(json.dumps(result, indent=2, default=str))
     else:

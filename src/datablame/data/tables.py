@@ -38,6 +38,27 @@ def check_targets(x_train, y_train) -> None:
         raise UserError(f"target is missing at row {int(np.flatnonzero(missing)[0])}")
 
 
+def class_positions(y, classes, what: str = "the training targets") -> np.ndarray:
+    """Each target's position among the model's `classes` (the outputs a classifier's
+    losses are read from); a target that is none of them is one line, not a silent
+    miscount (a "yes"/"no" column for a model trained on 1/0 would otherwise read as all
+    class 0). Labels compare as Python values: 1, 1.0 and True are one class, "1" another."""
+    y = np.asarray(y).reshape(-1)
+    labels = pd.Index(list(classes), dtype=object)
+    positions = labels.get_indexer(pd.Index(y.astype(object), dtype=object))
+    if (positions < 0).any():
+        unknown = list(dict.fromkeys(_plain(v) for v in y[positions < 0]))
+        shown = ", ".join(map(repr, unknown[:5])) + (", ..." if len(unknown) > 5 else "")
+        raise UserError(f"{what} hold {shown}, which the model does not know: its classes are "
+                        f"{', '.join(repr(_plain(c)) for c in labels)}; give the target as "
+                        "the model was trained on it (e.g. yes/no mapped to 1/0 the same way)")
+    return positions.astype(np.int64)
+
+
+def _plain(v) -> object:
+    return v.item() if hasattr(v, "item") else v
+
+
 def numeric(df: pd.DataFrame, name: str) -> np.ndarray:
     bad = [c for c in df.columns if not pd.api.types.is_numeric_dtype(df[c])]
     if bad:

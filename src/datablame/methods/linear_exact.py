@@ -70,15 +70,16 @@ class LinearExact(Method):
 
     def scores(self, x_query, y_query) -> np.ndarray:
         xq = _design(self.model, x_query)
-        yq = np.asarray(y_query, dtype=np.float64)
+        yq = np.asarray(y_query)
         if self.kind == "ridge":
+            yq = yq.astype(np.float64)
             # delta theta_i = a_inv x_i e_i / (1 - h_ii)  (theta_{-i} = theta + delta)
             shift = (self.a_inv @ self.xd.T) * (self.resid / np.maximum(1 - self.lev, 1e-12))
             pred = xq @ self.theta
             new = pred[:, None] + xq @ shift  # (m, n) query predictions without row i
             return (new - yq[:, None]) ** 2 - (pred - yq)[:, None] ** 2
-        yb = (yq == self.model.classes_[1]).astype(float) if yq.dtype.kind != "f" or \
-            set(np.unique(yq)) <= {0.0, 1.0} else yq
+        soft = yq.dtype.kind == "f" and not set(np.unique(yq)) <= {0.0, 1.0}  # probabilities
+        yb = yq.astype(float) if soft else (yq == self.model.classes_[1]).astype(float)
         p = expit(xq @ self.theta)
         gq = (p - yb)[:, None] * xq
         return gq @ self.h_inv @ self.g_train.T  # removal effect on the query loss

@@ -112,6 +112,19 @@ def adapter_for(model, x_train, y_train, *, loss: str = "ce", l2: float = 0.0):
     return LinearModelAdapter(model)
 
 
+def class_labels(model, adapter) -> list | None:
+    """A classifier's class labels, in the order of its outputs (None: a regression model,
+    or a torch model, whose targets are its output indices already)."""
+    if family_of(model) == "torch" or adapter.is_regression:
+        return None
+    classes = getattr(model, "classes_", None)
+    if classes is not None:
+        return list(classes)
+    if family_of(model) == "trees":  # a booster without labels: its outputs' positions
+        return [0, 1] if adapter.objective == "binary" else list(range(adapter.n_outputs))
+    return None
+
+
 def retrainer(model):
     """fit(x, y) -> a new model with the same hyper-parameters, trained on (x, y)
     (trees and scikit-learn; torch retrains with its trainer, models/torch_train.py)."""

@@ -105,12 +105,14 @@ def check_html_path(path: str | os.PathLike, option: str = "--html") -> Path:
 
 
 def write_html(path: str | os.PathLike, result, *, source: str | None = None,
-               show: int = 10) -> Path:
+               show: int = 10, option: str = "--html") -> Path:
     """Render and write atomically (a page of ours may be replaced, nothing else)."""
+    from datablame.outputs import remember_written
     from datablame.store.atomic import write_text_atomic
 
-    path = check_html_path(path)
+    path = check_html_path(path, option)
     write_text_atomic(path, render(result, source=source, show=show))
+    remember_written(path)
     return path
 
 

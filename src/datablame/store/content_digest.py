@@ -31,10 +31,10 @@ CONFIG_NAMES = ("merges.txt", "vocab.txt")
 MAX_CACHE_ENTRIES = 65536  # a dataset of thousands of shard files, and the models
 
 
-def cache_path() -> Path:
+def cache_path(name: str = "digests.json") -> Path:
     base = os.environ.get("DATABLAME_CACHE_DIR") or \
         Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "datablame"
-    return Path(base) / "digests.json"
+    return Path(base) / name
 
 
 def hashed_files(directory: Path) -> list[Path]:
@@ -53,12 +53,12 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _key(st: os.stat_result) -> dict:
+def stat_key(st: os.stat_result) -> dict:
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns,
             "ino": st.st_ino}
 
 
-def _load_cache(path: Path) -> dict:
+def load_cache(path: Path) -> dict:
     try:
         cache = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -66,7 +66,7 @@ def _load_cache(path: Path) -> dict:
     return cache if isinstance(cache, dict) else {}
 
 
-def _save_cache(path: Path, cache: dict) -> None:
+def save_cache(path: Path, cache: dict) -> None:
     """Best effort: an unwritable cache only means hashing again next time."""
     from datablame.store.atomic import write_json_atomic
 
@@ -82,19 +82,19 @@ def file_digests(files: list[Path], what: str, bar_from: int = 0) -> list[str]:
     longer match (`what` names them on the progress bar, drawn when at least `bar_from`
     bytes are to be read)."""
     cpath = cache_path()
-    cache = _load_cache(cpath)
+    cache = load_cache(cpath)
     stats = {f: Path(f).stat() for f in files}
     todo = [f for f in files
-            if (cache.get(os.path.realpath(f)) or {}).get("key") != _key(stats[f])]
+            if (cache.get(os.path.realpath(f)) or {}).get("key") != stat_key(stats[f])]
     if todo:
         total = sum(stats[f].st_size for f in todo)
         with progress.task(f"hashing {what}", total if total >= bar_from else 0) as advance:
             for f in todo:
                 cache.pop(os.path.realpath(f), None)  # re-inserted last: most recent
-                cache[os.path.realpath(f)] = {"key": _key(stats[f]),
+                cache[os.path.realpath(f)] = {"key": stat_key(stats[f]),
                                               "sha256": sha256_file(Path(f))}
                 advance(stats[f].st_size)
-        _save_cache(cpath, cache)
+        save_cache(cpath, cache)
     return [cache[os.path.realpath(f)]["sha256"] for f in files]
 
 

@@ -52,6 +52,9 @@ class TreeEnsembleAdapter:
     shared_outputs: bool = False
     # the library added its starting score to the first tree's leaves (LightGBM)
     start_in_first_tree: bool = False
+    # a classifier's labels in output order (the model's classes_, else 0..K-1): targets
+    # are given as labels and read as their positions
+    classes: list | None = None
 
     @classmethod
     def from_model(cls, model, x_reference, y_reference=None) -> TreeEnsembleAdapter:
@@ -63,11 +66,24 @@ class TreeEnsembleAdapter:
 
         library = library_of(model)
         ad = library.read(model)
+        if not ad.is_regression:
+            labels = getattr(model, "classes_", None)
+            ad.classes = list(labels) if labels is not None else \
+                [0, 1] if ad.objective == "binary" else list(range(ad.n_outputs))
         if ad.boosted and ad.empirical_bias:
             ad.bias = _empirical_bias(ad, x_reference)
         if y_reference is not None and hasattr(library, "unfold_start"):
-            library.unfold_start(ad, np.asarray(y_reference, dtype=np.float64))
+            library.unfold_start(ad, ad.positions(y_reference).astype(np.float64))
         return ad
+
+    def positions(self, y) -> np.ndarray:
+        """Targets as the model's outputs count them: a classifier's labels ("yes", 3)
+        as their positions among its classes; a regression target as it is."""
+        if self.classes is None:
+            return np.asarray(y)
+        from datablame.data.tables import class_positions
+
+        return class_positions(y, self.classes)
 
     @property
     def capabilities(self) -> frozenset[str]:
@@ -114,7 +130,7 @@ class TreeEnsembleAdapter:
 
     def grad_hess(self, raw: np.ndarray, y: np.ndarray):
         """Per-row (n, K) gradient, hessian and third derivative of the loss w.r.t. raw."""
-        y = np.asarray(y)
+        y = self.positions(y)
         if self.objective == "binary":
             p = self.probabilities(raw)
             yy = y.reshape(-1, 1).astype(float)
@@ -129,7 +145,7 @@ class TreeEnsembleAdapter:
         return r, np.ones_like(r), np.zeros_like(r)
 
     def losses(self, raw: np.ndarray, y) -> np.ndarray:
-        y = np.asarray(y)
+        y = self.positions(y)
         if self.objective == "binary":
             z = raw[:, 0]
             return np.logaddexp(0, z) - y.astype(float) * z
@@ -146,10 +162,13 @@ class TreeEnsembleAdapter:
     def predict_targets(self, x) -> np.ndarray:
         raw = self.library_raw(x)
         if self.objective == "binary":
-            return (raw[:, 0] > 0).astype(int)
-        if self.objective == "multiclass":
-            return raw.argmax(1)
-        return raw[:, 0]
+            picked = (raw[:, 0] > 0).astype(int)
+        elif self.objective == "multiclass":
+            picked = raw.argmax(1)
+        else:
+            return raw[:, 0]
+        labels = np.asarray(self.classes)  # the labels the targets are given in
+        return picked if np.array_equal(labels, np.arange(len(labels))) else labels[picked]
 
 
 def to_array(x) -> np.ndarray:
