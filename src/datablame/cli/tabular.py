@@ -104,10 +104,10 @@ def load_task(train_file, target, model_file, query_file, trust_pickle=False,
         xt, yt, xq = torch_tables(loaded.config, x_train, y_train, x_query)
         adapter = adapter_for(loaded.model, xt, yt, loss=loaded.config.get("loss", "ce"),
                               l2=float(loaded.config.get("train", {}).get("l2", 0.0)))
-    else:
+        match_columns(x_query, x_train)  # after the training table is checked
+    else:  # the query's columns are matched to the model's there
         xt, yt, xq = library_tables(loaded.model, loaded.family, x_train, y_train, x_query)
         adapter = adapter_for(loaded.model, xt, yt)
-    match_columns(x_query, x_train)  # after the training table is checked against the model
     return TabularTask(loaded.model, adapter, xt, yt, xq, loaded.config), x_train, y_query
 
 

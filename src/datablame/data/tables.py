@@ -7,6 +7,7 @@ model was not trained on, a target outside the classes), before any method runs.
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import numpy as np
@@ -105,9 +106,9 @@ def library_tables(model, family: str, x_train: pd.DataFrame, y_train: pd.Series
     from datablame.models.loading import feature_names, n_features
 
     names, width = feature_names(model), n_features(model)
-    if names is not None and list(names) != list(map(str, x_train.columns)):
-        raise UserError(f"feature columns do not match the model: the model was trained on "
-                        f"{names}, the table has {list(map(str, x_train.columns))}")
+    if names is not None:
+        x_train, x_query = model_columns(model, list(names), x_train, x_query)
+    match_columns(x_query, x_train)
     if width is not None and width != x_train.shape[1]:
         raise UserError(f"the model takes {width} features, the training table has "
                         f"{x_train.shape[1]} ({', '.join(map(str, x_train.columns))})")
@@ -118,6 +119,8 @@ def library_tables(model, family: str, x_train: pd.DataFrame, y_train: pd.Series
             r, c = np.argwhere(values.isna().to_numpy())[0]
             raise UserError(f"{name}: row {r}, column '{values.columns[c]}' is NaN, and a "
                             f"{type(model).__name__} cannot take missing values")
+    if type(model).__module__.startswith("catboost"):
+        _check_catboost_categories(model, x_train, x_query)
     if family == "trees":
         x_train = encode_categories(model, x_train, "training rows")
         x_query = encode_categories(model, x_query, "query rows")
@@ -127,6 +130,54 @@ def library_tables(model, family: str, x_train: pd.DataFrame, y_train: pd.Series
             not hasattr(model, "feature_names_in_"):
         x_train, x_query = (f.to_numpy(dtype=np.float64) for f in (x_train, x_query))
     return x_train, y_train.to_numpy(), x_query
+
+
+def model_columns(model, names: list[str], x_train: pd.DataFrame, x_query: pd.DataFrame
+                  ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The tables' columns the model was trained on, in its order and under its names: a
+    column it does not use (an id, another target) is left out with a note; LightGBM's
+    renaming of blanks in a name to "_" ("monthly income" -> "monthly_income") is
+    matched; a feature the table lacks is one line."""
+    lightgbm = type(model).__module__.startswith("lightgbm")
+
+    def named_as_the_model_names_it(column) -> str:
+        return re.sub(r"\s", "_", str(column)) if lightgbm else str(column)
+
+    picked = {}
+    for frame_name, frame in (("training rows", x_train), ("query rows", x_query)):
+        by_name = {}
+        for c in frame.columns:
+            by_name.setdefault(str(c), c)
+            by_name.setdefault(named_as_the_model_names_it(c), c)
+        missing = [n for n in names if n not in by_name]
+        if missing:
+            shown = ", ".join(missing[:10]) + (f", ... ({len(missing)} in all)"
+                                               if len(missing) > 10 else "")
+            raise UserError(f"{frame_name}: missing column(s) {shown}, which the model was "
+                            f"trained on (feature columns must match the model)")
+        source = [by_name[n] for n in names]
+        picked[frame_name] = frame[source].set_axis(names, axis=1)
+        left = [str(c) for c in frame.columns if c not in source]
+        if left and frame_name == "training rows":
+            from datablame import progress
+
+            progress.note(f"using the model's {len(names)} feature columns; left out "
+                          f"{', '.join(left)} (not features of the model)")
+    return picked["training rows"], picked["query rows"]
+
+
+def _check_catboost_categories(model, x_train: pd.DataFrame, x_query: pd.DataFrame) -> None:
+    """CatBoost takes no missing value in a categorical column (its training could not
+    have either: the blanks were filled with something, which only the user knows)."""
+    for index in model.get_cat_feature_indices():
+        for name, frame in (("training rows", x_train), ("query rows", x_query)):
+            blank = frame.iloc[:, index].isna().to_numpy()
+            if blank.any():
+                raise UserError(f"{name}: row {int(np.flatnonzero(blank)[0])}, categorical "
+                                f"column '{frame.columns[index]}' is blank ({int(blank.sum())}"
+                                " blank in all), and CatBoost takes no missing category: "
+                                "fill the blanks as they were filled for training (a "
+                                "placeholder such as 'unknown'; note 'NA' reads as blank)")
 
 
 def encode_categories(model, frame: pd.DataFrame, name: str) -> pd.DataFrame:

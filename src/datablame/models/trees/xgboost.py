@@ -111,4 +111,29 @@ def categories(model) -> dict[str, list]:
         raise UserError(f"the XGBoost model has categorical features ({', '.join(cat_names)})"
                         " but stores no categories (saved by XGBoost < 3.1): use the "
                         "Python API with the pandas categories it was trained on")
-    return {name: arr.to_pylist() for name, arr in stored if arr is not None}
+    found = {}
+    for name, arr in stored:
+        if arr is None:
+            continue
+        if _non_ascii(arr):
+            raise UserError(
+                f"column '{name}': XGBoost {xgb_version()} stores categories with non-ASCII "
+                "characters in a form it does not read back (its own export turned 'São "
+                "Paulo' into 'São Paul'), so datablame cannot encode this column as the "
+                "model does; give the categories ASCII names (or integer codes) and retrain")
+        found[name] = arr.to_pylist()
+    return found
+
+
+def _non_ascii(arr) -> bool:
+    """A string column whose stored bytes hold any non-ASCII character (its offsets then
+    count characters, not bytes, in XGBoost 3.1-3.2: the export slices the wrong bytes)."""
+    buffers = arr.buffers()
+    data = buffers[2] if len(buffers) > 2 else None
+    return data is not None and any(b >= 0x80 for b in bytes(data))
+
+
+def xgb_version() -> str:
+    import xgboost as xgb
+
+    return xgb.__version__
