@@ -209,3 +209,22 @@ def test_a_chat_query_line_without_an_assistant_turn_says_so(tmp_path):
         read_queries(f, chat)
     got = read_queries(f, chat, generate=None)
     assert got[0].answer == "Oslo." and got[1].answer is None
+
+
+def test_a_queries_file_given_as_one_query_file_is_one_line(tmp_path, capsys):
+    """`--query-file q.jsonl` read the lines as one long answer (the trial scored it
+    'unrelated'); JSON lines, under any name, point to --queries instead."""
+    import typer
+
+    from datablame.cli.main import _read_query_file
+
+    lines = [{"output": "hi there", "instruction": "Say hi."}, {"output": "bye"}]
+    for name in ("q.jsonl", "q.txt"):
+        path = _write(tmp_path / name, lines)
+        with pytest.raises(typer.Exit) as caught:
+            _read_query_file(path, PromptTemplate())
+        assert caught.value.exit_code == 2
+        assert "a queries file goes to --queries" in capsys.readouterr().err
+    text = _write(tmp_path / "answer.txt", ["Rewrote the payroll system.", "In Haskell."])
+    assert _read_query_file(text, PromptTemplate())[0] == \
+        "Rewrote the payroll system.\nIn Haskell."

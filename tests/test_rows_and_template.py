@@ -123,6 +123,34 @@ def test_query_in_the_formatted_form_formats_like_fields():
     assert as_written.text.endswith("### Response:\n### Response:\nx")
 
 
+ALPACA_OPENING = ("Below is an instruction that describes a task, paired with an input "
+                  "that provides further context. Write a response that appropriately "
+                  "completes the request.")
+
+
+def test_a_formatted_query_with_an_opening_line_splits_after_it():
+    """Real Alpaca text opens with "Below is an instruction..."; the index's template starts
+    at "### Instruction:". The fields after the opening are read (the note names what was
+    dropped), not the whole text traced as one answer (the trial scored it 0.004)."""
+    from datablame.text import Query
+
+    t = PromptTemplate()
+    text = (f"{ALPACA_OPENING}\n\n### Instruction:\nImprove it.\n\n### Input:\nI made it "
+            "faster.\n\n### Response:\nCut latency by 40%.")
+    assert t.parse(text) is None
+    fields, lead_in = t.parse_after_lead_in(text)
+    assert lead_in == ALPACA_OPENING
+    assert fields == {"instruction": "Improve it.", "input": "I made it faster.",
+                      "output": "Cut latency by 40%."}
+    resolved = Query(text).resolved(t)
+    assert resolved.output == "Cut latency by 40%." and resolved.lead_in == ALPACA_OPENING
+    assert resolved.formatted(t) == Query("Cut latency by 40%.", {
+        "instruction": "Improve it.", "input": "I made it faster."}).formatted(t)
+    # an answer that merely mentions a marker is an answer
+    for answer in ("Use ### Instruction: as the heading.", "### Instruction: x"):
+        assert t.parse_after_lead_in(answer) is None and Query(answer).resolved(t).prompt == {}
+
+
 @pytest.mark.parametrize("content,match", [("", "empty"), ("\n\n", "no rows")])
 def test_empty_file_is_refused(tmp_path, content, match):
     path = tmp_path / "e.jsonl"

@@ -380,6 +380,7 @@ class Query:
     focus: str | None = None  # trace only this span of the output (e.g. a made-up name)
     as_written: bool = False  # never read `output` as a whole formatted text
     split_from_text: bool = False  # set when `resolved` split a formatted text
+    lead_in: str = ""  # what `resolved` dropped before the template's text, if anything
 
     def resolved(self, template: PromptTemplate) -> Query:
         """A query given as the whole formatted text (the seed's own form, `### Instruction:
@@ -387,12 +388,14 @@ class Query:
         wrapped in the template a second time. Anything else is returned as it is."""
         if self.as_written or self.prompt or self.split_from_text:
             return self
-        fields = template.parse(self.output)
+        fields, lead_in = template.parse(self.output), ""
+        if fields is None and hasattr(template, "parse_after_lead_in"):
+            fields, lead_in = template.parse_after_lead_in(self.output) or (None, "")
         if fields is None or not str(fields.get(template.response_field, "")).strip():
             return self
         output = fields.pop(template.response_field)
         return Query(output, {k: v for k, v in fields.items() if v}, self.focus,
-                     as_written=True, split_from_text=True)
+                     as_written=True, split_from_text=True, lead_in=lead_in)
 
     def formatted(self, template: PromptTemplate) -> FormattedText:
         """The query as the model saw it; with `focus`, the gradient's loss covers only the
@@ -729,6 +732,11 @@ class Tracer:
             progress.note(f"read the query as a formatted prompt and answer ({shown}; "
                           f"answer {resolved.output[:40]!r}); pass --as-written to trace "
                           "the text as one answer")
+            if resolved.lead_in:
+                progress.note(f"the query opens with {resolved.lead_in[:50]!r}, which the "
+                              "index's template does not have: traced without it, as the "
+                              "index's rows are; if the model was trained with it, index "
+                              "again with a --template that starts with it")
         q_text = resolved.formatted(self.template)
         self.model.check_scored(q_text, what="the query")
         return resolved, q_text

@@ -386,7 +386,24 @@ def _read_query_file(path: Path, template, need_answer: bool = True
         output = str(obj.pop(response_field, ""))
         return output, {k: v if isinstance(v, list) else "" if v is None else str(v)
                         for k, v in obj.items()}
+    if path.suffix.lower() == ".jsonl" or _json_lines(text):
+        _fail(f"{path} holds JSON lines: a queries file goes to --queries (--query-file reads "
+              "one output, as text or a .json object)")
     return text.rstrip("\n"), {}
+
+
+def _json_lines(text: str) -> bool:
+    """Two or more lines, each a JSON object: a queries file, not one output's text."""
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    if len(lines) < 2:
+        return False
+    for line in lines[:3]:
+        try:
+            if not isinstance(json.loads(line), dict):
+                return False
+        except json.JSONDecodeError:
+            return False
+    return True
 
 
 def _parse_checkpoints(items: list[str]) -> list[tuple[str, float]]:

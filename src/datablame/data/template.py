@@ -156,6 +156,25 @@ class PromptTemplate:
                             if name in self.fields}
         return None
 
+    def parse_after_lead_in(self, text: str) -> tuple[dict[str, str], str] | None:
+        """(fields, the text before them) for a formatted text that opens with lines the
+        template does not have, such as the Alpaca template's "Below is an instruction
+        that describes a task..." where the index's template starts at "### Instruction:";
+        None where the text does not hold this template's text after some lead-in."""
+        head = self._skeleton.split("{" + self.response_field + "}", 1)[0]
+        first = next((line.strip() for line in re.sub(r"\{[^{}]*\}", "\n", head).splitlines()
+                      if line.strip()), "")
+        if not first:
+            return None
+        at = text.find(first)
+        while at > 0:
+            lead_in = text[:at].strip()
+            fields = self.parse(text[at:]) if lead_in else None
+            if fields is not None:
+                return fields, lead_in
+            at = text.find(first, at + 1)
+        return None
+
     def _regex(self, blocks: list[str]) -> tuple[re.Pattern, list[str]]:
         parts, names, seen = [], [], set()
         for literal, name, _, _ in string.Formatter().parse("\n\n".join(blocks)):
