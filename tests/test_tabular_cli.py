@@ -264,6 +264,35 @@ def test_regression_explains_the_prediction_not_a_zero_loss(regression_files, li
     assert "to the prediction" in out  # the reason speaks in prediction units
 
 
+def test_a_regression_prediction_lists_the_rows_that_moved_it_most_either_way(
+        regression_files, monkeypatch, capsys):
+    """"Why so low?": the rows that lowered a prediction are culprits as much as those that
+    raised it. auto ranks a regression's prediction by |score|; --order picks."""
+    import lightgbm as lgb
+
+    t, df = regression_files
+    x, y = df.drop(columns=["target"]), df["target"]
+    lgb.LGBMRegressor(n_estimators=20, num_leaves=7, verbose=-1).fit(
+        x.iloc[:150], y.iloc[:150]).booster_.save_model(str(t / "model.txt"))
+    scores = {}
+    for order in ("auto", "highest", "lowest", "magnitude"):
+        code, out, err = _tabular(monkeypatch, capsys, t, "--json", "--top-k", "6",
+                                  "--order", order, "--out", t / f"{order}.npy",
+                                  model="model.txt")
+        assert code in (0, None), err
+        rows = [r for r in json.loads(out) if r["query"] == 0]
+        scores[order] = [r["score"] for r in rows]
+    full = np.load(t / "auto.npy")[0]
+    np.testing.assert_allclose(scores["highest"], sorted(full, reverse=True)[:6], rtol=1e-8)
+    np.testing.assert_allclose(scores["lowest"], sorted(full)[:6], rtol=1e-8)
+    for order in ("auto", "magnitude"):
+        np.testing.assert_allclose(scores[order], sorted(full, key=abs, reverse=True)[:6],
+                                   rtol=1e-8)
+    assert min(scores["lowest"]) < 0  # rows that lowered it exist, and --order lowest finds them
+    code, _, err = _tabular(monkeypatch, capsys, t, "--order", "biggest", model="model.txt")
+    _assert_one_line_error(code, err, "unknown order 'biggest'")
+
+
 def test_all_zero_scores_are_not_presented_as_a_ranking(regression_files, monkeypatch,
                                                         capsys):
     """Explaining the loss of a target equal to the prediction: the squared-loss gradient

@@ -184,17 +184,19 @@ def score_matrix(model, x_train, y_train, x_query, y_query=None, *, loss="ce",
 
 
 def attribute(model, x_train, y_train, x_query, y_query=None, *, loss="ce",
-              method: str = "auto", l2: float = 0.0, top_k: int = 10,
+              method: str = "auto", l2: float = 0.0, top_k: int = 10, order: str = "auto",
               **method_params) -> pd.DataFrame:
     """Top-k training rows per query: query, rank, row, score, target, the method's reason
     (e.g. "same leaf in 37/100 trees; removing it: query loss +0.012"), then the row's
-    features. `df.attrs["explains"]` says what the scores are of; queries whose every score
-    is zero are not ranked (listed in `df.attrs["all_zero_queries"]`, with a warning)."""
+    features, ranked as `order` says (`resolve_order`: by |score| for a regression's
+    prediction, highest first otherwise). `df.attrs["explains"]` says what the scores are
+    of; queries whose every score is zero are not ranked (listed in
+    `df.attrs["all_zero_queries"]`, with a warning)."""
     check_at_least("top_k", top_k, 1)
     est, scores, y_query, explains = _fit_and_score(
         model, x_train, y_train, x_query, y_query, loss=loss, method=method, l2=l2,
         **method_params)
-    df = ranked_rows(scores, x_train, y_train, top_k, est, x_query, y_query, explains)
+    df = ranked_rows(scores, x_train, y_train, top_k, est, x_query, y_query, explains, order)
     if df.attrs["all_zero_queries"]:
         warnings.warn(zero_message(df.attrs["all_zero_queries"]), UserWarning, stacklevel=2)
     return df
@@ -263,8 +265,27 @@ def zero_message(queries: list[int]) -> str:
             "moves what is explained; e.g. a target equal to the prediction has a flat loss)")
 
 
+ORDERS = ("auto", "highest", "lowest", "magnitude")
+
+
+def resolve_order(order: str, explains: str) -> str:
+    """"auto": by |score| where a regression's prediction is explained (a row that lowered
+    it matters as much as one that raised it: "why so low?"), else highest first (the rows
+    that helped produce what is explained)."""
+    if order not in ORDERS:
+        raise UserError(f"unknown order '{order}' (use {', '.join(ORDERS)})")
+    if order != "auto":
+        return order
+    return "magnitude" if explains == "prediction" else "highest"
+
+
+def _ranking(scores: np.ndarray, order: str) -> np.ndarray:
+    key = {"highest": -scores, "lowest": scores, "magnitude": -np.abs(scores)}[order]
+    return np.argsort(key, axis=-1, kind="stable")
+
+
 def ranked_rows(scores: np.ndarray, x_train, y_train, top_k: int, est, x_query, y_query,
-                explains: str = "target") -> pd.DataFrame:
+                explains: str = "target", order: str = "highest") -> pd.DataFrame:
     """query, rank, row, score, target, the method's reason, then the row's features.
 
     A query whose scores are all (numerically) zero has no ranking: its rows are left out
@@ -274,7 +295,8 @@ def ranked_rows(scores: np.ndarray, x_train, y_train, top_k: int, est, x_query, 
         x_train = pd.DataFrame(arr, columns=[f"x{j}" for j in range(arr.shape[1])])
     target = as_array(y_train).reshape(len(x_train), -1)[:, 0]
     k = min(top_k, scores.shape[1])
-    tops = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    order = resolve_order(order, explains)
+    tops = _ranking(scores, order)[:, :k]
     reasons = est.reasons(x_query, y_query, tops, scores)
     zero = [q for q in range(len(scores)) if np.abs(scores[q]).max(initial=0.0) <= ZERO]
     frames = []
@@ -288,12 +310,12 @@ def ranked_rows(scores: np.ndarray, x_train, y_train, top_k: int, est, x_query, 
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
         columns=["query", "rank", "row", "score", "target", "reason", *x_train.columns])
     df.attrs.update(method=est.name, explains=explains, all_zero_queries=zero,
-                    n_queries=len(scores))
+                    n_queries=len(scores), order=order)
     return df
 
 
-def group_rows(scores: np.ndarray, x_train, y_train, top_k: int, queries=None
-               ) -> pd.DataFrame:
+def group_rows(scores: np.ndarray, x_train, y_train, top_k: int, queries=None,
+               order: str = "highest") -> pd.DataFrame:
     """The training rows behind a set of query rows together (a group question, e.g.
     every row the model got wrong): the mean of each row's scores over the queries,
     ranked; `helps` counts the queries a row pushes toward what is explained and
@@ -308,14 +330,14 @@ def group_rows(scores: np.ndarray, x_train, y_train, top_k: int, queries=None
         arr = np.asarray(x_train)
         x_train = pd.DataFrame(arr, columns=[f"x{j}" for j in range(arr.shape[1])])
     target = as_array(y_train).reshape(len(x_train), -1)[:, 0]
-    top = np.argsort(-mean, kind="stable")[:min(top_k, len(mean))]
+    top = _ranking(mean, order)[:min(top_k, len(mean))]
     frame = pd.DataFrame({
         "rank": np.arange(1, len(top) + 1), "row": top, "score": mean[top],
         "helps": (part[:, top] > ZERO).sum(axis=0), "opposes": (part[:, top] < -ZERO).sum(axis=0),
         "strongest_query": queries[np.argmax(np.abs(part[:, top]), axis=0)],
         "target": target[top]})
     df = pd.concat([frame, x_train.iloc[top].reset_index(drop=True)], axis=1)
-    df.attrs.update(group=[int(q) for q in queries], n_queries=len(scores))
+    df.attrs.update(group=[int(q) for q in queries], n_queries=len(scores), order=order)
     return df
 
 

@@ -25,6 +25,7 @@ from datablame.tabular import (
     TabularTask,
     check_removals,
     ranked_rows,
+    resolve_order,
     verify_scores,
     zero_message,
 )
@@ -113,12 +114,14 @@ def load_task(train_file, target, model_file, query_file, trust_pickle=False,
 
 def run_tabular(train_file, target, model_file, query_file, *, method: str = "auto",
                 top_k: int = 5, true_label: bool = False, trust_pickle: bool = False,
-                out=None, aggregate: bool = False, only_wrong: bool = False):
+                out=None, aggregate: bool = False, only_wrong: bool = False,
+                order: str = "auto"):
     """(ranked rows DataFrame, full score matrix); `out` (.npy) gets the score matrix, at
     exactly that path. `aggregate`: one ranking for the query rows together;
     `only_wrong`: only the query rows the model gets wrong."""
     check_tabular_options(train_file, model_file, query_file, method=method, top_k=top_k,
                           out=out)
+    resolve_order(order, "")  # a bad --order before any work
     task, x_train, y_query = load_task(train_file, target, model_file, query_file,
                                        trust_pickle, method)
     if true_label and y_query is None:
@@ -139,10 +142,12 @@ def run_tabular(train_file, target, model_file, query_file, *, method: str = "au
     if aggregate:
         from datablame.tabular import group_rows
 
-        df = group_rows(scores, x_train, task.y_train, top_k, chosen)
+        df = group_rows(scores, x_train, task.y_train, top_k, chosen,
+                        resolve_order(order, explains))
         df.attrs.update(method=est.name, explains=explains)
         return df, scores
-    df = ranked_rows(scores, x_train, task.y_train, top_k, est, task.x_query, yq, explains)
+    df = ranked_rows(scores, x_train, task.y_train, top_k, est, task.x_query, yq, explains,
+                     order)
     if chosen is not None:
         df = df[df["query"].isin(chosen)].reset_index(drop=True)
     return df, scores
@@ -200,6 +205,11 @@ def tabular(
                                              "model gets wrong (needs their target "
                                              "column); with --aggregate: the rows behind "
                                              "its errors.")] = False,
+    order: Annotated[str, typer.Option(help="Which rows come first: highest score (helped "
+                                            "most), lowest (opposed most), magnitude "
+                                            "(largest |score|); auto = magnitude for a "
+                                            "regression's prediction (rows that lowered it "
+                                            "count too), else highest.")] = "auto",
 ) -> None:
     """Rank the training rows behind each query row of a tabular model.
 
@@ -209,7 +219,7 @@ def tabular(
     check_html(html)
     df, scores = run_tabular(train_file, target, model, query, method=method, top_k=top_k,
                              true_label=true_label, trust_pickle=trust_pickle, out=out,
-                             aggregate=aggregate, only_wrong=only_wrong)
+                             aggregate=aggregate, only_wrong=only_wrong, order=order)
     if aggregate:
         _print_group(df, as_json)
         if html is not None:
@@ -308,6 +318,8 @@ def _print_tabular(df, as_json: bool) -> None:
     table_console = wide_console()
     heading = f"{df.attrs.get('method', '')}; explains {EXPLAINS[df.attrs['explains']]}" \
         if "explains" in df.attrs else df.attrs.get("method", "")
+    heading += {"magnitude": "; largest |score| first (a row that lowered it is negative)",
+                "lowest": "; lowest score first"}.get(df.attrs.get("order", ""), "")
     for q in zero:
         table_console.print(f"query row {q} ({heading}): every score is zero, so no training row "
                       "is ranked (nothing moves what is explained; e.g. a target equal to "
