@@ -127,8 +127,15 @@ def retrainer(model):
         return lambda x, y: type(model)(**model.get_params()).fit(x, y)
     params = dict(model.params) if model.params else _params_from_text(model.model_to_string())
     params["verbose"] = -1
+    # LightGBM warns on every retraining when the categorical columns come in the params
+    # (as a saved model lists them): they go to the Dataset, where it wants them
+    categorical = params.pop("categorical_feature", None)
+    if isinstance(categorical, str):
+        categorical = [int(v) for v in categorical.split(",") if v.strip()]
     rounds = model.current_iteration()
-    return lambda x, y: lgb.train(params, lgb.Dataset(x, label=y), num_boost_round=rounds)
+    return lambda x, y: lgb.train(params, lgb.Dataset(
+        x, label=y, categorical_feature=categorical if categorical else "auto"),
+        num_boost_round=rounds)
 
 
 def categories(model) -> dict[str, list]:

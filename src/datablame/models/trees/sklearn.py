@@ -140,7 +140,11 @@ def load(path, trust_pickle: bool = False):
         import skops.io as sio
 
         untrusted = sio.get_untrusted_types(file=str(path))
-        foreign = [t for t in untrusted if not t.startswith(("sklearn.", "numpy."))]
+        # functools.partial only binds arguments: skops lists the function it wraps as a
+        # type of its own (HistGradientBoosting's categorical_features="from_dtype" keeps
+        # partial(sklearn.utils.validation.check_array, ...)), which is checked here too
+        foreign = [t for t in untrusted if not t.startswith(("sklearn.", "numpy.")) and
+                   t != "functools.partial"]
         if foreign:
             raise UserError(f"{path} contains types outside scikit-learn/numpy "
                             f"({', '.join(foreign[:3])}); refusing to load them")
