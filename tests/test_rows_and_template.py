@@ -159,6 +159,13 @@ def test_empty_file_is_refused(tmp_path, content, match):
         load_rows(path)
 
 
+def test_a_csv_of_its_header_alone_has_no_rows(tmp_path):
+    path = tmp_path / "header.csv"
+    path.write_text("instruction,input,output\n")
+    with pytest.raises(UserError, match="header.csv: the file has no rows"):
+        load_rows(path)
+
+
 def test_alpaca_template_drops_empty_input_block():
     t = PromptTemplate(ALPACA_TEMPLATE)
     with_input = t.format(ROWS[0])

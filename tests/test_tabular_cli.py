@@ -353,6 +353,8 @@ def test_verify_gives_a_verdict(tree_files, monkeypatch, capsys):
     assert r["verdict"] == "pass" and r["top_k_mean"] > max(r["random_k_mean"], 0.0) + 0.2
     text = " ".join(err.split())
     assert "PASS: removing the top-5 raised" in text
+    assert len(r["removed"]) == 5  # which rows, said and written
+    assert f"the top-5 removed: rows {', '.join(map(str, r['removed']))}" in text
     lds = res["lds"]
     assert lds["lds"] > 0.25 and lds["ci95"][0] > 0
     assert lds["reading"] == lds_reading(lds["lds"], lds["ci95"]) != "none"
@@ -708,3 +710,12 @@ def test_hist_gradient_boosting_on_pandas_categories_loads_from_skops(tmp_path, 
     assert code in (0, None), err
     np.testing.assert_allclose(np.load(tmp_path / "s.npy"),
                                score_matrix(model, x, y, x.iloc[:4]), rtol=1e-6, atol=1e-9)
+
+
+def test_a_torch_models_settings_file_given_as_the_model_points_to_its_weights(
+        tables, monkeypatch, capsys):
+    t = tables
+    code, _, err = run_cli(monkeypatch, capsys, "tabular", t / "train.csv", "--target",
+                           "approved", "--model", t / "model.json", "--query",
+                           t / "query.parquet")
+    _assert_one_line_error(code, err, "describes the torch model in model.safetensors")

@@ -135,7 +135,7 @@ def remove_top_k(retrain: Retrain, n_train: int, query_scores: np.ndarray, query
                 points[size]["random_k"].append(float(
                     retrain(np.setdiff1d(everything, rand), s)[query] - base))
                 advance(2)
-    results = {**points[k], "query": int(query)}
+    results = {**points[k], "query": int(query), "removed": [int(r) for r in order[:k]]}
     for key in ("top_k", "random_k"):
         results[f"{key}_mean"] = float(np.mean(results[key]))
         results[f"{key}_std"] = float(np.std(results[key]))

@@ -362,5 +362,10 @@ def print_verify(result: dict, out) -> None:
         console.print(f"remove top-{r['k']} vs random-{r['k']} (query {r['query']}): loss change "
                       f"{r['top_k_mean']:+.4f} ± {r['top_k_std']:.4f} vs "
                       f"{r['random_k_mean']:+.4f} ± {r['random_k_std']:.4f}", highlight=False)
+        if "removed" in r:
+            console.print(f"  the top-{r['k']} removed: rows {', '.join(map(str, r['removed']))}"
+                          " (scored against the query's target column; `tabular` explains "
+                          "the predicted label unless --true-label)", highlight=False,
+                          soft_wrap=True)
         console.print(r["summary"], highlight=False, soft_wrap=True)
     console.print(f"results written to {out}", highlight=False)

@@ -349,6 +349,8 @@ def _read_with_datasets(kind: str, data_files, where: str, cache: Path) -> Arrow
         ds = datasets.load_dataset(kind, data_files=data_files, split="train",
                                    cache_dir=str(cache))
     except Exception as exc:  # datasets wraps parser errors in many types
+        if "corresponds to no data" in str(exc):  # e.g. a CSV of its header alone
+            raise UserError(f"{where}: the file has no rows") from None
         raise UserError(f"{where}: could not be read as {kind} ({_last_line(exc)})") from None
     if ds.num_rows == 0:
         raise UserError(f"{where}: the file has no rows")

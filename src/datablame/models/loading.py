@@ -80,6 +80,10 @@ def load_model_file(path, trust_pickle: bool = False) -> LoadedModel:
                         "XGBoost .json/.ubj, LightGBM .txt, CatBoost .cbm, scikit-learn "
                         ".skops)")
     kind = library.__name__.rsplit(".", 1)[-1]
+    weights = path.with_suffix(".safetensors")
+    if path.suffix.lower() == ".json" and weights.exists():  # a torch model's settings file
+        raise UserError(f"{path} describes the torch model in {weights.name}: pass "
+                        f"--model {weights}")
     try:
         model = library.load(path, trust_pickle) if kind == "sklearn" else library.load(path)
     except UserError:
