@@ -719,3 +719,15 @@ def test_a_torch_models_settings_file_given_as_the_model_points_to_its_weights(
                            "approved", "--model", t / "model.json", "--query",
                            t / "query.parquet")
     _assert_one_line_error(code, err, "describes the torch model in model.safetensors")
+
+
+def test_a_file_lightgbm_cannot_read_is_one_line_even_at_the_file_descriptor(
+        tables, monkeypatch, capfd):
+    """LightGBM's C++ prints "[LightGBM] [Fatal] ..." straight to file descriptor 2 before
+    raising: the user saw two lines. capfd sees the descriptor, not just sys.stderr."""
+    t = tables
+    (t / "notes.txt").write_text("not a model\n")
+    code, _, err = run_cli(monkeypatch, capfd, "tabular", t / "train.csv", "--target",
+                           "approved", "--model", t / "notes.txt", "--query", t / "query.parquet")
+    _assert_one_line_error(code, err, "could not be loaded as a lightgbm model")
+    assert "[Fatal]" not in err and len(err.strip().splitlines()) == 1, err

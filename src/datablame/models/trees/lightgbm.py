@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+
 import numpy as np
 
 from datablame.errors import UserError
@@ -92,9 +95,29 @@ def _raw(ad: TreeEnsembleAdapter, x) -> np.ndarray:
 
 
 def load(path):
+    """The booster; a file LightGBM cannot read raises its error (which the caller makes
+    one line) without LightGBM's C++ "[Fatal]" line printed to stderr first."""
     import lightgbm as lgb
 
-    return lgb.Booster(model_file=str(path))
+    with _native_stderr_silenced():
+        return lgb.Booster(model_file=str(path))
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """File descriptor 2 pointed at /dev/null for a moment: LightGBM's C++ logs its fatal
+    errors there directly, not through Python, and raises them as an exception too."""
+    import sys
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 # Training parameters read back from a saved model's text when the Booster has none.
