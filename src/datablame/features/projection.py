@@ -117,8 +117,10 @@ def sketch_add(out: torch.Tensor, buckets: torch.Tensor, values: torch.Tensor,
     accumulate sorts the indices first on CUDA, always, so a shard's bytes do not depend on
     the run (without torch's global deterministic switch). The CPU keeps index_add_: its
     order is fixed, and the stores built before stay byte-identical."""
-    if sort_based:
-        out.T.index_put_((buckets,), values.T, accumulate=True)
+    if sort_based:  # rows of a contiguous (K, n) accumulator: the kernel's plain case
+        acc = torch.zeros((out.shape[1], out.shape[0]), dtype=out.dtype, device=out.device)
+        acc.index_put_((buckets,), values.T.contiguous(), accumulate=True)
+        out += acc.T
     else:
         out.index_add_(1, buckets, values)
 
