@@ -224,7 +224,7 @@ def test_a_queries_file_given_as_one_query_file_is_one_line(tmp_path, capsys):
         with pytest.raises(typer.Exit) as caught:
             _read_query_file(path, PromptTemplate())
         assert caught.value.exit_code == 2
-        assert "a queries file goes to --queries" in capsys.readouterr().err
+        assert "a file of queries goes to `trace --queries`" in capsys.readouterr().err
     text = _write(tmp_path / "answer.txt", ["Rewrote the payroll system.", "In Haskell."])
     assert _read_query_file(text, PromptTemplate())[0] == \
         "Rewrote the payroll system.\nIn Haskell."

@@ -79,3 +79,47 @@ def test_a_booster_file_with_a_yes_no_target_column_is_one_line(tmp_path, monkey
                            "bought", "--model", tmp_path / "model.txt", "--query",
                            tmp_path / "query.csv")
     _assert_one_line_error(code, err, "the training targets hold 'no', 'yes'")
+
+
+def test_probabilities_as_a_binary_boosters_targets_are_taken_as_they_are():
+    """XGBoost's binary:logistic trains on targets in [0, 1]: they are soft targets, not
+    labels to refuse; the scores equal those of the adapter's own loss gradient."""
+    import xgboost as xgb
+
+    x, y, xq = _data()
+    soft = np.clip(0.5 + 0.4 * np.tanh(x["a"].to_numpy()), 0, 1)
+    booster = xgb.train({"objective": "binary:logistic", "max_depth": 2},
+                        xgb.DMatrix(x, label=soft), num_boost_round=5)
+    scores = score_matrix(booster, x, soft, xq, method="leaf-influence")
+    assert scores.shape == (len(xq), len(x)) and np.abs(scores).max() > 0
+
+
+def test_a_logistic_regression_on_float_labels_is_not_read_as_probabilities():
+    """Labels 1.0 / 2.0 are classes (the review: they were taken as probabilities, 37x
+    off): the scores equal the same model's on 0 / 1."""
+    from sklearn.linear_model import LogisticRegression
+
+    x, y, xq = _data()
+    floats = y.astype(float) + 1.0
+    want = score_matrix(LogisticRegression().fit(x, y), x, y, xq, (xq["a"] > 0).astype(int))
+    got = score_matrix(LogisticRegression().fit(x, floats), x, floats, xq,
+                       (xq["a"] > 0).astype(float) + 1.0)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["logistic", "forest"])
+def test_a_retraining_without_a_rare_class_costs_its_rows_a_near_zero_probability(kind):
+    """Verification retrains on subsets; one without the query's class cannot predict it:
+    the query's loss is that of probability 1e-12, not an error about the user's data."""
+    from datablame.models import loading
+    from datablame.tabular import task
+
+    x, y, xq = _data(200)
+    y = np.where(np.arange(100) < 3, "rare", np.where(y == 1, "yes", "no"))
+    model = _models(kind)().fit(x, y)
+    t = task(model, x, y, xq)
+    retrain, _ = t.retrain(np.array(["rare"] * len(xq)))
+    without = np.flatnonzero(y != "rare")
+    losses = retrain(without, 0)
+    np.testing.assert_allclose(losses, -np.log(1e-12))
+    assert loading.class_labels(model, t.adapter) == ["no", "rare", "yes"]

@@ -146,9 +146,18 @@ def test_a_formatted_query_with_an_opening_line_splits_after_it():
     assert resolved.output == "Cut latency by 40%." and resolved.lead_in == ALPACA_OPENING
     assert resolved.formatted(t) == Query("Cut latency by 40%.", {
         "instruction": "Improve it.", "input": "I made it faster."}).formatted(t)
-    # an answer that merely mentions a marker is an answer
-    for answer in ("Use ### Instruction: as the heading.", "### Instruction: x"):
+    # an answer that merely mentions or quotes a prompt format is an answer (the review's
+    # cases: only a known opening, then a blank line, is dropped)
+    quoted = ("Here is an example:\n\n### Instruction:\nWrite a poem.\n\n### Response:\n"
+              "Roses are red")
+    for answer in ("Use ### Instruction: as the heading.", "### Instruction: x", quoted,
+                   f"{ALPACA_OPENING} ### Instruction: x ### Response: y"):
         assert t.parse_after_lead_in(answer) is None and Query(answer).resolved(t).prompt == {}
+    qa = PromptTemplate("Question: {question}\nAnswer: {answer}")
+    for answer in ("It depends. Question: why? Answer: because.",
+                   "The FAQ entry reads Question: can I return it? Answer: yes, in 30 days."):
+        assert qa.parse_after_lead_in(answer) is None
+        assert Query(answer).resolved(qa).output == answer
 
 
 @pytest.mark.parametrize("content,match", [("", "empty"), ("\n\n", "no rows")])

@@ -731,3 +731,31 @@ def test_a_file_lightgbm_cannot_read_is_one_line_even_at_the_file_descriptor(
                            "approved", "--model", t / "notes.txt", "--query", t / "query.parquet")
     _assert_one_line_error(code, err, "could not be loaded as a lightgbm model")
     assert "[Fatal]" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_skops_file_binding_code_to_a_function_is_refused(tmp_path, monkeypatch, capsys):
+    """The review's proof: functools.partial binding Python source to a scikit-learn
+    testing helper that runs it, inside a HistGradientBoosting's preprocessor. Loading it
+    must refuse, and the source must not run."""
+    import functools
+
+    import skops.io as sio
+    from sklearn.ensemble import HistGradientBoostingClassifier
+    from sklearn.utils._testing import assert_run_python_script_without_output as run_script
+
+    rng = np.random.default_rng(0)
+    x = pd.DataFrame({"a": rng.standard_normal(100),
+                      "c": pd.Categorical(rng.choice(list("xyz"), 100))})
+    y = (x["a"] > 0).astype(int)
+    model = HistGradientBoostingClassifier(max_iter=3).fit(x, y)
+    marker = tmp_path / "ran"
+    model._preprocessor.transformers_[1][1].func = functools.partial(
+        run_script, f"open({str(marker)!r}, 'w').write('x')")
+    sio.dump(model, tmp_path / "evil.skops")
+    x.assign(t=y).to_csv(tmp_path / "train.csv", index=False)
+    x.iloc[:3].to_csv(tmp_path / "query.csv", index=False)
+    code, _, err = run_cli(monkeypatch, capsys, "tabular", tmp_path / "train.csv", "--target",
+                           "t", "--model", tmp_path / "evil.skops", "--query",
+                           tmp_path / "query.csv")
+    _assert_one_line_error(code, err, "assert_run_python_script_without_output")
+    assert not marker.exists()

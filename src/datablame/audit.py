@@ -284,7 +284,7 @@ def label_audit(t: TabularTask, x_eval=None, y_eval=None, *, scorer: str = DEFAU
                         f"{', '.join(scores)})")
     order = np.argsort(-scores[scorer], kind="stable")
     result = {"scorer": scorer, "n_train": int(len(t.y_train)),
-              "ranked": [{"row": int(r), "label": t.y_train[r].item(),
+              "ranked": [{"row": int(r), "label": plain(t.y_train[r]),
                           "suggested": plain(suggested["label"][r]),
                           **{k: float(v[r]) for k, v in scores.items()}}
                          for r in order[:top_k]]}

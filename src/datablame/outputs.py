@@ -53,7 +53,11 @@ def remember_written(path: str | os.PathLike) -> None:
     real = os.path.realpath(path)
     written.pop(real, None)  # re-inserted last: the most recent is kept longest
     written[real] = {"key": stat_key(Path(path).stat())}
-    save_cache(registry, written)
+    if not save_cache(registry, written):
+        from datablame import progress
+
+        progress.note(f"could not record writing {path} in {registry}: a rerun will refuse "
+                      "to overwrite it (set DATABLAME_CACHE_DIR to a writable directory)")
 
 
 def wrote(path: str | os.PathLike) -> bool:

@@ -29,6 +29,7 @@ from datablame.data.tables import (
     check_feature_matrix,
     check_targets,
     class_positions,
+    soft_binary_targets,
 )
 from datablame.errors import UserError, check_at_least
 from datablame.methods.base import Method
@@ -87,7 +88,7 @@ class TabularTask:
         yq = as_array(y_query)
         if len(yq) != len(self.x_query):
             raise UserError(f"{len(self.x_query)} query rows but {len(yq)} query targets")
-        if self.classes is not None:
+        if self.classes is not None and not soft_binary_targets(yq, self.classes):
             class_positions(yq, self.classes, "the query targets")
         if self.family == "torch":
             yq = yq.astype(self.y_train.dtype).reshape(-1, *self.y_train.shape[1:])
@@ -156,7 +157,7 @@ def class_labels_checked(model, adapter, y_train) -> list | None:
     them (a "yes"/"no" column for a model trained on 1/0 is one line, not all rows read as
     class 0); None for regression and torch models."""
     classes = loading.class_labels(model, adapter)
-    if classes is not None:
+    if classes is not None and not soft_binary_targets(y_train, classes):
         class_positions(y_train, classes)
     return classes
 
@@ -279,7 +280,8 @@ def resolve_order(order: str, explains: str) -> str:
     return "magnitude" if explains == "prediction" else "highest"
 
 
-def _ranking(scores: np.ndarray, order: str) -> np.ndarray:
+def ranking(scores: np.ndarray, order: str) -> np.ndarray:
+    """Row indices in `order` (along the last axis)."""
     key = {"highest": -scores, "lowest": scores, "magnitude": -np.abs(scores)}[order]
     return np.argsort(key, axis=-1, kind="stable")
 
@@ -296,7 +298,7 @@ def ranked_rows(scores: np.ndarray, x_train, y_train, top_k: int, est, x_query, 
     target = as_array(y_train).reshape(len(x_train), -1)[:, 0]
     k = min(top_k, scores.shape[1])
     order = resolve_order(order, explains)
-    tops = _ranking(scores, order)[:, :k]
+    tops = ranking(scores, order)[:, :k]
     reasons = est.reasons(x_query, y_query, tops, scores)
     zero = [q for q in range(len(scores)) if np.abs(scores[q]).max(initial=0.0) <= ZERO]
     frames = []
@@ -330,7 +332,7 @@ def group_rows(scores: np.ndarray, x_train, y_train, top_k: int, queries=None,
         arr = np.asarray(x_train)
         x_train = pd.DataFrame(arr, columns=[f"x{j}" for j in range(arr.shape[1])])
     target = as_array(y_train).reshape(len(x_train), -1)[:, 0]
-    top = _ranking(mean, order)[:min(top_k, len(mean))]
+    top = ranking(mean, order)[:min(top_k, len(mean))]
     frame = pd.DataFrame({
         "rank": np.arange(1, len(top) + 1), "row": top, "score": mean[top],
         "helps": (part[:, top] > ZERO).sum(axis=0), "opposes": (part[:, top] < -ZERO).sum(axis=0),

@@ -577,7 +577,9 @@ class Tracer:
 
         from datablame.methods.gradient_alignment import align_dots
 
-        q_vecs = np.asarray(q_vecs, dtype=np.float64).reshape(-1, self.model.num_params)
+        # float32 as computed: no float64 copy of every query (50 queries of a 7B LoRA's
+        # d numbers would be gigabytes); each batch's dots are summed in float64 below
+        q_vecs = np.asarray(q_vecs, dtype=np.float32).reshape(-1, self.model.num_params)
         n_q, ek = len(q_vecs), self.curvature()
         if not self.holds_both():  # one space: plain, or whitened through a whitened store
             spaces = {"whitened" if ek is not None else "plain": q_vecs}
@@ -588,18 +590,28 @@ class Tracer:
                      for q, m in zip(q_vecs, mixes or [None] * n_q, strict=True)]
             spaces = {"plain": q_vecs}
             if any(mixes):
-                spaces["whitened"] = ek.whiten(q_vecs).numpy().astype(np.float64)
+                spaces["whitened"] = ek.whiten(q_vecs).numpy().astype(np.float32)
         on_device: dict[str, torch.Tensor] = {}
 
         def dots_and_norms(grads: torch.Tensor) -> torch.Tensor:
-            """(b, d) gradients -> (b, per space: n_q dots + the row's norm), float64."""
+            """(b, d) gradients -> (b, per space: n_q dots + the row's norm), summed in
+            float64 a block of columns at a time (no float64 copy of the whole batch or
+            of the queries)."""
             out = []
             for space, q in spaces.items():
-                v = (grads if space == "plain" else ek.whiten(grads)).to(torch.float64)
+                v = grads if space == "plain" else ek.whiten(grads)
                 key = f"{space}:{v.device}"
                 if key not in on_device:
                     on_device[key] = torch.as_tensor(q, device=v.device)
-                out += [v @ on_device[key].T, torch.linalg.vector_norm(v, dim=1)[:, None]]
+                qd = on_device[key]
+                dots = torch.zeros((len(v), n_q), dtype=torch.float64, device=v.device)
+                squares = torch.zeros(len(v), dtype=torch.float64, device=v.device)
+                step = max(1, (1 << 25) // (len(v) + n_q))  # ~256 MB of float64 a block
+                for start in range(0, v.shape[1], step):
+                    block = v[:, start:start + step].to(torch.float64)
+                    dots += block @ qd[:, start:start + step].to(torch.float64).T
+                    squares += (block * block).sum(dim=1)
+                out += [dots, squares.sqrt()[:, None]]
             return torch.cat(out, dim=1)
 
         reduced = self.model.gradients(texts, reduce=dots_and_norms, **kwargs)
@@ -608,8 +620,8 @@ class Tracer:
             cols = reduced[:, j * (n_q + 1): (j + 1) * (n_q + 1)]
             kind = "cosine" if self.holds_both() else alignment
             scores[space] = np.stack([align_dots(cols[:, i], cols[:, n_q],
-                                                 np.linalg.norm(q[i]), kind)
-                                      for i in range(n_q)])
+                                                 np.linalg.norm(q[i].astype(np.float64)),
+                                                 kind) for i in range(n_q)])
         if not self.holds_both():
             return next(iter(scores.values())), mixes
         mixed = np.stack([(1 - m) * scores["plain"][i] + m * scores["whitened"][i] if m

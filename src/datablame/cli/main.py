@@ -387,8 +387,9 @@ def _read_query_file(path: Path, template, need_answer: bool = True
         return output, {k: v if isinstance(v, list) else "" if v is None else str(v)
                         for k, v in obj.items()}
     if path.suffix.lower() == ".jsonl" or _json_lines(text):
-        _fail(f"{path} holds JSON lines: a queries file goes to --queries (--query-file reads "
-              "one output, as text or a .json object)")
+        _fail(f"{path} holds JSON lines, read as one output's text: a file of queries "
+              "goes to `trace --queries`; an output that is itself JSON lines goes in a "
+              ".json object (its text in the answer field)")
     return text.rstrip("\n"), {}
 
 

@@ -25,6 +25,7 @@ from datablame.tabular import (
     TabularTask,
     check_removals,
     ranked_rows,
+    ranking,
     resolve_order,
     verify_scores,
     zero_message,
@@ -247,11 +248,13 @@ def tabular_result(df, scores, query_file, target: str, train_file) -> dict:
         record = json.loads(queries.iloc[int(q)].to_json())
         info[str(q)] = {"features": {k: v for k, v in record.items() if k != target},
                         "target": record.get(target),
-                        "distribution": np.sort(np.asarray(scores[int(q)]))[::-1][:200]
-                        .tolist()}
+                        # in the ranking's order: the first `show` are the rows listed
+                        "distribution": np.asarray(scores[int(q)])[ranking(
+                            np.asarray(scores[int(q)]), df.attrs.get("order", "highest"))]
+                        [:200].tolist()}
     return {"kind": "tabular", "method": df.attrs.get("method"),
             "explains": EXPLAINS.get(df.attrs.get("explains"), df.attrs.get("explains")),
-            "queries": info, "spread": spread,
+            "order": df.attrs.get("order"), "queries": info, "spread": spread,
             "results": json.loads(df.to_json(orient="records"))}
 
 
@@ -259,6 +262,7 @@ def group_result(df) -> dict:
     """What a group page shows: the rows behind the query rows together."""
     return {"kind": "tabular-group", "method": df.attrs.get("method"),
             "explains": EXPLAINS.get(df.attrs.get("explains"), df.attrs.get("explains")),
+            "order": df.attrs.get("order"),
             "group": df.attrs["group"], "n_queries": df.attrs["n_queries"],
             "results": json.loads(df.to_json(orient="records"))}
 

@@ -39,21 +39,40 @@ def check_targets(x_train, y_train) -> None:
         raise UserError(f"target is missing at row {int(np.flatnonzero(missing)[0])}")
 
 
-def class_positions(y, classes, what: str = "the training targets") -> np.ndarray:
+def class_positions(y, classes, what: str = "the training targets", *,
+                    unknown_ok: bool = False) -> np.ndarray:
     """Each target's position among the model's `classes` (the outputs a classifier's
     losses are read from); a target that is none of them is one line, not a silent
     miscount (a "yes"/"no" column for a model trained on 1/0 would otherwise read as all
-    class 0). Labels compare as Python values: 1, 1.0 and True are one class, "1" another."""
+    class 0), or with `unknown_ok` position -1 (a model retrained on rows without that
+    class). Labels compare as Python values: 1, 1.0 and True are one class, "1" another."""
     y = np.asarray(y).reshape(-1)
-    labels = pd.Index(list(classes), dtype=object)
-    positions = labels.get_indexer(pd.Index(y.astype(object), dtype=object))
-    if (positions < 0).any():
+    labels = [_plain(c) for c in classes]
+    if y.dtype.kind in "iufb" and all(isinstance(c, (int, float)) for c in labels):
+        index = pd.Index(np.asarray(labels, dtype=np.float64))  # numbers: no object arrays
+        positions = index.get_indexer(y.astype(np.float64))
+    else:
+        positions = pd.Index(labels, dtype=object).get_indexer(
+            pd.Index(y.astype(object), dtype=object))
+    if (positions < 0).any() and not unknown_ok:
         unknown = list(dict.fromkeys(_plain(v) for v in y[positions < 0]))
         shown = ", ".join(map(repr, unknown[:5])) + (", ..." if len(unknown) > 5 else "")
         raise UserError(f"{what} hold {shown}, which the model does not know: its classes are "
-                        f"{', '.join(repr(_plain(c)) for c in labels)}; give the target as "
-                        "the model was trained on it (e.g. yes/no mapped to 1/0 the same way)")
+                        f"{', '.join(map(repr, labels))}; give the target as the model was "
+                        "trained on it (e.g. yes/no mapped to 1/0 the same way)")
     return positions.astype(np.int64)
+
+
+def soft_binary_targets(y, classes) -> bool:
+    """Probabilities in [0, 1] as the targets of a binary model whose classes are 0 and 1
+    (XGBoost's binary:logistic and CatBoost's CrossEntropy train on them): taken as they
+    are, not as labels."""
+    y = np.asarray(y)
+    if y.dtype.kind != "f" or [_plain(c) for c in classes] != [0, 1]:
+        return False
+    finite = y[np.isfinite(y)]
+    return bool(len(finite)) and finite.min() >= 0 and finite.max() <= 1 and \
+        not np.isin(finite, (0.0, 1.0)).all()
 
 
 def _plain(v) -> object:
@@ -145,9 +164,8 @@ def model_columns(model, names: list[str], x_train: pd.DataFrame, x_query: pd.Da
 
     picked = {}
     for frame_name, frame in (("training rows", x_train), ("query rows", x_query)):
-        by_name = {}
+        by_name = {str(c): c for c in frame.columns}  # an exact name wins over a renamed one
         for c in frame.columns:
-            by_name.setdefault(str(c), c)
             by_name.setdefault(named_as_the_model_names_it(c), c)
         missing = [n for n in names if n not in by_name]
         if missing:

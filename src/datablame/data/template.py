@@ -60,6 +60,16 @@ def _placeholders(template: str) -> list[str]:
         raise UserError(f"template is not a valid {{field}} template: {exc}") from exc
 
 
+# Openings a formatted query may carry that a template without them should drop (the
+# Stanford Alpaca template's two, with and without an input).
+KNOWN_PREAMBLES = (
+    "Below is an instruction that describes a task, paired with an input that provides "
+    "further context. Write a response that appropriately completes the request.",
+    "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request.",
+)
+
+
 class PromptTemplate:
     """A `{field}` template; `{field?}` marks a field the data may lack.
 
@@ -157,22 +167,21 @@ class PromptTemplate:
         return None
 
     def parse_after_lead_in(self, text: str) -> tuple[dict[str, str], str] | None:
-        """(fields, the text before them) for a formatted text that opens with lines the
-        template does not have, such as the Alpaca template's "Below is an instruction
-        that describes a task..." where the index's template starts at "### Instruction:";
-        None where the text does not hold this template's text after some lead-in."""
-        head = self._skeleton.split("{" + self.response_field + "}", 1)[0]
-        first = next((line.strip() for line in re.sub(r"\{[^{}]*\}", "\n", head).splitlines()
-                      if line.strip()), "")
-        if not first:
-            return None
-        at = text.find(first)
-        while at > 0:
-            lead_in = text[:at].strip()
-            fields = self.parse(text[at:]) if lead_in else None
-            if fields is not None:
-                return fields, lead_in
-            at = text.find(first, at + 1)
+        """(fields, the opening dropped) for a formatted text that opens with a known
+        preamble the template does not have: the Alpaca template's "Below is an
+        instruction that describes a task..." where the index's template starts at "###
+        Instruction:". Only known preambles, followed by a blank line: an answer that
+        merely quotes a prompt format is an answer, not a prompt."""
+        flat = " ".join(text.split())
+        for preamble in KNOWN_PREAMBLES:
+            if not flat.startswith(preamble):
+                continue
+            match = re.match(r"\s*" + r"\s+".join(map(re.escape, preamble.split())) +
+                             r"[ \t]*\r?\n[ \t]*\r?\n", text)
+            if match is None:
+                return None
+            fields = self.parse(text[match.end():])
+            return None if fields is None else (fields, preamble)
         return None
 
     def _regex(self, blocks: list[str]) -> tuple[re.Pattern, list[str]]:

@@ -78,7 +78,9 @@ class LinearExact(Method):
             pred = xq @ self.theta
             new = pred[:, None] + xq @ shift  # (m, n) query predictions without row i
             return (new - yq[:, None]) ** 2 - (pred - yq)[:, None] ** 2
-        soft = yq.dtype.kind == "f" and not set(np.unique(yq)) <= {0.0, 1.0}  # probabilities
+        # probabilities of the second class, unless every value is one of the classes
+        # (a model fitted on 1.0 / 2.0 has float labels, not probabilities)
+        soft = yq.dtype.kind == "f" and not np.isin(yq, self.model.classes_).all()
         yb = yq.astype(float) if soft else (yq == self.model.classes_[1]).astype(float)
         p = expit(xq @ self.theta)
         gq = (p - yb)[:, None] * xq

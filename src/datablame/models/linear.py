@@ -31,8 +31,11 @@ class LinearModelAdapter:
         otherwise."""
         y = np.asarray(y)
         if hasattr(self.model, "predict_proba"):
+            from datablame.data.tables import class_positions
+
             proba = self.model.predict_proba(x)
-            column = np.searchsorted(self.model.classes_, y)
-            p = np.clip(proba[np.arange(len(y)), column], 1e-12, 1)
-            return -np.log(p)
+            # a label the model lacks (retrained on rows without its class): probability 0
+            column = class_positions(y, self.model.classes_, unknown_ok=True)
+            p = np.where(column >= 0, proba[np.arange(len(y)), np.maximum(column, 0)], 0.0)
+            return -np.log(np.clip(p, 1e-12, 1))
         return (self.model.predict(x) - y) ** 2

@@ -17,7 +17,6 @@ file instead would be fast every time but could miss a retrain that changes few 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -66,15 +65,18 @@ def load_cache(path: Path) -> dict:
     return cache if isinstance(cache, dict) else {}
 
 
-def save_cache(path: Path, cache: dict) -> None:
-    """Best effort: an unwritable cache only means hashing again next time."""
+def save_cache(path: Path, cache: dict) -> bool:
+    """Best effort: an unwritable cache only means hashing again next time (False)."""
     from datablame.store.atomic import write_json_atomic
 
     live = {k: v for k, v in cache.items() if os.path.exists(k)}
     keep = dict(list(live.items())[-MAX_CACHE_ENTRIES:])
-    with contextlib.suppress(OSError):
+    try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(path, keep)
+    except OSError:
+        return False
+    return True
 
 
 def file_digests(files: list[Path], what: str, bar_from: int = 0) -> list[str]:

@@ -76,14 +76,18 @@ class TreeEnsembleAdapter:
             library.unfold_start(ad, ad.positions(y_reference).astype(np.float64))
         return ad
 
-    def positions(self, y) -> np.ndarray:
+    def positions(self, y, unknown_ok: bool = False) -> np.ndarray:
         """Targets as the model's outputs count them: a classifier's labels ("yes", 3)
-        as their positions among its classes; a regression target as it is."""
+        as their positions among its classes (-1 for a label it lacks, with
+        `unknown_ok`); a regression target, or a binary model's probabilities, as they
+        are."""
+        from datablame.data.tables import class_positions, soft_binary_targets
+
         if self.classes is None:
             return np.asarray(y)
-        from datablame.data.tables import class_positions
-
-        return class_positions(y, self.classes)
+        if self.objective == "binary" and soft_binary_targets(y, self.classes):
+            return np.asarray(y, dtype=np.float64)
+        return class_positions(y, self.classes, unknown_ok=unknown_ok)
 
     @property
     def capabilities(self) -> frozenset[str]:
@@ -130,7 +134,12 @@ class TreeEnsembleAdapter:
 
     def grad_hess(self, raw: np.ndarray, y: np.ndarray):
         """Per-row (n, K) gradient, hessian and third derivative of the loss w.r.t. raw."""
-        y = self.positions(y)
+        return self.grad_hess_at(raw, self.positions(y))
+
+    def grad_hess_at(self, raw: np.ndarray, y: np.ndarray):
+        """`grad_hess` of targets already given as `positions` (converted once, e.g.
+        before repeating them for every round)."""
+        y = np.asarray(y)
         if self.objective == "binary":
             p = self.probabilities(raw)
             yy = y.reshape(-1, 1).astype(float)
@@ -145,14 +154,19 @@ class TreeEnsembleAdapter:
         return r, np.ones_like(r), np.zeros_like(r)
 
     def losses(self, raw: np.ndarray, y) -> np.ndarray:
-        y = self.positions(y)
+        """Each row's loss; a label the model lacks (retrained on rows without its class)
+        costs what a probability of 1e-12 does, as for scikit-learn's linear models."""
+        y = self.positions(y, unknown_ok=True)
+        lacking = (y < 0) if self.classes is not None and y.dtype.kind in "iu" else \
+            np.zeros(len(y), dtype=bool)
+        y = np.where(lacking, 0, y)
         if self.objective == "binary":
             z = raw[:, 0]
-            return np.logaddexp(0, z) - y.astype(float) * z
+            return np.where(lacking, -np.log(1e-12), np.logaddexp(0, z) - y.astype(float) * z)
         if self.objective == "multiclass":
             z = raw - raw.max(1, keepdims=True)
             lse = np.log(np.exp(z).sum(1))
-            return lse - z[np.arange(len(y)), y.astype(int)]
+            return np.where(lacking, -np.log(1e-12), lse - z[np.arange(len(y)), y.astype(int)])
         return 0.5 * (raw[:, 0] - y.astype(float)) ** 2
 
     def query_losses(self, x, y) -> np.ndarray:
@@ -202,7 +216,7 @@ def round_stats(adapter: TreeEnsembleAdapter, x, y):
     leaves = adapter.leaves(x)
     raw = staged_raw(adapter, leaves)
     n, t, k = raw.shape
-    g, h, third = adapter.grad_hess(raw.reshape(n * t, k), np.repeat(np.asarray(y), t))
+    g, h, third = adapter.grad_hess_at(raw.reshape(n * t, k), np.repeat(adapter.positions(y), t))
     return leaves, g.reshape(n, t, k), h.reshape(n, t, k), third.reshape(n, t, k)
 
 

@@ -152,9 +152,13 @@ def retrainer(model):
     params["verbose"] = -1
     # LightGBM warns on every retraining when the categorical columns come in the params
     # (as a saved model lists them): they go to the Dataset, where it wants them
-    categorical = params.pop("categorical_feature", None)
-    if isinstance(categorical, str):
-        categorical = [int(v) for v in categorical.split(",") if v.strip()]
+    categorical = None
+    for alias in ("categorical_feature", "cat_feature", "categorical_column", "cat_column",
+                  "categorical_features"):
+        categorical = params.pop(alias, None) or categorical
+    if isinstance(categorical, str):  # "0,3" or "name:city,plan"
+        parts = [v.strip() for v in categorical.removeprefix("name:").split(",") if v.strip()]
+        categorical = [int(v) if v.isdigit() else v for v in parts]
     rounds = model.current_iteration()
     return lambda x, y: lgb.train(params, lgb.Dataset(
         x, label=y, categorical_feature=categorical if categorical else "auto"),

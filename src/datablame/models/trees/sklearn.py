@@ -140,13 +140,9 @@ def load(path, trust_pickle: bool = False):
         import skops.io as sio
 
         untrusted = sio.get_untrusted_types(file=str(path))
-        # functools.partial only binds arguments: skops lists the function it wraps as a
-        # type of its own (HistGradientBoosting's categorical_features="from_dtype" keeps
-        # partial(sklearn.utils.validation.check_array, ...)), which is checked here too
-        foreign = [t for t in untrusted if not t.startswith(("sklearn.", "numpy.")) and
-                   t != "functools.partial"]
+        foreign = [t for t in untrusted if not _trusted(t, untrusted)]
         if foreign:
-            raise UserError(f"{path} contains types outside scikit-learn/numpy "
+            raise UserError(f"{path} contains types outside scikit-learn/numpy's estimators "
                             f"({', '.join(foreign[:3])}); refusing to load them")
         return sio.load(str(path), trusted=untrusted)
     if not trust_pickle:
@@ -155,6 +151,33 @@ def load(path, trust_pickle: bool = False):
     import joblib
 
     return joblib.load(path)
+
+
+# Functions a fitted scikit-learn model keeps and that only read their argument:
+# HistGradientBoosting with categorical_features="from_dtype" keeps
+# functools.partial(check_array, ...). A function is code to run, so only these are
+# trusted (sklearn.utils._testing, for one, runs Python source it is given).
+TRUSTED_FUNCTIONS = frozenset({"sklearn.utils.validation.check_array"})
+
+
+def _trusted(name: str, listed: list[str]) -> bool:
+    """A class from scikit-learn or numpy (skops rebuilds its state, it does not call it),
+    a listed function, or functools.partial when every function in the file is listed."""
+    if name == "functools.partial":
+        return all(_trusted(t, []) for t in listed if t != name)
+    if name in TRUSTED_FUNCTIONS:
+        return True
+    if not name.startswith(("sklearn.", "numpy.")) or "._testing" in name or \
+            name.startswith("numpy.testing"):
+        return False
+    import importlib
+    import inspect
+
+    module, _, attr = name.rpartition(".")
+    try:
+        return inspect.isclass(getattr(importlib.import_module(module), attr))
+    except (ImportError, AttributeError):
+        return False
 
 
 def retrainer(model):
