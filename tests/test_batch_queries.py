@@ -228,3 +228,28 @@ def test_a_queries_file_given_as_one_query_file_is_one_line(tmp_path, capsys):
     text = _write(tmp_path / "answer.txt", ["Rewrote the payroll system.", "In Haskell."])
     assert _read_query_file(text, PromptTemplate())[0] == \
         "Rewrote the payroll system.\nIn Haskell."
+
+
+def test_a_query_file_of_a_conversations_turns_is_read_as_the_conversation(tmp_path):
+    """The trial's conv.json: a JSON list of turns, as --query accepts it; its last
+    assistant turn is the answer."""
+    from datablame.cli.main import _read_query_file
+    from datablame.data.chat import ChatTemplate
+    from datablame.demo.toy_lm import CHATML_TEMPLATE
+
+    chat = ChatTemplate(CHATML_TEMPLATE, special_tokens={"bos_token": "<s>"})
+    turns = [{"role": "user", "content": "Who founded Brellham?"},
+             {"role": "assistant", "content": "Admiral Quistorp."}]
+    path = tmp_path / "conv.json"
+    path.write_text(json.dumps(turns))
+    answer, prompt = _read_query_file(path, chat)
+    assert answer == "Admiral Quistorp." and prompt["messages"] == turns[:1]
+
+
+def test_rows_of_other_fields_under_the_default_template_are_told_to_give_theirs(tmp_path):
+    from datablame.data.rows import load_rows
+
+    path = _write(tmp_path / "qa.jsonl", [{"question": "q", "context": "", "answer": "a"}])
+    with pytest.raises(UserError, match="not the default Alpaca template's instruction, "
+                                        "input, output: give the template"):
+        PromptTemplate().check_rows(load_rows(path))

@@ -376,13 +376,18 @@ def _read_query_file(path: Path, template, need_answer: bool = True
             obj = json.loads(text)
         except json.JSONDecodeError as exc:
             _fail(f"{path}: not valid JSON ({exc.msg})")
+        chat = getattr(template, "messages_field", None)
+        if isinstance(obj, list) and chat:  # a conversation given as its list of turns
+            obj = {chat: obj}
         if isinstance(obj, dict) and need_answer:
             try:
                 obj = template.split_answer(obj)
             except UserError as exc:
                 _fail(f"{path}: {exc}")
         if not isinstance(obj, dict) or (need_answer and response_field not in obj):
-            _fail(f"{path}: expected a JSON object with a '{response_field}' field")
+            _fail(f"{path}: expected a JSON object with the '{response_field}' field" +
+                  (f", or a conversation ('{chat}') ending with the assistant's turn"
+                   if chat else ""))
         output = str(obj.pop(response_field, ""))
         return output, {k: v if isinstance(v, list) else "" if v is None else str(v)
                         for k, v in obj.items()}

@@ -129,8 +129,21 @@ class PromptTemplate:
         return FormattedText(text=text, response_start=start if start >= 0 else 0)
 
     def check_rows(self, rows) -> None:
-        """Every field the template needs is in the data (see `Rows.require_fields`)."""
-        rows.require_fields(self.fields, self.response_field, self.optional)
+        """Every field the template needs is in the data (see `Rows.require_fields`); with
+        the default template, a row of other fields is told to give its own."""
+        from datablame.errors import UserError
+
+        try:
+            rows.require_fields(self.fields, self.response_field, self.optional)
+        except UserError as exc:
+            if self.template != ALPACA_TEMPLATE or \
+                    any(f in rows.columns for f in self.fields):
+                raise
+            raise UserError(f"{rows.path}: the rows have {', '.join(rows.columns)}, not the "
+                            f"default Alpaca template's {', '.join(self.fields)}: give the "
+                            "template the model was trained with, e.g. --template "
+                            "'### Question:\\n{question}\\n\\n### Answer:\\n{answer}'"
+                            ) from exc
 
     def generation_prompt(self, prompt: dict[str, str]) -> str:
         """The text the model continues to answer `prompt`: everything before the answer."""
