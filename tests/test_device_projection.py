@@ -59,23 +59,21 @@ def test_a_projector_runs_on_the_device_of_its_input(kind):
         assert all(t.device.type == "meta" for t in meta)
 
 
-def test_the_sort_based_sketch_add_is_the_same_sum_every_run():
-    """On CUDA the CountSketch adds through index_put_ with accumulate (sorted, the same
-    bytes every run) instead of index_add_ (atomics). Both are checked here on the CPU:
-    the same sum to float rounding, and the sort-based one identical run to run."""
+def test_the_sort_based_sketch_add_is_the_same_sum():
+    """On CUDA the CountSketch adds through index_put_ with accumulate, which torch always
+    runs as a sort there (the same bytes every run; index_add_ adds with atomics). Only
+    the sum can be checked on a CPU: both ways give it to float rounding. (On the CPU
+    index_put_ accumulates in parallel, in a varying order: the CPU keeps index_add_.)"""
     torch.manual_seed(0)
     values = torch.randn(4, 50_000)
     buckets = torch.randint(0, 64, (50_000,))
     want = np.zeros((4, 64))
     for j, b in enumerate(buckets.tolist()):
         want[:, b] += values[:, j].double().numpy()
-    runs = []
-    for sort_based in (False, True, True):
+    for sort_based in (False, True):
         out = torch.zeros(4, 64)
         projection_mod.sketch_add(out, buckets, values, sort_based=sort_based)
-        runs.append(out)
         np.testing.assert_allclose(out.numpy(), want, rtol=1e-5, atol=1e-4)
-    assert torch.equal(runs[1], runs[2])
 
 
 def test_no_batch_of_whole_gradients_reaches_the_host(random_lora_model, monkeypatch):
