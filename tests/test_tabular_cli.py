@@ -431,7 +431,7 @@ def test_string_categories_in_a_csv_are_encoded_like_training(tmp_path, library,
 
 
 def test_xgboost_categories_it_cannot_read_back_are_one_line(tmp_path, monkeypatch, capsys):
-    """XGBoost 3.1-3.2 exports non-ASCII category names wrongly ('São Paulo' comes back as
+    """XGBoost 3.2 (seen here) exports non-ASCII category names wrongly ('São Paulo' comes back as
     'São Paul'): encoding by them would explain another model (the trial saw a row read as
     missing come first), so it is refused in one line, naming the column."""
     import xgboost as xgb

@@ -127,7 +127,8 @@ def categories(model) -> dict[str, list]:
 
 def _non_ascii(arr) -> bool:
     """A string column whose stored bytes hold any non-ASCII character (its offsets then
-    count characters, not bytes, in XGBoost 3.1-3.2: the export slices the wrong bytes)."""
+    count characters, not bytes, in XGBoost 3.2, the version seen: the export slices the
+    wrong bytes)."""
     buffers = arr.buffers()
     data = buffers[2] if len(buffers) > 2 else None
     return data is not None and any(b >= 0x80 for b in bytes(data))
