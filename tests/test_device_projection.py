@@ -22,6 +22,23 @@ from .test_gradients import _examples
 from .test_whitened_store import _independent_ekfac
 
 
+def _watch_host_copies(monkeypatch) -> list[tuple[int, int]]:
+    """(rows, width) of every 2-D tensor copied to the host (`.cpu()`) or made a numpy
+    array (`.numpy()`) from now on in this test."""
+    copies: list[tuple[int, int]] = []
+
+    def spy(real):
+        def call(self, *args, **kwargs):
+            if self.dim() == 2:
+                copies.append(tuple(self.shape))
+            return real(self, *args, **kwargs)
+        return call
+
+    monkeypatch.setattr(torch.Tensor, "cpu", spy(torch.Tensor.cpu))
+    monkeypatch.setattr(torch.Tensor, "numpy", spy(torch.Tensor.numpy))
+    return copies
+
+
 @pytest.mark.parametrize("strategy", ["hooks", "vmap", "loop"])
 def test_a_reduced_gradient_is_the_reduction_of_the_full_one(random_lora_model, strategy):
     base, adapter = random_lora_model
@@ -82,26 +99,16 @@ def test_no_batch_of_whole_gradients_reaches_the_host(random_lora_model, monkeyp
     base, adapter = random_lora_model
     model = CausalLMAdapter(base, adapter, device="cpu")
     projector = make_projector("countsketch", model.num_params, 16, seed=0)
-    widths = []
-    real_cpu, real_numpy = torch.Tensor.cpu, torch.Tensor.numpy
-
-    def spy(real):
-        def call(self, *args, **kwargs):
-            if self.dim() == 2:
-                widths.append(self.shape[1])
-            return real(self, *args, **kwargs)
-        return call
-
-    monkeypatch.setattr(torch.Tensor, "cpu", spy(real_cpu))
-    monkeypatch.setattr(torch.Tensor, "numpy", spy(real_numpy))
+    copies = _watch_host_copies(monkeypatch)
     for strategy in ("hooks", "vmap", "loop"):
-        widths.clear()
+        copies.clear()
         model.gradients(_examples(), batch_size=4, strategy=strategy,
                         reduce=projector.project_tensor)
+        widths = [width for _, width in copies]
         assert widths and model.num_params not in widths, (strategy, widths)
-    widths.clear()
+    copies.clear()
     model.gradients(_examples()[:1], strategy="vmap")  # the spy sees a whole gradient
-    assert model.num_params in widths
+    assert model.num_params in [width for _, width in copies]
 
 
 def test_whitening_runs_on_the_device_of_its_input(tmp_path, random_lora_model):
@@ -174,21 +181,11 @@ def test_an_exact_re_rank_brings_only_dots_to_the_host(tmp_path, random_lora_mod
     q_grad = tracer.model.gradients([query.formatted(tmpl)]).astype(np.float64)[0]
     rows_grads = tracer.model.gradients(texts).astype(np.float64)
     d = tracer.model.num_params
-    seen = []
-    real_cpu, real_numpy = torch.Tensor.cpu, torch.Tensor.numpy
-
-    def spy(real):
-        def call(self, *args, **kwargs):
-            if self.dim() == 2 and self.shape[1] == d:
-                seen.append(self.shape[0])
-            return real(self, *args, **kwargs)
-        return call
-
-    monkeypatch.setattr(torch.Tensor, "cpu", spy(real_cpu))
-    monkeypatch.setattr(torch.Tensor, "numpy", spy(real_numpy))
+    copies = _watch_host_copies(monkeypatch)
     results = [tracer.run(query, all_rows=True, top_k=len(ROWS), rerank=len(ROWS)),
                tracer.run(query, top_k=len(ROWS)),
                tracer.trace_group([query], top_k=len(ROWS), all_rows=True, rerank=len(ROWS))]
+    seen = [rows for rows, width in copies if width == d]
     assert seen and set(seen) == {1}, seen  # the query's gradient, each time
     m = 0.75 if regime == "mixed" else 0.0
     plain = rows_grads @ q_grad / (np.linalg.norm(rows_grads, axis=1) * np.linalg.norm(q_grad))
