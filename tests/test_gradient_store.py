@@ -493,6 +493,38 @@ def test_rebuilding_the_retrieval_index_keeps_the_gradient_store(tmp_path, rando
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".idx.")]
 
 
+def test_an_index_rebuilt_over_edited_rows_says_its_kept_store_is_stale(
+        tmp_path, random_lora_model, monkeypatch, capsys):
+    """The store is kept (not ours to delete) but no longer matches the rows: `index`
+    says so as it finishes and `status` prints it on stdout, before a trace refuses it."""
+    from .test_cli import run_cli
+
+    base, adapter = random_lora_model
+    data = write_jsonl(tmp_path / "t.jsonl", ROWS)
+    grad = ["--gradients", "--model", base, "--adapter", adapter, "--proj-dim", "16"]
+    assert run_cli(monkeypatch, capsys, "index", data, "--out", tmp_path / "idx",
+                   *grad)[0] in (0, None)
+    code, out, _ = run_cli(monkeypatch, capsys, "status", tmp_path / "idx")
+    assert code in (0, None) and "gradient store:" in out and "stale" not in out
+    edited = [dict(r) for r in ROWS]
+    edited[1]["output"] = "an answer nobody trained on"
+    write_jsonl(data, edited)
+    shards = _files(tmp_path / "idx" / "gradients")
+    code, _, err = run_cli(monkeypatch, capsys, "index", data, "--out", tmp_path / "idx")
+    assert code in (0, None), err
+    assert "kept but built for other training data" in " ".join(err.split())
+    assert _files(tmp_path / "idx" / "gradients") == shards
+    code, out, err = run_cli(monkeypatch, capsys, "status", tmp_path / "idx")
+    assert "stale: built for other training data" in " ".join(out.split()), (out, err)
+    write_jsonl(data, edited[:-1])
+    run_cli(monkeypatch, capsys, "index", data, "--out", tmp_path / "idx")
+    code, out, _ = run_cli(monkeypatch, capsys, "status", tmp_path / "idx", "--json")
+    import json as _json
+
+    assert _json.loads(out)["store"]["stale"].startswith(
+        f"built for other training data ({len(ROWS)} rows then, {len(ROWS) - 1} now)")
+
+
 def one_process_store(tmp_path, random_lora_model, monkeypatch, capsys, extra=()):
     """ROWS and a one-process gradient store of them in tmp_path/one (4-row shards, K 64,
     and any `extra` index options): what every executor's store is compared with.
@@ -543,8 +575,7 @@ def test_sharded_workers_then_commit_equal_one_process_byte_for_byte(tmp_path,
     _assert_one_line_error(code, err, "its shards were built with proj_dim: 64 -> 32")
     code, out, err = run_cli(monkeypatch, capsys, "status", sharded)
     assert code in (0, None), err
-    assert "build in progress: 2/4 shards" in out + err and "missing: 2 shard(s): 1, 3" in \
-        out + err
+    assert "build in progress: 2/4 shards" in out and "missing: 2 shard(s): 1, 3" in out
     assert not (sharded / "gradients").exists()
     code, out, err = run_cli(monkeypatch, capsys, "index", train, "--out", sharded, *grad,
                              "--shard-of", "1/2")

@@ -194,6 +194,8 @@ def _build_index_locked(train_file: str | os.PathLike, out: Path, lock, *,
                                   before_swap=swap)
         if kept.is_dir() and not (out / "gradients").exists():
             os.replace(kept, out / "gradients")
+    if gradients is None:
+        _say_if_store_stale(out, manifest)
     from datablame.store.span_index import build_span_index, span_index_is_current
 
     if not span_index_is_current(out, rows.fingerprint(), tmpl):
@@ -208,6 +210,21 @@ def _build_index_locked(train_file: str | os.PathLike, out: Path, lock, *,
             build_gradient_store(out, rows, tmpl, model, progress=advance,
                                  **g.store_options())
     return manifest
+
+
+def _say_if_store_stale(out: Path, index_manifest: dict) -> None:
+    """A gradient store kept beside a rebuilt index may be for the old rows: say so now,
+    not at the next trace."""
+    from datablame.store.gradient_store import stale_for
+
+    try:
+        store = json.loads((out / "gradients" / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return
+    stale = stale_for(store, index_manifest) if isinstance(store, dict) else None
+    if stale:
+        progress.note(f"the gradient store in {out / 'gradients'} is kept but {stale}: "
+                      "trace refuses it until you rebuild it (add --gradients --model ...)")
 
 
 def _current_index(out: Path, rows, tmpl, index_type: str, embedder_name: str

@@ -532,7 +532,8 @@ def trace(
     """Rows behind a model output: retrieve candidates (or score every row with --all-rows),
     score them by gradient alignment, order by the fused key: the cosine + bonuses for the
     head of the retrieval and |cosine| lists (--rank-by)."""
-    from datablame.cli.render import print_results, results_json, wide_console
+    from datablame.cli.console import wide_console
+    from datablame.cli.render import print_results, results_json
     from datablame.data.queries import QueryLine, read_queries
     from datablame.data.template import template_from_json
     from datablame.errors import check_at_least
@@ -723,7 +724,8 @@ def trace(
 def _trace_group(tracer, queries, names, *, top_k, all_rows, rerank, checksum, show,
                  as_json, out, html) -> None:
     """`trace --queries --aggregate`: one table (and JSON / page) for the group."""
-    from datablame.cli.render import results_json, wide_console
+    from datablame.cli.console import wide_console
+    from datablame.cli.render import results_json
     from datablame.outputs import write_json_output
 
     df = tracer.trace_group(queries, top_k=top_k, all_rows=all_rows, rerank=rerank,
@@ -815,11 +817,14 @@ def spans(
 def _print_spans(result: dict) -> None:
     from rich.table import Table
 
+    from datablame.cli.console import wide_console
+
+    out = wide_console()  # results go to stdout, notes and errors to stderr
     found = result["spans"]
     share = f"{result['copied_fraction']:.0%} of the output"
     if not found:
-        console.print(f"no span of {result['min_words']}+ words of the output occurs verbatim "
-                      f"in the {result['rows']} rows", highlight=False)
+        out.print(f"no span of {result['min_words']}+ words of the output occurs verbatim "
+                  f"in the {result['rows']} rows", highlight=False)
         return
     table = Table(title=f"verbatim spans ({len(found)}, covering {share}; rarest first)",
                   header_style="bold")
@@ -837,11 +842,11 @@ def _print_spans(result: dict) -> None:
         rows = ", ".join(map(shown, s["rows"][:8])) + (" ..." if len(s["rows"]) > 8 else "")
         table.add_row(str(s["words"]), f"{s['surprisal']:.0f}", str(s["occurrences"]), rows,
                       s["text"])
-    console.print(table)
+    out.print(table)
     tail = ("rows: (gradient reading, cosine with the output): copied and taught it, or "
             "copied-looking but not what the model learned it from" if grads else
             "a string match, not a causal claim: --model (or `trace`) scores the rows")
-    console.print("rarity: bits (the words' unigram surprisal in the rows: long and rare is "
+    out.print("rarity: bits (the words' unigram surprisal in the rows: long and rare is "
                   f"high); {tail}", highlight=False)
 
 
@@ -863,7 +868,7 @@ def demo(
                      ] = False,
 ) -> None:
     """End to end on a tiny LoRA model trained here: the planted culprit comes out first."""
-    from datablame.cli.render import wide_console
+    from datablame.cli.console import wide_console
     from datablame.demo.demo import run_demo
 
     ok = run_demo(workdir, fresh=fresh, console=wide_console())

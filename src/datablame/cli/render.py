@@ -99,13 +99,6 @@ def results_json(df: pd.DataFrame) -> dict:
     return {"query": df.attrs.get("query"), **meta, "results": results}
 
 
-def wide_console() -> Console:
-    """A terminal's own width; 160 columns when piped (tables stay one line per row)."""
-    import sys
-
-    return Console(width=None if sys.stdout.isatty() else 160)
-
-
 def print_results(df: pd.DataFrame, show: int, as_json: bool, console: Console) -> None:
     if as_json:
         print(json.dumps(results_json(df), indent=2, ensure_ascii=False))

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from datablame.cli.console import console, fail
+from datablame.cli.console import fail, wide_console
 
 
 def status(index_dir: Annotated[Path, typer.Argument(help="The index directory.")],
@@ -22,6 +22,7 @@ def status(index_dir: Annotated[Path, typer.Argument(help="The index directory."
     if not index_dir.is_dir() and not sibling.is_dir():  # a first ivfpq build has no index
         fail(f"index directory not found: {index_dir}")
     info = build_status(index_dir)
+    console = wide_console()  # the answer goes to stdout; refusals to stderr
     if as_json:
         print(json.dumps(info, indent=2))
         return
@@ -37,6 +38,9 @@ def status(index_dir: Annotated[Path, typer.Argument(help="The index directory."
                       f"{s['proj_dim']} {s['store_dtype']}, {s['vectors']} vectors, "
                       f"{s['bytes'] / 1e6:.1f} MB",
                       highlight=False, soft_wrap=True)
+        if s.get("stale"):
+            console.print(f"  stale: {s['stale']}; trace refuses it until it is rebuilt "
+                          "(`index ... --gradients`)", highlight=False, soft_wrap=True)
     for key, what, commit in (("build", "build", "--gradients --commit"),
                               ("ivfpq_build", "ivfpq index build", "--index-type ivfpq "
                                                                    "--commit")):

@@ -271,7 +271,7 @@ def _print_group(df, as_json: bool) -> None:
     """One table: the rows behind the group of query rows, with how many each helps."""
     from rich.table import Table
 
-    from datablame.cli.render import wide_console
+    from datablame.cli.console import wide_console
 
     if as_json:
         print(json.dumps(group_result(df), indent=2))
@@ -310,7 +310,7 @@ def _print_tabular(df, as_json: bool) -> None:
     as many feature columns as the terminal fits (--json has them all)."""
     from rich.table import Table
 
-    from datablame.cli.render import wide_console
+    from datablame.cli.console import wide_console
 
     zero = df.attrs.get("all_zero_queries", [])
     if as_json:

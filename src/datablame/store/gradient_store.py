@@ -788,6 +788,21 @@ class _Fp16Filter:
         return rows, exact.astype(np.float64) * self.qn
 
 
+def stale_for(store_manifest: dict, index_manifest: dict) -> str | None:
+    """Why a gradient store does not belong to its index's rows or template (None: it
+    does). A retrieval index rebuilt over edited data keeps the store beside it (it is
+    not ours to delete), so `index` and `status` say so before `trace` refuses it."""
+    data = index_manifest.get("data") or {}
+    if store_manifest.get("data_fingerprint") != data.get("fingerprint") or \
+            store_manifest.get("rows") != data.get("rows"):
+        return (f"built for other training data ({store_manifest.get('rows')} rows then, "
+                f"{data.get('rows')} now)" if store_manifest.get("rows") != data.get("rows")
+                else "built for other training data (the rows' content changed)")
+    if store_manifest.get("template") != index_manifest.get("template"):
+        return "built with another template than the index"
+    return None
+
+
 def build_status(index_dir: Path) -> dict:
     """Where a gradient store build stands, from files alone (no model, no lock): the
     committed store, or the partial build's shards done / missing / damaged (a file
@@ -818,6 +833,14 @@ def _build_status(index_dir: Path) -> dict:
                         if manifest.get("curvature") else "plain",
                         "store_dtype": manifest.get("store_dtype"),
                         "bytes": sum(int(s.get("bytes", 0)) for s in manifest["shards"])}
+        try:
+            index_manifest = json.loads((index_dir / "manifest.json").read_text())
+        except (OSError, ValueError):
+            index_manifest = None
+        if isinstance(index_manifest, dict):
+            stale = stale_for(manifest, index_manifest)
+            if stale:
+                out["store"]["stale"] = stale
     if (partial / "plan.json").exists():
         plan = json.loads((partial / "plan.json").read_text())
         writer = GradientStoreWriter(index_dir, plan, read_only=True)
