@@ -143,6 +143,33 @@ def test_moved_training_file_points_at_data(small_index, random_lora_model, monk
     _assert_one_line_error(code, err, "pass its new path with --data")
 
 
+def test_a_model_folder_without_a_working_tokenizer_is_refused_before_any_work(
+        random_lora_model, tmp_path, monkeypatch, capsys):
+    """transformers 5 loads an empty tokenizer from a folder without vocabulary files, and
+    every row became zero tokens (a reshape traceback after the embedding work): now one
+    line before anything is embedded; a tokenizer that yields no tokens, one line as the
+    model loads."""
+    import shutil
+
+    base, adapter = random_lora_model
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(base / name, bare)
+    train = write_jsonl(tmp_path / "t.jsonl", [{"instruction": "say hi", "output": "hello"}])
+    code, _, err = run_cli(monkeypatch, capsys, "index", train, "--out", tmp_path / "idx",
+                           "--gradients", "--model", bare, "--params", "all")
+    _assert_one_line_error(code, err, "has no tokenizer files")
+    assert not (tmp_path / "idx").exists()  # refused before the embedding work
+    (bare / "vocab.json").write_text("{}")
+    (bare / "merges.txt").write_text("#version: 0.2\n")
+    code, _, err = run_cli(monkeypatch, capsys, "index", train, "--out", tmp_path / "idx",
+                           "--gradients", "--model", bare, "--params", "all")
+    assert code == 2 and "Traceback" not in err  # found as the model loads, after embedding
+    assert err.strip().splitlines()[-1].startswith("error: ")
+    assert "turns text into no tokens" in " ".join(err.split())
+
+
 def test_adapter_errors_name_the_problem(small_index, random_lora_model, tmp_path,
                                          monkeypatch, capsys):
     """An adapter without weights, or trained on another base: one line that says which."""

@@ -232,6 +232,9 @@ def index(
                                     batch_size=grad_batch_size, store_dtype=store_dtype,
                                     projection=projection, curvature=curvature or "auto")
         try:  # here, once: before embedding, and before --workers start processes
+            from datablame.errors import check_at_least
+
+            check_at_least("--batch-size", batch_size, 1)  # the numbers before the files
             grad_opts.check()
         except UserError as exc:
             _fail(str(exc))
