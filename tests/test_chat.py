@@ -219,6 +219,43 @@ RECIPE = {"rank": 16, "alpha": 16, "lr": 5e-3, "epochs": 100, "batch_size": 4, "
                              "down_proj"]}
 
 
+LLAMA3_TEMPLATE = (  # Llama 3's turn format, as its tokenizer_config.json renders it
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}"
+    "<|end_header_id|>\n\n{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n"
+    "{% endif %}")
+PHI3_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+INST_TEMPLATE = (  # Llama 2 / Mistral: the system turn inside the first [INST]
+    "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
+    "{% set turns = messages[1:] %}{% else %}{% set system = '' %}{% set turns = messages %}"
+    "{% endif %}{{ bos_token }}{% for m in turns %}{% if m['role'] == 'user' %}[INST] "
+    "{% if loop.first and system %}<<SYS>>\n{{ system }}\n<</SYS>>\n\n{% endif %}"
+    "{{ m['content'] }} [/INST]{% else %} {{ m['content'] }} </s>{% endif %}{% endfor %}")
+
+
+@pytest.mark.parametrize("jinja", ["chatml", "gemma", "llama3", "phi3", "inst"])
+def test_a_conversation_pasted_as_rendered_text_is_read_back_into_its_turns(jinja):
+    """A user pastes the chat as their serving stack printed it: the turns come back (the
+    last assistant turn is the answer), and the template renders them to the very text."""
+    from datablame.data.chat import ChatTemplate
+    from datablame.demo.toy_lm import CHATML_TEMPLATE, GEMMA_TEMPLATE
+
+    text = {"chatml": CHATML_TEMPLATE, "gemma": GEMMA_TEMPLATE, "llama3": LLAMA3_TEMPLATE,
+            "phi3": PHI3_TEMPLATE, "inst": INST_TEMPLATE}[jinja]
+    chat = ChatTemplate(text, special_tokens={"bos_token": "<s>", "eos_token": "</s>"})
+    turns = ([SYSTEM] if jinja != "gemma" else []) + TWO_TURNS
+    rendered = chat.render(turns)
+    parsed = chat.parse(rendered)
+    assert parsed is not None, rendered
+    assert parsed["answer"] == TWO_TURNS[-1]["content"]
+    assert parsed["messages"] == turns[:-1]
+    assert chat.render([*parsed["messages"], {"role": "assistant",
+                                              "content": parsed["answer"]}]) == rendered
+    assert chat.parse("The capital of Veloria is Mirth.") is None  # plain text stays text
+
+
 @pytest.fixture(scope="module")
 def chat_facts(tmp_path_factory):
     """Six capital facts as chat rows (row 0, with a system turn: Veloria -> Mirth) and ten
@@ -295,6 +332,20 @@ def test_the_planted_culprit_in_chat_data_comes_out_first(chat_facts, monkeypatc
     assert code == 0, err
     line = json.loads(out.strip().splitlines()[0])
     assert line["id"] == "veloria" and line["results"][0]["row"] == 0
+    # the conversation pasted as the template rendered it (a serving log's form)
+    from datablame.data.chat import ChatTemplate
+    from datablame.demo.toy_lm import CHATML_TEMPLATE
+
+    rendered = ChatTemplate(CHATML_TEMPLATE, special_tokens={"bos_token": "<s>"}).render(
+        [*lines[0]["messages"][:2], {"role": "assistant",
+                                     "content": "The capital of Veloria is Mirth."}])
+    code, out, err = run_cli(monkeypatch, capsys, "trace", root / "idx", "--model",
+                             root / "base", "--adapter", root / "adapter", "--query",
+                             rendered, "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["query"] == "The capital of Veloria is Mirth."
+    assert result["results"][0]["row"] == 0
 
 
 @pytest.mark.slow

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -190,11 +191,12 @@ class ChatTemplate:
 
     def parse(self, text: str) -> dict | None:
         """A query pasted as the conversation's JSON (the chat form of the seed's "whole
-        formatted text"): its last assistant turn is the answer."""
+        formatted text"), or as a chat template's rendered text (ChatML, Llama 3, Gemma,
+        Phi-3, Llama 2 / Mistral `[INST]`): its last assistant turn is the answer."""
         try:
             value = json.loads(text)
         except (json.JSONDecodeError, TypeError):
-            return None
+            value = parse_rendered_chat(text) if isinstance(text, str) else None
         if isinstance(value, dict):
             value = value.get(self.messages_field, value.get("conversations"))
         if not isinstance(value, list):
@@ -236,6 +238,48 @@ class ChatTemplate:
                    messages_field=data.get("messages_field", "messages"),
                    assistant_turns=data.get("assistant_turns", "all"),
                    source=data.get("source", "tokenizer"))
+
+
+# A rendered turn of the common chat formats: (role, content) up to the turn's end marker
+# or the end of the text (a pasted answer often lacks its closing token).
+RENDERED_TURNS = (
+    re.compile(r"<\|im_start\|>(\w+)\n(.*?)(?:<\|im_end\|>|(?=<\|im_start\|>)|\Z)", re.S),
+    re.compile(r"<\|start_header_id\|>(\w+)<\|end_header_id\|>(.*?)(?:<\|eot_id\|>|"
+               r"(?=<\|start_header_id\|>)|\Z)", re.S),
+    re.compile(r"<start_of_turn>(\w+)\n(.*?)(?:<end_of_turn>|(?=<start_of_turn>)|\Z)", re.S),
+    re.compile(r"<\|(system|user|assistant)\|>(.*?)(?:<\|end\|>|"
+               r"(?=<\|(?:system|user|assistant)\|>)|\Z)", re.S),
+)
+INST_TURN = re.compile(r"\[INST\](.*?)\[/INST\](.*?)(?=\[INST\]|\Z)", re.S)
+SYS_BLOCK = re.compile(r"<<SYS>>(.*?)<</SYS>>", re.S)
+END_TOKENS = re.compile(r"\s*(?:</s>|<s>|<eos>|<bos>|<\|endoftext\|>|<\|end_of_text\|>|"
+                        r"<\|begin_of_text\|>)\s*")
+
+
+def parse_rendered_chat(text: str) -> list[dict[str, str]] | None:
+    """The turns of a conversation pasted as a chat template renders it, or None when the
+    text holds no known turn markers. Contents are stripped (templates trim or add the
+    whitespace around them); the index's own template renders the turns again."""
+    def clean(content: str) -> str:
+        return END_TOKENS.sub(" ", content).strip()
+
+    for pattern in RENDERED_TURNS:
+        found = pattern.findall(text)
+        if found:
+            return [{"role": ROLES.get(role.lower(), role.lower()), "content": clean(body)}
+                    for role, body in found]
+    found = INST_TURN.findall(text)
+    if not found:
+        return None
+    turns: list[dict[str, str]] = []
+    for asked, answered in found:
+        system = SYS_BLOCK.search(asked)
+        if system and not turns:
+            turns.append({"role": "system", "content": clean(system.group(1))})
+        turns.append({"role": "user", "content": clean(SYS_BLOCK.sub("", asked))})
+        if clean(answered):
+            turns.append({"role": "assistant", "content": clean(answered)})
+    return turns
 
 
 def load_tokenizer(path: Path):
