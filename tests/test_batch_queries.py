@@ -154,8 +154,12 @@ def test_a_queries_file_over_every_row_reads_the_store_once(demo_assets, gradien
     prompt = {"instruction": CULPRIT["instruction"], "input": CULPRIT["input"]}
     other = {"instruction": "Make this resume bullet stronger.",
              "input": "helped with the reporting dashboard"}
+    from datablame.data.template import PromptTemplate
+
+    # line 1 again, in the seed's form (the whole formatted text): asked twice, scanned once
+    seed_form = PromptTemplate().format(CULPRIT).text
     answers = [(prompt, CULPRIT["output"]), (other, "Built the reporting dashboard."),
-               (prompt, "Rewrote the payroll system.")]
+               (prompt, "Rewrote the payroll system."), ({}, seed_form)]
     queries = _write(tmp_path / "q.jsonl", [{**p, "output": a} for p, a in answers])
     calls = {"many": 0, "one": 0}
     real_many = GradientStore.top_k_many
@@ -170,6 +174,9 @@ def test_a_queries_file_over_every_row_reads_the_store_once(demo_assets, gradien
                                 "--scan-workers", "2", "--json")
     assert code in (0, None), err
     assert calls == {"many": 1, "one": 0}  # and split over 2 workers: the same tables
+    said = " ".join(err.split())  # the seed form's reading: said once, naming its line
+    assert said.count("read the query as a formatted prompt") == 1, err
+    assert f"{queries}, line 4: read the query as a formatted prompt" in said
     lines = [json.loads(ln) for ln in stdout.splitlines() if ln.strip()]
     assert lines[0]["results"][0]["row"] == info["culprit_row"]
     tracer = Tracer(gradient_index, root / "base", root / "adapter")

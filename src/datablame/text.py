@@ -398,6 +398,7 @@ class Query:
     as_written: bool = False  # never read `output` as a whole formatted text
     split_from_text: bool = False  # set when `resolved` split a formatted text
     lead_in: str = ""  # what `resolved` dropped before the template's text, if anything
+    where: str = ""  # where the query came from, for notes ("line 3" of a queries file)
 
     def resolved(self, template: PromptTemplate) -> Query:
         """A query given as the whole formatted text (the seed's own form, `### Instruction:
@@ -412,7 +413,8 @@ class Query:
             return self
         output = fields.pop(template.response_field)
         return Query(output, {k: v for k, v in fields.items() if v}, self.focus,
-                     as_written=True, split_from_text=True, lead_in=lead_in)
+                     as_written=True, split_from_text=True, lead_in=lead_in,
+                     where=self.where)
 
     def formatted(self, template: PromptTemplate) -> FormattedText:
         """The query as the model saw it; with `focus`, the gradient's loss covers only the
@@ -480,6 +482,7 @@ class Tracer:
                               split=self.index.manifest["data"].get("split"))
         self.index.check_rows(self.rows)
         self.template = self.index.template
+        self._noted: set[tuple] = set()  # queries whose reading was said already
         self.options = LMOptions(model, adapter, params=params, dtype=dtype, device=device,
                                  max_length=max_length, loss_on=loss_on, quantize=quantize,
                                  device_map=device_map, checkpointing=checkpointing)
@@ -755,14 +758,18 @@ class Tracer:
         if top_k < 1:
             raise UserError("top-k must be at least 1")
         resolved = query.resolved(self.template)
-        if resolved.split_from_text and not query.split_from_text:
+        said = (query.where, query.output, repr(query.prompt))  # a note once per query
+        if resolved.split_from_text and not query.split_from_text and \
+                said not in self._noted:
+            self._noted.add(said)
+            at = f"{query.where}: " if query.where else ""
             shown = ", ".join(f"{k}=<{len(v)} turns>" if isinstance(v, list) else
                               f"{k}={v[:40]!r}" for k, v in resolved.prompt.items())
-            progress.note(f"read the query as a formatted prompt and answer ({shown}; "
+            progress.note(f"{at}read the query as a formatted prompt and answer ({shown}; "
                           f"answer {resolved.output[:40]!r}); pass --as-written to trace "
                           "the text as one answer")
             if resolved.lead_in:
-                progress.note(f"the query opens with {resolved.lead_in[:50]!r}, which the "
+                progress.note(f"{at}the query opens with {resolved.lead_in[:50]!r}, which the "
                               "index's template does not have: traced without it, as the "
                               "index's rows are; if the model was trained with it, index "
                               "again with a --template that starts with it")
@@ -987,8 +994,9 @@ class Tracer:
         scanned = self._scan(store, columns, depth, alignment, fused_mode)
         for text, result in zip(texts, scanned, strict=True):
             # the whole formatted text is the key: a focus or another split of the same
-            # words is another query
-            self._scanned[(repr(text), depth, alignment, fused_mode)] = result
+            # words is another query; a query asked twice is taken twice
+            key = (repr(text), depth, alignment, fused_mode)
+            self._scanned[key] = (result, self._scanned.get(key, (None, 0))[1] + 1)
 
     def trace_all_rows(self, query: Query | str, top_k: int = 50, alignment: str = "cosine",
                        verify: bool = True, rerank: int = 100, rank_by: str = "fused",
@@ -1012,7 +1020,10 @@ class Tracer:
         fused_mode = rank_by == "fused"
         depth = min(len(self.rows), max(top_k, rerank, pool if fused_mode else 0))
         q_grad = self._gradients([q_text])
-        scanned = self._scanned.pop((repr(q_text), depth, alignment, fused_mode), None)
+        key = (repr(q_text), depth, alignment, fused_mode)
+        scanned, left = self._scanned.pop(key, (None, 0))
+        if left > 1:
+            self._scanned[key] = (scanned, left - 1)
         if scanned is None:  # else `scan_store_for` read the store once for a queries file
             scanned = self._scan(store, self._query_columns(store, q_grad), depth, alignment,
                                  fused_mode)[0]

@@ -660,7 +660,8 @@ def trace(
             the_query = tracer.generate(item.prompt, max_new_tokens, item.focus)
             progress.note(f"the model answered: {the_query.output!r}")
             return the_query
-        return Query(item.answer, item.prompt, item.focus, as_written=as_written)
+        return Query(item.answer, item.prompt, item.focus, as_written=as_written,
+                     where=f"{queries}, line {item.line}" if queries is not None else "")
 
     # magic over a queries file: one replay serves every line, traced up front
     batched = iter(tracer.trace_magic_many([as_query(item) for item in lines], top_k=top_k,
