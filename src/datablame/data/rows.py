@@ -14,7 +14,6 @@ import hashlib
 import io
 import json
 import os
-from array import array
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
@@ -116,11 +115,18 @@ class Rows:
             if saved is not None:
                 self._fingerprint = saved.decode()
                 return self._fingerprint
+            from datablame.data.parallel_load import (
+                PARALLEL_FROM_ROWS,
+                hashed_row_bytes,
+                load_workers,
+            )
+
+            # memory-mapped rows travel to worker processes as file paths; others stay
+            workers = load_workers(len(self.records), PARALLEL_FROM_ROWS) \
+                if isinstance(self.records, ArrowRecords) else 1
             h = hashlib.sha256()
-            for rec in self.records:
-                h.update(json.dumps(rec, sort_keys=True, default=str,
-                                    ensure_ascii=False).encode())
-                h.update(b"\n")
+            for block in hashed_row_bytes(self.records, workers):
+                h.update(block)
             self._fingerprint = "sha256:" + h.hexdigest()
             if cache_dir is not None:
                 _write_cached(cache_dir, _fingerprint_file(), self._fingerprint.encode())
@@ -164,22 +170,12 @@ class _FormattedRows(Sequence):
         return self.template.format(self.records[index]).text
 
 
-def _check_jsonl(path: Path) -> np.ndarray:
+def _check_jsonl(path: Path):
     """Validate JSONL line by line so a bad line is named (datasets' error does not);
-    returns the 1-based line of each row."""
-    lines = array("q")  # 8 bytes a row, not a Python int's 36
-    with path.open("r", encoding="utf-8", errors="strict") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}: line {lineno} is not valid JSON ({exc.msg})") from None
-            if not isinstance(obj, dict):
-                raise UserError(f"{path}: line {lineno} is not a JSON object")
-            lines.append(lineno)
-    return np.frombuffer(lines, dtype=np.int64) if lines else np.zeros(0, dtype=np.int64)
+    returns the 1-based line of each row (`parallel_load.LineNumbers`)."""
+    from datablame.data.parallel_load import check_jsonl
+
+    return check_jsonl(path)
 
 
 def load_rows(path: str | os.PathLike, split: str | None = None) -> Rows:
@@ -256,15 +252,17 @@ def _load_shards(path: Path, files: list[Path], split: str | None, where: str) -
         return rows
     cache = _arrow_cache([str(f) for f in files])
     checked = _read_cached(cache, CHECKED_FILE) is not None  # this content was, before
+    lines = []
     for f in files:
         if f.stat().st_size == 0:
             raise UserError(f"{f}: the file is empty")
         if not checked and FORMATS[f.suffix.lower()] == "json" and \
                 (f.suffix.lower() == ".jsonl" or not _is_json_document(f)):
-            try:
-                _check_jsonl(f)
-            except UnicodeDecodeError as exc:
-                raise UserError(f"{f}: not UTF-8 text ({exc.reason})") from None
+            lines.append(f)
+    if lines:  # every JSON Lines file, checked in one pass (split over processes)
+        from datablame.data.parallel_load import check_jsonl_files
+
+        check_jsonl_files(lines)
     records = _read_with_datasets(kinds.pop(), [str(f) for f in files], where, cache)
     _write_cached(cache, CHECKED_FILE, b"")
     return Rows(path=path, records=records, split=split)
@@ -289,7 +287,7 @@ def _last_line(exc: Exception) -> str:
 
 # what a load learnt, kept beside the Arrow copy; the version names the checks that made
 # them, so a stricter check in a later release reads the rows again
-LOADED_VERSION = 1
+LOADED_VERSION = 2  # 2: line numbers kept as the blank lines (`LineNumbers.to_array`)
 LINES_FILE, CHECKED_FILE = f"line_numbers-v{LOADED_VERSION}.npy", f"checked-v{LOADED_VERSION}"
 
 
@@ -344,10 +342,19 @@ def _read_with_datasets(kind: str, data_files, where: str, cache: Path) -> Arrow
 
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
-    # converted once into `datasets`' Arrow cache (`_arrow_cache`) and memory-mapped
+    # converted once into `datasets`' Arrow cache (`_arrow_cache`) and memory-mapped; the
+    # files of a folder by several processes (contiguous groups: the row order is kept)
+    parallel = {}
+    if isinstance(data_files, list) and len(data_files) > 1:
+        from datablame.data.parallel_load import PARALLEL_FROM_BYTES, load_workers
+
+        size = sum(os.path.getsize(f) for f in data_files)
+        workers = min(len(data_files), load_workers(size, PARALLEL_FROM_BYTES))
+        if workers > 1:
+            parallel["num_proc"] = workers
     try:
         ds = datasets.load_dataset(kind, data_files=data_files, split="train",
-                                   cache_dir=str(cache))
+                                   cache_dir=str(cache), **parallel)
     except Exception as exc:  # datasets wraps parser errors in many types
         if "corresponds to no data" in str(exc):  # e.g. a CSV of its header alone
             raise UserError(f"{where}: the file has no rows") from None
@@ -371,20 +378,18 @@ def _load_file(path: Path) -> Rows:
     line_numbers = None
     saved = _read_cached(cache, LINES_FILE)  # this content was checked before
     if saved is not None:
-        line_numbers = np.load(io.BytesIO(saved), allow_pickle=False)
-    else:
-        try:
-            if suffix == ".jsonl" or (suffix == ".json" and not _is_json_document(path)):
-                line_numbers = _check_jsonl(path)
-        except UnicodeDecodeError as exc:
-            raise UserError(f"{path}: not UTF-8 text ({exc.reason})") from None
+        from datablame.data.parallel_load import LineNumbers
+
+        line_numbers = LineNumbers.from_array(np.load(io.BytesIO(saved), allow_pickle=False))
+    elif suffix == ".jsonl" or (suffix == ".json" and not _is_json_document(path)):
+        line_numbers = _check_jsonl(path)
     if line_numbers is not None and len(line_numbers) == 0:
         raise UserError(f"{path}: the file has no rows")
 
     records = _read_with_datasets(FORMATS[suffix], str(path), str(path), cache)
     if line_numbers is not None and saved is None:
         buffer = io.BytesIO()
-        np.save(buffer, line_numbers)
+        np.save(buffer, line_numbers.to_array())
         _write_cached(cache, LINES_FILE, buffer.getvalue())
     if line_numbers is not None and len(line_numbers) != len(records):
         line_numbers = None  # datasets disagreed on row count; fall back to row ids only
@@ -399,6 +404,8 @@ def _is_json_document(path: Path) -> bool:
         return False
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text ({exc.reason})") from None
     except json.JSONDecodeError as exc:
         raise UserError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
     if not data:

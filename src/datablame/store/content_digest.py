@@ -28,6 +28,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 CONFIG_SUFFIXES = (".json", ".model", ".tiktoken")  # configs and tokenizer files
 CONFIG_NAMES = ("merges.txt", "vocab.txt")
 MAX_CACHE_ENTRIES = 65536  # a dataset of thousands of shard files, and the models
+MAX_HASH_THREADS = 8  # files hashed at once (storage, not cores, is the limit beyond)
 
 
 def cache_path(name: str = "digests.json") -> Path:
@@ -89,12 +90,18 @@ def file_digests(files: list[Path], what: str, bar_from: int = 0) -> list[str]:
     todo = [f for f in files
             if (cache.get(os.path.realpath(f)) or {}).get("key") != stat_key(stats[f])]
     if todo:
+        from concurrent.futures import ThreadPoolExecutor
+
         total = sum(stats[f].st_size for f in todo)
-        with progress.task(f"hashing {what}", total if total >= bar_from else 0) as advance:
-            for f in todo:
+        # threads: hashlib lets go of the GIL while it hashes, so the files of a sharded
+        # dataset (or a model's weight shards) are read and hashed side by side
+        threads = min(len(todo), MAX_HASH_THREADS, os.cpu_count() or 1)
+        with progress.task(f"hashing {what}", total if total >= bar_from else 0) as advance, \
+                ThreadPoolExecutor(threads) as pool:
+            for f, digest in zip(todo, pool.map(lambda f: sha256_file(Path(f)), todo),
+                                 strict=True):
                 cache.pop(os.path.realpath(f), None)  # re-inserted last: most recent
-                cache[os.path.realpath(f)] = {"key": stat_key(stats[f]),
-                                              "sha256": sha256_file(Path(f))}
+                cache[os.path.realpath(f)] = {"key": stat_key(stats[f]), "sha256": digest}
                 advance(stats[f].st_size)
         save_cache(cpath, cache)
     return [cache[os.path.realpath(f)]["sha256"] for f in files]
