@@ -326,17 +326,23 @@ def test_a_second_load_of_the_same_bytes_reads_no_row_again(tmp_path, monkeypatc
     folder.mkdir()
     for i in range(2):
         write_jsonl(folder / f"part-{i}.jsonl", [{**ROWS[i], "output": f"{unique} {i}"}])
+    from datablame.data import parallel_load
+
     first, first_folder = load_rows(path), load_rows(folder)
     want = (first.fingerprint(), list(first.line_numbers), first_folder.fingerprint())
     assert want[1] == [1, 3]
+    first.check_with(PromptTemplate())  # the template's check of every row, kept too
 
     def refuse(*_):
         raise AssertionError("read every row again")
 
-    monkeypatch.setattr(rows_mod, "_check_jsonl", refuse)
-    monkeypatch.setattr(rows_mod.ArrowRecords, "__iter__", refuse)
+    monkeypatch.setattr(parallel_load, "check_jsonl_files", refuse)
+    monkeypatch.setattr(rows_mod.ArrowRecords, "_rows", refuse)  # every read of rows
     again, again_folder = load_rows(path), load_rows(folder)
     assert (again.fingerprint(), list(again.line_numbers), again_folder.fingerprint()) == want
+    again.check_with(PromptTemplate())
+    with pytest.raises(AssertionError, match="read every row again"):
+        again.check_with(PromptTemplate("{question}{answer}", "answer"))  # another template
     monkeypatch.undo()
     path.write_text(json.dumps({**ROWS[0], "output": unique + "?"}) + "\n")  # new bytes
     assert load_rows(path).fingerprint() != want[0]

@@ -157,7 +157,7 @@ def _build_index_locked(train_file: str | os.PathLike, out: Path, lock, *,
     rows = load_rows(train_file, split=split)
     tmpl = resolve_template(template, response_field, rows, chat,
                             gradients.model if gradients is not None else chat_model)
-    tmpl.check_rows(rows)
+    rows.check_with(tmpl)  # once per content and template
     out = Path(out)
     # A rebuilt retrieval index (another embedder or index type) keeps the gradient store:
     # moved aside (a sibling, never deleted) at the swap and back once the new index is in
@@ -262,7 +262,7 @@ def _ivfpq_worker(train_file, out: Path, shard_of: tuple[int, int], *, template,
     rows = load_rows(train_file, split=split)
     check_ivfpq_rows(rows)
     tmpl = resolve_template(template, response_field, rows, chat, chat_model)
-    tmpl.check_rows(rows)
+    rows.check_with(tmpl)  # once per content and template
     if _current_index(out, rows, tmpl, "ivfpq", resolve_embedder(embedder)[0]):
         progress.note(f"{out} is an ivfpq index of these rows already: nothing to write")
         return {"written": 0, "mine": 0, "missing": [], "current": True}
@@ -297,7 +297,7 @@ def _gradient_shards(train_file, out: Path, g: GradientOptions, split, template,
     if tmpl.to_json() != index.template.to_json():
         raise UserError(f"{out} was indexed with another template than these options give: "
                         "pass the same --template / chat options as the index build")
-    tmpl.check_rows(rows)
+    rows.check_with(tmpl)  # once per content and template
     model = g.load()
     model.identity()
     options = g.store_options()

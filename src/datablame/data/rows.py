@@ -132,6 +132,20 @@ class Rows:
                 _write_cached(cache_dir, _fingerprint_file(), self._fingerprint.encode())
         return self._fingerprint
 
+    def check_with(self, template) -> None:
+        """`template.check_rows(self)` once per row content, template and release: the
+        verdict is kept beside the Arrow copy, so the workers of a sharded build and later
+        builds over the same bytes do not read every row again to check it."""
+        from datablame import __version__
+
+        cache_dir = getattr(self.records, "cache_dir", None)
+        key = hashlib.sha256(json.dumps(template.to_json(), sort_keys=True).encode())
+        name = f"checked-rows-{key.hexdigest()[:24]}-{__version__}"
+        if _read_cached(cache_dir, name) is not None:
+            return
+        template.check_rows(self)
+        _write_cached(cache_dir, name, b"")
+
     def texts(self, template) -> Sequence[str]:
         """Every row formatted by `template`, made as they are read (len and slices)."""
         return _FormattedRows(self.records, template)
