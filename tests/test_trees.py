@@ -435,3 +435,19 @@ def test_catboost_retrains_fitted_and_loaded_models(tmp_path):
         fewer = retrainer(m)(x[:100], y[:100])
         assert not np.allclose(fewer.predict(x, prediction_type="RawFormulaVal"),
                                m.predict(x, prediction_type="RawFormulaVal"))
+
+
+def test_shap_neighbors_on_a_model_shap_cannot_explain_is_one_line():
+    """shap's TreeExplainer refuses scikit-learn's multiclass gradient boosting: a user
+    error naming it and pointing to another method, not shap's traceback."""
+    from sklearn.datasets import load_wine
+    from sklearn.ensemble import GradientBoostingClassifier
+
+    from datablame.errors import UserError
+
+    x, y = load_wine(return_X_y=True)
+    model = GradientBoostingClassifier(n_estimators=5, random_state=0).fit(x, y)
+    ad = TreeEnsembleAdapter.from_model(model, x, y)
+    with pytest.raises(UserError, match=r"shap cannot explain this model \(Gradient"
+                                        r"BoostingClassifier is only supported for binary"):
+        get_method("shap-neighbors").fit(ad, x, y)

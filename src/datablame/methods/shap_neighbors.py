@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from datablame.errors import UserError
 from datablame.methods.base import Method
 from datablame.models.base import LEAVES, LINEAR, has
 
@@ -22,9 +23,14 @@ class ShapNeighbors(Method):
     def _explainer(self):
         import shap
 
-        if has(self.adapter, LEAVES):
-            return shap.TreeExplainer(self.adapter.model)
-        return shap.LinearExplainer(self.adapter.model, np.asarray(self.x_train))
+        try:
+            if has(self.adapter, LEAVES):
+                return shap.TreeExplainer(self.adapter.model)
+            return shap.LinearExplainer(self.adapter.model, np.asarray(self.x_train))
+        except shap.utils._exceptions.InvalidModelError as exc:  # e.g. multiclass sklearn GB
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise UserError(f"shap cannot explain this model ({message}): choose another "
+                            "--method (auto picks the measured default)") from None
 
     def _shap(self, x) -> np.ndarray:
         values = self.explainer.shap_values(np.asarray(x) if not hasattr(x, "iloc") else x)
