@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
 import numpy as np
@@ -115,7 +116,7 @@ def categories(model) -> dict[str, list]:
     for name, arr in stored:
         if arr is None:
             continue
-        if _non_ascii(arr):
+        if _non_ascii(arr) and not _reads_back_non_ascii_categories():
             raise UserError(
                 f"column '{name}': XGBoost {xgb_version()} stores categories with non-ASCII "
                 "characters in a form it does not read back (its own export turned 'São "
@@ -132,6 +133,24 @@ def _non_ascii(arr) -> bool:
     buffers = arr.buffers()
     data = buffers[2] if len(buffers) > 2 else None
     return data is not None and any(b >= 0x80 for b in bytes(data))
+
+
+@functools.cache
+def _reads_back_non_ascii_categories() -> bool:
+    """Whether this XGBoost exports 'é' as 'é': tried on a one-round model (milliseconds)
+    rather than assumed from a version number, so a release that fixes it is used."""
+    import pandas as pd
+    import xgboost as xgb
+
+    frame = pd.DataFrame({"c": pd.Categorical(["é", "São Paulo", "a", "é"])})
+    try:
+        booster = xgb.train({"tree_method": "hist", "max_depth": 1, "verbosity": 0},
+                            xgb.DMatrix(frame, label=[0, 1, 0, 1], enable_categorical=True),
+                            num_boost_round=1)
+        stored = dict(booster.get_categories(export_to_arrow=True).to_arrow())
+        return stored["c"].to_pylist() == list(frame["c"].cat.categories)
+    except Exception:  # an XGBoost that cannot say: treat it as one that mangles them
+        return False
 
 
 def xgb_version() -> str:
