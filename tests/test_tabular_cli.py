@@ -763,3 +763,26 @@ def test_a_skops_file_binding_code_to_a_function_is_refused(tmp_path, monkeypatc
                            tmp_path / "query.csv")
     _assert_one_line_error(code, err, "assert_run_python_script_without_output")
     assert not marker.exists()
+
+
+def test_the_python_api_reads_a_tables_columns_by_the_models_names():
+    """`attribute` given tables whose columns are reordered and hold an id: the model's
+    columns are taken by name (LightGBM alone would read them by position), so the scores
+    equal those of the model's own table."""
+    import lightgbm as lgb
+
+    from datablame.tabular import score_matrix
+
+    rng = np.random.default_rng(1)
+    x = pd.DataFrame({"income": rng.standard_normal(160), "age": rng.standard_normal(160),
+                      "debt": rng.standard_normal(160)})
+    y = (x["income"] - x["debt"] > 0).astype(int).to_numpy()
+    model = lgb.LGBMClassifier(n_estimators=10, num_leaves=4, min_child_samples=5,
+                               verbose=-1).fit(x, y)
+    want = score_matrix(model, x[:120], y[:120], x[120:130])
+    messy = x.assign(customer_id=np.arange(160))[["debt", "customer_id", "income", "age"]]
+    got = score_matrix(model, messy[:120], y[:120], messy[120:130])
+    np.testing.assert_array_equal(got, want)
+    assert not np.array_equal(  # what reading the reordered columns by position gives
+        model.predict_proba(messy[["debt", "income", "age"]].to_numpy()[120:130]),
+        model.predict_proba(x[120:130]))

@@ -146,6 +146,14 @@ def task(model, x_train, y_train, x_query, *, loss: str = "ce", l2: float = 0.0,
     if family == "torch":
         check_feature_matrix(x_train, "training rows")
         check_feature_matrix(x_query, "query rows")
+    elif hasattr(x_train, "columns") and hasattr(x_query, "columns"):
+        # tables with names: the model's columns, in its order (LightGBM would otherwise
+        # read reordered columns by position), as the CLI does
+        names = loading.feature_names(model)
+        if names is not None:
+            from datablame.data.tables import model_columns
+
+            x_train, x_query = model_columns(model, list(names), x_train, x_query)
     check_targets(x_train, y_train)
     y = np.asarray(as_array(y_train))
     adapter = loading.adapter_for(model, x_train, y, loss=loss, l2=l2)
