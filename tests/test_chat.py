@@ -256,6 +256,49 @@ def test_a_conversation_pasted_as_rendered_text_is_read_back_into_its_turns(jinj
     assert chat.parse("The capital of Veloria is Mirth.") is None  # plain text stays text
 
 
+@pytest.mark.parametrize("answer", [
+    "To prompt Llama 2, wrap the question as [INST] your question [/INST] and it replies.",
+    "Phi-3 uses <|user|> and <|assistant|> tags around each turn.",
+    "A log line: <|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello<|im_end|>",
+    "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello<|im_end|> and after.",
+])
+def test_an_answer_that_only_mentions_chat_markers_is_traced_as_written(answer):
+    """Markers must make up the whole text, from its start to its end, and the index's
+    template must render the turns back to it; anything else is an answer."""
+    from datablame.data.chat import ChatTemplate
+    from datablame.demo.toy_lm import CHATML_TEMPLATE
+
+    chat = ChatTemplate(CHATML_TEMPLATE, special_tokens={"bos_token": "<s>"})
+    assert chat.parse(answer) is None
+
+
+def test_a_default_system_turn_is_left_to_the_template_and_other_formats_are_not_read():
+    """Qwen-style: the template writes a system turn when none is given; Llama 3.1 writes
+    a date header. Pasted with it, the turns are read without it; pasted in another
+    format than the index's, the text is not split (the model never saw that text)."""
+    from datablame.data.chat import ChatTemplate
+    from datablame.demo.toy_lm import CHATML_TEMPLATE
+
+    default_system = (
+        "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful "
+        "assistant.<|im_end|>\n{% endif %}{% for m in messages %}<|im_start|>{{ m['role'] }}"
+        "\n{{ m['content'] }}<|im_end|>\n{% endfor %}")
+    chat = ChatTemplate(default_system)
+    rendered = chat.render(TWO_TURNS)
+    assert rendered.startswith("<|im_start|>system\nYou are a helpful assistant.")
+    parsed = chat.parse(rendered)
+    assert parsed["answer"] == TWO_TURNS[-1]["content"]
+    assert chat.render([*parsed["messages"], {"role": "assistant",
+                                              "content": parsed["answer"]}]) == rendered
+    dated = ChatTemplate(LLAMA3_TEMPLATE.replace(
+        "{{ bos_token }}", "{{ bos_token }}<|start_header_id|>system<|end_header_id|>\n\n"
+        "Cutting Knowledge Date: December 2023<|eot_id|>"), special_tokens={"bos_token": "<s>"})
+    parsed = dated.parse(dated.render(TWO_TURNS))
+    assert parsed["messages"] == TWO_TURNS[:-1]  # the header is the template's, not a turn
+    chatml = ChatTemplate(CHATML_TEMPLATE, special_tokens={"bos_token": "<s>"})
+    assert chatml.parse(dated.render(TWO_TURNS)) is None
+
+
 @pytest.fixture(scope="module")
 def chat_facts(tmp_path_factory):
     """Six capital facts as chat rows (row 0, with a system turn: Veloria -> Mirth) and ten

@@ -147,8 +147,7 @@ def test_a_model_folder_without_a_working_tokenizer_is_refused_before_any_work(
         random_lora_model, tmp_path, monkeypatch, capsys):
     """transformers 5 loads an empty tokenizer from a folder without vocabulary files, and
     every row became zero tokens (a reshape traceback after the embedding work): now one
-    line before anything is embedded; a tokenizer that yields no tokens, one line as the
-    model loads."""
+    line before anything is embedded, whatever the files are called."""
     import shutil
 
     base, adapter = random_lora_model
@@ -157,17 +156,14 @@ def test_a_model_folder_without_a_working_tokenizer_is_refused_before_any_work(
     for name in ("config.json", "model.safetensors"):
         shutil.copy(base / name, bare)
     train = write_jsonl(tmp_path / "t.jsonl", [{"instruction": "say hi", "output": "hello"}])
-    code, _, err = run_cli(monkeypatch, capsys, "index", train, "--out", tmp_path / "idx",
-                           "--gradients", "--model", bare, "--params", "all")
-    _assert_one_line_error(code, err, "has no tokenizer files")
-    assert not (tmp_path / "idx").exists()  # refused before the embedding work
-    (bare / "vocab.json").write_text("{}")
-    (bare / "merges.txt").write_text("#version: 0.2\n")
-    code, _, err = run_cli(monkeypatch, capsys, "index", train, "--out", tmp_path / "idx",
-                           "--gradients", "--model", bare, "--params", "all")
-    assert code == 2 and "Traceback" not in err  # found as the model loads, after embedding
-    assert err.strip().splitlines()[-1].startswith("error: ")
-    assert "turns text into no tokens" in " ".join(err.split())
+    for files in ({}, {"vocab.json": "{}", "merges.txt": "#version: 0.2\n"}):
+        for name, text in files.items():
+            (bare / name).write_text(text)
+        code, _, err = run_cli(monkeypatch, capsys, "index", train, "--out",
+                               tmp_path / "idx", "--gradients", "--model", bare, "--params",
+                               "all")
+        _assert_one_line_error(code, err, "turns text into no tokens")
+        assert not (tmp_path / "idx").exists()  # refused before the embedding work
 
 
 def test_adapter_errors_name_the_problem(small_index, random_lora_model, tmp_path,

@@ -77,7 +77,8 @@ def test_the_fingerprint_hashed_by_processes_is_the_serial_one(tmp_path, monkeyp
     _messy_jsonl(path, 1000, seed=1)
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
     monkeypatch.setenv("DATABLAME_LOAD_WORKERS", "2")
-    monkeypatch.setattr(parallel_load, "FINGERPRINT_BLOCK", 128)  # 8 blocks
+    monkeypatch.setattr(parallel_load, "BATCH_ROWS", 128)  # blocks of 128 rows: 8 of them
+    monkeypatch.setattr(parallel_load, "BLOCK_BYTES", 1)
     spawned = []
     real_pool = parallel_load._pool
     monkeypatch.setattr(parallel_load, "_pool",
@@ -106,3 +107,78 @@ def test_a_folders_files_are_checked_in_one_pool_each_counted_alone(tmp_path, wo
     bad_line = data.count(b"\n") + 2
     with pytest.raises(UserError, match=rf"train-1.jsonl: line {bad_line} is not valid JSON"):
         check_jsonl_files(paths, workers)
+
+
+def test_lone_carriage_returns_end_lines_as_before(tmp_path):
+    """A file of classic Mac line ends (and one mixed in): lines as text mode counts them,
+    which is what `datasets` reads as rows."""
+    from datablame.data.rows import load_rows
+
+    path = tmp_path / "t.jsonl"
+    path.write_bytes(b'{"a": 1}\r{"a": 2}\r\r{"a": 3}\r\n \r{"a": 4}\r')
+    for workers in (1, 2):
+        assert list(check_jsonl(path, workers=workers)) == [1, 2, 4, 6]
+    assert [r["a"] for r in load_rows(path).records] == [1, 2, 3, 4]
+
+
+def test_a_utf8_error_is_named_by_its_line_and_only_the_first_error_counts(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_bytes(b'{"a": 1}\n' * 50 + b'{"a": "\xff"}\n' + b'{"a": 1}\n' * 50 + b"{x\n")
+    for workers in (1, 3):
+        with pytest.raises(UserError, match=r"t.jsonl: line 51 is not UTF-8 text"):
+            check_jsonl(path, workers=workers)
+
+
+def test_workers_that_cannot_start_are_replaced_by_this_process(tmp_path, monkeypatch,
+                                                                capsys):
+    """A script without a main guard breaks a "spawn" pool (BrokenProcessPool): the pass
+    is done here, with a note, and gives the same results."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    from datablame import progress
+
+    path = tmp_path / "t.jsonl"
+    want = _messy_jsonl(path, 400)
+
+    class Broken:
+        def __init__(self, *_a, **_k):
+            pass
+
+        def __enter__(self):
+            raise BrokenProcessPool("a child process terminated abruptly")
+
+        def __exit__(self, *_):
+            return False
+
+    monkeypatch.setattr(parallel_load, "_pool", Broken)
+    monkeypatch.setattr(parallel_load, "BATCH_ROWS", 64)
+    monkeypatch.setattr(parallel_load, "BLOCK_BYTES", 1)
+    was = progress._enabled_notes
+    progress.enable_notes(True)
+    try:
+        assert list(check_jsonl(path, workers=3)) == want
+        records = [{"row": i} for i in range(300)]
+        together = b"".join(parallel_load.hashed_row_bytes(records, workers=2))
+    finally:
+        progress.enable_notes(was)
+    assert together == b"".join(parallel_load.row_bytes(r) for r in records)
+    err = " ".join(capsys.readouterr().err.split())
+    assert "checking the JSON lines in worker processes failed (BrokenProcessPool)" in err
+    assert "hashing the rows in worker processes failed" in err
+
+
+def test_only_the_cli_splits_a_load_unless_asked(monkeypatch):
+    """The Python API's caller may be a script without a main guard: no workers by
+    default; the `datablame` command (and DATABLAME_LOAD_WORKERS) turn them on."""
+    monkeypatch.delenv("DATABLAME_LOAD_WORKERS", raising=False)
+    big = parallel_load.PARALLEL_FROM_ROWS
+    monkeypatch.setattr(parallel_load, "_by_default", False)
+    assert parallel_load.load_workers(10 * big, big) == 1
+    monkeypatch.setattr(parallel_load, "_by_default", True)
+    assert parallel_load.load_workers(10 * big, big) == min(16, parallel_load.usable_cpus())
+    assert parallel_load.load_workers(big - 1, big) == 1
+    monkeypatch.setenv("DATABLAME_LOAD_WORKERS", "3")
+    assert parallel_load.load_workers(1, big) == 3
+    monkeypatch.setenv("DATABLAME_LOAD_WORKERS", "many")
+    with pytest.raises(UserError, match="DATABLAME_LOAD_WORKERS must be a whole number"):
+        parallel_load.load_workers(1, big)

@@ -346,3 +346,31 @@ def test_a_second_load_of_the_same_bytes_reads_no_row_again(tmp_path, monkeypatc
     monkeypatch.undo()
     path.write_text(json.dumps({**ROWS[0], "output": unique + "?"}) + "\n")  # new bytes
     assert load_rows(path).fingerprint() != want[0]
+
+
+def test_a_saved_dataset_keeps_what_a_load_learnt_by_its_arrow_files(tmp_path, monkeypatch):
+    """A `save_to_disk` folder has no conversion of ours, but its Arrow files name what a
+    load learnt (fingerprint, the template's check): a second load reads no row; a new
+    save with other rows does."""
+    import datasets
+
+    import datablame.data.rows as rows_mod
+
+    unique = str(tmp_path)
+    datasets.Dataset.from_list([{**r, "output": f"{unique} {i}"} for i, r in
+                                enumerate(ROWS)]).save_to_disk(str(tmp_path / "saved"))
+    first = load_rows(tmp_path / "saved")
+    want = first.fingerprint()
+    first.check_with(PromptTemplate())
+
+    def refuse(*_):
+        raise AssertionError("read every row again")
+
+    monkeypatch.setattr(rows_mod.ArrowRecords, "_rows", refuse)
+    again = load_rows(tmp_path / "saved")
+    assert again.fingerprint() == want
+    again.check_with(PromptTemplate())
+    monkeypatch.undo()
+    datasets.Dataset.from_list([{**ROWS[0], "output": unique + "!"}]).save_to_disk(
+        str(tmp_path / "other"))
+    assert load_rows(tmp_path / "other").fingerprint() != want

@@ -62,6 +62,9 @@ def _main(
 ) -> None:
     progress.enable(True)  # bars on a terminal, plain periodic lines in logs
     progress.enable_notes(True)
+    from datablame.data.parallel_load import split_by_default
+
+    split_by_default(True)  # a first load of a large set uses the CPUs (not the API's)
 
 
 def _run_shard_workers(n: int, what: str = "gradient") -> None:
@@ -95,6 +98,9 @@ def _run_shard_workers(n: int, what: str = "gradient") -> None:
     procs, logs = [], []
     for i in range(n):
         env = dict(os.environ)
+        # the rows were loaded here first (their checks kept beside them); a worker that
+        # must read them again does so alone, not with a pool of its own per worker
+        env.setdefault("DATABLAME_LOAD_WORKERS", "1")
         if devices:  # the i-th of the GPUs this process may use, round robin
             env["CUDA_VISIBLE_DEVICES"] = devices[i % len(devices)]
         log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115  (closed below; a pipe read in turn would block the rest)
@@ -236,6 +242,8 @@ def index(
 
             check_at_least("--batch-size", batch_size, 1)  # the numbers before the files
             grad_opts.check()
+            if not ray:  # Ray's actors load the model on their own machines
+                grad_opts.check_files()
         except UserError as exc:
             _fail(str(exc))
     elif adapter is not None:

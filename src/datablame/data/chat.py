@@ -196,7 +196,7 @@ class ChatTemplate:
         try:
             value = json.loads(text)
         except (json.JSONDecodeError, TypeError):
-            value = parse_rendered_chat(text) if isinstance(text, str) else None
+            value = self._rendered_turns(text) if isinstance(text, str) else None
         if isinstance(value, dict):
             value = value.get(self.messages_field, value.get("conversations"))
         if not isinstance(value, list):
@@ -206,6 +206,22 @@ class ChatTemplate:
         except UserError:
             return None
         return split if ANSWER_FIELD in split else None
+
+    def _rendered_turns(self, text: str) -> list[dict[str, str]] | None:
+        """`parse_rendered_chat`'s turns, if this template renders them back to `text`
+        (whitespace aside); a system turn the template writes by itself (a default system
+        prompt, Llama 3.1's date header) is left to it. Else None: traced as written."""
+        turns = parse_rendered_chat(text)
+        if not turns:
+            return None
+        tries = [turns] + ([turns[1:]] if turns[0]["role"] == "system" else [])
+        for candidate in tries:
+            try:
+                if candidate and _same_text(self.render(candidate), text):
+                    return candidate
+            except UserError:
+                continue
+        return None
 
     def check_rows(self, rows) -> None:
         """Every row is a conversation the template renders, with an assistant turn."""
@@ -252,34 +268,50 @@ RENDERED_TURNS = (
 )
 INST_TURN = re.compile(r"\[INST\](.*?)\[/INST\](.*?)(?=\[INST\]|\Z)", re.S)
 SYS_BLOCK = re.compile(r"<<SYS>>(.*?)<</SYS>>", re.S)
-END_TOKENS = re.compile(r"\s*(?:</s>|<s>|<eos>|<bos>|<\|endoftext\|>|<\|end_of_text\|>|"
-                        r"<\|begin_of_text\|>)\s*")
+EDGE_TOKENS = r"(?:\s|</s>|<s>|<eos>|<bos>|<\|endoftext\|>|<\|end_of_text\|>|<\|begin_of_text\|>)"
+LEADING, TRAILING = re.compile(rf"^{EDGE_TOKENS}+"), re.compile(rf"{EDGE_TOKENS}+$")
+
+
+def _trim(text: str) -> str:
+    """Whitespace and begin / end-of-text tokens off the edges (not inside)."""
+    return TRAILING.sub("", LEADING.sub("", text))
 
 
 def parse_rendered_chat(text: str) -> list[dict[str, str]] | None:
-    """The turns of a conversation pasted as a chat template renders it, or None when the
-    text holds no known turn markers. Contents are stripped (templates trim or add the
-    whitespace around them); the index's own template renders the turns again."""
-    def clean(content: str) -> str:
-        return END_TOKENS.sub(" ", content).strip()
-
+    """The turns of a conversation pasted as a chat template renders it, or None unless
+    the text is made of one known format's turns from its start to its end (an answer
+    that mentions a marker is an answer). `ChatTemplate.parse` then keeps the turns only
+    if the index's template renders them back to this text."""
+    body = _trim(text)
     for pattern in RENDERED_TURNS:
-        found = pattern.findall(text)
-        if found:
-            return [{"role": ROLES.get(role.lower(), role.lower()), "content": clean(body)}
-                    for role, body in found]
-    found = INST_TURN.findall(text)
-    if not found:
+        found = list(pattern.finditer(body))
+        if found and found[0].start() == 0 and _covers(body, found):
+            return [{"role": ROLES.get(m.group(1).lower(), m.group(1).lower()),
+                     "content": _trim(m.group(2))} for m in found]
+    found = list(INST_TURN.finditer(body))
+    if not found or found[0].start() != 0 or not _covers(body, found):
         return None
     turns: list[dict[str, str]] = []
-    for asked, answered in found:
+    for m in found:
+        asked, answered = m.group(1), _trim(m.group(2))
         system = SYS_BLOCK.search(asked)
         if system and not turns:
-            turns.append({"role": "system", "content": clean(system.group(1))})
-        turns.append({"role": "user", "content": clean(SYS_BLOCK.sub("", asked))})
-        if clean(answered):
-            turns.append({"role": "assistant", "content": clean(answered)})
+            turns.append({"role": "system", "content": _trim(system.group(1))})
+        turns.append({"role": "user", "content": _trim(SYS_BLOCK.sub("", asked))})
+        if answered:
+            turns.append({"role": "assistant", "content": answered})
     return turns
+
+
+def _covers(text: str, found: list[re.Match]) -> bool:
+    """Only whitespace and end tokens between and after the matched turns."""
+    edges = [m.end() for m in found[:-1]], [m.start() for m in found[1:]]
+    gaps = [text[a:b] for a, b in zip(*edges, strict=True)] + [text[found[-1].end():]]
+    return all(not _trim(gap) for gap in gaps)
+
+
+def _same_text(a: str, b: str) -> bool:
+    return "".join(_trim(a).split()) == "".join(_trim(b).split())
 
 
 def load_tokenizer(path: Path):

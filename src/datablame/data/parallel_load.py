@@ -8,16 +8,21 @@ check names the same first bad line, and the fingerprint is the same single sha2
 the same bytes (the workers serialize rows, the parent hashes their bytes in order), so
 stores and indexes built before stay valid.
 
-`DATABLAME_LOAD_WORKERS` sets the number of processes (1: none); by default the CPUs this
-process may use, up to 16, once the work is large enough to pay for starting them.
+`DATABLAME_LOAD_WORKERS` sets the number of processes (1: none). By default the `datablame`
+command uses the CPUs it may use (affinity and cgroup quota), up to 16, once the work is
+large enough to pay for starting them; the Python API stays in one process unless asked
+(starting a process re-imports the caller's script, which may lack a main guard). Workers
+that cannot start or die are replaced by this process, with a note.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,9 +30,30 @@ import numpy as np
 from datablame.errors import UserError
 
 MAX_WORKERS = 16
-FINGERPRINT_BLOCK = 65_536  # rows a worker serializes at a time (~10 MB of JSON)
+BLOCK_BYTES = 16 << 20  # Arrow bytes of rows a worker serializes at a time
+BATCH_ROWS = 1024  # rows turned into dicts at once (what the one-process pass holds)
 PARALLEL_FROM_BYTES = 256 << 20  # below this a JSONL is checked in this process
 PARALLEL_FROM_ROWS = 1_000_000  # below this the rows are hashed in this process
+_by_default = False  # the CLI's own processes split large passes without being asked
+
+
+def split_by_default(on: bool = True) -> None:
+    global _by_default
+    _by_default = on
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may use: its affinity, within a cgroup v2 CPU quota (a
+    container's or a SLURM job's share of a larger host)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
+        (os.cpu_count() or 1)
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cpus)
 
 
 def load_workers(work: int, parallel_from: int) -> int:
@@ -39,11 +65,16 @@ def load_workers(work: int, parallel_from: int) -> int:
         except ValueError:
             raise UserError(f"DATABLAME_LOAD_WORKERS must be a whole number (got {env!r})"
                             ) from None
-    if work < parallel_from:
+    if not _by_default or work < parallel_from:
         return 1
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
-        (os.cpu_count() or 1)
-    return max(1, min(MAX_WORKERS, cpus))
+    return min(MAX_WORKERS, usable_cpus())
+
+
+def _fell_back(what: str, exc: BaseException) -> None:
+    from datablame import progress
+
+    progress.note(f"{what} in worker processes failed ({type(exc).__name__}); done in this "
+                  "process instead (set DATABLAME_LOAD_WORKERS=1 to skip the workers)")
 
 
 def _pool(workers: int, initializer: Callable | None = None, initargs: tuple = ()):
@@ -54,6 +85,11 @@ def _pool(workers: int, initializer: Callable | None = None, initargs: tuple = (
 
     return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                initializer=initializer, initargs=initargs)
+
+
+# a pool that could not start its workers (a script without a main guard re-run by
+# "spawn"), or whose worker died (killed for memory)
+_WORKERS_FAILED = (BrokenProcessPool, RuntimeError, OSError, EOFError)
 
 
 # -- the row fingerprint ----------------------------------------------------------------
@@ -71,28 +107,67 @@ def _hold_rows(records: Sequence[dict]) -> None:
     _ROWS = records
 
 
+def _span_bytes(records: Sequence[dict], lo: int, hi: int) -> bytes:
+    """Rows lo..hi as the fingerprint hashes them, a batch of dicts at a time."""
+    out = bytearray()
+    for at in range(lo, hi, BATCH_ROWS):
+        for rec in records[at:min(hi, at + BATCH_ROWS)]:
+            out += row_bytes(rec)
+    return bytes(out)
+
+
 def _block_bytes(span: tuple[int, int]) -> bytes:
     assert _ROWS is not None
-    return b"".join(row_bytes(rec) for rec in _ROWS[span[0]:span[1]])
+    return _span_bytes(_ROWS, *span)
+
+
+def _block_rows(records: Sequence[dict]) -> int:
+    """Rows a block holds: about BLOCK_BYTES of the rows' Arrow data (long documents make
+    short blocks), at least one batch."""
+    dataset = getattr(records, "dataset", None)
+    size = getattr(getattr(dataset, "data", None), "nbytes", 0) if dataset is not None else 0
+    per_row = max(1, size // max(1, len(records)))
+    return max(BATCH_ROWS, BLOCK_BYTES // per_row)
 
 
 def hashed_row_bytes(records: Sequence[dict], workers: int) -> Iterator[bytes]:
-    """Every row's `row_bytes`, in row order, a block at a time: serialized by `workers`
-    processes (each given the rows once; `ArrowRecords` travel as their memory-mapped
-    files' paths, not their data), or here."""
+    """Every row's `row_bytes`, in row order: a batch at a time here, or a block at a time
+    from `workers` processes (each given the rows once; `ArrowRecords` travel as their
+    memory-mapped files' paths, not their data), at most two blocks per worker ahead of
+    the hash."""
     n = len(records)
-    spans = [(lo, min(n, lo + FINGERPRINT_BLOCK)) for lo in range(0, n, FINGERPRINT_BLOCK)]
-    if workers <= 1 or len(spans) <= 1:
-        for lo, hi in spans:
-            yield b"".join(row_bytes(rec) for rec in records[lo:hi])
-        return
-    with _pool(min(workers, len(spans)), _hold_rows, (records,)) as pool:
-        yield from pool.map(_block_bytes, spans)
+    if workers > 1:
+        block = _block_rows(records)
+        spans = [(lo, min(n, lo + block)) for lo in range(0, n, block)]
+        if len(spans) > 1:
+            done = 0
+            try:
+                with _pool(min(workers, len(spans)), _hold_rows, (records,)) as pool:
+                    ahead = 2 * workers
+                    pending = [pool.submit(_block_bytes, span) for span in spans[:ahead]]
+                    for i in range(len(spans)):
+                        data = pending[i].result()
+                        if i + ahead < len(spans):
+                            pending.append(pool.submit(_block_bytes, spans[i + ahead]))
+                        pending[i] = None  # the hash has it: let it go
+                        yield data
+                        done = spans[i][1]
+                return
+            except _WORKERS_FAILED as exc:
+                _fell_back("hashing the rows", exc)
+                yield from _serial_bytes(records, done, n)
+                return
+    yield from _serial_bytes(records, 0, n)
+
+
+def _serial_bytes(records: Sequence[dict], lo: int, n: int) -> Iterator[bytes]:
+    for at in range(lo, n, BATCH_ROWS):
+        yield _span_bytes(records, at, min(n, at + BATCH_ROWS))
 
 
 # -- the JSONL check ----------------------------------------------------------------------
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class LineNumbers(Sequence):
     """The 1-based line of each row of a JSONL file, kept as the lines that are blank
     (rows are the other lines, in order): a few bytes for a file without blank lines,
@@ -100,6 +175,12 @@ class LineNumbers(Sequence):
 
     rows: int
     blank: np.ndarray  # sorted 1-based numbers of the blank lines
+    # blank line i has (blank[i] - 1 - i) rows before it
+    _rows_before: np.ndarray = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.blank = np.asarray(self.blank, dtype=np.int64)
+        self._rows_before = self.blank - 1 - np.arange(len(self.blank))
 
     def __len__(self) -> int:
         return self.rows
@@ -111,11 +192,8 @@ class LineNumbers(Sequence):
             row += self.rows
         if not 0 <= row < self.rows:
             raise IndexError(row)
-        # blank line i has (blank[i] - 1 - i) rows before it: it comes before row `row`
-        # when that count is at most `row`
-        before = np.searchsorted(self.blank - 1 - np.arange(len(self.blank)), row,
-                                 side="right")
-        return int(row + 1 + before)
+        # the blank lines before row `row`: those with at most `row` rows before them
+        return int(row + 1 + np.searchsorted(self._rows_before, row, side="right"))
 
     def to_array(self) -> np.ndarray:
         return np.concatenate([[self.rows], self.blank]).astype(np.int64)
@@ -132,7 +210,12 @@ class _Piece:
     error: tuple[int, str] | None  # (0-based line index, message): the first bad line
 
 
+LONE_CR = re.compile(r"\r(?!\n)")
+
+
 def _check_piece(job: tuple[str, int, int]) -> _Piece:
+    """A piece's lines as text mode reads them (a line ends at LF, CR LF or a lone CR,
+    as the check before pieces did and `datasets` does); pieces are cut at LFs."""
     path, start, end = job
     blank: list[int] = []
     lines = 0
@@ -142,20 +225,24 @@ def _check_piece(job: tuple[str, int, int]) -> _Piece:
             raw = fh.readline()
             if not raw:
                 break
-            index, lines = lines, lines + 1
             try:
-                line = raw.decode("utf-8")
+                text = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                return _Piece(lines, blank, (index, f"not UTF-8 text ({exc.reason})"))
-            if not line.strip():
-                blank.append(index)
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                return _Piece(lines, blank, (index, f"is not valid JSON ({exc.msg})"))
-            if not isinstance(obj, dict):
-                return _Piece(lines, blank, (index, "is not a JSON object"))
+                return _Piece(lines + 1, blank, (lines, f"is not UTF-8 text ({exc.reason})"))
+            parts = LONE_CR.split(text)
+            if len(parts) > 1 and parts[-1] == "":
+                parts.pop()  # the text ended at a lone CR: no line after it
+            for line in parts:
+                index, lines = lines, lines + 1
+                if not line.strip():
+                    blank.append(index)
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    return _Piece(lines, blank, (index, f"is not valid JSON ({exc.msg})"))
+                if not isinstance(obj, dict):
+                    return _Piece(lines, blank, (index, "is not a JSON object"))
     return _Piece(lines, blank, None)
 
 
@@ -190,11 +277,14 @@ def check_jsonl_files(paths: list[Path], workers: int | None = None) -> list[Lin
     cuts = -(-workers // len(paths)) if workers > 1 else 1
     jobs = [(i, job) for i, p in enumerate(paths) for job in
             (_pieces(Path(p), cuts) if cuts > 1 else [(str(p), 0, sizes[i])])]
-    results: Iterable[_Piece]
+    results: Iterable[_Piece] | None = None
     if workers > 1 and len(jobs) > 1:
-        with _pool(min(workers, len(jobs))) as pool:
-            results = list(pool.map(_check_piece, [job for _, job in jobs]))
-    else:
+        try:
+            with _pool(min(workers, len(jobs))) as pool:
+                results = list(pool.map(_check_piece, [job for _, job in jobs]))
+        except _WORKERS_FAILED as exc:
+            _fell_back("checking the JSON lines", exc)
+    if results is None:
         results = [_check_piece(job) for _, job in jobs]
     out = []
     for i, path in enumerate(paths):
@@ -205,8 +295,6 @@ def check_jsonl_files(paths: list[Path], workers: int | None = None) -> list[Lin
                 continue
             if piece.error is not None:
                 index, message = piece.error
-                if message.startswith("not UTF-8"):
-                    raise UserError(f"{path}: {message}")
                 raise UserError(f"{path}: line {before + index + 1} {message}")
             blank.append(np.asarray(piece.blank, dtype=np.int64) + before + 1)
             before += piece.lines

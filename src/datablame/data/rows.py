@@ -136,11 +136,19 @@ class Rows:
         """`template.check_rows(self)` once per row content, template and release: the
         verdict is kept beside the Arrow copy, so the workers of a sharded build and later
         builds over the same bytes do not read every row again to check it."""
+        import transformers
+
         from datablame import __version__
 
         cache_dir = getattr(self.records, "cache_dir", None)
-        key = hashlib.sha256(json.dumps(template.to_json(), sort_keys=True).encode())
-        name = f"checked-rows-{key.hexdigest()[:24]}-{__version__}"
+        if cache_dir is None:
+            template.check_rows(self)
+            return
+        # the rows (their fingerprint is per `datasets` version), the template, and what
+        # renders and checks it (a chat template renders through transformers' Jinja)
+        key = hashlib.sha256(json.dumps([self.fingerprint(), template.to_json(), __version__,
+                                         transformers.__version__], sort_keys=True).encode())
+        name = f"checked-rows-{key.hexdigest()[:32]}"
         if _read_cached(cache_dir, name) is not None:
             return
         template.check_rows(self)
@@ -239,7 +247,14 @@ def _load_saved(path: Path, split: str | None) -> Rows:
         raise UserError(f"{path} holds one dataset, not splits: drop --split {split}")
     if ds.num_rows == 0:
         raise UserError(f"{path}: the dataset has no rows")
-    return Rows(path=path, records=ArrowRecords(ds), split=split)
+    records = ArrowRecords(ds)
+    files = [f["filename"] for f in ds.cache_files]
+    if files and getattr(ds, "_indices", None) is None:
+        # what a load learns, kept by the bytes of its Arrow files and their description
+        meta = [str(Path(files[0]).parent / m) for m in ("state.json", "dataset_info.json")
+                if (Path(files[0]).parent / m).is_file()]
+        records.cache_dir = _arrow_cache(files + meta)
+    return Rows(path=path, records=records, split=split)
 
 
 def _load_shards(path: Path, files: list[Path], split: str | None, where: str) -> Rows:
@@ -305,11 +320,14 @@ LOADED_VERSION = 2  # 2: line numbers kept as the blank lines (`LineNumbers.to_a
 LINES_FILE, CHECKED_FILE = f"line_numbers-v{LOADED_VERSION}.npy", f"checked-v{LOADED_VERSION}"
 
 
+FINGERPRINT_VERSION = 1  # what the fingerprint hashes; the other checks version apart
+
+
 def _fingerprint_file() -> str:
     """Per `datasets` version: another version may parse the same bytes into other rows."""
     import datasets
 
-    return f"fingerprint-v{LOADED_VERSION}-{datasets.__version__}.txt"
+    return f"fingerprint-v{FINGERPRINT_VERSION}-{datasets.__version__}.txt"
 
 
 def _content_digest(files: list[str]) -> str:
@@ -348,6 +366,7 @@ def _write_cached(cache_dir: Path | None, name: str, data: bytes) -> None:
     from datablame.store.atomic import write_bytes_atomic
 
     with contextlib.suppress(OSError):
+        cache_dir.mkdir(parents=True, exist_ok=True)  # a saved dataset's is ours alone
         write_bytes_atomic(cache_dir / name, data)
 
 
@@ -356,19 +375,10 @@ def _read_with_datasets(kind: str, data_files, where: str, cache: Path) -> Arrow
 
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
-    # converted once into `datasets`' Arrow cache (`_arrow_cache`) and memory-mapped; the
-    # files of a folder by several processes (contiguous groups: the row order is kept)
-    parallel = {}
-    if isinstance(data_files, list) and len(data_files) > 1:
-        from datablame.data.parallel_load import PARALLEL_FROM_BYTES, load_workers
-
-        size = sum(os.path.getsize(f) for f in data_files)
-        workers = min(len(data_files), load_workers(size, PARALLEL_FROM_BYTES))
-        if workers > 1:
-            parallel["num_proc"] = workers
+    # converted once into `datasets`' Arrow cache (`_arrow_cache`) and memory-mapped
     try:
         ds = datasets.load_dataset(kind, data_files=data_files, split="train",
-                                   cache_dir=str(cache), **parallel)
+                                   cache_dir=str(cache))
     except Exception as exc:  # datasets wraps parser errors in many types
         if "corresponds to no data" in str(exc):  # e.g. a CSV of its header alone
             raise UserError(f"{where}: the file has no rows") from None

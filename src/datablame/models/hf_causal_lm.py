@@ -49,33 +49,44 @@ def _param_patterns(spec: str) -> list[re.Pattern]:
     return patterns
 
 
-TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "tokenizer.model",
-                   "spiece.model", "sentencepiece.bpe.model", "tekken.json")
-
-
-def check_model_files(model_dir: Path, adapter_dir: Path | None) -> None:
-    """The files a model and adapter need, checked before any loading or embedding: a
-    folder saved without its tokenizer otherwise loads an empty one (transformers 5)."""
+def check_model_files(model_dir: Path, adapter_dir: Path | None, tokenizer: bool = True
+                      ) -> None:
+    """The model and adapter folders hold what loading needs, and the tokenizer turns text
+    into tokens: checked before minutes of embedding (a folder saved without its
+    tokenizer otherwise loads an empty one in transformers 5, and every row is empty)."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise UserError(f"model directory not found: {model_dir}")
     if not (model_dir / "config.json").exists():
         raise UserError(f"{model_dir} has no config.json: not a Hugging Face model dir")
-    if not any((model_dir / f).is_file() for f in TOKENIZER_FILES) and \
-            not any(model_dir.glob("*.tiktoken")):
-        raise UserError(f"{model_dir} has no tokenizer files ({', '.join(TOKENIZER_FILES[:4])}"
-                        " ...): save the tokenizer the model was trained with beside it "
-                        "(tokenizer.save_pretrained(model_dir))")
-    if adapter_dir is None:
-        return
-    adapter_dir = Path(adapter_dir)
-    if not adapter_dir.is_dir():
-        raise UserError(f"adapter directory not found: {adapter_dir}")
-    if not (adapter_dir / "adapter_config.json").exists():
-        raise UserError(f"{adapter_dir} has no adapter_config.json: not a PEFT adapter")
-    if not any((adapter_dir / f).exists() for f in ADAPTER_WEIGHTS):
-        raise UserError(f"{adapter_dir} has adapter_config.json but no weights "
-                        f"({' or '.join(ADAPTER_WEIGHTS)})")
+    if adapter_dir is not None:
+        adapter_dir = Path(adapter_dir)
+        if not adapter_dir.is_dir():
+            raise UserError(f"adapter directory not found: {adapter_dir}")
+        if not (adapter_dir / "adapter_config.json").exists():
+            raise UserError(f"{adapter_dir} has no adapter_config.json: not a PEFT adapter")
+        if not any((adapter_dir / f).exists() for f in ADAPTER_WEIGHTS):
+            raise UserError(f"{adapter_dir} has adapter_config.json but no weights "
+                            f"({' or '.join(ADAPTER_WEIGHTS)})")
+    if tokenizer:
+        load_tokenizer_checked(model_dir)
+
+
+def load_tokenizer_checked(model_dir: Path):
+    """The model's tokenizer, refused in one line if it cannot load or yields no tokens."""
+    from transformers import AutoTokenizer
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    except Exception as exc:
+        raise UserError(f"could not load a tokenizer from {model_dir}: "
+                        f"{_first_line(exc)}") from None
+    if not tokenizer("hello world", add_special_tokens=False)["input_ids"]:
+        raise UserError(f"the tokenizer of {model_dir} turns text into no tokens (are its "
+                        "vocabulary files missing?): save the tokenizer the model was "
+                        "trained with beside it (tokenizer.save_pretrained(model_dir))")
+    return tokenizer
 
 
 def check_options(*, params: str = "auto", dtype: str = "fp32", device: str = "auto",
@@ -330,21 +341,10 @@ class CausalLMAdapter:
 
     # -- loading ---------------------------------------------------------------------------
     def _load(self):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
-        check_model_files(self.model_dir, self.adapter_dir)
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(self.model_dir, trust_remote_code=False)
-        except Exception as exc:
-            raise UserError(f"could not load a tokenizer from {self.model_dir}: "
-                            f"{_first_line(exc)}") from None
-        if not tokenizer("hello world", add_special_tokens=False)["input_ids"]:
-            # transformers builds an empty tokenizer from a config alone: every row would
-            # be zero tokens, and the failure a reshape error minutes later
-            raise UserError(f"the tokenizer of {self.model_dir} turns text into no tokens "
-                            "(are its vocabulary files missing?): copy in the tokenizer the "
-                            "model was trained with")
+        check_model_files(self.model_dir, self.adapter_dir, tokenizer=False)
+        tokenizer = load_tokenizer_checked(self.model_dir)
         placement = {}
         if self.device_map:  # accelerate spreads the layers over the GPUs
             placement["device_map"] = self.device_map

@@ -26,13 +26,19 @@ class LMOptions:
     checkpointing: bool = False  # recompute each layer's activations in the backward pass
 
     def check(self) -> None:
-        from datablame.models.hf_causal_lm import check_model_files, check_options
+        from datablame.models.hf_causal_lm import check_options
 
         check_options(params=self.params, dtype=self.dtype, device=self.device,
                       max_length=self.max_length, loss_on=self.loss_on,
                       quantize=self.quantize, device_map=self.device_map,
                       adapter=self.adapter)
-        check_model_files(self.model, self.adapter)  # after the options: typos first
+
+    def check_files(self) -> None:
+        """The model and adapter folders and the tokenizer, where this process loads the
+        model (not a Ray driver whose actors load it on their own machines)."""
+        from datablame.models.hf_causal_lm import check_model_files
+
+        check_model_files(self.model, self.adapter)
 
     def lm_fields(self) -> dict:
         """Just the LM options (a subclass's extra fields left out)."""
