@@ -281,17 +281,23 @@ def _load_shards(path: Path, files: list[Path], split: str | None, where: str) -
         return rows
     cache = _arrow_cache([str(f) for f in files])
     checked = _read_cached(cache, CHECKED_FILE) is not None  # this content was, before
-    lines = []
-    for f in files:
-        if f.stat().st_size == 0:
-            raise UserError(f"{f}: the file is empty")
-        if not checked and FORMATS[f.suffix.lower()] == "json" and \
-                (f.suffix.lower() == ".jsonl" or not _is_json_document(f)):
-            lines.append(f)
-    if lines:  # every JSON Lines file, checked in one pass (split over processes)
+    lines, first_error = [], None
+    for f in files:  # the first file with a problem is the one named, as file by file
+        try:
+            if f.stat().st_size == 0:
+                raise UserError(f"{f}: the file is empty")
+            if not checked and FORMATS[f.suffix.lower()] == "json" and \
+                    (f.suffix.lower() == ".jsonl" or not _is_json_document(f)):
+                lines.append(f)
+        except UserError as exc:
+            first_error = exc
+            break
+    if lines:  # the JSON Lines files before it, checked in one pass (split over processes)
         from datablame.data.parallel_load import check_jsonl_files
 
         check_jsonl_files(lines)
+    if first_error is not None:
+        raise first_error
     records = _read_with_datasets(kinds.pop(), [str(f) for f in files], where, cache)
     _write_cached(cache, CHECKED_FILE, b"")
     return Rows(path=path, records=records, split=split)
