@@ -779,10 +779,15 @@ def test_the_python_api_reads_a_tables_columns_by_the_models_names():
     y = (x["income"] - x["debt"] > 0).astype(int).to_numpy()
     model = lgb.LGBMClassifier(n_estimators=10, num_leaves=4, min_child_samples=5,
                                verbose=-1).fit(x, y)
+    from datablame.tabular import attribute
+
     want = score_matrix(model, x[:120], y[:120], x[120:130])
     messy = x.assign(customer_id=np.arange(160))[["debt", "customer_id", "income", "age"]]
     got = score_matrix(model, messy[:120], y[:120], messy[120:130])
     np.testing.assert_array_equal(got, want)
+    ranked = attribute(model, messy[:120], y[:120], messy[120:130], top_k=3)  # reasons too
+    plain = attribute(model, x[:120], y[:120], x[120:130], top_k=3)
+    assert ranked[["row", "score", "reason"]].equals(plain[["row", "score", "reason"]])
     assert not np.array_equal(  # what reading the reordered columns by position gives
         model.predict_proba(messy[["debt", "income", "age"]].to_numpy()[120:130]),
         model.predict_proba(x[120:130]))

@@ -177,7 +177,7 @@ def _fit_and_score(model, x_train, y_train, x_query, y_query=None, *, loss="ce",
     t = task(model, x_train, y_train, x_query, loss=loss, l2=l2)
     est = t.fit(method, **method_params)
     scores, yq, explains = t.scores(est, y_query)
-    return est, scores, yq, explains
+    return est, scores, yq, explains, t.x_query  # the query table as the model reads it
 
 
 def score_matrix(model, x_train, y_train, x_query, y_query=None, *, loss="ce",
@@ -202,10 +202,11 @@ def attribute(model, x_train, y_train, x_query, y_query=None, *, loss="ce",
     of; queries whose every score is zero are not ranked (listed in
     `df.attrs["all_zero_queries"]`, with a warning)."""
     check_at_least("top_k", top_k, 1)
-    est, scores, y_query, explains = _fit_and_score(
+    est, scores, y_query, explains, model_query = _fit_and_score(
         model, x_train, y_train, x_query, y_query, loss=loss, method=method, l2=l2,
         **method_params)
-    df = ranked_rows(scores, x_train, y_train, top_k, est, x_query, y_query, explains, order)
+    df = ranked_rows(scores, x_train, y_train, top_k, est, model_query, y_query, explains,
+                     order)
     if df.attrs["all_zero_queries"]:
         warnings.warn(zero_message(df.attrs["all_zero_queries"]), UserWarning, stacklevel=2)
     return df
