@@ -129,13 +129,10 @@ def test_a_utf8_error_is_named_by_its_line_and_only_the_first_error_counts(tmp_p
             check_jsonl(path, workers=workers)
 
 
-def test_workers_that_cannot_start_are_replaced_by_this_process(tmp_path, monkeypatch,
-                                                                capsys):
+def test_workers_that_cannot_start_are_replaced_by_this_process(tmp_path, monkeypatch):
     """A script without a main guard breaks a "spawn" pool (BrokenProcessPool): the pass
     is done here, with a note, and gives the same results."""
     from concurrent.futures.process import BrokenProcessPool
-
-    from datablame import progress
 
     path = tmp_path / "t.jsonl"
     want = _messy_jsonl(path, 400)
@@ -153,18 +150,14 @@ def test_workers_that_cannot_start_are_replaced_by_this_process(tmp_path, monkey
     monkeypatch.setattr(parallel_load, "_pool", Broken)
     monkeypatch.setattr(parallel_load, "BATCH_ROWS", 64)
     monkeypatch.setattr(parallel_load, "BLOCK_BYTES", 1)
-    was = progress._enabled_notes
-    progress.enable_notes(True)
-    try:
+    with pytest.warns(UserWarning) as said:
         assert list(check_jsonl(path, workers=3)) == want
         records = [{"row": i} for i in range(300)]
         together = b"".join(parallel_load.hashed_row_bytes(records, workers=2))
-    finally:
-        progress.enable_notes(was)
     assert together == b"".join(parallel_load.row_bytes(r) for r in records)
-    err = " ".join(capsys.readouterr().err.split())
-    assert "checking the JSON lines in worker processes failed (BrokenProcessPool)" in err
-    assert "hashing the rows in worker processes failed" in err
+    said = " ".join(str(w.message) for w in said)
+    assert "checking the JSON lines in worker processes failed (BrokenProcessPool)" in said
+    assert "hashing the rows in worker processes failed" in said
 
 
 def test_only_the_cli_splits_a_load_unless_asked(monkeypatch):
@@ -182,3 +175,30 @@ def test_only_the_cli_splits_a_load_unless_asked(monkeypatch):
     monkeypatch.setenv("DATABLAME_LOAD_WORKERS", "many")
     with pytest.raises(UserError, match="DATABLAME_LOAD_WORKERS must be a whole number"):
         parallel_load.load_workers(1, big)
+
+
+@pytest.mark.parametrize("guarded", [False, True])
+def test_a_script_without_a_main_guard_is_not_run_again_by_workers(tmp_path, guarded):
+    """Spawned workers import the calling script: one without `if __name__ ==
+    "__main__":` would run its work again in each (the trial saw it three times). Such a
+    script loads in its own process, with a warning; a guarded one gets its workers."""
+    import os
+    import subprocess
+    import sys
+
+    path = tmp_path / "t.jsonl"
+    _messy_jsonl(path, 300)
+    body = (f"import os\nfrom datablame.data.rows import load_rows\n"
+            f"open({str(tmp_path / 'ran.log')!r}, 'a').write(str(os.getpid()) + '\\n')\n"
+            f"print(load_rows({str(path)!r}).fingerprint())\n")
+    script = tmp_path / "script.py"
+    script.write_text("if __name__ == '__main__':\n" + "".join(
+        "    " + line + "\n" for line in body.splitlines()) if guarded else body)
+    env = {**os.environ, "DATABLAME_LOAD_WORKERS": "2", "HF_DATASETS_CACHE":
+           str(tmp_path / "hf"), "DATABLAME_CACHE_DIR": str(tmp_path / "cache")}
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          env=env, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert len((tmp_path / "ran.log").read_text().split()) == 1  # the body ran once
+    assert done.stdout.strip().startswith("sha256:")
+    assert ("does not guard its work" in done.stderr) != guarded

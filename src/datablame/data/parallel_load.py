@@ -12,7 +12,8 @@ stores and indexes built before stay valid.
 command uses the CPUs it may use (affinity and cgroup quota), up to 16, once the work is
 large enough to pay for starting them; the Python API stays in one process unless asked
 (starting a process re-imports the caller's script, which may lack a main guard). Workers
-that cannot start or die are replaced by this process, with a note.
+that cannot start or die are replaced by this process, with a warning; so is a pool the
+calling script would run again (no `if __name__ == "__main__":` guard).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -61,20 +63,50 @@ def load_workers(work: int, parallel_from: int) -> int:
     env = os.environ.get("DATABLAME_LOAD_WORKERS", "").strip()
     if env:
         try:
-            return max(1, int(env))
+            workers = max(1, int(env))
         except ValueError:
             raise UserError(f"DATABLAME_LOAD_WORKERS must be a whole number (got {env!r})"
                             ) from None
-    if not _by_default or work < parallel_from:
+    elif not _by_default or work < parallel_from:
         return 1
-    return min(MAX_WORKERS, usable_cpus())
+    else:
+        workers = min(MAX_WORKERS, usable_cpus())
+    if workers > 1 and not _main_is_guarded():
+        warnings.warn("the calling script does not guard its work with `if __name__ == "
+                      "\"__main__\":`, which every worker process would run again: loading "
+                      "in this process", UserWarning, stacklevel=3)
+        return 1
+    return workers
+
+
+MAIN_GUARD = re.compile(r"""if\s+(__name__\s*==\s*['"]__main__['"]|"""
+                        r"""['"]__main__['"]\s*==\s*__name__)""")
+
+
+def _main_is_guarded() -> bool:
+    """Whether a spawned worker can import this process's main module without running the
+    caller's work again: no script (python -c, a REPL, `python -m datablame`), or a
+    script (or module run with -m) with a main guard, as spawn's own rules go."""
+    import sys
+
+    main = sys.modules.get("__main__")
+    name = getattr(getattr(main, "__spec__", None), "name", None)
+    if name == "__main__" or (name or "").endswith(".__main__"):
+        return True  # multiprocessing does not import a package's __main__ again
+    path = getattr(main, "__file__", None)
+    if path is None:
+        return True
+    try:
+        source = Path(path).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    return MAIN_GUARD.search(source) is not None
 
 
 def _fell_back(what: str, exc: BaseException) -> None:
-    from datablame import progress
-
-    progress.note(f"{what} in worker processes failed ({type(exc).__name__}); done in this "
-                  "process instead (set DATABLAME_LOAD_WORKERS=1 to skip the workers)")
+    warnings.warn(f"{what} in worker processes failed ({type(exc).__name__}); done in this "
+                  "process instead (set DATABLAME_LOAD_WORKERS=1 to skip the workers)",
+                  UserWarning, stacklevel=3)
 
 
 def _pool(workers: int, initializer: Callable | None = None, initargs: tuple = ()):
