@@ -164,6 +164,17 @@ def test_a_model_folder_without_a_working_tokenizer_is_refused_before_any_work(
                                "all")
         _assert_one_line_error(code, err, "turns text into no tokens")
         assert not (tmp_path / "idx").exists()  # refused before the embedding work
+    # another model's tokenizer, larger than this model's embedding: an index error later
+    from datablame.demo.toy_lm import train_tokenizer
+
+    other = train_tokenizer([" ".join(f"word{i}" for i in range(200))], tmp_path / "other")
+    for f in (tmp_path / "other").iterdir():
+        shutil.copy(f, bare)
+    code, _, err = run_cli(monkeypatch, capsys, "index", train, "--out", tmp_path / "idx",
+                           "--gradients", "--model", bare, "--params", "all")
+    _assert_one_line_error(code, err, f"has {len(other)} tokens but the model's embedding "
+                                      "has")
+    assert not (tmp_path / "idx").exists()
 
 
 def test_adapter_errors_name_the_problem(small_index, random_lora_model, tmp_path,

@@ -72,6 +72,21 @@ def check_model_files(model_dir: Path, adapter_dir: Path | None, tokenizer: bool
         load_tokenizer_checked(model_dir)
 
 
+def _config_vocab_size(model_dir: Path) -> int | None:
+    """The vocabulary size config.json gives the embedding (a multimodal model's text
+    part), or None when it does not say."""
+    import json
+
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    for part in (config, config.get("text_config") if isinstance(config, dict) else None):
+        if isinstance(part, dict) and isinstance(part.get("vocab_size"), int):
+            return part["vocab_size"]
+    return None
+
+
 def load_tokenizer_checked(model_dir: Path):
     """The model's tokenizer, refused in one line if it cannot load or yields no tokens."""
     from transformers import AutoTokenizer
@@ -82,6 +97,11 @@ def load_tokenizer_checked(model_dir: Path):
     except Exception as exc:
         raise UserError(f"could not load a tokenizer from {model_dir}: "
                         f"{_first_line(exc)}") from None
+    vocab = _config_vocab_size(model_dir)
+    if vocab is not None and len(tokenizer) > vocab:
+        raise UserError(f"the tokenizer of {model_dir} has {len(tokenizer)} tokens but the "
+                        f"model's embedding has {vocab} rows: it is another model's "
+                        "tokenizer (or tokens were added without resizing the embedding)")
     if not tokenizer("hello world", add_special_tokens=False)["input_ids"]:
         raise UserError(f"the tokenizer of {model_dir} turns text into no tokens (are its "
                         "vocabulary files missing?): save the tokenizer the model was "
