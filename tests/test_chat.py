@@ -272,6 +272,21 @@ def test_an_answer_that_only_mentions_chat_markers_is_traced_as_written(answer):
     assert chat.parse(answer) is None
 
 
+def test_an_answer_alone_on_a_chat_index_says_how_to_give_its_conversation():
+    """The trial's plain `--query` on a chat index got "a conversation must be a non-empty
+    list", about something it had not given."""
+    from datablame.data.chat import ChatTemplate
+    from datablame.demo.toy_lm import CHATML_TEMPLATE
+    from datablame.errors import UserError
+    from datablame.text import Query
+
+    chat = ChatTemplate(CHATML_TEMPLATE, special_tokens={"bos_token": "<s>"})
+    for as_written in (False, True):
+        with pytest.raises(UserError, match=r"this index holds chat rows: an answer is "
+                                            r"traced with the conversation it answers"):
+            Query("The capital of Veloria is Mirth.", as_written=as_written).formatted(chat)
+
+
 def test_a_default_system_turn_is_left_to_the_template_and_other_formats_are_not_read():
     """Qwen-style: the template writes a system turn when none is given; Llama 3.1 writes
     a date header. Pasted with it, the turns are read without it; pasted in another
