@@ -358,3 +358,17 @@ def test_a_rows_brackets_and_an_unstyled_reading_print_as_text():
     console.print(results_table(df))
     text = console.export_text()
     assert "x[/] [bold]y arr[i]" in text and "+0.1 loss if removed" in text
+
+
+def test_a_full_disk_under_the_output_is_one_line():
+    """stdout on a full device (/dev/full): one line naming it, not a traceback."""
+    import os
+    import subprocess
+
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full on this system")
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([sys.executable, "-m", "datablame", "--help"], stdout=full,
+                              stderr=subprocess.PIPE, text=True, timeout=120)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip() == "error: could not write (No space left on device)"

@@ -506,6 +506,11 @@ def test_an_index_rebuilt_over_edited_rows_says_its_kept_store_is_stale(
                    *grad)[0] in (0, None)
     code, out, _ = run_cli(monkeypatch, capsys, "status", tmp_path / "idx")
     assert code in (0, None) and "gradient store:" in out and "stale" not in out
+    from .test_cli import _assert_one_line_error
+
+    for path, needle in ((tmp_path, "is not a datablame index"),
+                         (data, "is a file, not an index directory")):
+        _assert_one_line_error(*run_cli(monkeypatch, capsys, "status", path)[::2], needle)
     edited = [dict(r) for r in ROWS]
     edited[1]["output"] = "an answer nobody trained on"
     write_jsonl(data, edited)

@@ -919,6 +919,19 @@ def main() -> None:
     except KeyboardInterrupt:
         console.print("interrupted")
         sys.exit(130)
+    except OSError as exc:  # the machine's, not the input's: a full disk, a closed pipe
+        import errno
+        import os
+
+        if exc.errno == errno.EPIPE:  # `| head` closed the pipe: stop quietly
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(1)
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS):
+            raise
+        console.print(f"[bold red]error:[/] could not write ({exc.strerror}"
+                      f"{': ' + str(exc.filename) if exc.filename else ''})",
+                      highlight=False, soft_wrap=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

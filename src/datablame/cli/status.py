@@ -19,8 +19,14 @@ def status(index_dir: Annotated[Path, typer.Argument(help="The index directory."
     from datablame.store.gradient_store import build_status
 
     sibling = index_dir.parent / f".{index_dir.name}.ivfpq-partial"
+    if index_dir.is_file():
+        fail(f"{index_dir} is a file, not an index directory")
     if not index_dir.is_dir() and not sibling.is_dir():  # a first ivfpq build has no index
         fail(f"index directory not found: {index_dir}")
+    ours = ("manifest.json", "gradients", "gradients.partial")
+    if not sibling.is_dir() and not any((index_dir / name).exists() for name in ours):
+        fail(f"{index_dir} is not a datablame index (no manifest.json, gradient store or "
+             "build in it)")
     info = build_status(index_dir)
     console = wide_console()  # the answer goes to stdout; refusals to stderr
     if as_json:
