@@ -128,8 +128,13 @@ def test_store_for_another_model_template_or_data_is_refused(setup, random_lora_
         store.check_compatible(CausalLMAdapter(base, model.adapter_dir, device="cpu",
                                                loss_on="text").identity(), tmpl, rows)
     other = load_rows(write_jsonl(tmp / "o.jsonl", ROWS[:-1] + [{**ROWS[-1], "output": "x"}]))
-    with pytest.raises(UserError, match="different training data"):
+    with pytest.raises(UserError, match=r"built for other training data \(the rows' "
+                                        r"content changed since it was built\)"):
         store.check_compatible(model.identity(), tmpl, other)
+    fewer = load_rows(write_jsonl(tmp / "f.jsonl", ROWS[:-1]))
+    with pytest.raises(UserError, match=rf"other training data \({len(ROWS)} rows when "
+                                        rf"built, {len(ROWS) - 1} now\)"):
+        store.check_compatible(model.identity(), tmpl, fewer)
 
 
 @pytest.mark.parametrize("absolute", [False, True])

@@ -272,7 +272,8 @@ def _check_piece(job: tuple[str, int, int]) -> _Piece:
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as exc:
-                    return _Piece(lines, blank, (index, f"is not valid JSON ({exc.msg})"))
+                    return _Piece(lines, blank, (index, f"is not valid JSON ({exc.msg} "
+                                                        f"column {exc.colno})"))
                 if not isinstance(obj, dict):
                     return _Piece(lines, blank, (index, "is not a JSON object"))
     return _Piece(lines, blank, None)

@@ -103,9 +103,12 @@ def load_tokenizer_checked(model_dir: Path):
                         f"model's embedding has {vocab} rows: it is another model's "
                         "tokenizer (or tokens were added without resizing the embedding)")
     if not tokenizer("hello world", add_special_tokens=False)["input_ids"]:
-        raise UserError(f"the tokenizer of {model_dir} turns text into no tokens (are its "
-                        "vocabulary files missing?): save the tokenizer the model was "
-                        "trained with beside it (tokenizer.save_pretrained(model_dir))")
+        known = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
+        what = "turns text into no tokens" if any(
+            (Path(model_dir) / f).exists() for f in known) else \
+            f"turns text into no tokens: the folder has no tokenizer files ({', '.join(known)})"
+        raise UserError(f"the tokenizer of {model_dir} {what}; save the tokenizer the model "
+                        "was trained with beside it (tokenizer.save_pretrained(model_dir))")
     return tokenizer
 
 

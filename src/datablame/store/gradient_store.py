@@ -568,12 +568,14 @@ class GradientStore:
             "dtype": lambda: f"{m.get('dtype')} gradients when built, {want['dtype']} now",
             "quantize": lambda: f"base weights {m.get('quantize', 'none')} when built, "
                                 f"{want.get('quantize', 'none')} now",
+            "data_fingerprint": lambda: "the rows' content changed since it was built",
+            "rows": lambda: f"{m.get('rows')} rows when built, {want['rows']} now",
         }
         labels = {"model_sha256": "model", "adapter_sha256": "adapter",
                   "params_sha256": "parameter set", "num_params": "parameter set",
                   "dtype": "dtype", "quantize": "quantization", "loss_on": "loss scope",
                   "max_length": "max length", "template": "template",
-                  "data_fingerprint": "training data", "rows": "training data"}
+                  "rows": "training data", "data_fingerprint": "training data"}
         for key, label in labels.items():
             if m.get(key) != want.get(key):
                 why = detail[key]() if key in detail else \
@@ -581,8 +583,10 @@ class GradientStore:
                 fix = f"trace with --dtype {m.get('dtype')} or rebuild it" if key == "dtype" \
                     else f"trace with --quantize {m.get('quantize', 'none')} or rebuild it" \
                     if key == "quantize" else "rebuild it"
-                raise UserError(f"gradient store {self.path} was built for a different "
-                                f"{label} ({why}); {fix}")
+                what = "other training data" if label == "training data" else \
+                    f"a different {label}"
+                raise UserError(f"gradient store {self.path} was built for {what} ({why}); "
+                                f"{fix}")
 
     @property
     def projector(self):
