@@ -172,8 +172,8 @@ def test_a_model_folder_without_a_working_tokenizer_is_refused_before_any_work(
         shutil.copy(f, bare)
     code, _, err = run_cli(monkeypatch, capsys, "index", train, "--out", tmp_path / "idx",
                            "--gradients", "--model", bare, "--params", "all")
-    _assert_one_line_error(code, err, f"has {len(other)} tokens but the model's embedding "
-                                      "has")
+    _assert_one_line_error(code, err, f"has {other.vocab_size} tokens but the model's "
+                                      "embedding has")
     assert not (tmp_path / "idx").exists()
 
 

@@ -97,11 +97,12 @@ def load_tokenizer_checked(model_dir: Path):
     except Exception as exc:
         raise UserError(f"could not load a tokenizer from {model_dir}: "
                         f"{_first_line(exc)}") from None
-    vocab = _config_vocab_size(model_dir)
-    if vocab is not None and len(tokenizer) > vocab:
-        raise UserError(f"the tokenizer of {model_dir} has {len(tokenizer)} tokens but the "
-                        f"model's embedding has {vocab} rows: it is another model's "
-                        "tokenizer (or tokens were added without resizing the embedding)")
+    # its own vocabulary (added special tokens aside: a pad token added on load may never
+    # reach the embedding) must fit the embedding, else it is another model's tokenizer
+    vocab, own = _config_vocab_size(model_dir), getattr(tokenizer, "vocab_size", None)
+    if vocab is not None and isinstance(own, int) and own > vocab:
+        raise UserError(f"the tokenizer of {model_dir} has {own} tokens but the model's "
+                        f"embedding has {vocab} rows: it is another model's tokenizer")
     if not tokenizer("hello world", add_special_tokens=False)["input_ids"]:
         known = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
         what = "turns text into no tokens" if any(
