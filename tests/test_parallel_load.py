@@ -75,7 +75,8 @@ def test_the_fingerprint_hashed_by_processes_is_the_serial_one(tmp_path, monkeyp
 
     path = tmp_path / "t.jsonl"
     _messy_jsonl(path, 1000, seed=1)
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    with path.open("a") as fh:  # bytes no other run has loaded: nothing cached to reuse
+        fh.write("\n" + json.dumps({"instruction": str(tmp_path), "output": "unique"}))
     monkeypatch.setenv("DATABLAME_LOAD_WORKERS", "2")
     monkeypatch.setattr(parallel_load, "BATCH_ROWS", 128)  # blocks of 128 rows: 8 of them
     monkeypatch.setattr(parallel_load, "BLOCK_BYTES", 1)
