@@ -374,3 +374,23 @@ def test_a_saved_dataset_keeps_what_a_load_learnt_by_its_arrow_files(tmp_path, m
     datasets.Dataset.from_list([{**ROWS[0], "output": unique + "!"}]).save_to_disk(
         str(tmp_path / "other"))
     assert load_rows(tmp_path / "other").fingerprint() != want
+
+
+def test_a_row_of_a_folder_of_shards_is_named_by_its_file_and_line(tmp_path):
+    """Row ids run across the shards; a bad row is also named where it is (the trial got
+    only "row 3" for a folder), on the first load and on a cached one."""
+    unique = str(tmp_path)
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    (folder / "part-0.jsonl").write_text(
+        "\n".join(json.dumps({**ROWS[0], "output": f"{unique} {i}"}) for i in range(2)) + "\n")
+    bad = {"instruction": "no answer here"}
+    (folder / "part-1.jsonl").write_text(
+        "\n\n" + json.dumps({**ROWS[1], "output": unique}) + "\n" + json.dumps(bad) + "\n")
+    for _ in range(2):  # the second load reads what the first learnt
+        rows = load_rows(folder)
+        assert rows.where(3) == "row 3 (part-1.jsonl line 4)"
+        assert rows.where(0) == "row 0 (part-0.jsonl line 1)"
+        with pytest.raises(UserError, match=r"row 3 \(part-1.jsonl line 4\) is missing field "
+                                            r"'output'"):
+            PromptTemplate().check_rows(rows)

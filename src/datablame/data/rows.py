@@ -81,6 +81,37 @@ class ArrowRecords(Sequence):
 
 
 @dataclass(eq=False)
+class ShardLines:
+    """Where each row of a folder of JSONL shards sits: its file and line (rows are
+    numbered across the files in name order)."""
+
+    names: list[str]
+    lines: list  # per file: `parallel_load.LineNumbers`
+
+    def __post_init__(self) -> None:
+        self.starts = np.cumsum([0] + [len(n) for n in self.lines])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def where(self, row_id: int) -> str:
+        i = int(np.searchsorted(self.starts, row_id, side="right")) - 1
+        return f"{self.names[i]} line {self.lines[i][row_id - int(self.starts[i])]}"
+
+    def to_json(self) -> bytes:
+        return json.dumps({"names": self.names, "lines": [n.to_array().tolist()
+                                                          for n in self.lines]}).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> ShardLines:
+        from datablame.data.parallel_load import LineNumbers
+
+        saved = json.loads(data)
+        return cls(saved["names"], [LineNumbers.from_array(np.asarray(a, dtype=np.int64))
+                                    for a in saved["lines"]])
+
+
+@dataclass(eq=False)
 class Rows:
     """Training rows (a sequence of dicts: a list, or `ArrowRecords` read lazily) plus
     where they came from."""
@@ -88,6 +119,7 @@ class Rows:
     path: Path
     records: Sequence[dict]
     line_numbers: Sequence[int] | None = None  # JSONL: 1-based line of each row id
+    shard_lines: ShardLines | None = None  # a folder of JSONL shards: each row's file, line
     split: str | None = None  # the split of a dataset directory these rows are
     _fingerprint: str | None = dataclass_field(default=None, init=False, repr=False)
 
@@ -102,6 +134,8 @@ class Rows:
         """Human-readable location of a row, for error messages."""
         if self.line_numbers is not None:
             return f"row {row_id} (line {self.line_numbers[row_id]})"
+        if self.shard_lines is not None:
+            return f"row {row_id} ({self.shard_lines.where(row_id)})"
         return f"row {row_id}"
 
     def fingerprint(self) -> str:
@@ -292,15 +326,27 @@ def _load_shards(path: Path, files: list[Path], split: str | None, where: str) -
         except UserError as exc:
             first_error = exc
             break
+    shard_lines = None
     if lines:  # the JSON Lines files before it, checked in one pass (split over processes)
         from datablame.data.parallel_load import check_jsonl_files
 
-        check_jsonl_files(lines)
+        numbers = check_jsonl_files(lines)
+        if first_error is None and len(lines) == len(files):
+            shard_lines = ShardLines([str(f.relative_to(path)) if f.is_relative_to(path)
+                                      else f.name for f in files], numbers)
     if first_error is not None:
         raise first_error
+    saved = _read_cached(cache, SHARDS_FILE) if checked else None
+    if saved is not None:
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            shard_lines = ShardLines.from_json(saved)
     records = _read_with_datasets(kinds.pop(), [str(f) for f in files], where, cache)
+    if shard_lines is not None and saved is None:
+        _write_cached(cache, SHARDS_FILE, shard_lines.to_json())
     _write_cached(cache, CHECKED_FILE, b"")
-    return Rows(path=path, records=records, split=split)
+    if shard_lines is not None and len(shard_lines) != len(records):
+        shard_lines = None  # datasets disagreed on the rows: row ids only
+    return Rows(path=path, records=records, split=split, shard_lines=shard_lines)
 
 
 SPLITS = ("train", "test", "validation", "valid", "eval", "dev")
@@ -324,6 +370,7 @@ def _last_line(exc: Exception) -> str:
 # them, so a stricter check in a later release reads the rows again
 LOADED_VERSION = 2  # 2: line numbers kept as the blank lines (`LineNumbers.to_array`)
 LINES_FILE, CHECKED_FILE = f"line_numbers-v{LOADED_VERSION}.npy", f"checked-v{LOADED_VERSION}"
+SHARDS_FILE = f"shard_lines-v{LOADED_VERSION}.json"
 
 
 FINGERPRINT_VERSION = 1  # what the fingerprint hashes; the other checks version apart
