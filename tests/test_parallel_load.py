@@ -203,3 +203,17 @@ def test_a_script_without_a_main_guard_is_not_run_again_by_workers(tmp_path, gua
     assert len((tmp_path / "ran.log").read_text().split()) == 1  # the body ran once
     assert done.stdout.strip().startswith("sha256:")
     assert ("does not guard its work" in done.stderr) != guarded
+
+
+def test_a_byte_order_mark_opening_the_file_is_not_a_bad_line(tmp_path):
+    """Editors on Windows write one; `datasets` reads past it, so the check does too."""
+    from datablame.data.rows import load_rows
+
+    path = tmp_path / "t.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + f'{{"instruction": "{tmp_path}", "output": "b"}}\n'
+                     .encode() + b'{"instruction": "c", "output": "d"}\n')
+    assert list(check_jsonl(path, workers=2)) == [1, 2]
+    assert [r["output"] for r in load_rows(path).records] == ["b", "d"]
+    path.write_bytes(b'{"a": 1}\n\xef\xbb\xbf{"a": 2}\n')  # inside the file it is a bad line
+    with pytest.raises(UserError, match="line 2 is not valid JSON"):
+        check_jsonl(path)

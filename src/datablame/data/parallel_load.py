@@ -254,9 +254,12 @@ def _check_piece(job: tuple[str, int, int]) -> _Piece:
     with open(path, "rb") as fh:
         fh.seek(start)
         while fh.tell() < end:
+            at_start = fh.tell() == 0
             raw = fh.readline()
             if not raw:
                 break
+            if at_start:  # a byte-order mark opening the file is not part of a row
+                raw = raw.removeprefix(b"\xef\xbb\xbf")
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
