@@ -376,6 +376,7 @@ def test_the_planted_culprit_in_chat_data_comes_out_first(chat_facts, monkeypatc
         assert "the model answered: 'The capital of Veloria is Mirth.'" in " ".join(err.split())
         result = json.loads(out)
         assert result["results"][0]["row"] == 0, (extra, result["results"][:3])
+        assert result["prompt"]["messages"][-1]["role"] == "user"  # turns, not a JSON string
         # the whole answer, word for word, without the template's end-of-turn markup
         assert result["results"][0]["copied"] == 7
     # a queries file: the conversation ending with the answer, ShareGPT roles welcome

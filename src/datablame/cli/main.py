@@ -624,6 +624,14 @@ def trace(
                   loss_on=loss_on, quantize=quantize, device_map=device_map, adapter=adapter)
     template = template_from_json(read_manifest(index_dir)["template"])
     prompt = _parse_fields(field)
+    chat_field = getattr(template, "messages_field", None)
+    if isinstance(prompt.get(chat_field), str):  # kept (and shown in --json) as its turns
+        from datablame.data.chat import normalize_messages
+
+        try:
+            prompt[chat_field] = normalize_messages(prompt[chat_field])
+        except UserError as exc:
+            _fail(f"--field {chat_field}: {exc}")
     if query_file is None and queries is None and not generate and not query.strip():
         # a chat conversation given whole: its last (assistant) turn is the answer
         prompt = template.split_answer(prompt)
@@ -647,7 +655,7 @@ def trace(
             prompt = {**file_prompt, **prompt}
         if generate:
             unknown = set(prompt) - set(template.fields)
-            if unknown or not any(v.strip() for v in prompt.values()):
+            if unknown or not any(v if isinstance(v, list) else v.strip() for v in prompt.values()):
                 Query("-", prompt).formatted(template)  # names unknown fields
                 asked = ", ".join(f for f in template.fields if f != template.response_field)
                 _fail("--generate needs the prompt the model answers: --field NAME=VALUE "
