@@ -516,6 +516,15 @@ def test_an_index_rebuilt_over_edited_rows_says_its_kept_store_is_stale(
     for path, needle in ((tmp_path, "is not a datablame index"),
                          (data, "is a file, not an index directory")):
         _assert_one_line_error(*run_cli(monkeypatch, capsys, "status", path)[::2], needle)
+    import fcntl
+
+    starting = tmp_path / "starting"  # a first build, before it has written anything
+    starting.mkdir()
+    (starting / ".lock").touch()
+    with open(starting / ".lock") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        code, out, _ = run_cli(monkeypatch, capsys, "status", starting)
+    assert code in (0, None) and "a build holds this index" in out
     edited = [dict(r) for r in ROWS]
     edited[1]["output"] = "an answer nobody trained on"
     write_jsonl(data, edited)

@@ -178,11 +178,12 @@ def test_only_the_cli_splits_a_load_unless_asked(monkeypatch):
         parallel_load.load_workers(1, big)
 
 
-@pytest.mark.parametrize("guarded", [False, True])
-def test_a_script_without_a_main_guard_is_not_run_again_by_workers(tmp_path, guarded):
-    """Spawned workers import the calling script: one without `if __name__ ==
-    "__main__":` would run its work again in each (the trial saw it three times). Such a
-    script loads in its own process, with a warning; a guarded one gets its workers."""
+@pytest.mark.parametrize("guard", ["none", "whole", "after", "comment"])
+def test_a_script_without_a_main_guard_is_not_run_again_by_workers(tmp_path, guard):
+    """Spawned workers import the calling script: work outside `if __name__ ==
+    "__main__":` would run again in each (the trial saw it three times; the review, with a
+    guard further down or only in a comment). Such a script loads in its own process, with
+    a warning at its own line; a load inside the guard gets its workers."""
     import os
     import subprocess
     import sys
@@ -193,8 +194,12 @@ def test_a_script_without_a_main_guard_is_not_run_again_by_workers(tmp_path, gua
             f"open({str(tmp_path / 'ran.log')!r}, 'a').write(str(os.getpid()) + '\\n')\n"
             f"print(load_rows({str(path)!r}).fingerprint())\n")
     script = tmp_path / "script.py"
-    script.write_text("if __name__ == '__main__':\n" + "".join(
-        "    " + line + "\n" for line in body.splitlines()) if guarded else body)
+    script.write_text({
+        "none": body,
+        "whole": "if __name__ == '__main__':\n" + "".join(
+            "    " + line + "\n" for line in body.splitlines()),
+        "after": body + "if __name__ == '__main__':\n    pass\n",
+        "comment": "# TODO: if __name__ == '__main__':\n" + body}[guard])
     env = {**os.environ, "DATABLAME_LOAD_WORKERS": "2", "HF_DATASETS_CACHE":
            str(tmp_path / "hf"), "DATABLAME_CACHE_DIR": str(tmp_path / "cache")}
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
@@ -202,7 +207,9 @@ def test_a_script_without_a_main_guard_is_not_run_again_by_workers(tmp_path, gua
     assert done.returncode == 0, done.stderr
     assert len((tmp_path / "ran.log").read_text().split()) == 1  # the body ran once
     assert done.stdout.strip().startswith("sha256:")
-    assert ("does not guard its work" in done.stderr) != guarded
+    warned = "runs this outside an `if __name__" in done.stderr
+    assert warned == (guard != "whole"), done.stderr
+    assert not warned or "script.py:" in done.stderr  # pointing at the script's line
 
 
 def test_a_byte_order_mark_opening_the_file_is_not_a_bad_line(tmp_path):

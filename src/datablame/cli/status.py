@@ -23,19 +23,26 @@ def status(index_dir: Annotated[Path, typer.Argument(help="The index directory."
         fail(f"{index_dir} is a file, not an index directory")
     if not index_dir.is_dir() and not sibling.is_dir():  # a first ivfpq build has no index
         fail(f"index directory not found: {index_dir}")
-    ours = ("manifest.json", "gradients", "gradients.partial")
+    from datablame.store.index_dir import LOCK_NAME
+
+    ours = ("manifest.json", "gradients", "gradients.partial", LOCK_NAME)
     if not sibling.is_dir() and not any((index_dir / name).exists() for name in ours):
         fail(f"{index_dir} is not a datablame index (no manifest.json, gradient store or "
              "build in it)")
     info = build_status(index_dir)
+    if _locked(index_dir / LOCK_NAME):
+        info["locked"] = True  # a build is at work: loading, embedding or writing
     console = wide_console()  # the answer goes to stdout; refusals to stderr
     if as_json:
         print(json.dumps(info, indent=2))
         return
+    if info.get("locked"):
+        console.print(f"{index_dir}: a build holds this index (loading rows, embedding or "
+                      "writing)", highlight=False, soft_wrap=True)
     if "note" in info:
         console.print(info["note"], highlight=False, soft_wrap=True)
         return
-    if not {"store", "build", "ivfpq_build"} & set(info):
+    if not {"store", "build", "ivfpq_build", "locked"} & set(info):
         console.print(f"{index_dir}: no gradient store and no build in progress",
                       highlight=False, soft_wrap=True)
     if "store" in info:
@@ -69,3 +76,19 @@ def status(index_dir: Annotated[Path, typer.Argument(help="The index directory."
             console.print(f"  every shard is done: a --workers or --ray build commits "
                           f"itself; after --shard-of workers, commit with `index ... "
                           f"{commit}`", highlight=False, soft_wrap=True)
+
+
+def _locked(lock: Path) -> bool:
+    """Whether a build holds the index's lock (its exclusive flock); reading only."""
+    import fcntl
+
+    try:
+        with open(lock) as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError:
+                return True
+            fcntl.flock(fh, fcntl.LOCK_UN)
+    except OSError:
+        return False
+    return False

@@ -18,6 +18,7 @@ calling script would run again (no `if __name__ == "__main__":` guard).
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -72,23 +73,22 @@ def load_workers(work: int, parallel_from: int) -> int:
     else:
         workers = min(MAX_WORKERS, usable_cpus())
     if workers > 1 and not _main_is_guarded():
-        warnings.warn("the calling script does not guard its work with `if __name__ == "
-                      "\"__main__\":`, which every worker process would run again: loading "
-                      "in this process", UserWarning, stacklevel=3)
+        _warn("the calling script runs this outside an `if __name__ == \"__main__\":` block, "
+              "which every worker process would run again: loading in this process")
         return 1
     return workers
 
 
-MAIN_GUARD = re.compile(r"""if\s+(__name__\s*==\s*['"]__main__['"]|"""
-                        r"""['"]__main__['"]\s*==\s*__name__)""")
-
-
 def _main_is_guarded() -> bool:
     """Whether a spawned worker can import this process's main module without running the
-    caller's work again: no script (python -c, a REPL, `python -m datablame`), or a
-    script (or module run with -m) with a main guard, as spawn's own rules go."""
+    caller's work again, as spawn's own rules go: no script (python -c, a REPL, a
+    notebook, `python -m pkg` of a package's __main__), or a script (or `-m` module)
+    whose code now running is inside a top-level `if __name__ == "__main__":` block."""
+    import multiprocessing
     import sys
 
+    if multiprocessing.parent_process() is not None:
+        return False  # a worker itself: no pools inside pools
     main = sys.modules.get("__main__")
     name = getattr(getattr(main, "__spec__", None), "name", None)
     if name == "__main__" or (name or "").endswith(".__main__"):
@@ -96,17 +96,47 @@ def _main_is_guarded() -> bool:
     path = getattr(main, "__file__", None)
     if path is None:
         return True
+    frame = sys._getframe()
+    while frame is not None and frame.f_globals is not vars(main):
+        frame = frame.f_back
+    if frame is None:  # called from code not in the script (a callback, a thread)
+        return True
+    while frame.f_back is not None and frame.f_back.f_globals is vars(main):
+        frame = frame.f_back  # the script's own module-level frame
     try:
-        source = Path(path).read_text(encoding="utf-8", errors="replace")
-    except OSError:
+        tree = ast.parse(Path(path).read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, ValueError):
+        return False  # cannot see the script: one process
+    line = frame.f_lineno
+    return any(isinstance(node, ast.If) and _is_main_test(node.test) and
+               node.lineno <= line <= (node.end_lineno or node.lineno) for node in tree.body)
+
+
+def _is_main_test(test: ast.expr) -> bool:
+    """`__name__ == "__main__"`, either way round."""
+    if not (isinstance(test, ast.Compare) and len(test.ops) == 1 and
+            isinstance(test.ops[0], ast.Eq)):
         return False
-    return MAIN_GUARD.search(source) is not None
+    sides = [test.left, *test.comparators]
+    return any(isinstance(x, ast.Name) and x.id == "__name__" for x in sides) and \
+        any(isinstance(x, ast.Constant) and x.value == "__main__" for x in sides)
+
+
+def _warn(message: str) -> None:
+    """A warning that points at the caller's line, not at datablame's."""
+    import sys
+
+    level, frame = 2, sys._getframe(1)  # 2: the caller of _warn
+    package = str(Path(__file__).resolve().parent.parent)
+    while frame is not None and str(Path(frame.f_code.co_filename).resolve()
+                                    ).startswith(package):
+        level, frame = level + 1, frame.f_back
+    warnings.warn(message, UserWarning, stacklevel=level)
 
 
 def _fell_back(what: str, exc: BaseException) -> None:
-    warnings.warn(f"{what} in worker processes failed ({type(exc).__name__}); done in this "
-                  "process instead (set DATABLAME_LOAD_WORKERS=1 to skip the workers)",
-                  UserWarning, stacklevel=3)
+    _warn(f"{what} in worker processes failed ({type(exc).__name__}); done in this process "
+          "instead (set DATABLAME_LOAD_WORKERS=1 to skip the workers)")
 
 
 def _pool(workers: int, initializer: Callable | None = None, initargs: tuple = ()):
