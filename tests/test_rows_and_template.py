@@ -394,3 +394,15 @@ def test_a_row_of_a_folder_of_shards_is_named_by_its_file_and_line(tmp_path):
         with pytest.raises(UserError, match=r"row 3 \(part-1.jsonl line 4\) is missing field "
                                             r"'output'"):
             PromptTemplate().check_rows(rows)
+    import shutil
+
+    from datablame.data.rows import SHARDS_FILE
+
+    moved = tmp_path / "moved"  # the same bytes under other names: today's names are told
+    moved.mkdir()
+    for i in range(2):
+        shutil.copy(folder / f"part-{i}.jsonl", moved / f"train-{i:05d}-of-00002.jsonl")
+    assert load_rows(moved).where(3) == "row 3 (train-00001-of-00002.jsonl line 4)"
+    kept = load_rows(moved).records.cache_dir / SHARDS_FILE
+    kept.write_bytes(b"not an npz")  # a damaged cache file of ours: checked again
+    assert load_rows(moved).where(3) == "row 3 (train-00001-of-00002.jsonl line 4)"

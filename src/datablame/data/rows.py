@@ -98,17 +98,26 @@ class ShardLines:
         i = int(np.searchsorted(self.starts, row_id, side="right")) - 1
         return f"{self.names[i]} line {self.lines[i][row_id - int(self.starts[i])]}"
 
-    def to_json(self) -> bytes:
-        return json.dumps({"names": self.names, "lines": [n.to_array().tolist()
-                                                          for n in self.lines]}).encode()
+    def to_bytes(self) -> bytes:
+        """The files' line numbers (not their names: the same bytes may sit under other
+        names next time), as one .npz."""
+        buffer = io.BytesIO()
+        np.savez(buffer, *[n.to_array() for n in self.lines])
+        return buffer.getvalue()
 
     @classmethod
-    def from_json(cls, data: bytes) -> ShardLines:
+    def from_bytes(cls, data: bytes, names: list[str]) -> ShardLines | None:
+        """The saved line numbers under today's names; None if they do not fit them."""
         from datablame.data.parallel_load import LineNumbers
 
-        saved = json.loads(data)
-        return cls(saved["names"], [LineNumbers.from_array(np.asarray(a, dtype=np.int64))
-                                    for a in saved["lines"]])
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as saved:
+                arrays = [saved[f"arr_{i}"] for i in range(len(saved.files))]
+            if len(arrays) != len(names) or any(a.ndim != 1 or len(a) < 1 for a in arrays):
+                return None
+            return cls(names, [LineNumbers.from_array(a) for a in arrays])
+        except Exception:  # a damaged cache file of ours: the check runs again
+            return None
 
 
 @dataclass(eq=False)
@@ -314,7 +323,14 @@ def _load_shards(path: Path, files: list[Path], split: str | None, where: str) -
         rows.path, rows.split = path, split
         return rows
     cache = _arrow_cache([str(f) for f in files])
-    checked = _read_cached(cache, CHECKED_FILE) is not None  # this content was, before
+    names = [str(f.relative_to(path)) if f.is_relative_to(path) else f.name for f in files]
+    shard_lines = None
+    if all(f.suffix.lower() == ".jsonl" for f in files):
+        saved = _read_cached(cache, SHARDS_FILE)
+        shard_lines = ShardLines.from_bytes(saved, names) if saved is not None else None
+    # this content was checked before (and, for JSON Lines, its lines kept)
+    checked = _read_cached(cache, CHECKED_FILE) is not None and (
+        shard_lines is not None or not all(f.suffix.lower() == ".jsonl" for f in files))
     lines, first_error = [], None
     for f in files:  # the first file with a problem is the one named, as file by file
         try:
@@ -326,23 +342,18 @@ def _load_shards(path: Path, files: list[Path], split: str | None, where: str) -
         except UserError as exc:
             first_error = exc
             break
-    shard_lines = None
+    fresh = None
     if lines:  # the JSON Lines files before it, checked in one pass (split over processes)
         from datablame.data.parallel_load import check_jsonl_files
 
         numbers = check_jsonl_files(lines)
         if first_error is None and len(lines) == len(files):
-            shard_lines = ShardLines([str(f.relative_to(path)) if f.is_relative_to(path)
-                                      else f.name for f in files], numbers)
+            shard_lines = fresh = ShardLines(names, numbers)
     if first_error is not None:
         raise first_error
-    saved = _read_cached(cache, SHARDS_FILE) if checked else None
-    if saved is not None:
-        with contextlib.suppress(ValueError, KeyError, TypeError):
-            shard_lines = ShardLines.from_json(saved)
     records = _read_with_datasets(kinds.pop(), [str(f) for f in files], where, cache)
-    if shard_lines is not None and saved is None:
-        _write_cached(cache, SHARDS_FILE, shard_lines.to_json())
+    if fresh is not None:
+        _write_cached(cache, SHARDS_FILE, fresh.to_bytes())
     _write_cached(cache, CHECKED_FILE, b"")
     if shard_lines is not None and len(shard_lines) != len(records):
         shard_lines = None  # datasets disagreed on the rows: row ids only
@@ -370,7 +381,7 @@ def _last_line(exc: Exception) -> str:
 # them, so a stricter check in a later release reads the rows again
 LOADED_VERSION = 2  # 2: line numbers kept as the blank lines (`LineNumbers.to_array`)
 LINES_FILE, CHECKED_FILE = f"line_numbers-v{LOADED_VERSION}.npy", f"checked-v{LOADED_VERSION}"
-SHARDS_FILE = f"shard_lines-v{LOADED_VERSION}.json"
+SHARDS_FILE = f"shard_lines-v{LOADED_VERSION}.npz"
 
 
 FINGERPRINT_VERSION = 1  # what the fingerprint hashes; the other checks version apart
