@@ -221,6 +221,10 @@ def test_a_byte_order_mark_opening_the_file_is_not_a_bad_line(tmp_path):
                      .encode() + b'{"instruction": "c", "output": "d"}\n')
     assert list(check_jsonl(path, workers=2)) == [1, 2]
     assert [r["output"] for r in load_rows(path).records] == ["b", "d"]
+    array = tmp_path / "rows.json"  # a JSON document (a list of rows) with one, too
+    array.write_bytes(b"\xef\xbb\xbf" + json.dumps([{"instruction": str(tmp_path),
+                                                      "output": "e"}]).encode())
+    assert [r["output"] for r in load_rows(array).records] == ["e"]
     path.write_bytes(b'{"a": 1}\n\xef\xbb\xbf{"a": 2}\n')  # inside the file it is a bad line
     with pytest.raises(UserError, match="line 2 is not valid JSON"):
         check_jsonl(path)

@@ -487,11 +487,11 @@ def _load_file(path: Path) -> Rows:
 def _is_json_document(path: Path) -> bool:
     """A .json file is either one JSON list of objects or JSON Lines; tell which."""
     with path.open("rb") as fh:
-        head = fh.read(4096).lstrip()
+        head = fh.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip()  # a BOM, as datasets
     if not head.startswith(b"["):
         return False
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except UnicodeDecodeError as exc:
         raise UserError(f"{path}: not UTF-8 text ({exc.reason})") from None
     except json.JSONDecodeError as exc:
