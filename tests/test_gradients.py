@@ -186,3 +186,26 @@ def test_a_query_of_mostly_unknown_tokens_is_said(random_lora_model, capsys):
         progress.enable_notes(False)
     assert "traced tokens are the tokenizer's unknown token" in " ".join(unreadable.split())
     assert "unknown token" not in readable
+
+
+def test_a_token_past_the_embedding_is_one_line_naming_it(random_lora_model, tmp_path):
+    """A special token added to the tokenizer but not to the model (its id past the
+    embedding's rows) was an IndexError, a device-side assert on a GPU: one line."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from datablame.data.template import FormattedText
+    from datablame.errors import UserError
+    from datablame.models.hf_causal_lm import CausalLMAdapter
+
+    base, _ = random_lora_model
+    shutil.copytree(base, tmp_path / "base")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "base")
+    tok.add_special_tokens({"additional_special_tokens": ["<|turn|>"]})
+    tok.save_pretrained(tmp_path / "base")
+    lm = CausalLMAdapter(tmp_path / "base", params="all")
+    lm.gradients([FormattedText("say hi hello", 7)])  # its own tokens: fine
+    with pytest.raises(UserError, match=r"has token '<\|turn\|>' \(id \d+\), past the "
+                                        r"model's \d+ embedding rows"):
+        lm.gradients([FormattedText("say hi <|turn|> hello", 16)])

@@ -526,6 +526,13 @@ class CausalLMAdapter:
                           truncation=False, return_offsets_mapping=True)
                 for j, i in enumerate(which):
                     encoded[i] = (enc["input_ids"][j], enc["offset_mapping"][j])
+        rows_in = self.model.get_input_embeddings().num_embeddings
+        for (ids, _), ex in zip(encoded, examples, strict=True):
+            if ids and max(ids) >= rows_in:  # an added token the embedding never had
+                token = tok.convert_ids_to_tokens(max(ids))
+                raise UserError(f"the text {ex.text[:60]!r} has token {token!r} (id "
+                                f"{max(ids)}), past the model's {rows_in} embedding rows: the "
+                                "tokenizer is not the one the model was trained with")
         rows, labels, cut = [], [], []
         bos = tok.bos_token_id
         for (ids, offsets), ex in zip(encoded, examples, strict=True):
