@@ -431,6 +431,13 @@ class Query:
                 f"query field(s) {', '.join(sorted(unknown))} are not in the index's "
                 f"template (fields: {', '.join(template.fields)})"
             )
+        chat = getattr(template, "messages_field", None)
+        if chat is not None and self.prompt.get(chat) in (None, "", []):
+            raise UserError(
+                "this index holds chat rows: an answer is traced with the conversation it "
+                f"answers (--field {chat}='[{{\"role\": \"user\", \"content\": ...}}]' "
+                "and the answer in --query), or give the whole conversation in --query, as "
+                "its JSON list of turns or as the text its chat template renders")
         text = template.format({**self.prompt, template.response_field: self.output})
         if not self.focus:
             return text

@@ -927,15 +927,11 @@ def main() -> None:
     except KeyboardInterrupt:
         console.print("interrupted")
         sys.exit(130)
-    except OSError as exc:  # the machine's, not the input's: a full disk, a closed pipe
+    except OSError as exc:  # the machine's, not the input's: a full or read-only disk
         import errno
-        import os
 
-        if exc.errno == errno.EPIPE:  # `| head` closed the pipe: stop quietly
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            sys.exit(1)
-        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS):
-            raise
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise  # (a pipe closed by `| head` is typer's: it stops quietly)
         console.print(f"[bold red]error:[/] could not write ({exc.strerror}"
                       f"{': ' + str(exc.filename) if exc.filename else ''})",
                       highlight=False, soft_wrap=True)

@@ -138,12 +138,8 @@ class ChatTemplate:
         """The conversation to render and whether its last turn is a traced answer."""
         answer = row.get(ANSWER_FIELD)
         if row.get(self.messages_field) in (None, "", []) and answer not in (None, ""):
-            raise UserError(
-                "this index holds chat rows: an answer is traced with the conversation it "
-                f"answers (--field {self.messages_field}='[{{\"role\": \"user\", "
-                "\"content\": ...}]' and the answer in --query), or give the whole "
-                "conversation in --query, as its JSON list of turns or as the text its chat "
-                "template renders")
+            raise UserError(f"an answer without its conversation ('{self.messages_field}' "
+                            "is empty)")
         messages = normalize_messages(row.get(self.messages_field))
         if answer is not None and str(answer) != "":
             return [*messages, {"role": "assistant", "content": str(answer)}], True
