@@ -128,8 +128,8 @@ class Rows:
     path: Path
     records: Sequence[dict]
     line_numbers: Sequence[int] | None = None  # JSONL: 1-based line of each row id
-    shard_lines: ShardLines | None = None  # a folder of JSONL shards: each row's file, line
     split: str | None = None  # the split of a dataset directory these rows are
+    shard_lines: ShardLines | None = None  # a folder of JSONL shards: each row's file, line
     _fingerprint: str | None = dataclass_field(default=None, init=False, repr=False)
 
     def __len__(self) -> int:
