@@ -489,6 +489,12 @@ def test_verify_confirms_the_chat_culprit_by_re_fine_tuning(chat_facts, tmp_path
     assert result["original"]["says"] and not result["runs"]["without-blamed"]["says"]
     assert result["runs"]["without-random-0"]["says"]
     assert result["verdict"] == "confirmed"
+    # a conversation in --field is read as trace reads it: a bad one is one line, up front
+    code, _, err = run_cli(monkeypatch, capsys, "verify", root / "train.jsonl", "--model",
+                           root / "base", "--adapter", root / "adapter", "--field",
+                           "messages=[{\"role\": \"user\"", "--query", "Mirth.",
+                           "--remove", "0")
+    _assert_one_line_error(code, err, "--field messages: a conversation must be")
 
 
 def test_magic_refuses_a_memorising_chat_fine_tune(chat_facts, monkeypatch, capsys):

@@ -364,13 +364,23 @@ def _store_kind(out: Path | None) -> str:
             if store else "")
 
 
-def _parse_fields(items: list[str]) -> dict[str, str]:
-    fields = {}
+def _parse_fields(items: list[str], template=None) -> dict:
+    """--field NAME=VALUE pairs; a chat template's conversation field is read into its
+    turns here (a bad one is one line; results show turns, not a JSON string)."""
+    fields: dict = {}
     for item in items:
         name, sep, value = item.partition("=")
         if not sep or not name.strip():
             _fail(f"--field expects NAME=VALUE, got '{item}'")
         fields[name.strip()] = value
+    chat_field = getattr(template, "messages_field", None)
+    if isinstance(fields.get(chat_field), str):
+        from datablame.data.chat import normalize_messages
+
+        try:
+            fields[chat_field] = normalize_messages(fields[chat_field])
+        except UserError as exc:
+            _fail(f"--field {chat_field}: {exc}")
     return fields
 
 
@@ -623,15 +633,7 @@ def trace(
     check_options(params=params, dtype=dtype, device=device, max_length=max_length,
                   loss_on=loss_on, quantize=quantize, device_map=device_map, adapter=adapter)
     template = template_from_json(read_manifest(index_dir)["template"])
-    prompt = _parse_fields(field)
-    chat_field = getattr(template, "messages_field", None)
-    if isinstance(prompt.get(chat_field), str):  # kept (and shown in --json) as its turns
-        from datablame.data.chat import normalize_messages
-
-        try:
-            prompt[chat_field] = normalize_messages(prompt[chat_field])
-        except UserError as exc:
-            _fail(f"--field {chat_field}: {exc}")
+    prompt = _parse_fields(field, template)
     if query_file is None and queries is None and not generate and not query.strip():
         # a chat conversation given whole: its last (assistant) turn is the answer
         prompt = template.split_answer(prompt)

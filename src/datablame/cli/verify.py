@@ -139,7 +139,7 @@ def _verify_text(train_file, model, adapter, query_file, trace, remove, top_k, n
              "(trace --all-rows --top-k <rows>)")
     recipe, _ = resolve_recipe(adapter, recipe_file)  # before any row is read
     template = recipe.prompt_template(model)
-    prompt = _parse_fields(fields)
+    prompt = _parse_fields(fields, template)
     rows = rows_from_trace(trace, top_k) if trace is not None else \
         parse_rows(remove, "--remove")
     the_query = text_query(trace, query_file, prompt, template, "the query")
@@ -313,7 +313,7 @@ def _fix_text(train_file, model, adapter, out, trace, query_file, fields, recipe
     check_out_dir(out)
     recipe, _ = resolve_recipe(adapter, recipe_file)
     template = recipe.prompt_template(model)
-    the_query = text_query(trace, query_file, _parse_fields(fields), template,
+    the_query = text_query(trace, query_file, _parse_fields(fields, template), template,
                            "the wrong answer")
     return fix_text(train_file, model, adapter, the_query, remove=rows, out_dir=out,
                     recipe_file=recipe_file)
