@@ -28,7 +28,8 @@ from rows_memory import write_rows
 CHILD = r"""
 import json, sys, time
 import datasets
-from datablame.data.rows import ArrowRecords, Rows, _check_jsonl, load_rows
+from datablame.data.parallel_load import check_jsonl
+from datablame.data.rows import ArrowRecords, Rows, load_rows
 from datablame.store.content_digest import sha256_file
 from pathlib import Path
 
@@ -36,7 +37,7 @@ path, mode = sys.argv[1], sys.argv[2]
 t = time.time()
 if mode == "every pass":
     sha256_file(Path(path))
-    _check_jsonl(Path(path))
+    check_jsonl(Path(path))
     rows = load_rows(path)
     # the same rows without the cache directory they carry: every row hashed
     Rows(rows.path, ArrowRecords(rows.records.dataset)).fingerprint()

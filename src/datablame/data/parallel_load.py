@@ -352,13 +352,14 @@ def check_jsonl_files(paths: list[Path], workers: int | None = None) -> list[Lin
             _fell_back("checking the JSON lines", exc)
     if results is None:
         results = [_check_piece(job) for _, job in jobs]
+    pieces: list[list[_Piece]] = [[] for _ in paths]  # jobs run in file order
+    for (owner, _), piece in zip(jobs, results, strict=True):
+        pieces[owner].append(piece)
     out = []
-    for i, path in enumerate(paths):
+    for path, own in zip(paths, pieces, strict=True):
         blank: list[np.ndarray] = []
         before = 0  # lines in the pieces before this one
-        for (owner, _), piece in zip(jobs, results, strict=True):
-            if owner != i:
-                continue
+        for piece in own:
             if piece.error is not None:
                 index, message = piece.error
                 raise UserError(f"{path}: line {before + index + 1} {message}")

@@ -235,14 +235,6 @@ class _FormattedRows(Sequence):
         return self.template.format(self.records[index]).text
 
 
-def _check_jsonl(path: Path):
-    """Validate JSONL line by line so a bad line is named (datasets' error does not);
-    returns the 1-based line of each row (`parallel_load.LineNumbers`)."""
-    from datablame.data.parallel_load import check_jsonl
-
-    return check_jsonl(path)
-
-
 def load_rows(path: str | os.PathLike, split: str | None = None) -> Rows:
     """Load rows with `datasets`, in order: a JSONL / JSON / CSV / Parquet file, a folder
     (or glob) of such shards (sorted by name; `split` keeps the shards named for it, as
@@ -470,7 +462,9 @@ def _load_file(path: Path) -> Rows:
 
         line_numbers = LineNumbers.from_array(np.load(io.BytesIO(saved), allow_pickle=False))
     elif suffix == ".jsonl" or (suffix == ".json" and not _is_json_document(path)):
-        line_numbers = _check_jsonl(path)
+        from datablame.data.parallel_load import check_jsonl
+
+        line_numbers = check_jsonl(path)  # a bad line named (datasets' error does not)
     if line_numbers is not None and len(line_numbers) == 0:
         raise UserError(f"{path}: the file has no rows")
 
